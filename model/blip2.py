@@ -1,0 +1,87 @@
+"""BLIP-2 (Li et al., 2023): a frozen image encoder and a frozen LLM bridged by a Q-Former.
+
+    pixels --ViT-g--> patch features --Q-Former(32 learned queries)--> 32 query outputs
+           --language_projection--> 32 "soft prompt" embeddings --OPT--> text
+
+The image stage is `encode_images`; it runs once per image and its output is reused for every prompt,
+beam and sample about that image. The language stage is `prefill` (whole prompts, written into cache
+slots) and `decode` (one token per running sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .config import Blip2Config
+from .kv_cache import AttnBatch, KVCache
+from .opt import OPTForCausalLM
+from .vision import QFormerModel, VisionModel
+
+
+class Blip2ForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: Blip2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionModel(cfg.vision)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
+        self.qformer = QFormerModel(cfg.qformer)
+        self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text.hidden_size)
+        self.language_model = OPTForCausalLM(cfg.text)
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.language_model.decoder.embed_positions.weight.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, S, S] -> query embeddings [B, num_query_tokens, text hidden size].
+
+        As in `transformers`, the Q-Former and the learned queries stay in fp32 whatever the model dtype
+        (its `_keep_in_fp32_modules`); the projection runs in the model dtype.
+        """
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}")
+        image = self.vision_model(pixel_values)
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)
+        out = self.qformer(queries, image.to(self.query_tokens.dtype))
+        return self.language_projection(out.to(self.language_projection.weight.dtype))
+
+    def prompt_embeddings(self, query_embeds: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:
+        """The language model's input for one request: [num_query_tokens + len(text_ids), hidden].
+
+        The checkpoint's input ids are `num_query_tokens` `<image>` placeholders followed by the prompt
+        (which starts with BOS). `transformers` embeds the placeholders and then overwrites them with the
+        query embeddings (`masked_scatter`); here the query embeddings simply take those positions.
+        They are already in the decoder's hidden space, so only the text goes through `project_in`.
+        """
+        nq = self.cfg.num_query_tokens
+        if query_embeds.shape != (nq, self.cfg.text.hidden_size):
+            raise ValueError(
+                f"query_embeds must be [{nq}, {self.cfg.text.hidden_size}], got {tuple(query_embeds.shape)}"
+            )
+        ids = torch.tensor(list(text_ids), dtype=torch.long, device=query_embeds.device)
+        text = self.language_model.token_embeddings(ids)
+        return torch.cat([query_embeds.to(text.dtype), text], dim=0)
+
+    def prefill(self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run whole prompts (each [L_i, hidden]) into `slots`; return next-token logits [n, vocab]."""
+        lengths = [x.shape[0] for x in inputs]
+        longest = max(lengths)
+        # Right padding: under a causal mask no real token sees a pad, so rows stay independent, and the
+        # pad positions written to the cache are masked out and overwritten by later decode steps.
+        padded = inputs[0].new_zeros(len(inputs), longest, inputs[0].shape[-1])
+        for row, x in enumerate(inputs):
+            padded[row, : x.shape[0]] = x
+        hidden = self.language_model(padded, AttnBatch.prefill(slots, longest), cache)
+        last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
+        return self.language_model.logits(hidden[torch.arange(len(inputs), device=hidden.device), last])
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int
+    ) -> torch.Tensor:
+        """One new token per row at its own position; return next-token logits [B, vocab]."""
+        x = self.language_model.token_embeddings(tokens[:, None])
+        hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len), cache)
+        return self.language_model.logits(hidden[:, 0])

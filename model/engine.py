@@ -1,0 +1,185 @@
+"""`Blip2Engine`: the Python API over model, tokenizer and image processor.
+
+    engine = Blip2Engine.from_pretrained("Salesforce/blip2-opt-2.7b", device="cuda", dtype="float16")
+    engine.caption([image])                                  # ["two cats laying on a couch"]
+    engine.generate([image], ["Question: how many cats? Answer:"], SamplingParams(num_beams=5))
+
+`generate` batches everything it is given (one vision batch, one prefill, a shared decode batch that
+sequences leave as they finish). The server's continuous batcher drives the same `ModelRunner`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .generation import SamplingParams, new_decoder
+from .image import ImageProcessor
+from .loader import load_model, resolve_checkpoint
+from .plan import SequenceWork, StepPlan
+from .runner import ModelRunner
+from .tiny import write_tiny_checkpoint
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TINY_RANDOM = "tiny-random"
+
+
+@dataclass
+class GenerationRequest:
+    """A request ready for the scheduler: preprocessed image and tokenized prompt."""
+
+    pixel_values: torch.Tensor  # [3, H, W] float32, on the CPU
+    image_key: str  # content hash of pixel_values: equal images share one vision pass
+    text_ids: list[int]  # prompt ids after the image placeholders (BOS first)
+    prompt_ids: list[int]  # the full input ids: placeholders + text_ids
+    params: SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class Blip2Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: TextTokenizer,
+        image_processor: ImageProcessor,
+        model_id: str,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_id = model_id
+        self.cfg = model.cfg
+        self.device = model.query_tokens.device
+        self.dtype = model.lm_dtype
+        self.eos_ids = self.cfg.eos_token_ids
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id: str = TINY_RANDOM, device: str = "cpu", dtype: str | torch.dtype | None = None
+    ) -> Blip2Engine:
+        torch_dtype = resolve_dtype(dtype, device)
+        if model_id == TINY_RANDOM:
+            with tempfile.TemporaryDirectory(prefix="blipserve-tiny-") as tmp:
+                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, device, torch_dtype)
+        return cls._load(resolve_checkpoint(model_id), model_id, device, torch_dtype)
+
+    @classmethod
+    def _load(cls, root: Path, model_id: str, device: str, dtype: torch.dtype) -> Blip2Engine:
+        model = load_model(root, dtype=dtype, device=device)
+        tokenizer = TextTokenizer.from_dir(root)
+        processor = ImageProcessor.from_dir(root, default_size=model.cfg.vision.image_size)
+        log.info("loaded %s on %s as %s", model_id, device, dtype)
+        return cls(model, tokenizer, processor, model_id)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.text.max_position_embeddings
+
+    def text_ids(self, prompt: str | None) -> list[int]:
+        """Prompt ids as the checkpoint's tokenizer makes them; no prompt = BOS alone (captioning)."""
+        ids = self.tokenizer.encode(prompt) if prompt else [self.cfg.text.bos_token_id]
+        if self.cfg.image_token_index is not None and self.cfg.image_token_index in ids:
+            raise ValueError("the prompt must not contain the image placeholder token")
+        return ids
+
+    def prompt_ids(self, text_ids: list[int]) -> list[int]:
+        # The `num_query_tokens` placeholders stand where the query embeddings go. Older configs have no
+        # placeholder id; the pad id then stands in (it only matters to repetition_penalty).
+        placeholder = self.cfg.image_token_index
+        if placeholder is None:
+            placeholder = self.cfg.text.pad_token_id
+        return [placeholder] * self.cfg.num_query_tokens + text_ids
+
+    def image_key(self, pixel_values: torch.Tensor) -> str:
+        return hashlib.blake2b(pixel_values.numpy().tobytes(), digest_size=16).hexdigest()
+
+    def prepare(
+        self, image: Image.Image | torch.Tensor, prompt: str | None, params: SamplingParams
+    ) -> GenerationRequest:
+        pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
+        text_ids = self.text_ids(prompt)
+        prompt_ids = self.prompt_ids(text_ids)
+        if len(prompt_ids) + params.max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's {self.max_positions} positions"
+            )
+        return GenerationRequest(pixels, self.image_key(pixels), text_ids, prompt_ids, params)
+
+    def result(self, request: GenerationRequest, decoder) -> GenerationResult:
+        ids = decoder.result()
+        return GenerationResult(
+            text=self.tokenizer.decode(ids),
+            token_ids=ids,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(ids),
+            finish_reason=decoder.finish_reason or "length",
+        )
+
+    def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
+        return ModelRunner(self.model, num_slots, min(max_len, self.max_positions), embedding_cache_bytes)
+
+    def generate(
+        self,
+        images: Sequence[Image.Image | torch.Tensor],
+        prompts: Sequence[str | None] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for each (image, prompt) pair, all in one batch; results in input order."""
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(images)
+        requests = [self.prepare(im, pr, pa) for im, pr, pa in zip(images, prompts, plist, strict=True)]
+        return self.run_offline(requests)
+
+    def run_offline(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        works, next_slot = [], 0
+        for i, r in enumerate(requests):
+            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids)
+            slots = list(range(next_slot, next_slot + decoder.num_rows))
+            next_slot += decoder.num_rows
+            works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
+        max_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        runner = self.new_runner(next_slot, max_len, embedding_cache_bytes=0)
+        plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
+        while not plan.is_empty():
+            out = runner.run(plan)
+            running = [w for w in plan.prefills + plan.decodes if not out.steps[w.seq_id].done]
+            plan = StepPlan(decodes=running)
+        return [self.result(r, w.decoder) for r, w in zip(requests, works, strict=True)]
+
+    def caption(
+        self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None
+    ) -> list[str]:
+        return [r.text for r in self.generate(images, None, params)]

@@ -1,0 +1,89 @@
+"""Image decoding and preprocessing, pixel for pixel as `transformers`' `BlipImageProcessorPil`:
+RGB (alpha composited on white) -> PIL resize (bicubic) -> x/255 -> (x - mean) / std."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can use; the message says why."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """As `transformers.image_transforms.convert_to_rgb`: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
+    """Bytes -> upright PIL image (EXIF orientation applied, first frame of animations).
+
+    The pixel count is checked from the header, before any pixel is decoded (decompression bombs).
+    """
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises several types for undecodable input
+        raise ImageError(f"cannot identify image file ({type(exc).__name__})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}")
+    try:
+        image.seek(0)
+        image.load()
+        return ImageOps.exif_transpose(image) or image
+    except Exception as exc:
+        raise ImageError(f"image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    height: int = 224
+    width: int = 224
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_dir(cls, root: str | Path, default_size: int = 224) -> ImageProcessor:
+        path = Path(root) / "preprocessor_config.json"
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        size = raw.get("size") or {}
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        return cls(
+            height=int(size.get("height", default_size)),
+            width=int(size.get("width", default_size)),
+            mean=tuple(raw.get("image_mean", CLIP_MEAN)),
+            std=tuple(raw.get("image_std", CLIP_STD)),
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
+            resample=int(raw.get("resample", Image.Resampling.BICUBIC)),
+        )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> pixel_values [3, height, width] float32."""
+        rgb = to_rgb(image).resize((self.width, self.height), resample=self.resample)
+        x = (np.asarray(rgb).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = (x - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.preprocess(im) for im in images])

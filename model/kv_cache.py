@@ -1,0 +1,99 @@
+"""A static, slot-based KV cache and the per-step attention metadata that goes with it.
+
+The cache is allocated once: `num_slots` rows of `max_len` positions for every layer. A running sequence
+owns one slot (a beam-search request owns one per beam) and writes its keys/values at its own positions,
+so sequences of different lengths share one decode batch without padding each other ("ragged"
+positions). Nothing here is global: the cache object is passed explicitly to every forward call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnBatch:
+    """Where the rows of one forward call live in the cache."""
+
+    # [B] cache slot of each row.
+    slots: torch.Tensor
+    # [B, T] absolute position of each input token (0 = first prompt token); also the write index.
+    positions: torch.Tensor
+    # True: rows are whole prompts starting at position 0 (right-padded to T), attended causally.
+    # False: one new token per row, attending to the cache up to its own position.
+    is_prefill: bool
+    # Decode only: keys are read up to this many positions (max over rows of position + 1).
+    kv_len: int = 0
+    # Decode only: [B, 1, 1, kv_len] True where a row may attend (position <= its own position).
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def prefill(cls, slots: torch.Tensor, length: int) -> AttnBatch:
+        positions = torch.arange(length, device=slots.device).expand(slots.shape[0], length)
+        return cls(slots=slots, positions=positions, is_prefill=True)
+
+    @classmethod
+    def decode(cls, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> AttnBatch:
+        """`positions` [B]: the position each row's new token takes; `kv_len` > max(positions)."""
+        if positions.dim() != 1 or positions.shape[0] != slots.shape[0]:
+            raise ValueError(f"positions must be [batch]={slots.shape[0]}, got {tuple(positions.shape)}")
+        keys = torch.arange(kv_len, device=slots.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        return cls(slots=slots, positions=positions[:, None], is_prefill=False, kv_len=kv_len, mask=mask)
+
+
+class KVCache:
+    """k, v: [layers, slots, heads, max_len, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_layers, num_slots, num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, batch: AttnBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [B, H, T, D] at `batch.positions` of `batch.slots`."""
+        rows = batch.slots[:, None]
+        # Advanced indices around a slice put the indexed dims first: the target view is [B, T, H, D].
+        self.k[layer][rows, :, batch.positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, batch.positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, batch: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, kv_len, D] of the batch's slots."""
+        return (
+            self.k[layer, batch.slots, :, : batch.kv_len],
+            self.v[layer, batch.slots, :, : batch.kv_len],
+        )
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Make slot dst[i] a copy of slot src[i] (beam search reorder); sources are read before writing."""
+        if len(src) != len(dst):
+            raise ValueError(f"copy_slots needs equal lengths, got {len(src)} and {len(dst)}")
+        moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
+        if not moves:
+            return
+        s = torch.tensor([m[0] for m in moves], device=self.k.device)
+        d = torch.tensor([m[1] for m in moves], device=self.k.device)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]

@@ -1,0 +1,167 @@
+"""Load official Hugging Face BLIP-2 checkpoints (safetensors only) into our modules.
+
+Every checkpoint tensor goes through one mapping table, `WEIGHT_MAP`, from its Hugging Face name to a
+parameter here (and a slice of it, for fused projections). Tensors are read one at a time and copied
+straight into parameters already allocated in the target dtype and device, so no full fp32 copy of the
+model is ever held. Anything missing or of the wrong shape is an error that names the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .blip2 import Blip2ForConditionalGeneration
+from .config import Blip2Config
+
+log = logging.getLogger(__name__)
+
+# Files fetched from the hub: configs, weights, tokenizer. Pickle (`*.bin`, `*.pt`) is never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Checkpoint names matching `pattern` fill `target` (a `re.sub` template); with `parts` > 1,
+    the tensor is slice `part` of `parts` equal slices of the target along dim 0."""
+
+    pattern: str
+    target: str
+    part: int = 0
+    parts: int = 1
+
+
+_LAYER = r"language_model\.model\.decoder\.layers\.(\d+)\.self_attn"
+_VIT = r"vision_model\.encoder\.layers\.(\d+)\.self_attn"
+
+WEIGHT_MAP: tuple[Rule, ...] = (
+    # OPT: q, k, v fused into one projection (one GEMM per layer instead of three).
+    Rule(rf"{_LAYER}\.q_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 0, 3),
+    Rule(rf"{_LAYER}\.k_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 1, 3),
+    Rule(rf"{_LAYER}\.v_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 2, 3),
+    # Older ViT checkpoints store the qkv bias as two halves; the key part of the fused bias is zero.
+    Rule(rf"{_VIT}\.q_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 0, 3),
+    Rule(rf"{_VIT}\.v_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 2, 3),
+    # Everything else keeps its Hugging Face name.
+    Rule(r"(.+)", r"\1"),
+)
+
+# Checkpoint tensors the generation path does not use: the Q-Former's text branch, buffers.
+IGNORED = re.compile(
+    r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.|qformer\.embeddings\.|.*\.position_ids$"
+)
+# Parameter slices that may be absent from the checkpoint and are zero (the ViT key bias).
+ZERO_IF_ABSENT = re.compile(r"vision_model\.encoder\.layers\.\d+\.self_attn\.qkv\.bias#1")
+LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.decoder.embed_tokens.weight"
+
+
+def map_name(name: str) -> tuple[str, int, int]:
+    """Hugging Face tensor name -> (our parameter name, slice index, number of slices)."""
+    for rule in WEIGHT_MAP:
+        if re.fullmatch(rule.pattern, name):
+            return re.sub(rule.pattern, rule.target, name), rule.part, rule.parts
+    raise AssertionError("the catch-all rule matches every name")  # pragma: no cover
+
+
+def resolve_checkpoint(model_id: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id fetched (configs, safetensors and tokenizer files only)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_PATTERNS))
+
+
+def weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [root / s for s in shards]
+    single = root / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(root.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in root.glob("*.bin")]
+    hint = f" (found pickle files {pickles}, which are never loaded)" if pickles else ""
+    raise FileNotFoundError(f"no *.safetensors weights in {root}{hint}")
+
+
+def build_empty(cfg: Blip2Config, dtype: torch.dtype, device: torch.device) -> Blip2ForConditionalGeneration:
+    """Allocate the model in place (no init work, no fp32 staging); the Q-Former stays fp32."""
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(cfg)
+    model.to(dtype)
+    model.qformer.float()
+    model.query_tokens.data = model.query_tokens.data.float()
+    return model.to_empty(device=device).eval().requires_grad_(False)
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, part: int, parts: int) -> None:
+    target = param.chunk(parts, dim=0)[part] if parts > 1 else param
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+        )
+    target.copy_(tensor)
+
+
+def load_weights(model: Blip2ForConditionalGeneration, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if IGNORED.match(name):
+                    continue
+                target, part, parts = map_name(name)
+                if target not in params:
+                    unexpected.append(name)
+                    continue
+                _copy_into(params[target], f.get_tensor(name), name, part, parts)
+                filled.add(f"{target}#{part}" if parts > 1 else target)
+    _finish(model, params, filled)
+    if unexpected:
+        log.warning("ignored %d checkpoint tensors with no parameter: %s", len(unexpected), unexpected[:8])
+
+
+def _finish(model: Blip2ForConditionalGeneration, params: dict[str, torch.Tensor], filled: set[str]) -> None:
+    if LM_HEAD not in filled and model.cfg.text.tie_word_embeddings:
+        # OPT ties the output projection to the input embeddings; tied checkpoints omit lm_head.
+        model.language_model.lm_head.weight = model.language_model.model.decoder.embed_tokens.weight
+        filled.add(LM_HEAD)
+    missing = []
+    for name, param in params.items():
+        if name in filled:
+            continue
+        fused = name.endswith(("qkv_proj.weight", "qkv_proj.bias", "qkv.bias"))
+        for part in range(3) if fused else [None]:
+            key = name if part is None else f"{name}#{part}"
+            if key in filled:
+                continue
+            if part is not None and ZERO_IF_ABSENT.fullmatch(key):
+                param.chunk(3, dim=0)[part].zero_()
+            else:
+                missing.append(key)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def load_model(
+    root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Blip2ForConditionalGeneration:
+    cfg = Blip2Config.from_file(root / "config.json")
+    model = build_empty(cfg, dtype, torch.device(device))
+    load_weights(model, weight_files(root))
+    return model

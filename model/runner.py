@@ -1,0 +1,144 @@
+"""Executes a `StepPlan` on the model: vision stage, prefill, one decode step, token choice."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from .blip2 import Blip2ForConditionalGeneration
+from .generation import BeamDecoder, Step
+from .kv_cache import KVCache
+from .plan import SequenceWork, StepOutput, StepPlan
+
+
+class EmbeddingCache:
+    """LRU of query embeddings by image content key, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self.items:
+            return
+        self.items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Blip2ForConditionalGeneration,
+        num_slots: int,
+        max_len: int,
+        embedding_cache_bytes: int = 256 << 20,
+    ):
+        self.model = model
+        self.device = model.query_tokens.device
+        self.cache: KVCache = model.language_model.new_cache(num_slots, max_len, model.lm_dtype, self.device)
+        self.embeddings = EmbeddingCache(embedding_cache_bytes)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepOutput:
+        out = StepOutput()
+        fresh = self._vision(plan, out)
+        if plan.prefills:
+            start = time.perf_counter()
+            logits = self._prefill(plan.prefills, fresh)
+            self._choose(plan.prefills, logits, out, first=True)
+            _sync(self.device)
+            out.prefill_s = time.perf_counter() - start
+        if plan.decodes:
+            start = time.perf_counter()
+            logits = self._decode(plan.decodes)
+            self._choose(plan.decodes, logits, out, first=False)
+            out.decode_s = time.perf_counter() - start
+        return out
+
+    def _vision(self, plan: StepPlan, out: StepOutput) -> dict[str, torch.Tensor]:
+        needed = {w.image_key for w in plan.prefills}
+        found = {k: v for k in needed if (v := self.embeddings.get(k)) is not None}
+        missing = [k for k in needed if k not in found]
+        out.cache_hits = len(found)
+        if missing:
+            start = time.perf_counter()
+            pixels = torch.stack([plan.images[k] for k in missing]).to(self.device, non_blocking=True)
+            embeds = self.model.encode_images(pixels)
+            for key, value in zip(missing, embeds, strict=True):
+                found[key] = value
+                self.embeddings.put(key, value)
+            _sync(self.device)
+            out.vision_images, out.vision_s = len(missing), time.perf_counter() - start
+        return found
+
+    def _prefill(self, works: list[SequenceWork], embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Prompts run once per request into its first slot; beams then copy that slot."""
+        inputs = [self.model.prompt_embeddings(embeds[w.image_key], w.text_ids) for w in works]
+        slots = torch.tensor([w.slots[0] for w in works], device=self.device)
+        logits = self.model.prefill(inputs, slots, self.cache)
+        src, dst = [], []
+        for w in works:
+            src += [w.slots[0]] * (len(w.slots) - 1)
+            dst += w.slots[1:]
+        self.cache.copy_slots(src, dst)
+        # Every beam of a request starts from the same logits.
+        return torch.cat([logits[i : i + 1].expand(len(w.slots), -1) for i, w in enumerate(works)])
+
+    def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
+        tokens, positions, slots = [], [], []
+        for w in works:
+            rows = w.decoder.last_tokens()
+            tokens += rows
+            positions += [w.decoder.length() - 1] * len(rows)
+            slots += w.slots
+        kv_len = max(positions) + 1
+        dev = self.device
+        return self.model.decode(
+            torch.tensor(tokens, device=dev),
+            torch.tensor(positions, device=dev),
+            torch.tensor(slots, device=dev),
+            self.cache,
+            kv_len,
+        )
+
+    def _choose(self, works: list[SequenceWork], logits: torch.Tensor, out: StepOutput, first: bool) -> None:
+        offsets, row = [], 0
+        for w in works:
+            offsets.append(row)
+            row += len(w.slots)
+        if not first:
+            out.decode_rows = row
+        # Plain greedy rows: one batched argmax and a single device->host copy.
+        plain = [i for i, w in enumerate(works) if w.decoder.params.is_plain_greedy and w.decoder.allows_eos()]
+        greedy = logits[[offsets[i] for i in plain]].argmax(-1).tolist() if plain else []
+        picked = dict(zip(plain, greedy, strict=True))
+        for i, w in enumerate(works):
+            if i in picked:
+                step = w.decoder.append(picked[i])
+            else:
+                step = w.decoder.step(logits[offsets[i] : offsets[i] + len(w.slots)])
+            self._reorder(w, step)
+            out.steps[w.seq_id] = step
+
+    def _reorder(self, work: SequenceWork, step: Step) -> None:
+        """Beam search: row i of the next step continues row parents[i]; its cache slot follows."""
+        if isinstance(work.decoder, BeamDecoder) and not step.done:
+            self.cache.copy_slots([work.slots[p] for p in step.parents], work.slots)

@@ -1,0 +1,75 @@
+"""Tokenization with the `tokenizers` library, reproducing the checkpoint's own tokenizer.
+
+`tokenizer.json` is used when present (else `vocab.json` + `merges.txt`, byte-level BPE as OPT's). As in
+`transformers`, an explicit `add_bos_token` / `add_eos_token` in `tokenizer_config.json` rebuilds the
+post-processor; otherwise the one in `tokenizer.json` decides whether BOS (`</s>` for OPT) is added.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens are stored either as a string or as an AddedToken dict with `content`."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, bos_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.bos_token = bos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+
+    @classmethod
+    def from_dir(cls, root: str | Path) -> TextTokenizer:
+        root = Path(root)
+        if (root / "tokenizer.json").exists():
+            tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+        elif (root / "vocab.json").exists() and (root / "merges.txt").exists():
+            tok = Tokenizer(models.BPE.from_file(str(root / "vocab.json"), str(root / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        else:
+            raise FileNotFoundError(f"no tokenizer.json (or vocab.json + merges.txt) in {root}")
+        config = {**_read_json(root / "special_tokens_map.json"), **_read_json(root / "tokenizer_config.json")}
+        bos = _token_text(config.get("bos_token"))
+        eos = _token_text(config.get("eos_token"))
+        if "add_bos_token" in config or "add_eos_token" in config or tok.post_processor is None:
+            cls._template(tok, bos if config.get("add_bos_token") else None, eos if config.get("add_eos_token") else None)
+        return cls(tok, bos)
+
+    @staticmethod
+    def _template(tok: Tokenizer, bos: str | None, eos: str | None) -> None:
+        single = " ".join([f"{bos}:0"] * bool(bos) + ["$A:0"] + [f"{eos}:0"] * bool(eos))
+        pair = single + " " + " ".join([f"{bos}:1"] * bool(bos) + ["$B:1"] + [f"{eos}:1"] * bool(eos))
+        specials = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids, with the checkpoint's special tokens (BOS for OPT)."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text without special tokens, stripped (OPT's stop token is a newline)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,142 @@
+"""Test-only helpers: tiny random BLIP-2 checkpoints written by `transformers` (the oracle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.tiny import IMAGE_TOKEN, NEWLINE, train_tokenizer
+
+# Architecture variants checked against transformers. Keys are merged into the config.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "pre_ln": {},
+    "post_ln": {"text": {"do_layer_norm_before": False}},
+    # Q-Former cross-attention every other layer, no LM biases, two stop ids, 3 LM layers.
+    "sparse_xattn": {
+        "qformer": {"cross_attention_frequency": 2, "num_hidden_layers": 3},
+        "text": {"enable_bias": False, "num_hidden_layers": 3, "eos_token_id": "both"},
+    },
+}
+
+
+def hf_config(variant: str = "pre_ln", image_size: int = 56, **text_overrides: Any):
+    from transformers import Blip2Config
+
+    tok = train_tokenizer()
+    nl = tok.token_to_id(NEWLINE)
+    over = VARIANTS[variant]
+    text = {
+        "model_type": "opt",
+        "vocab_size": tok.get_vocab_size(),
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "ffn_dim": 128,
+        "max_position_embeddings": 128,
+        "word_embed_proj_dim": 64,
+        "bos_token_id": 2,
+        "pad_token_id": 1,
+        "eos_token_id": nl,
+        **over.get("text", {}),
+        **text_overrides,
+    }
+    if text["eos_token_id"] == "both":
+        text["eos_token_id"] = [nl, 2]
+    qformer = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "cross_attention_frequency": 1,
+        **over.get("qformer", {}),
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 14,
+    }
+    return Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=6,
+        image_token_index=tok.token_to_id(IMAGE_TOKEN),
+    )
+
+
+def scale_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> None:
+    """Random init is near zero (flat logits, ties everywhere); spread the weights out."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1 and ("norm" in name.lower()) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def write_tokenizer_files(root: Path, add_bos_token: bool | None = None) -> None:
+    tok = train_tokenizer()
+    tok.save(str(root / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "</s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+    }
+    if add_bos_token is not None:
+        cfg["add_bos_token"] = add_bos_token
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
+def make_checkpoint(
+    root: Path,
+    variant: str = "pre_ln",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    image_size: int = 56,
+    **text_overrides: Any,
+):
+    """Save a tiny random Blip2ForConditionalGeneration to `root`; return the fp32 HF model."""
+    from transformers import Blip2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf = Blip2ForConditionalGeneration(hf_config(variant, image_size, **text_overrides)).eval()
+    scale_weights(hf, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if dtype == torch.float32:
+        hf.save_pretrained(root, **kwargs)
+    else:
+        hf.to(dtype).save_pretrained(root, **kwargs)
+        hf.float()
+    write_tokenizer_files(root)
+    size = {"height": image_size, "width": image_size}
+    (root / "preprocessor_config.json").write_text(json.dumps({"size": size, "resample": 3}), encoding="utf-8")
+    return hf
+
+
+def hf_generate(hf, pixel_values: torch.Tensor, input_ids: list[int] | None, **kwargs: Any) -> list[int]:
+    """transformers' generate for one image; returns the new tokens only."""
+    ids = torch.tensor([input_ids]) if input_ids is not None else None
+    eos = hf.config.text_config.eos_token_id
+    with torch.no_grad():
+        out = hf.generate(
+            pixel_values=pixel_values[None],
+            input_ids=ids,
+            eos_token_id=eos,
+            pad_token_id=1,
+            do_sample=False,
+            **kwargs,
+        )
+    prompt_len = len(input_ids) if input_ids is not None else hf.config.num_query_tokens + 1
+    return out[0].tolist()[prompt_len:]
