@@ -217,11 +217,11 @@ class BeamDecoder:
         self.improvable = self.improvable and bool((best_running > worst).any())
         done = not self.improvable or bool(hits.all())
         if done:
-            self.finish_reason = "stop" if self.result()[-1:] and self.result()[-1] in self.eos_ids else "length"
+            self.finish_reason = (
+                "stop" if self.result()[-1:] and self.result()[-1] in self.eos_ids else "length"
+            )
             return Step(parents=[], tokens=[], done=True)
-        return Step(
-            parents=[parents[i] for i in next_rank], tokens=[s[-1] for s in self.running], done=False
-        )
+        return Step(parents=[parents[i] for i in next_rank], tokens=[s[-1] for s in self.running], done=False)
 
     def _update_finished(
         self, candidates: list[list[int]], scores: torch.Tensor, hits: torch.Tensor, length: int

@@ -44,7 +44,9 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}")
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}"
+        )
     try:
         image.seek(0)
         image.load()

@@ -42,9 +42,24 @@ _VIT = r"vision_model\.encoder\.layers\.(\d+)\.self_attn"
 
 WEIGHT_MAP: tuple[Rule, ...] = (
     # OPT: q, k, v fused into one projection (one GEMM per layer instead of three).
-    Rule(rf"{_LAYER}\.q_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 0, 3),
-    Rule(rf"{_LAYER}\.k_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 1, 3),
-    Rule(rf"{_LAYER}\.v_proj\.(weight|bias)", r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2", 2, 3),
+    Rule(
+        rf"{_LAYER}\.q_proj\.(weight|bias)",
+        r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2",
+        0,
+        3,
+    ),
+    Rule(
+        rf"{_LAYER}\.k_proj\.(weight|bias)",
+        r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2",
+        1,
+        3,
+    ),
+    Rule(
+        rf"{_LAYER}\.v_proj\.(weight|bias)",
+        r"language_model.model.decoder.layers.\1.self_attn.qkv_proj.\2",
+        2,
+        3,
+    ),
     # Older ViT checkpoints store the qkv bias as two halves; the key part of the fused bias is zero.
     Rule(rf"{_VIT}\.q_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 0, 3),
     Rule(rf"{_VIT}\.v_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 2, 3),

@@ -79,7 +79,9 @@ class OPTDecoder(nn.Module):
         self.project_out = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
         has_final_ln = cfg.do_layer_norm_before and not cfg._remove_final_layer_norm
         affine = cfg.layer_norm_elementwise_affine
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine) if has_final_ln else None
+        self.final_layer_norm = (
+            nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine) if has_final_ln else None
+        )
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
@@ -125,5 +127,11 @@ class OPTForCausalLM(nn.Module):
             )
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
         return KVCache(
-            self.cfg.num_hidden_layers, num_slots, self.cfg.num_attention_heads, max_len, head_dim, dtype, device
+            self.cfg.num_hidden_layers,
+            num_slots,
+            self.cfg.num_attention_heads,
+            max_len,
+            head_dim,
+            dtype,
+            device,
         )

@@ -127,7 +127,9 @@ class ModelRunner:
         if not first:
             out.decode_rows = row
         # Plain greedy rows: one batched argmax and a single device->host copy.
-        plain = [i for i, w in enumerate(works) if w.decoder.params.is_plain_greedy and w.decoder.allows_eos()]
+        plain = [
+            i for i, w in enumerate(works) if w.decoder.params.is_plain_greedy and w.decoder.allows_eos()
+        ]
         greedy = logits[[offsets[i] for i in plain]].argmax(-1).tolist() if plain else []
         picked = dict(zip(plain, greedy, strict=True))
         for i, w in enumerate(works):

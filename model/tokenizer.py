@@ -1,8 +1,8 @@
 """Tokenization with the `tokenizers` library, reproducing the checkpoint's own tokenizer.
 
-`tokenizer.json` is used when present (else `vocab.json` + `merges.txt`, byte-level BPE as OPT's). As in
-`transformers`, an explicit `add_bos_token` / `add_eos_token` in `tokenizer_config.json` rebuilds the
-post-processor; otherwise the one in `tokenizer.json` decides whether BOS (`</s>` for OPT) is added.
+`tokenizer.json` is used when present, and its post-processor decides whether BOS (`</s>` for OPT) is
+added, as in `transformers` 5. Without one (a `vocab.json` + `merges.txt` checkpoint: byte-level BPE as
+OPT's), `add_bos_token` / `add_eos_token` from `tokenizer_config.json` build it, as the slow tokenizer did.
 """
 
 from __future__ import annotations
@@ -45,11 +45,22 @@ class TextTokenizer:
             tok.decoder = decoders.ByteLevel()
         else:
             raise FileNotFoundError(f"no tokenizer.json (or vocab.json + merges.txt) in {root}")
-        config = {**_read_json(root / "special_tokens_map.json"), **_read_json(root / "tokenizer_config.json")}
+        config = {
+            **_read_json(root / "special_tokens_map.json"),
+            **_read_json(root / "tokenizer_config.json"),
+        }
         bos = _token_text(config.get("bos_token"))
         eos = _token_text(config.get("eos_token"))
-        if "add_bos_token" in config or "add_eos_token" in config or tok.post_processor is None:
-            cls._template(tok, bos if config.get("add_bos_token") else None, eos if config.get("add_eos_token") else None)
+        if not (root / "tokenizer.json").exists():
+            # vocab.json knows no special tokens; register them so that decoding skips them.
+            names = ("bos_token", "eos_token", "unk_token", "pad_token")
+            tok.add_special_tokens([t for n in names if (t := _token_text(config.get(n))) is not None])
+        if tok.post_processor is None:
+            cls._template(
+                tok,
+                bos if config.get("add_bos_token") else None,
+                eos if config.get("add_eos_token") else None,
+            )
         return cls(tok, bos)
 
     @staticmethod

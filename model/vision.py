@@ -39,7 +39,9 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, cfg.hidden_size))
 

@@ -121,14 +121,16 @@ def make_checkpoint(
         hf.float()
     write_tokenizer_files(root)
     size = {"height": image_size, "width": image_size}
-    (root / "preprocessor_config.json").write_text(json.dumps({"size": size, "resample": 3}), encoding="utf-8")
+    (root / "preprocessor_config.json").write_text(
+        json.dumps({"size": size, "resample": 3}), encoding="utf-8"
+    )
     return hf
 
 
 def hf_generate(hf, pixel_values: torch.Tensor, input_ids: list[int] | None, **kwargs: Any) -> list[int]:
     """transformers' generate for one image; returns the new tokens only."""
     ids = torch.tensor([input_ids]) if input_ids is not None else None
-    eos = hf.config.text_config.eos_token_id
+    eos = kwargs.pop("eos_token_id", hf.config.text_config.eos_token_id)
     with torch.no_grad():
         out = hf.generate(
             pixel_values=pixel_values[None],

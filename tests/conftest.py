@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import make_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny HF checkpoints by variant, written once per session: (path, fp32 transformers model)."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def get(variant: str = "pre_ln") -> tuple[Path, object]:
+        if variant not in made:
+            root = tmp_path_factory.mktemp(f"ckpt-{variant}")
+            made[variant] = (root, make_checkpoint(root, variant))
+        return made[variant]
+
+    return get
+
+
+def random_pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,135 @@
+"""Sampling, parameter validation, and the projected-embedding OPT against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_pixels
+
+from model import Blip2Engine, SamplingParams
+from model.config import OPTConfig
+from model.generation import warp_for_sampling
+from model.opt import OPTForCausalLM
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    return Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]))
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    pixels = list(random_pixels(3, seed=2))
+    params = SamplingParams(do_sample=True, seed=123, max_new_tokens=10, temperature=1.5)
+    solo = engine.generate(pixels[:1], None, params)[0].token_ids
+    again = engine.generate(pixels[:1], None, params)[0].token_ids
+    batched = engine.generate(pixels, None, [params, SamplingParams(), SamplingParams(do_sample=True)])[
+        0
+    ].token_ids
+    assert solo == again == batched
+    other = engine.generate(
+        pixels[:1], None, SamplingParams(do_sample=True, seed=124, max_new_tokens=10, temperature=1.5)
+    )
+    assert other[0].token_ids != solo
+
+
+def test_top_k_one_is_greedy(engine):
+    pixels = list(random_pixels(2, seed=4))
+    greedy = engine.generate(pixels, None, SamplingParams(max_new_tokens=8))
+    sampled = engine.generate(pixels, None, SamplingParams(do_sample=True, top_k=1, max_new_tokens=8, seed=9))
+    assert [r.token_ids for r in greedy] == [r.token_ids for r in sampled]
+
+
+def test_warpers_match_transformers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8)
+    ref = logits
+    for warper in [TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)]:
+        ref = warper(None, ref)
+    torch.testing.assert_close(warp_for_sampling(logits, params), ref)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_new_tokens": 0},
+        {"min_new_tokens": 50, "max_new_tokens": 10},
+        {"num_beams": 0},
+        {"temperature": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"repetition_penalty": 0},
+        {"do_sample": True, "num_beams": 2},
+    ],
+)
+def test_invalid_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_prompt_longer_than_model_is_rejected(engine):
+    with pytest.raises(ValueError, match="positions"):
+        engine.generate([random_pixels(1)[0]], ["cat " * 200])
+
+
+def test_prompt_with_image_placeholder_is_rejected(engine):
+    with pytest.raises(ValueError, match="placeholder"):
+        engine.generate([random_pixels(1)[0]], ["look <image> here"])
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_projected_embeddings_opt_matches_transformers(pre_ln):
+    """word_embed_proj_dim != hidden_size (project_in / project_out), text only, greedy."""
+    from oracle import scale_weights
+    from transformers import OPTConfig as HFOPTConfig
+    from transformers import OPTForCausalLM as HFOPT
+
+    kw = dict(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=96,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=pre_ln,
+        eos_token_id=7,
+    )
+    torch.manual_seed(0)
+    hf = HFOPT(HFOPTConfig(**kw)).eval()
+    scale_weights(hf, seed=1)
+    ours = OPTForCausalLM(OPTConfig(**kw)).eval()
+    state = {k: v for k, v in hf.state_dict().items()}
+    for i in range(2):
+        pre = f"model.decoder.layers.{i}.self_attn."
+        for p in ("weight", "bias"):
+            state[pre + f"qkv_proj.{p}"] = torch.cat([state.pop(pre + f"{x}_proj.{p}") for x in "qkv"])
+    ours.load_state_dict(state)
+    assert ours.decoder.project_in is not None
+
+    prompt = [2, 15, 33, 8, 90]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False, pad_token_id=1)[
+            0, 5:
+        ].tolist()
+        cache = ours.new_cache(1, 32, torch.float32, "cpu")
+        from model.kv_cache import AttnBatch
+
+        slots = torch.tensor([0])
+        x = ours.token_embeddings(torch.tensor([prompt]))
+        logits = ours.logits(ours(x, AttnBatch.prefill(slots, 5), cache))[:, -1]
+        got = []
+        for step in range(15):
+            token = int(logits.argmax(-1))
+            got.append(token)
+            if token == 7:
+                break
+            pos = torch.tensor([5 + step])
+            x = ours.token_embeddings(torch.tensor([[token]]))
+            logits = ours.logits(ours(x, AttnBatch.decode(slots, pos, 6 + step), cache))[:, -1]
+    assert got == ref
