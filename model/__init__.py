@@ -1,14 +1,26 @@
-"""blipserve's own PyTorch BLIP-2: checkpoint loading, image stage, KV-cached OPT decoding."""
+"""blipserve's own PyTorch BLIP-2: checkpoint loading, image stage, KV-cached OPT decoding.
 
-from .config import Blip2Config
-from .engine import TINY_RANDOM, Blip2Engine, GenerationRequest, GenerationResult
-from .generation import SamplingParams
+Names are imported lazily so that `batching/` can use `model.plan` and `model.generation` (plain data
+and token bookkeeping) without loading any layer code.
+"""
 
-__all__ = [
-    "TINY_RANDOM",
-    "Blip2Config",
-    "Blip2Engine",
-    "GenerationRequest",
-    "GenerationResult",
-    "SamplingParams",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Blip2Config": "model.config",
+    "Blip2Engine": "model.engine",
+    "GenerationRequest": "model.engine",
+    "GenerationResult": "model.engine",
+    "TINY_RANDOM": "model.engine",
+    "SamplingParams": "model.generation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

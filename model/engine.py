@@ -119,12 +119,19 @@ class Blip2Engine:
         return [placeholder] * self.cfg.num_query_tokens + text_ids
 
     def image_key(self, pixel_values: torch.Tensor) -> str:
-        return hashlib.blake2b(pixel_values.numpy().tobytes(), digest_size=16).hexdigest()
+        # sha256 runs at ~1.4 GB/s here, blake2b at ~0.5: this hash is on the request path.
+        return hashlib.sha256(pixel_values.numpy().tobytes()).hexdigest()
 
     def prepare(
         self, image: Image.Image | torch.Tensor, prompt: str | None, params: SamplingParams
     ) -> GenerationRequest:
         pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
+        return self.request(pixels, self.image_key(pixels), prompt, params)
+
+    def request(
+        self, pixels: torch.Tensor, image_key: str, prompt: str | None, params: SamplingParams
+    ) -> GenerationRequest:
+        """A request for preprocessed pixels whose content key the caller already has."""
         text_ids = self.text_ids(prompt)
         prompt_ids = self.prompt_ids(text_ids)
         if len(prompt_ids) + params.max_new_tokens > self.max_positions:
@@ -132,7 +139,7 @@ class Blip2Engine:
                 f"prompt ({len(prompt_ids)} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's {self.max_positions} positions"
             )
-        return GenerationRequest(pixels, self.image_key(pixels), text_ids, prompt_ids, params)
+        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params)
 
     def result(self, request: GenerationRequest, decoder) -> GenerationResult:
         ids = decoder.result()
@@ -158,7 +165,16 @@ class Blip2Engine:
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(images)
-        requests = [self.prepare(im, pr, pa) for im, pr, pa in zip(images, prompts, plist, strict=True)]
+        # Within one call, the same image object (several questions about it) runs the vision stage once.
+        # Keyed by identity, not content: hashing every image would cost more than it saves here.
+        pixels: dict[int, torch.Tensor] = {}
+        for im in images:
+            if id(im) not in pixels:
+                pixels[id(im)] = im if isinstance(im, torch.Tensor) else self.image_processor.preprocess(im)
+        requests = [
+            self.request(pixels[id(im)], f"object:{id(im)}", pr, pa)
+            for im, pr, pa in zip(images, prompts, plist, strict=True)
+        ]
         return self.run_offline(requests)
 
     def run_offline(self, requests: list[GenerationRequest]) -> list[GenerationResult]:

@@ -133,3 +133,16 @@ def test_projected_embeddings_opt_matches_transformers(pre_ln):
             x = ours.token_embeddings(torch.tensor([[token]]))
             logits = ours.logits(ours(x, AttnBatch.decode(slots, pos, 6 + step), cache))[:, -1]
     assert got == ref
+
+
+def test_same_image_object_runs_vision_once(engine, monkeypatch):
+    calls = []
+    original = engine.model.encode_images
+    monkeypatch.setattr(engine.model, "encode_images", lambda px: calls.append(px.shape[0]) or original(px))
+    image = random_pixels(1, seed=8)[0]
+    other = random_pixels(1, seed=9)[0]
+    prompts = ["Question: what is it? Answer:", "Question: what color? Answer:", None]
+    out = engine.generate([image, image, other], prompts, SamplingParams(max_new_tokens=5))
+    assert calls == [2]  # one vision batch, two distinct images
+    solo = engine.generate([image], [prompts[1]], SamplingParams(max_new_tokens=5))[0]
+    assert out[1].token_ids == solo.token_ids

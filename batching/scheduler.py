@@ -1,0 +1,146 @@
+"""Continuous-batching scheduler: which sequences run in the next engine step.
+
+Pure bookkeeping over a fixed pool of KV-cache slots. A request waits in a bounded FIFO queue until
+enough slots are free (one per beam); it then runs its prefill (and, if its image's embeddings are not
+cached, the vision stage, batched with the other newcomers) and joins the running decode batch at the
+next step. It leaves the moment it finishes, is cancelled or passes its deadline, and its slots go
+straight back to the pool. The batch is never held back for its longest member.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.generation import Decoder, new_decoder
+from model.plan import SequenceWork, StepOutput, StepPlan
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity; the client should retry later."""
+
+
+@dataclass
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    seq_id: int
+    request: Any  # model.engine.GenerationRequest: pixel_values, image_key, text_ids, prompt_ids, params
+    decoder: Decoder
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    slots: list[int] = field(default_factory=list)
+    prefilled: bool = False
+    cancelled: bool = False  # set from any thread; honoured at the next schedule()
+    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+
+    @property
+    def rows(self) -> int:
+        return self.decoder.num_rows
+
+    def work(self) -> SequenceWork:
+        r = self.request
+        return SequenceWork(self.seq_id, self.slots, self.decoder, r.image_key, r.text_ids)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_queue: int, max_batch_images: int, eos_ids: tuple[int, ...]):
+        if num_slots < 1 or max_queue < 1 or max_batch_images < 1:
+            raise ValueError("num_slots, max_queue and max_batch_images must be >= 1")
+        self.num_slots = num_slots
+        self.max_queue = max_queue
+        self.max_batch_images = max_batch_images
+        self.eos_ids = eos_ids
+        self.free_slots: list[int] = list(range(num_slots))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+
+    def add(self, request: Any, deadline: float | None = None) -> Sequence:
+        """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids)
+        if decoder.num_rows > self.num_slots:
+            raise ValueError(
+                f"num_beams={decoder.num_rows} exceeds the server's {self.num_slots} sequence slots"
+            )
+        seq = Sequence(next(self._ids), request, decoder, deadline)
+        self.waiting.append(seq)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, now: float | None = None) -> tuple[StepPlan, list[Sequence]]:
+        """The next step's plan, and the sequences dropped since the last step (cancelled, timed out)."""
+        now = time.monotonic() if now is None else now
+        dropped = self._drop_dead(now)
+        prefills: list[Sequence] = []
+        images: set[str] = set()
+        while self.waiting and len(self.free_slots) >= self.waiting[0].rows:
+            key = self.waiting[0].request.image_key
+            # Cap the new images of one vision batch (repeat images ride along for free).
+            if key not in images and len(images) >= self.max_batch_images:
+                break
+            seq = self.waiting.popleft()
+            seq.slots = [self.free_slots.pop() for _ in range(seq.rows)]
+            seq.admitted = now
+            images.add(key)
+            prefills.append(seq)
+        plan = StepPlan(
+            images={s.request.image_key: s.request.pixel_values for s in prefills},
+            prefills=[s.work() for s in prefills],
+            decodes=[s.work() for s in self.running],
+        )
+        self.running.extend(prefills)
+        return plan, dropped
+
+    def _drop_dead(self, now: float) -> list[Sequence]:
+        def dead(s: Sequence) -> bool:
+            if s.cancelled:
+                s.finish_reason = "cancelled"
+            elif s.deadline is not None and now > s.deadline:
+                s.finish_reason = "timeout"
+            return s.finish_reason is not None
+
+        dropped = [s for s in self.waiting if dead(s)] + [s for s in self.running if dead(s)]
+        if dropped:
+            self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
+            self._release([s for s in dropped if s.slots])
+        return dropped
+
+    def postprocess(self, plan: StepPlan, out: StepOutput) -> list[Sequence]:
+        """Apply a step's results; return the sequences that finished (their slots are free again)."""
+        done = []
+        for seq in self.running:
+            step = out.steps.get(seq.seq_id)
+            if step is None:
+                continue
+            seq.prefilled = True
+            if step.done:
+                seq.finish_reason = seq.decoder.finish_reason or "length"
+                done.append(seq)
+        self._release(done)
+        return done
+
+    def fail(self, plan: StepPlan, reason: str = "error") -> list[Sequence]:
+        """A step raised: its sequences leave with `reason` and free their slots; the rest carry on."""
+        ids = {w.seq_id for w in plan.prefills + plan.decodes}
+        failed = [s for s in self.running if s.seq_id in ids]
+        for seq in failed:
+            seq.finish_reason = reason
+        self._release(failed)
+        return failed
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        gone = {id(s) for s in seqs}
+        self.running = [s for s in self.running if id(s) not in gone]
+        for s in seqs:
+            self.free_slots.extend(s.slots)
+            s.slots = []

@@ -1,0 +1,207 @@
+"""The HTTP layer: validate, forward to the engine loop, format. Built by `create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .errors import ApiError, BodyLimit, error_response, install_handlers
+from .inputs import parse_body
+from .schemas import CaptionRequest, CaptionResponse, ErrorResponse, VQARequest, VQAResponse
+from .service import Outcome, Service, elapsed_ms
+from .settings import Settings
+
+log = logging.getLogger("blipserve")
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 503, 504)}
+
+
+def _body_doc(model: type) -> dict:
+    """OpenAPI: the same fields as JSON or as multipart form fields with file parts."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    """The app; the service (model, engine thread) is built in the lifespan unless one is given."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = service or await asyncio.to_thread(Service.build, settings)
+        app.state.service = svc
+        svc.start()
+        await asyncio.to_thread(svc.warm_up)
+        log.info("ready: %s on %s", svc.engine.model_id, svc.engine.device)
+        try:
+            yield
+        finally:
+            # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
+            await asyncio.to_thread(svc.shutdown)
+
+    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    install_handlers(app)
+    _add_observability(app)
+    _add_routes(app)
+    _add_schemas(app)
+    return app
+
+
+def _add_observability(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = request_id
+        svc: Service | None = getattr(request.app.state, "service", None)
+        endpoint = request.url.path
+        if svc is not None and endpoint in ("/caption", "/vqa"):
+            svc.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        log.info(
+            "%s %s %s %.1fms id=%s",
+            request.method,
+            endpoint,
+            response.status_code,
+            elapsed_ms(start),
+            request_id,
+        )
+        return response
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
+async def _run(request: Request, svc: Service, jobs) -> list[Outcome]:
+    """Generate, but give up (freeing the KV slots) as soon as the client goes away."""
+    work = asyncio.ensure_future(svc.generate(jobs))
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
+        raise ApiError(499, "client disconnected")
+    watch.cancel()
+    return work.result()
+
+
+def _reply(svc: Service, outcomes: list[Outcome], start: float, single: bool, key: str) -> dict:
+    usage = {
+        "prompt_tokens": sum(o.result.prompt_tokens for o in outcomes),
+        "completion_tokens": sum(o.result.completion_tokens for o in outcomes),
+    }
+    body: dict = {
+        "model": svc.engine.model_id,
+        "usage": usage,
+        "timings": {
+            "queue_ms": round(max(o.queue_s for o in outcomes) * 1000, 2),
+            "total_ms": elapsed_ms(start),
+        },
+    }
+    if single:
+        body[key] = outcomes[0].result.text
+        body["finish_reason"] = outcomes[0].result.finish_reason
+    else:
+        body[key + "s"] = [
+            {
+                "text": o.result.text,
+                "finish_reason": o.result.finish_reason,
+                "usage": {
+                    "prompt_tokens": o.result.prompt_tokens,
+                    "completion_tokens": o.result.completion_tokens,
+                },
+            }
+            for o in outcomes
+        ]
+    return body
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post(
+        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=_body_doc(CaptionRequest)
+    )
+    async def caption(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        svc: Service = request.app.state.service
+        parsed = await parse_body(request, CaptionRequest)
+        params = svc.sampling_params(parsed.body)
+        images = await svc.prepare_images(parsed.images)
+        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
+        outcomes = await _run(request, svc, jobs)
+        return JSONResponse(_reply(svc, outcomes, start, parsed.body.image is not None, "caption"))
+
+    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=_body_doc(VQARequest))
+    async def vqa(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        svc: Service = request.app.state.service
+        parsed = await parse_body(request, VQARequest)
+        body: VQARequest = parsed.body
+        params = svc.sampling_params(body)
+        questions = body.questions if body.questions is not None else [body.question]
+        blobs = parsed.images
+        if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
+            raise ApiError(422, f"questions: {len(questions)} given for {len(blobs)} images")
+        if len(questions) > svc.settings.max_items_per_request:
+            raise ApiError(422, f"questions: at most {svc.settings.max_items_per_request} per request")
+        images = await svc.prepare_images(blobs)
+        n = max(len(images), len(questions))
+        pairs = [
+            (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
+        ]
+        template = svc.settings.vqa_template
+        jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
+        outcomes = await _run(request, svc, jobs)
+        single = body.image is not None and body.question is not None
+        return JSONResponse(_reply(svc, outcomes, start, single, "answer"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        svc: Service | None = getattr(request.app.state, "service", None)
+        if svc is None or not svc.ready or not svc.loop.healthy:
+            return error_response(503, "not ready", {"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "model": svc.engine.model_id})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        svc: Service = request.app.state.service
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        svc: Service = request.app.state.service
+        return {"object": "list", "data": [svc.describe()]}
+
+
+def _add_schemas(app: FastAPI) -> None:
+    """Put the request models into the OpenAPI components that the routes' request bodies reference."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CaptionRequest, VQARequest):
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components[model.__name__] = doc
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

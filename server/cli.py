@@ -1,0 +1,49 @@
+"""`blipserve`: start the server. Flags win over BLIPSERVE_* environment variables and --config files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blipserve", description="BLIP-2 inference server")
+    ap.add_argument("--config", help="preset name in configs/ (e.g. blip2-opt-2.7b) or a YAML file")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation if field.annotation in (int, float) else str
+        ap.add_argument(
+            flag, dest=name, type=kind, default=None, help=field.description or f"default: {field.default}"
+        )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    args = vars(_parser().parse_args(argv))
+    settings = load_settings(args.pop("config"), **args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

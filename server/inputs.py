@@ -1,0 +1,119 @@
+"""Request bodies (JSON or multipart) -> validated params and raw image bytes; image decoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from model.image import ImageError, ImageProcessor, decode_image
+
+from .errors import ApiError, describe_validation
+
+
+@dataclass
+class Parsed:
+    body: BaseModel  # the validated request model (params, prompt/question fields)
+    images: list[bytes]  # raw image bytes, in request order
+
+
+def _b64(value: str, field: str) -> bytes:
+    """base64 (standard or URL-safe) or a data: URL -> bytes."""
+    data = value.strip()
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, f"{field}: data URL must be base64-encoded")
+    elif data.startswith(("http://", "https://")):
+        raise ApiError(400, f"{field}: image URLs are not fetched by this server; send the bytes (base64)")
+    try:
+        return base64.b64decode(
+            data + "=" * (-len(data) % 4),
+            altchars=b"-_" if "-" in data or "_" in data else None,
+            validate=True,
+        )
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{field}: not valid base64") from None
+
+
+def _validate(model: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError(422, describe_validation(exc.errors())) from None
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "body is not valid JSON (UTF-8)") from None
+        if not isinstance(raw, dict):
+            raise ApiError(422, "body: expected a JSON object")
+        body = _validate(model, raw)
+        fields = (
+            [("image", body.image)]
+            if body.image is not None
+            else [(f"images[{i}]", v) for i, v in enumerate(body.images)]
+        )
+        return Parsed(body, [_b64(v, name) for name, v in fields])
+    if ctype == "multipart/form-data":
+        return await _parse_form(request, model)
+    raise ApiError(
+        415, f"unsupported content type {ctype or '(none)'!r}; use application/json or multipart/form-data"
+    )
+
+
+async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
+    try:
+        form = await request.form()
+    except Exception as exc:
+        raise ApiError(400, f"malformed multipart body ({type(exc).__name__})") from None
+    images: list[bytes] = []
+    raw: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key not in ("image", "images"):
+                raise ApiError(422, f"{key}: unexpected file part (files go in 'image')")
+            images.append(await value.read())
+        elif key == "questions":
+            raw.setdefault("questions", []).append(value)
+        elif key in ("image", "images"):
+            raise ApiError(422, f"{key}: must be a file part")
+        else:
+            raw[key] = value
+    if not images:
+        raise ApiError(422, "image: a file part named 'image' is required")
+    # The model's image fields are for JSON; a placeholder keeps its 'exactly one' rule meaningful.
+    raw["images" if len(images) > 1 else "image"] = ["file"] * len(images) if len(images) > 1 else "file"
+    return Parsed(_validate(model, raw), images)
+
+
+@dataclass
+class Prepared:
+    pixel_values: Any  # torch.Tensor [3, H, W]
+    key: str  # content hash of the raw bytes: the embedding cache key
+
+
+def prepare_image(data: bytes, processor: ImageProcessor, max_pixels: int, index: int) -> Prepared:
+    """Decode and preprocess one image (runs in a worker thread)."""
+    where = f"image[{index}]" if index else "image"
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        status = 413 if "more than the limit" in str(exc) else 400
+        raise ApiError(status, f"{where}: {exc}") from None
+    try:
+        pixels = processor.preprocess(image)
+    except Exception as exc:
+        raise ApiError(400, f"{where}: cannot convert image ({type(exc).__name__})") from None
+    return Prepared(pixels, hashlib.sha256(data).hexdigest())

@@ -1,0 +1,86 @@
+"""Prometheus metrics, in a registry owned by the app (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from batching import Scheduler
+from model.plan import StepOutput, StepPlan
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("blipserve_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "blipserve_request_latency_seconds",
+            "End-to-end latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "blipserve_queue_wait_seconds",
+            "Time from arrival to admission",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.vision = Histogram(
+            "blipserve_vision_seconds", "Vision + Q-Former batch", buckets=STAGE_BUCKETS, registry=r
+        )
+        self.prefill = Histogram(
+            "blipserve_prefill_seconds", "Prefill batch", buckets=STAGE_BUCKETS, registry=r
+        )
+        self.decode = Histogram(
+            "blipserve_decode_step_seconds",
+            "One decode step (per-token latency)",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.vision_batch = Histogram(
+            "blipserve_vision_batch_size", "Images per vision batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.decode_batch = Histogram(
+            "blipserve_decode_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.tokens = Counter("blipserve_generated_tokens", "Generated tokens", registry=r)
+        self.queue_depth = Gauge("blipserve_queue_depth", "Requests waiting", registry=r)
+        self.active = Gauge("blipserve_active_sequences", "Sequences in the decode batch", registry=r)
+        self.free_slots = Gauge("blipserve_free_kv_slots", "Free KV-cache slots", registry=r)
+        self.cache_hits = Counter("blipserve_image_cache_hits", "Image embedding cache hits", registry=r)
+        self.cache_misses = Counter(
+            "blipserve_image_cache_misses", "Image embedding cache misses", registry=r
+        )
+        self.gpu_memory = Gauge("blipserve_gpu_memory_bytes", "CUDA memory allocated", registry=r)
+        self.ready = Gauge("blipserve_ready", "1 when the model is loaded and warmed", registry=r)
+
+    def on_step(self, plan: StepPlan, out: StepOutput, scheduler: Scheduler) -> None:
+        """Called by the engine thread after every step."""
+        if out.vision_images:
+            self.vision.observe(out.vision_s)
+            self.vision_batch.observe(out.vision_images)
+        self.cache_hits.inc(out.cache_hits)
+        self.cache_misses.inc(out.vision_images)
+        if plan.prefills:
+            self.prefill.observe(out.prefill_s)
+        if plan.decodes:
+            self.decode.observe(out.decode_s)
+            self.decode_batch.observe(out.decode_rows)
+        self.tokens.inc(len(out.steps))  # every sequence in a step gains one token
+        self.queue_depth.set(len(scheduler.waiting))
+        self.active.set(len(scheduler.running))
+        self.free_slots.set(len(scheduler.free_slots))
+
+    def observe_gpu(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.gpu_memory.set(torch.cuda.memory_allocated())
+
+    def render(self) -> bytes:
+        self.observe_gpu()
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""Request and response bodies of the HTTP API (also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GenerationParams(BaseModel):
+    """Generation settings; every one optional, bounded by the server's limits (see /v1/models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the server's (30)")
+    min_new_tokens: int = Field(0, ge=0)
+    num_beams: int | None = Field(None, ge=1, description="1 = greedy (default); the paper captions with 5")
+    length_penalty: float = Field(1.0, ge=-10, le=10)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_k: int = Field(50, ge=0, le=10_000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class ImageInput(GenerationParams):
+    image: str | None = Field(None, description="base64 image bytes, or a data: URL")
+    images: list[str] | None = Field(None, min_length=1, description="batch form: results come in this order")
+
+    @model_validator(mode="after")
+    def _one_image_field(self):
+        if (self.image is None) == (self.images is None):
+            raise ValueError("give exactly one of 'image' or 'images'")
+        return self
+
+
+class CaptionRequest(ImageInput):
+    prompt: str | None = Field(None, max_length=4000, description="conditional captioning: text to continue")
+
+
+class VQARequest(ImageInput):
+    question: str | None = Field(None, min_length=1, max_length=4000)
+    questions: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_question_field(self):
+        if (self.question is None) == (self.questions is None):
+            raise ValueError("give exactly one of 'question' or 'questions'")
+        if self.questions is not None and any(not q or len(q) > 4000 for q in self.questions):
+            raise ValueError("each question must be 1 to 4000 characters")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    total_ms: float
+
+
+class Item(BaseModel):
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class CaptionResponse(BaseModel):
+    model: str
+    caption: str | None = Field(None, description="single form")
+    captions: list[Item] | None = Field(None, description="batch form, in request order")
+    finish_reason: str | None = None
+    usage: Usage
+    timings: Timings
+
+
+class VQAResponse(BaseModel):
+    model: str
+    answer: str | None = Field(None, description="single form")
+    answers: list[Item] | None = Field(None, description="batch form, in request order")
+    finish_reason: str | None = None
+    usage: Usage
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

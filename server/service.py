@@ -1,0 +1,188 @@
+"""The serving core held on `app.state`: engine, engine loop, metrics, image worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
+from model.engine import Blip2Engine, GenerationRequest, GenerationResult
+from model.generation import SamplingParams
+
+from .errors import ApiError
+from .inputs import Prepared, prepare_image
+from .metrics import Metrics
+from .schemas import GenerationParams
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    result: GenerationResult
+    queue_s: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Service:
+    def __init__(self, settings: Settings, engine: Blip2Engine):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = Metrics()
+        max_len = min(settings.max_len, engine.max_positions)
+        self.max_len = max_len
+        self.runner = engine.new_runner(settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20)
+        self.scheduler = Scheduler(
+            settings.max_running_seqs, settings.max_queue, settings.max_batch_images, engine.eos_ids
+        )
+        self.loop = EngineLoop(self.runner, self.scheduler, settings.max_wait_ms, self.metrics.on_step)
+        self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
+        self.ready = False
+
+    @classmethod
+    def build(cls, settings: Settings) -> Service:
+        engine = Blip2Engine.from_pretrained(settings.model, resolve_device(settings.device), settings.dtype)
+        if settings.quantize == "int8":
+            from model.quant import quantize_int8
+
+            quantize_int8(engine.model)
+        return cls(settings, engine)
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def warm_up(self) -> None:
+        """One request through every stage before taking traffic (allocations, kernels, lazy init)."""
+        side = self.engine.image_processor
+        pixels = torch.zeros(3, side.height, side.width)
+        request = self.engine.request(
+            pixels, "warmup", "warm up", SamplingParams(max_new_tokens=2, num_beams=2)
+        )
+        asyncio.run(self.loop.submit(request))  # through the serving path itself: loop, runner, cache
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        self.loop.shutdown(self.settings.graceful_timeout_s)
+        self.images.shutdown(wait=False, cancel_futures=True)
+
+    def sampling_params(self, p: GenerationParams) -> SamplingParams:
+        s = self.settings
+        max_new = p.max_new_tokens or s.default_max_new_tokens
+        beams = p.num_beams or s.default_num_beams
+        if max_new > s.max_new_tokens_limit:
+            raise ApiError(422, f"max_new_tokens: at most {s.max_new_tokens_limit} on this server")
+        if beams > s.max_beams:
+            raise ApiError(422, f"num_beams: at most {s.max_beams} on this server")
+        if p.min_new_tokens > max_new:
+            raise ApiError(422, f"min_new_tokens: must not exceed max_new_tokens ({max_new})")
+        if p.do_sample and beams > 1:
+            raise ApiError(422, "do_sample: sampling with num_beams > 1 is not supported")
+        fields = p.model_dump(
+            exclude={"max_new_tokens", "num_beams"}, include=set(GenerationParams.model_fields)
+        )
+        return SamplingParams(max_new_tokens=max_new, num_beams=beams, **fields)
+
+    async def prepare_images(self, blobs: list[bytes]) -> list[Prepared]:
+        if len(blobs) > self.settings.max_items_per_request:
+            raise ApiError(422, f"images: at most {self.settings.max_items_per_request} per request")
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(
+                self.images,
+                prepare_image,
+                data,
+                self.engine.image_processor,
+                self.settings.max_image_pixels,
+                i,
+            )
+            for i, data in enumerate(blobs)
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    def make_request(self, image: Prepared, prompt: str | None, params: SamplingParams) -> GenerationRequest:
+        if prompt is not None and self.engine.tokenizer.count(prompt) > self.settings.max_prompt_tokens:
+            raise ApiError(422, f"prompt: longer than {self.settings.max_prompt_tokens} tokens")
+        try:
+            request = self.engine.request(image.pixel_values, image.key, prompt, params)
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        if len(request.prompt_ids) + params.max_new_tokens > self.max_len:
+            raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
+        return request
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        """Run requests concurrently; the first failure cancels the others and maps to an HTTP error."""
+        if not self.ready:
+            raise ApiError(503, "model is not ready", {"Retry-After": "1"})
+        tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+
+    async def _one(self, request: GenerationRequest) -> Outcome:
+        try:
+            seq = await self.loop.submit(request, self.settings.request_timeout_s)
+        except QueueFull as exc:
+            raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
+        except SequenceFailed as exc:
+            if exc.seq.finish_reason == "timeout":
+                raise ApiError(
+                    504, f"request did not finish within {self.settings.request_timeout_s}s"
+                ) from None
+            raise ApiError(500, "generation failed") from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        queue_s = (seq.admitted or seq.arrived) - seq.arrived
+        self.metrics.queue_wait.observe(queue_s)
+        return Outcome(self.engine.result(request, seq.decoder), queue_s)
+
+    def describe(self) -> dict:
+        s, e = self.settings, self.engine
+        return {
+            "id": e.model_id,
+            "object": "model",
+            "owned_by": "blipserve",
+            "dtype": str(e.dtype).removeprefix("torch."),
+            "device": str(e.device),
+            "quantization": s.quantize,
+            "ready": self.ready,
+            "limits": {
+                "max_new_tokens": s.max_new_tokens_limit,
+                "default_max_new_tokens": s.default_max_new_tokens,
+                "max_prompt_tokens": s.max_prompt_tokens,
+                "max_beams": s.max_beams,
+                "max_items_per_request": s.max_items_per_request,
+                "max_body_bytes": int(s.max_body_mb * (1 << 20)),
+                "max_image_pixels": s.max_image_pixels,
+                "request_timeout_s": s.request_timeout_s,
+                "max_running_seqs": s.max_running_seqs,
+                "max_queue": s.max_queue,
+            },
+            "vqa_template": s.vqa_template,
+        }
+
+
+def elapsed_ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+__all__ = ["Outcome", "Service", "elapsed_ms", "resolve_device", "log"]

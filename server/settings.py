@@ -1,0 +1,95 @@
+"""Server settings: command-line flags win over environment (BLIPSERVE_*), which win over a preset file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLIPSERVE_", extra="forbid")
+
+    # Model
+    model: str = Field("tiny-random", description="hub id, local directory, or 'tiny-random'")
+    device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when present)")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    quantize: Literal["none", "int8"] = "none"
+    # HTTP
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
+    # Batching
+    max_batch_images: int = Field(32, ge=1, description="new images per vision batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="idle engine waits this long to fill a vision batch")
+    max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one)")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    embedding_cache_mb: int = Field(256, ge=0, description="LRU of image query embeddings")
+    # Request limits
+    max_new_tokens_limit: int = Field(128, ge=1)
+    default_max_new_tokens: int = Field(30, ge=1)
+    max_prompt_tokens: int = Field(128, ge=1)
+    max_beams: int = Field(8, ge=1)
+    max_items_per_request: int = Field(16, ge=1, description="images (or questions) in one batch request")
+    max_body_mb: float = Field(20.0, gt=0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    # Prompting
+    vqa_template: str = "Question: {question} Answer:"
+    default_num_beams: int = Field(1, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @property
+    def max_len(self) -> int:
+        """Cache positions per sequence: the image queries, the prompt, and the answer."""
+        return 64 + self.max_prompt_tokens + self.max_new_tokens_limit
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name from configs/ (e.g. 'blip2-opt-2.7b') or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config file {name_or_path!r}; presets: {known}")
+
+
+def load_settings(config: str | None = None, **overrides: Any) -> Settings:
+    """Flags (`overrides`, None = not given) > BLIPSERVE_* environment > preset file > defaults."""
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    if not config:
+        return Settings(**flags)
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(
+            env_prefix="BLIPSERVE_", extra="forbid", yaml_file=preset_path(config)
+        )
+
+    return Settings(**FileSettings(**flags).model_dump())

@@ -1,0 +1,185 @@
+"""Scheduler and engine loop on a mock model (no tensors maths): continuous batching semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from batching import EngineLoop, QueueFull, Scheduler, SequenceFailed
+from model.generation import SamplingParams
+from model.plan import StepOutput, StepPlan
+
+EOS = 99
+
+
+@dataclass
+class FakeRequest:
+    """Emits tokens 1, 2, 3, ... and stops after `stop_after` tokens with EOS."""
+
+    stop_after: int
+    image_key: str = "img"
+    pixel_values: object = None
+    text_ids: list[int] = field(default_factory=lambda: [2])
+    prompt_ids: list[int] = field(default_factory=lambda: [50, 50, 2])
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=50))
+
+
+class FakeRunner:
+    """Stands in for ModelRunner: checks the plan's invariants and drives each decoder."""
+
+    def __init__(self, step_s: float = 0.0):
+        self.plans: list[StepPlan] = []
+        self.step_s = step_s
+
+    def run(self, plan: StepPlan) -> StepOutput:
+        time.sleep(self.step_s)
+        self.plans.append(plan)
+        slots = [s for w in plan.prefills + plan.decodes for s in w.slots]
+        assert len(slots) == len(set(slots)), "a cache slot is used twice in one step"
+        if any(w.image_key == "bad" for w in plan.prefills + plan.decodes):
+            raise RuntimeError("boom")
+        out = StepOutput()
+        for w in plan.prefills + plan.decodes:
+            n = len(w.decoder.tokens) + 1
+            token = EOS if n > self_stop(w) else n
+            out.steps[w.seq_id] = w.decoder.append(token)
+        return out
+
+
+def self_stop(work) -> int:
+    return work.decoder.prompt_ids[0] - 50 if work.decoder.prompt_ids[0] > 50 else 1_000
+
+
+def request(stop_after: int, key: str = "img") -> FakeRequest:
+    return FakeRequest(stop_after, key, prompt_ids=[50 + stop_after, 50, 2])
+
+
+def drive(scheduler: Scheduler, runner: FakeRunner, steps: int = 100) -> list:
+    finished = []
+    for _ in range(steps):
+        plan, dropped = scheduler.schedule()
+        finished += dropped
+        if plan.is_empty():
+            break
+        finished += scheduler.postprocess(plan, runner.run(plan))
+    return finished
+
+
+def test_sequences_join_and_leave_the_running_batch():
+    sched = Scheduler(num_slots=2, max_queue=10, max_batch_images=8, eos_ids=(EOS,))
+    runner = FakeRunner()
+    long, short, late = request(6), request(1), request(2)
+    seqs = [sched.add(r) for r in (long, short, late)]
+    finished = drive(sched, runner)
+    assert [s.decoder.tokens for s in seqs] == [[1, 2, 3, 4, 5, 6, EOS], [1, EOS], [1, 2, EOS]]
+    assert all(s.finish_reason == "stop" for s in finished)
+    # The third request starts as soon as the short one leaves, while the long one is still running.
+    first_prefill = {w.seq_id: i for i, p in enumerate(runner.plans) for w in p.prefills}
+    assert first_prefill[seqs[2].seq_id] == 2
+    assert len(sched.free_slots) == 2 and not sched.running
+
+
+def test_admission_waits_for_free_slots_and_limits_images():
+    sched = Scheduler(num_slots=3, max_queue=10, max_batch_images=2, eos_ids=(EOS,))
+    for key in "abcd":
+        sched.add(request(3, key))
+    plan, _ = sched.schedule()
+    assert [w.image_key for w in plan.prefills] == ["a", "b"]  # vision batch capped at 2 new images
+    plan, _ = sched.schedule()
+    assert [w.image_key for w in plan.prefills] == ["c"]  # only one slot left
+    assert len(sched.waiting) == 1
+
+
+def test_same_image_rides_along_in_the_vision_batch():
+    sched = Scheduler(num_slots=8, max_queue=10, max_batch_images=1, eos_ids=(EOS,))
+    for key in "aab":
+        sched.add(request(2, key))
+    plan, _ = sched.schedule()
+    assert [w.image_key for w in plan.prefills] == ["a", "a"]
+    assert list(plan.images) == ["a"]
+
+
+def test_queue_is_bounded():
+    sched = Scheduler(num_slots=1, max_queue=2, max_batch_images=1, eos_ids=(EOS,))
+    sched.add(request(1))
+    sched.add(request(1))
+    with pytest.raises(QueueFull):
+        sched.add(request(1))
+
+
+def test_beams_take_one_slot_each_and_too_many_beams_is_an_error():
+    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    r = request(2)
+    r.params = SamplingParams(num_beams=3)
+    sched.add(r)
+    plan, _ = sched.schedule()
+    assert len(plan.prefills[0].slots) == 3 and len(sched.free_slots) == 1
+    r5 = request(2)
+    r5.params = SamplingParams(num_beams=5)
+    with pytest.raises(ValueError, match="num_beams"):
+        sched.add(r5)
+
+
+def test_cancel_and_deadline_free_slots_at_next_step():
+    sched = Scheduler(num_slots=2, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    a, b = sched.add(request(50)), sched.add(request(50), deadline=0.0)
+    runner = FakeRunner()
+    plan, dropped = sched.schedule(now=-1.0)
+    sched.postprocess(plan, runner.run(plan))
+    a.cancelled = True
+    plan, dropped = sched.schedule(now=1.0)
+    assert {s.finish_reason for s in dropped} == {"cancelled", "timeout"}
+    assert plan.is_empty() and sorted(sched.free_slots) == [0, 1]
+    assert b.slots == [] and a.slots == []
+
+
+def test_failed_step_fails_only_its_sequences():
+    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    bad = sched.add(request(3, "bad"))
+    plan, _ = sched.schedule()
+    with pytest.raises(RuntimeError):
+        FakeRunner().run(plan)
+    assert sched.fail(plan) == [bad] and bad.finish_reason == "error"
+    good = sched.add(request(2))
+    drive(sched, FakeRunner())
+    assert good.finish_reason == "stop" and len(sched.free_slots) == 4
+
+
+def test_engine_loop_serves_concurrent_requests_and_survives_a_failing_step():
+    async def main():
+        sched = Scheduler(num_slots=3, max_queue=50, max_batch_images=4, eos_ids=(EOS,))
+        runner = FakeRunner()
+        loop = EngineLoop(runner, sched, max_wait_ms=1)
+        loop.start()
+        seqs = await asyncio.gather(*(loop.submit(request(n % 5 + 1)) for n in range(20)))
+        assert [len(s.decoder.tokens) for s in seqs] == [n % 5 + 2 for n in range(20)]
+        with pytest.raises(SequenceFailed):
+            await loop.submit(request(2, "bad"))
+        ok = await loop.submit(request(2))
+        assert ok.finish_reason == "stop"
+        loop.shutdown()
+        assert loop.healthy
+
+    asyncio.run(main())
+
+
+def test_engine_loop_cancellation_frees_the_slot():
+    async def main():
+        sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+        loop = EngineLoop(FakeRunner(step_s=0.002), sched, max_wait_ms=0)
+        loop.start()
+        endless = request(10_000)
+        endless.params = SamplingParams(max_new_tokens=100_000)
+        task = asyncio.create_task(loop.submit(endless))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        done = await asyncio.wait_for(loop.submit(request(1)), 5)  # the only slot is free again
+        assert done.finish_reason == "stop"
+        loop.shutdown()
+
+    asyncio.run(main())
