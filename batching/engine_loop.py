@@ -61,6 +61,11 @@ class EngineLoop:
         self._thread.start()
 
     @property
+    def pending(self) -> int:
+        """Requests submitted and not yet answered."""
+        return len(self._futures)
+
+    @property
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting)
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
@@ -49,35 +50,51 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(Observe)
     install_handlers(app)
-    _add_observability(app)
     _add_routes(app)
     _add_schemas(app)
     return app
 
 
-def _add_observability(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def record(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
+class Observe:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints):
+    a request id on every response and in the log, request counts and latency for the generation routes."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["x-request-id"] = request_id
-        svc: Service | None = getattr(request.app.state, "service", None)
-        endpoint = request.url.path
-        if svc is not None and endpoint in ("/caption", "/vqa"):
-            svc.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            svc.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        log.info(
-            "%s %s %s %.1fms id=%s",
-            request.method,
-            endpoint,
-            response.status_code,
-            elapsed_ms(start),
-            request_id,
-        )
-        return response
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            svc: Service | None = getattr(scope["app"].state, "service", None)
+            if svc is not None and path in ("/caption", "/vqa"):
+                svc.metrics.requests.labels(path, str(status)).inc()
+                svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            log.info(
+                "%s %s %s %.1fms id=%s", scope.get("method"), path, status, elapsed_ms(start), request_id
+            )
 
 
 async def _until_disconnected(request: Request) -> None:

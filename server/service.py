@@ -67,7 +67,10 @@ class Service:
         side = self.engine.image_processor
         pixels = torch.zeros(3, side.height, side.width)
         request = self.engine.request(
-            pixels, "warmup", "warm up", SamplingParams(max_new_tokens=2, num_beams=2)
+            pixels,
+            "warmup",
+            "warm up",
+            SamplingParams(max_new_tokens=2, num_beams=min(2, self.scheduler.num_slots)),
         )
         asyncio.run(self.loop.submit(request))  # through the serving path itself: loop, runner, cache
         self.ready = True
@@ -78,6 +81,9 @@ class Service:
         self.metrics.ready.set(0)
         self.loop.shutdown(self.settings.graceful_timeout_s)
         self.images.shutdown(wait=False, cancel_futures=True)
+        log.info(
+            "engine stopped after %d steps; %d requests left unfinished", self.loop.steps, self.loop.pending
+        )
 
     def sampling_params(self, p: GenerationParams) -> SamplingParams:
         s = self.settings
