@@ -1,0 +1,47 @@
+"""--quantize int8: bitsandbytes LLM.int8 layers, on CPU."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+from live import b64, png_bytes, serve_in_thread
+
+from model import Blip2Engine, SamplingParams
+from model.quant import quantize_int8, weight_bytes
+from server.settings import Settings
+
+
+def test_int8_replaces_vit_and_opt_linears_and_stays_close(checkpoints):
+    import bitsandbytes as bnb
+
+    engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]))
+    pixels = torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_embeds = engine.model.encode_images(pixels)
+    ref = engine.generate(list(pixels), None, SamplingParams(max_new_tokens=16))
+    before = weight_bytes(engine.model)
+    layers = engine.model.language_model.model.decoder.layers
+    linear_params = sum(m.weight.numel() for layer in layers for m in (layer.self_attn.qkv_proj, layer.fc1))
+
+    assert quantize_int8(engine.model) == 2 * 4 + 2 * 4  # ViT: qkv, projection, fc1, fc2; OPT likewise
+    qkv = layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, bnb.nn.Linear8bitLt) and qkv.weight.dtype == torch.int8
+    assert engine.model.qformer.layernorm.weight.dtype == torch.float32  # Q-Former untouched
+    assert weight_bytes(engine.model) < before - 3 * linear_params  # int8 weights: 1 byte instead of 4
+
+    with torch.no_grad():
+        embeds = engine.model.encode_images(pixels)
+    assert (embeds - ref_embeds).abs().max() < 0.05 * ref_embeds.abs().max()
+    out = engine.generate(list(pixels), None, SamplingParams(max_new_tokens=16))
+    pairs = [
+        (a, b) for r, o in zip(ref, out, strict=True) for a, b in zip(r.token_ids, o.token_ids, strict=False)
+    ]
+    assert sum(a == b for a, b in pairs) / len(pairs) > 0.5
+
+
+def test_server_runs_int8(checkpoints):
+    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", quantize="int8", max_wait_ms=1)
+    with serve_in_thread(settings) as url:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["quantization"] == "int8"
+        r = httpx.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
