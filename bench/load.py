@@ -33,7 +33,9 @@ def images(n: int, size: int = 224) -> list[str]:
     out = []
     for _ in range(n):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            buf, format="JPEG", quality=90
+        )
         out.append(base64.b64encode(buf.getvalue()).decode())
     return out
 
@@ -70,7 +72,9 @@ async def level(url: str, concurrency: int, bodies: list[dict], max_seconds: flo
 
 def start_server(model: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
@@ -106,7 +110,9 @@ def main() -> None:
         print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors")
         for c in [int(x) for x in args.concurrency.split(",")]:
             r = asyncio.run(level(url, c, bodies, args.max_seconds))
-            print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f}  {r['errors'] or '-'}")
+            print(
+                f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f}  {r['errors'] or '-'}"
+            )
     finally:
         if proc is not None:
             proc.terminate()
