@@ -39,6 +39,14 @@ OPT_2_7B = {
 }  # fmt: skip
 
 
+def shrunk(config: dict, layers: int) -> dict:
+    """The same widths with fewer layers: exercises the full-size code path on a small machine."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key in ("vision_config", "qformer_config", "text_config"):
+        out[key]["num_hidden_layers"] = layers
+    return out
+
+
 def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):
     """transformers' model and ours with identical weights (random, or the tiny test checkpoint)."""
     from transformers import Blip2Config as HFConfig
@@ -50,12 +58,13 @@ def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):
         make_checkpoint(tmp, "pre_ln", image_size=224)
         hf = Blip2ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
         return hf, Blip2Engine.from_pretrained(str(tmp), device=device, dtype=dtype)
+    config = OPT_2_7B if size == "opt-2.7b" else shrunk(OPT_2_7B, 2)
     with torch.device(device):
-        hf = Blip2ForConditionalGeneration(HFConfig(**OPT_2_7B)).to(dtype).eval()
+        hf = Blip2ForConditionalGeneration(HFConfig(**config)).to(dtype).eval()
     hf.qformer.float()
     hf.query_tokens.data = hf.query_tokens.data.float()
     hf.save_pretrained(tmp)
-    model = build_empty(Blip2Config.from_dict(OPT_2_7B), dtype, torch.device(device))
+    model = build_empty(Blip2Config.from_dict(config), dtype, torch.device(device))
     load_weights(model, sorted(tmp.glob("*.safetensors")))
     tok = TextTokenizer(train_tokenizer())
     return hf, Blip2Engine(model, tok, ImageProcessor(), "opt-2.7b-random")
@@ -73,9 +82,24 @@ def timed(fn, repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def agreement(hf, engine, pixels, new_tokens: int, device: str, dtype: torch.dtype) -> float:
+    """Share of generated tokens equal to transformers' at the same position (fp32: 100%)."""
+    with torch.inference_mode():
+        ref = hf.generate(pixel_values=torch.stack(pixels).to(device, dtype), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)  # fmt: skip
+    prompt = engine.cfg.num_query_tokens + 1
+    ours = engine.generate(pixels, None, SamplingParams(max_new_tokens=new_tokens))
+    pairs = [
+        (a, b)
+        for r, o in zip(ref.tolist(), ours, strict=True)
+        for a, b in zip(r[prompt:], o.token_ids, strict=False)
+    ]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "opt-2.7b"], default="tiny")
+    ap.add_argument("--size", choices=["tiny", "opt-2.7b", "opt-2.7b-2layers"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--batches", default="1,8,32")
@@ -112,7 +136,10 @@ def main() -> None:
 
         t_hf = timed(run_hf, args.repeats, args.device)
         t_ours = timed(run_ours, args.repeats, args.device)
-        print(f"{batch:>5} {batch / t_hf:>19.1f} {batch / t_ours:>16.1f} {t_hf / t_ours:>5.2f}x")
+        agree = agreement(hf, engine, pixels, args.new_tokens, args.device, dtype)
+        print(
+            f"{batch:>5} {batch / t_hf:>19.1f} {batch / t_ours:>16.1f} {t_hf / t_ours:>5.2f}x  tokens equal: {agree:.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,15 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 5
 
 
 def _body_doc(model: type) -> dict:
-    """OpenAPI: the same fields as JSON or as multipart form fields with file parts."""
+    """OpenAPI: the fields as JSON (image as base64), or as multipart form fields with file parts."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    properties = {
+        k: v for k, v in model.model_json_schema()["properties"].items() if k not in ("image", "images")
+    }
+    properties["image"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    form = {"type": "object", "properties": properties, "required": ["image"]}
+    content = {"application/json": {"schema": ref}, "multipart/form-data": {"schema": form}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:

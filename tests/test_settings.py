@@ -1,0 +1,54 @@
+"""Settings precedence (flags > environment > preset file > defaults), presets, CLI flags, OpenAPI."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.cli import _parser
+from server.settings import CONFIG_DIR, Settings, load_settings
+
+
+def test_flags_beat_env_beat_file_beat_defaults(monkeypatch, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("max_queue: 11\nmax_batch_images: 12\nmax_running_seqs: 13\n")
+    monkeypatch.setenv("BLIPSERVE_MAX_BATCH_IMAGES", "22")
+    monkeypatch.setenv("BLIPSERVE_MAX_RUNNING_SEQS", "23")
+    s = load_settings(str(preset), max_running_seqs=33, port=None)
+    assert (s.max_queue, s.max_batch_images, s.max_running_seqs) == (11, 22, 33)
+    assert s.port == Settings.model_fields["port"].default
+
+
+def test_every_preset_loads():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        s = load_settings(path.stem)
+        assert s.model and "{question}" in s.vqa_template
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="presets"):
+        load_settings("no-such-preset")
+    with pytest.raises(ValueError, match="max_queue"):
+        load_settings(None, max_queue=0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("not_a_setting: 1\n")
+    with pytest.raises(ValueError, match="not_a_setting"):
+        load_settings(str(bad))
+
+
+def test_cli_has_a_flag_for_every_setting():
+    args = vars(
+        _parser().parse_args(["--config", "tiny-random", "--max-wait-ms", "2.5", "--quantize", "int8"])
+    )
+    assert args["max_wait_ms"] == 2.5 and args["quantize"] == "int8" and args["config"] == "tiny-random"
+    assert set(Settings.model_fields) <= set(args)
+
+
+def test_openapi_documents_both_body_types():
+    schema = TestClient(create_app(Settings())).get("/openapi.json").json()
+    for path, model in (("/caption", "CaptionRequest"), ("/vqa", "VQARequest")):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/json"]["schema"]["$ref"].endswith(model)
+        assert content["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
+        assert model in schema["components"]["schemas"]
