@@ -34,6 +34,7 @@ class SequenceFailed(Exception):
         self.seq = seq
 
 
+BACKSTOP_S = 5.0
 StepHook = Callable[[StepPlan, StepOutput, Scheduler], None]
 
 
@@ -85,7 +86,13 @@ class EngineLoop:
             self._futures[seq.seq_id] = (loop, future)
             self._cond.notify()
         try:
-            return await future
+            if timeout_s is None:
+                return await future
+            # The scheduler enforces the deadline; this is the backstop should the engine thread stall.
+            return await asyncio.wait_for(future, timeout_s + BACKSTOP_S)
+        except TimeoutError:
+            seq.cancelled, seq.finish_reason = True, "timeout"
+            raise SequenceFailed(seq) from None
         except asyncio.CancelledError:
             seq.cancelled = True
             with self._cond:
@@ -122,27 +129,35 @@ class EngineLoop:
 
     def _loop(self) -> None:
         while self._wait_for_work():
-            with self._cond:
-                plan, dropped = self.scheduler.schedule()
-            self._resolve(dropped)
-            if plan.is_empty():
-                continue
             try:
-                out = self.runner.run(plan)
+                self._step()
             except Exception:
-                log.exception(
-                    "engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes)
-                )
+                # Nothing may kill this thread: every request would hang. Fail what is running, go on.
+                log.exception("engine loop error; failing the running sequences")
                 with self._cond:
-                    failed = self.scheduler.fail(plan)
+                    failed = self.scheduler.fail_all()
                 self._resolve(failed)
-                continue
+
+    def _step(self) -> None:
+        with self._cond:
+            plan, dropped = self.scheduler.schedule()
+        self._resolve(dropped)
+        if plan.is_empty():
+            return
+        try:
+            out = self.runner.run(plan)
+        except Exception:
+            log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
             with self._cond:
-                finished = self.scheduler.postprocess(plan, out)
-            self.steps += 1
-            self._resolve(finished)
-            if self.on_step is not None:
-                self.on_step(plan, out, self.scheduler)
+                failed = self.scheduler.fail(plan)
+            self._resolve(failed)
+            return
+        with self._cond:
+            finished = self.scheduler.postprocess(plan, out)
+        self.steps += 1
+        self._resolve(finished)
+        if self.on_step is not None:
+            self.on_step(plan, out, self.scheduler)
 
     def stop_accepting(self) -> None:
         with self._cond:

@@ -138,6 +138,14 @@ class Scheduler:
         self._release(failed)
         return failed
 
+    def fail_all(self, reason: str = "error") -> list[Sequence]:
+        """Fail every running sequence (after an error outside the model step)."""
+        failed = list(self.running)
+        for seq in failed:
+            seq.finish_reason = reason
+        self._release(failed)
+        return failed
+
     def _release(self, seqs: list[Sequence]) -> None:
         gone = {id(s) for s in seqs}
         self.running = [s for s in self.running if id(s) not in gone]

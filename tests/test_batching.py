@@ -183,3 +183,40 @@ def test_engine_loop_cancellation_frees_the_slot():
         loop.shutdown()
 
     asyncio.run(main())
+
+
+def test_engine_loop_survives_an_error_outside_the_model_step():
+    async def main():
+        sched = Scheduler(num_slots=2, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+        calls = []
+
+        def broken_hook(plan, out, scheduler):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("hook failed")
+
+        loop = EngineLoop(FakeRunner(), sched, max_wait_ms=0, on_step=broken_hook)
+        loop.start()
+        with pytest.raises(SequenceFailed):
+            await asyncio.wait_for(loop.submit(request(5)), 5)
+        ok = await asyncio.wait_for(loop.submit(request(1)), 5)
+        assert ok.finish_reason == "stop" and len(sched.free_slots) == 2
+        loop.shutdown()
+
+    asyncio.run(main())
+
+
+def test_backstop_deadline_when_the_engine_stalls():
+    async def main():
+        sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+        loop = EngineLoop(FakeRunner(), sched)  # never started: nothing will ever run
+        import batching.engine_loop as el
+
+        el.BACKSTOP_S, saved = 0.0, el.BACKSTOP_S
+        try:
+            with pytest.raises(SequenceFailed, match="timeout"):
+                await loop.submit(request(1), timeout_s=0.05)
+        finally:
+            el.BACKSTOP_S = saved
+
+    asyncio.run(main())

@@ -246,7 +246,9 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
         async def flood():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 first = [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(3)]
-                while svc.loop.queue_depth < 2 or not svc.scheduler.running:
+                for _ in range(1000):
+                    if svc.loop.queue_depth == 2 and svc.scheduler.running:
+                        break
                     await asyncio.sleep(0.01)
                 rejected = await client.post("/caption", json=body)
                 gated.gate.set()
