@@ -35,6 +35,7 @@ class SequenceFailed(Exception):
 
 
 BACKSTOP_S = 5.0
+UNHEALTHY_AFTER = 3
 StepHook = Callable[[StepPlan, StepOutput, Scheduler], None]
 
 
@@ -56,7 +57,13 @@ class EngineLoop:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="blipserve-engine", daemon=True)
         self.steps = 0
-        self.healthy = True
+        self.failures = 0  # consecutive failed steps
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine thread is gone or several steps in a row have failed (/ready says 503)."""
+        started = self._thread.ident is not None
+        return (not started or self._thread.is_alive() or self._stop) and self.failures < UNHEALTHY_AFTER
 
     def start(self) -> None:
         self._thread.start()
@@ -148,10 +155,12 @@ class EngineLoop:
             out = self.runner.run(plan)
         except Exception:
             log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
+            self.failures += 1
             with self._cond:
                 failed = self.scheduler.fail(plan)
             self._resolve(failed)
             return
+        self.failures = 0
         with self._cond:
             finished = self.scheduler.postprocess(plan, out)
         self.steps += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -38,6 +40,23 @@ class EmbeddingCache:
             self.bytes -= old.numel() * old.element_size()
 
 
+T = TypeVar("T")
+
+
+def _halving(fn: Callable[[list], T], items: list, on_split: Callable[[], None]) -> list[T]:
+    """fn(items), or, on out-of-memory, fn over each half (recursively); one item that OOMs re-raises."""
+    try:
+        return [fn(items)]
+    except torch.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+    on_split()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(items) // 2
+    return _halving(fn, items[:half], on_split) + _halving(fn, items[half:], on_split)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,6 +74,7 @@ class ModelRunner:
         self.device = model.query_tokens.device
         self.cache: KVCache = model.language_model.new_cache(num_slots, max_len, model.lm_dtype, self.device)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
+        self.oom_splits = 0  # batches split in two after running out of memory
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
@@ -62,13 +82,13 @@ class ModelRunner:
         fresh = self._vision(plan, out)
         if plan.prefills:
             start = time.perf_counter()
-            logits = self._prefill(plan.prefills, fresh)
+            logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
             self._choose(plan.prefills, logits, out, first=True)
             _sync(self.device)
             out.prefill_s = time.perf_counter() - start
         if plan.decodes:
             start = time.perf_counter()
-            logits = self._decode(plan.decodes)
+            logits = torch.cat(_halving(self._decode, plan.decodes, self._split))
             self._choose(plan.decodes, logits, out, first=False)
             out.decode_s = time.perf_counter() - start
         return out
@@ -80,14 +100,20 @@ class ModelRunner:
         out.cache_hits = len(found)
         if missing:
             start = time.perf_counter()
-            pixels = torch.stack([plan.images[k] for k in missing]).to(self.device, non_blocking=True)
-            embeds = self.model.encode_images(pixels)
+            embeds = torch.cat(_halving(lambda keys: self._encode(plan, keys), missing, self._split))
             for key, value in zip(missing, embeds, strict=True):
                 found[key] = value
                 self.embeddings.put(key, value)
             _sync(self.device)
             out.vision_images, out.vision_s = len(missing), time.perf_counter() - start
         return found
+
+    def _encode(self, plan: StepPlan, keys: list[str]) -> torch.Tensor:
+        pixels = torch.stack([plan.images[k] for k in keys]).to(self.device, non_blocking=True)
+        return self.model.encode_images(pixels)
+
+    def _split(self) -> None:
+        self.oom_splits += 1
 
     def _prefill(self, works: list[SequenceWork], embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Prompts run once per request into its first slot; beams then copy that slot."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
 from .schemas import CaptionRequest, CaptionResponse, ErrorResponse, VQARequest, VQAResponse
+from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
 from .settings import Settings
 
@@ -55,7 +57,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             await asyncio.to_thread(svc.shutdown)
 
     app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
+    # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(ApiKeyAuth, settings=settings)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(Observe)
     install_handlers(app)
     _add_routes(app)

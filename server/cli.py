@@ -9,12 +9,21 @@ import sys
 from .settings import Settings, load_settings
 
 
+def _comma_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blipserve", description="BLIP-2 inference server")
     ap.add_argument("--config", help="preset name in configs/ (e.g. blip2-opt-2.7b) or a YAML file")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        kind = field.annotation if field.annotation in (int, float) else str
+        if field.annotation in (int, float):
+            kind = field.annotation
+        elif str(field.annotation).startswith("list"):
+            kind = _comma_list
+        else:
+            kind = str
         ap.add_argument(
             flag, dest=name, type=kind, default=None, help=field.description or f"default: {field.default}"
         )

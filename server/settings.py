@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(20.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
+    # Security
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (or x-api-key)")
+    auth_health: bool = Field(False, description="also require the key on /health and /ready")
+    auth_metrics: bool = Field(False, description="also require the key on /metrics")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; none = CORS off")
+    allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (SSRF-checked)")
+    image_url_allowlist: list[str] = Field(
+        default_factory=list, description="hosts (or *.suffix) URLs may name"
+    )
+    image_url_timeout_s: float = Field(5.0, gt=0)
     # Prompting
     vqa_template: str = "Question: {question} Answer:"
     default_num_beams: int = Field(1, ge=1)

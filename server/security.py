@@ -1,0 +1,50 @@
+"""API-key authentication (pure ASGI, constant-time comparison)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .settings import Settings
+
+# Paths that never need a key: the API description carries no secret.
+ALWAYS_OPEN = ("/docs", "/redoc", "/openapi.json")
+
+
+class ApiKeyAuth:
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app = app
+        self.key = settings.api_key.get_secret_value().encode() if settings.api_key else b""
+        self.open = set(ALWAYS_OPEN)
+        if not settings.auth_health:
+            self.open |= {"/health", "/ready"}
+        if not settings.auth_metrics:
+            self.open.add("/metrics")
+
+    def _presented(self, scope: Scope) -> bytes:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return headers.get(b"x-api-key", b"").strip()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.key or scope.get("path") in self.open:
+            await self.app(scope, receive, send)
+            return
+        # compare_digest takes the same time wherever the first difference is.
+        if hmac.compare_digest(self._presented(scope), self.key):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {"error": {"type": "unauthorized", "message": "missing or invalid API key"}}
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
