@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from .errors import ApiError, describe_validation
 @dataclass
 class Parsed:
     body: BaseModel  # the validated request model (params, prompt/question fields)
-    images: list[bytes]  # raw image bytes, in request order
+    images: list[bytes | str]  # raw image bytes, or an http(s) URL to fetch, in request order
 
 
 def _b64(value: str, field: str) -> bytes:
@@ -31,8 +32,6 @@ def _b64(value: str, field: str) -> bytes:
         header, _, data = data.partition(",")
         if ";base64" not in header:
             raise ApiError(400, f"{field}: data URL must be base64-encoded")
-    elif data.startswith(("http://", "https://")):
-        raise ApiError(400, f"{field}: image URLs are not fetched by this server; send the bytes (base64)")
     try:
         return base64.b64decode(
             data + "=" * (-len(data) % 4),
@@ -41,6 +40,11 @@ def _b64(value: str, field: str) -> bytes:
         )
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{field}: not valid base64") from None
+
+
+def _is_url(value: str) -> bool:
+    """Anything shaped scheme://... is a URL (the fetcher then refuses schemes other than http(s))."""
+    return re.match(r"\s*[a-zA-Z][a-zA-Z0-9+.-]{0,15}://", value) is not None
 
 
 def _validate(model: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
@@ -65,7 +69,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
             if body.image is not None
             else [(f"images[{i}]", v) for i, v in enumerate(body.images)]
         )
-        return Parsed(body, [_b64(v, name) for name, v in fields])
+        return Parsed(body, [v if _is_url(v) else _b64(v, name) for name, v in fields])
     if ctype == "multipart/form-data":
         return await _parse_form(request, model)
     raise ApiError(

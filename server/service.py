@@ -15,6 +15,7 @@ from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import SamplingParams
 
 from .errors import ApiError
+from .fetch import fetch_image, is_public
 from .inputs import Prepared, prepare_image
 from .metrics import Metrics
 from .schemas import GenerationParams
@@ -49,6 +50,7 @@ class Service:
         self.loop = EngineLoop(self.runner, self.scheduler, settings.max_wait_ms, self.metrics.on_step)
         self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
         self.ready = False
+        self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
@@ -102,9 +104,23 @@ class Service:
         )
         return SamplingParams(max_new_tokens=max_new, num_beams=beams, **fields)
 
-    async def prepare_images(self, blobs: list[bytes]) -> list[Prepared]:
-        if len(blobs) > self.settings.max_items_per_request:
+    async def fetch(self, item: bytes | str) -> bytes:
+        if isinstance(item, bytes):
+            return item
+        s = self.settings
+        if not s.allow_image_urls:
+            raise ApiError(
+                400, "image URLs are not fetched by this server (allow_image_urls is off); send the bytes"
+            )
+        max_bytes = int(s.max_body_mb * (1 << 20))
+        return await fetch_image(
+            item.strip(), s.image_url_allowlist, max_bytes, s.image_url_timeout_s, self.is_public
+        )
+
+    async def prepare_images(self, items: list[bytes | str]) -> list[Prepared]:
+        if len(items) > self.settings.max_items_per_request:
             raise ApiError(422, f"images: at most {self.settings.max_items_per_request} per request")
+        blobs = await asyncio.gather(*(self.fetch(item) for item in items))
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(
