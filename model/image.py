@@ -16,6 +16,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Formats users send; others PIL can open (EPS via Ghostscript, etc.) are refused.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
+
+
 class ImageError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
@@ -38,6 +42,8 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
         raise ImageError("image is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image has more pixels than the limit ({exc})") from None
     except Exception as exc:  # PIL raises several types for undecodable input
         raise ImageError(f"cannot identify image file ({type(exc).__name__})") from None
     width, height = image.size
@@ -47,6 +53,8 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}"
         )
+    if image.format not in ALLOWED_FORMATS:
+        raise ImageError(f"unsupported image format {image.format}; use one of {sorted(ALLOWED_FORMATS)}")
     try:
         image.seek(0)
         image.load()

@@ -42,6 +42,18 @@ def _b64(value: str, field: str) -> bytes:
         raise ApiError(400, f"{field}: not valid base64") from None
 
 
+def _has_bad_utf8(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, list):
+        return any(_has_bad_utf8(v) for v in value)
+    return False
+
+
+def _printable(key: str) -> str:
+    return key.encode("utf-8", errors="replace").decode("utf-8")
+
+
 def _is_url(value: str) -> bool:
     """Anything shaped scheme://... is a URL (the fetcher then refuses schemes other than http(s))."""
     return re.match(r"\s*[a-zA-Z][a-zA-Z0-9+.-]{0,15}://", value) is not None
@@ -58,11 +70,15 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
-            raw = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "body is not valid JSON (UTF-8)") from None
+            # surrogateescape keeps invalid UTF-8 bytes visible, so the field holding them can be named.
+            raw = json.loads((await request.body()).decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError:
+            raise ApiError(400, "body is not valid JSON") from None
         if not isinstance(raw, dict):
             raise ApiError(422, "body: expected a JSON object")
+        for key, value in raw.items():
+            if _has_bad_utf8(key) or _has_bad_utf8(value):
+                raise ApiError(422, f"{_printable(key)}: not valid UTF-8")
         body = _validate(model, raw)
         fields = (
             [("image", body.image)]
@@ -114,7 +130,7 @@ def prepare_image(data: bytes, processor: ImageProcessor, max_pixels: int, index
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
-        status = 413 if "more than the limit" in str(exc) else 400
+        status = 413 if "than the limit" in str(exc) else 400
         raise ApiError(status, f"{where}: {exc}") from None
     try:
         pixels = processor.preprocess(image)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
@@ -54,6 +56,8 @@ class Service:
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
+        # PIL's own decompression-bomb limit as an error, never just a warning (our pixel cap comes first).
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         engine = Blip2Engine.from_pretrained(settings.model, resolve_device(settings.device), settings.dtype)
         if settings.quantize == "int8":
             from model.quant import quantize_int8

@@ -127,3 +127,20 @@ def test_vocab_merges_fallback(tmp_path):
     ids = tok.encode("two dogs playing", add_special_tokens=True).ids
     assert ours.encode("two dogs playing") == ids
     assert ours.decode(ids) == "two dogs playing"
+
+
+def test_animated_webp_uses_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(0, 255, 0), (255, 0, 0)]]
+    data = _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert decode_image(data).convert("RGB").getpixel((8, 8)) == (0, 255, 0)
+
+
+def test_pil_decompression_bomb_is_an_error():
+    data = _encode(Image.new("1", (20000, 20000)), "PNG")  # 4e8 pixels: past PIL's own error limit
+    with pytest.raises(ImageError, match="more pixels than the limit"):
+        decode_image(data, max_pixels=10**10)
+
+
+def test_exotic_formats_are_refused():
+    with pytest.raises(ImageError, match="unsupported image format"):
+        decode_image(_encode(Image.new("RGB", (8, 8)), "PPM"))

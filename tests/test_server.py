@@ -212,6 +212,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(ckpt):
             ({"json": {"image": "not base64!"}}, 400, "base64"),
             ({"json": {"image": b64(b"GIF89a garbage")}}, 400, "cannot identify"),
             ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "JSON"),
+            ({"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 400, "JSON"),
             ({"json": {"image": b64(big)}}, 413, "pixels"),
             ({"content": b"x" * 60_000, "headers": {"content-type": "application/json"}}, 413, "larger than"),
             ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
@@ -233,6 +234,9 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(ckpt):
         r = httpx.post(url + "/vqa", json={"images": [ok, ok], "questions": ["a?", "b?", "c?"]})
         assert r.status_code == 422 and "questions" in r.json()["error"]["message"]
         assert httpx.post(url + "/vqa", json={"image": ok}).status_code == 422
+        bad_utf8 = b'{"image": "' + ok.encode() + b'", "question": "\xff\xfe what?"}'
+        r = httpx.post(url + "/vqa", content=bad_utf8, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == "question: not valid UTF-8"
         assert httpx.get(url + "/nope").status_code == 404
         assert httpx.post(url + "/caption", json={"image": ok, "max_new_tokens": 3}).status_code == 200
 
