@@ -104,9 +104,11 @@ class Observe:
             if svc is not None and path in ("/caption", "/vqa"):
                 svc.metrics.requests.labels(path, str(status)).inc()
                 svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
-            log.info(
-                "%s %s %s %.1fms id=%s", scope.get("method"), path, status, elapsed_ms(start), request_id
-            )
+            ms, method = elapsed_ms(start), scope.get("method")
+            client = (scope.get("client") or ("", 0))[0]
+            extra = {"request_id": request_id, "method": method, "path": path, "status": status}
+            extra.update(duration_ms=ms, client=client)
+            log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -1,11 +1,12 @@
-"""`blipserve`: start the server. Flags win over BLIPSERVE_* environment variables and --config files."""
+"""`blipserve [serve]`: start the server (flags win over BLIPSERVE_* environment variables and --config
+files). `blipserve caption|vqa IMAGE... --url URL`: the client."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from .logs import configure as configure_logging
 from .settings import Settings, load_settings
 
 
@@ -32,13 +33,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["caption"], ["vqa"]):
+        from .client import run_client
+
+        sys.exit(run_client(argv[0], argv[1:]))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     args = vars(_parser().parse_args(argv))
     settings = load_settings(args.pop("config"), **args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
 
     import uvicorn
 
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-        access_log=False,
+        access_log=False,  # ours (server.app.Observe) carries the request id
+        log_config=None,  # uvicorn's own lines go through our handler too (JSON when asked)
     )
 
 

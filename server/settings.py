@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
     # Batching
     max_batch_images: int = Field(32, ge=1, description="new images per vision batch")
