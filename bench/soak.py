@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 class Summary:
     sent: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
-    lost: int = 0
+    lost: int = 0  # no HTTP answer, even after one retry
+    retried: int = 0  # connection failed before any answer (e.g. a keep-alive race), sent again once
     seconds: float = 0.0
     rss_before_mb: float = 0.0
     rss_after_mb: float = 0.0
@@ -76,11 +77,17 @@ async def soak(url: str, requests: int, concurrency: int, max_seconds: float, pi
                 return
             path, body = work[i % len(work)]
             summary.sent += 1
-            try:
-                r = await client.post(path, json=body)
-                key = str(r.status_code)
-            except httpx.HTTPError as exc:
-                key, summary.lost = type(exc).__name__, summary.lost + 1
+            key = None
+            for attempt in range(2):
+                try:
+                    r = await client.post(path, json=body)
+                    key = str(r.status_code)
+                    break
+                except httpx.TransportError as exc:
+                    key = type(exc).__name__
+                    summary.retried += attempt == 0
+            if not key.isdigit():
+                summary.lost += 1
             summary.by_status[key] = summary.by_status.get(key, 0) + 1
 
     start = time.perf_counter()

@@ -18,6 +18,7 @@ def test_soak_loses_nothing_and_memory_stays_bounded(checkpoints):
     print(f"\nsoak: warm {warm}\nsoak: steady {steady}")
     for phase in (warm, steady):
         assert phase.lost == 0
+        assert phase.retried <= 2  # a rare keep-alive race at most; see bench/RESULTS.md
         assert set(phase.by_status) <= {"200", "400", "429"}  # ok, broken image on purpose, overload
         assert phase.by_status["200"] > phase.sent // 2
     assert steady.by_status.get("429", 0) > 0  # the overload path was really exercised
