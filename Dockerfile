@@ -13,10 +13,10 @@ RUN useradd --create-home --uid 10001 blipserve && mkdir -p /cache && chown blip
 WORKDIR /app
 # Dependencies first (own layer, cached while the source changes).
 COPY pyproject.toml README.md ./
+# The dependency list lives in pyproject.toml only: install it against empty package folders, then drop
+# the stub (torch first, so the range in pyproject.toml keeps this build).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "pydantic-settings>=2.2" "python-multipart>=0.0.9" \
-    "pyyaml>=6" "safetensors>=0.4" "bitsandbytes>=0.43" "pillow>=10" "prometheus-client>=0.20" "httpx>=0.27" \
-    "tokenizers>=0.19" "huggingface_hub>=0.23" "numpy>=1.26"
+ && mkdir model batching server && pip install . && pip uninstall -y blipserve && rm -r model batching server build blipserve.egg-info
 COPY model/ model/
 COPY batching/ batching/
 COPY server/ server/
@@ -45,9 +45,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 # PyPI's Linux torch wheel is the CUDA build.
 RUN pip install torch==2.13.0 \
- && pip install "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "pydantic-settings>=2.2" "python-multipart>=0.0.9" \
-    "pyyaml>=6" "safetensors>=0.4" "bitsandbytes>=0.43" "pillow>=10" "prometheus-client>=0.20" "httpx>=0.27" \
-    "tokenizers>=0.19" "huggingface_hub>=0.23" "numpy>=1.26"
+ && mkdir model batching server && pip install . && pip uninstall -y blipserve && rm -r model batching server build blipserve.egg-info
 COPY model/ model/
 COPY batching/ batching/
 COPY server/ server/
