@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 QUANTIZED = re.compile(
@@ -55,4 +54,4 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["QUANTIZED", "quantize_int8", "weight_bytes", "torch"]
+__all__ = ["QUANTIZED", "quantize_int8", "weight_bytes"]

@@ -211,4 +211,4 @@ def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-__all__ = ["Outcome", "Service", "elapsed_ms", "resolve_device", "log"]
+__all__ = ["Outcome", "Service", "elapsed_ms", "resolve_device"]
