@@ -276,11 +276,12 @@ def test_deadline_gives_504_and_frees_the_slot(ckpt):
         gated.delay = 0.05
         r = httpx.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 100})
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        gated.delay = 0.0
-        deadline = time.monotonic() + 2
+        # Steps stay slow: left alone, the request would hold its slot for ~5 s more.
+        deadline = time.monotonic() + 3
         while len(svc.scheduler.free_slots) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(svc.scheduler.free_slots) == 2
+        gated.delay = 0.0
         assert (
             httpx.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 3}).status_code
             == 200
@@ -290,12 +291,12 @@ def test_deadline_gives_504_and_frees_the_slot(ckpt):
 def test_client_disconnect_frees_the_slot(ckpt):
     svc, gated = gated_service(ckpt, max_running_seqs=1)
     with serve_in_thread(svc.settings, svc) as url:
-        gated.delay = 0.02
+        gated.delay = 0.05  # 120 tokens: ~6 s if the request were not cancelled
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 120}, timeout=0.3
             )
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 3
         while svc.scheduler.free_slots != [0] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert svc.scheduler.free_slots == [0] and not svc.scheduler.running
