@@ -82,6 +82,15 @@ def timed(fn, repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def stage_times(engine, pixels, params) -> tuple[float, float, float]:
+    """Mean ms of the vision stage, the prefill and one decode step, from the runner's own timings."""
+    outs = []
+    requests = [engine.request(p, f"stage-{i}", None, params) for i, p in enumerate(pixels)]
+    engine.run_offline(requests, on_step=outs.append)
+    decodes = [o.decode_s for o in outs if o.decode_rows]
+    return outs[0].vision_s * 1e3, outs[0].prefill_s * 1e3, 1e3 * sum(decodes) / max(len(decodes), 1)
+
+
 def agreement(hf, engine, pixels, new_tokens: int, device: str, dtype: torch.dtype) -> float:
     """Share of generated tokens equal to transformers' at the same position (fp32: 100%)."""
     with torch.inference_mode():
@@ -121,6 +130,7 @@ def main() -> None:
     print(f"device: {name}; model: {args.size}; dtype: {dtype}; new tokens: {args.new_tokens}")
     print(f"{'batch':>5} {'transformers img/s':>19} {'blipserve img/s':>16} {'ratio':>6}")
     params = SamplingParams(max_new_tokens=args.new_tokens)
+    stages: list[tuple[int, tuple[float, float, float]]] = []
     for batch in [int(b) for b in args.batches.split(",")]:
         # Both sides start from a list of preprocessed images, as a server has them.
         pixels = list(torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch)))
@@ -140,6 +150,11 @@ def main() -> None:
         print(
             f"{batch:>5} {batch / t_hf:>19.1f} {batch / t_ours:>16.1f} {t_hf / t_ours:>5.2f}x  tokens equal: {agree:.1%}"
         )
+        stages.append((batch, stage_times(engine, pixels, params)))
+    print(f"\nblipserve per stage ({name}): ms per call")
+    print(f"{'batch':>5} {'vision+qformer':>15} {'prefill':>9} {'decode step':>12}")
+    for batch, (vision, prefill, decode) in stages:
+        print(f"{batch:>5} {vision:>15.2f} {prefill:>9.2f} {decode:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from PIL import Image
 from .generation import SamplingParams, new_decoder
 from .image import ImageProcessor
 from .loader import load_model, resolve_checkpoint
-from .plan import SequenceWork, StepPlan
+from .plan import SequenceWork, StepOutput, StepPlan
 from .runner import ModelRunner
 from .tiny import write_tiny_checkpoint
 from .tokenizer import TextTokenizer
@@ -177,7 +177,10 @@ class Blip2Engine:
         ]
         return self.run_offline(requests)
 
-    def run_offline(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def run_offline(
+        self, requests: list[GenerationRequest], on_step: Callable[[StepOutput], None] | None = None
+    ) -> list[GenerationResult]:
+        """All requests in one batch until each finishes; `on_step` sees every step's stage timings."""
         if not requests:
             return []
         works, next_slot = [], 0
@@ -191,6 +194,8 @@ class Blip2Engine:
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
         while not plan.is_empty():
             out = runner.run(plan)
+            if on_step is not None:
+                on_step(out)
             running = [w for w in plan.prefills + plan.decodes if not out.steps[w.seq_id].done]
             plan = StepPlan(decodes=running)
         return [self.result(r, w.decoder) for r, w in zip(requests, works, strict=True)]

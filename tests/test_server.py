@@ -250,12 +250,16 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
         async def flood():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 first = [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(3)]
-                for _ in range(1000):
-                    if svc.loop.queue_depth == 2 and svc.scheduler.running:
-                        break
-                    await asyncio.sleep(0.01)
-                rejected = await client.post("/caption", json=body)
-                gated.gate.set()
+                try:
+                    for _ in range(6000):  # up to 60 s on a loaded machine
+                        if svc.loop.queue_depth == 2 and svc.scheduler.running:
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        raise AssertionError("the queue never filled")
+                    rejected = await client.post("/caption", json=body, timeout=10)
+                finally:
+                    gated.gate.set()  # never leave the engine blocked, whatever happened
                 return rejected, await asyncio.gather(*first)
 
         rejected, accepted = asyncio.run(flood())
