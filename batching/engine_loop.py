@@ -168,10 +168,6 @@ class EngineLoop:
         if self.on_step is not None:
             self.on_step(plan, out, self.scheduler)
 
-    def stop_accepting(self) -> None:
-        with self._cond:
-            self._accepting = False
-
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop taking requests, finish every accepted one, then stop the thread."""
         with self._cond:

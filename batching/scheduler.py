@@ -34,7 +34,6 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     slots: list[int] = field(default_factory=list)
-    prefilled: bool = False
     cancelled: bool = False  # set from any thread; honoured at the next schedule()
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
 
@@ -122,7 +121,6 @@ class Scheduler:
             step = out.steps.get(seq.seq_id)
             if step is None:
                 continue
-            seq.prefilled = True
             if step.done:
                 seq.finish_reason = seq.decoder.finish_reason or "length"
                 done.append(seq)

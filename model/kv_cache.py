@@ -61,17 +61,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    @property
-    def num_slots(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
     def update(self, layer: int, batch: AttnBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, H, T, D] at `batch.positions` of `batch.slots`."""
         rows = batch.slots[:, None]

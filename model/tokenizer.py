@@ -70,10 +70,6 @@ class TextTokenizer:
         specials = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
         tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> list[int]:
         """Prompt ids, with the checkpoint's special tokens (BOS for OPT)."""
         return self.tokenizer.encode(text, add_special_tokens=True).ids
