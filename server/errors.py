@@ -91,7 +91,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._reject(send, f"request body is larger than {self.max_bytes} bytes")
+            await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes")
             return
         seen = 0
         started = False
@@ -114,14 +114,16 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send, f"request body is larger than {self.max_bytes} bytes")
+                await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes")
 
-    @staticmethod
-    async def _reject(send: Send, message: str) -> None:
-        body = json.dumps({"error": {"type": TYPES[413], "message": message}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """The JSON error response, for pure ASGI middleware (outside FastAPI's exception handlers)."""
+    body = json.dumps({"error": {"type": TYPES.get(status, "error"), "message": message}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _TooLarge(StarletteHTTPException):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .errors import send_error
 from .settings import Settings
 
 # Paths that never need a key: the API description carries no secret.
@@ -38,13 +38,4 @@ class ApiKeyAuth:
         if hmac.compare_digest(self._presented(scope), self.key):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {"error": {"type": "unauthorized", "message": "missing or invalid API key"}}
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "missing or invalid API key", {"www-authenticate": "Bearer"})
