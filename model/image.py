@@ -24,6 +24,10 @@ class ImageError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
+class ImageTooLarge(ImageError):
+    """The image has more pixels than allowed (checked before decoding)."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """As `transformers.image_transforms.convert_to_rgb`: transparency is composited onto white."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -43,14 +47,14 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image has more pixels than the limit ({exc})") from None
+        raise ImageTooLarge(f"image has more pixels than the limit ({exc})") from None
     except Exception as exc:  # PIL raises several types for undecodable input
         raise ImageError(f"cannot identify image file ({type(exc).__name__})") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}"
         )
     if image.format not in ALLOWED_FORMATS:

@@ -14,7 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from model.image import ImageError, ImageProcessor, decode_image
+from model.image import ImageError, ImageProcessor, ImageTooLarge, decode_image
 
 from .errors import ApiError, describe_validation
 
@@ -130,8 +130,7 @@ def prepare_image(data: bytes, processor: ImageProcessor, max_pixels: int, index
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
-        status = 413 if "than the limit" in str(exc) else 400
-        raise ApiError(status, f"{where}: {exc}") from None
+        raise ApiError(413 if isinstance(exc, ImageTooLarge) else 400, f"{where}: {exc}") from None
     try:
         pixels = processor.preprocess(image)
     except Exception as exc:
