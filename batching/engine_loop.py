@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from model.plan import StepOutput, StepPlan
@@ -32,6 +33,15 @@ class SequenceFailed(Exception):
     def __init__(self, seq: Sequence):
         super().__init__(f"request ended: {seq.finish_reason}")
         self.seq = seq
+
+
+@dataclass
+class Ticket:
+    """A queued request: its sequence and the future that settles when it ends."""
+
+    seq: Sequence
+    future: asyncio.Future
+    timeout_s: float | None
 
 
 BACKSTOP_S = 5.0
@@ -77,11 +87,16 @@ class EngineLoop:
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting)
 
-    async def submit(self, request: Any, timeout_s: float | None = None) -> Sequence:
-        """Queue a request and wait for it to finish; raises QueueFull, EngineStopped or SequenceFailed.
+    def enqueue(
+        self,
+        request: Any,
+        timeout_s: float | None = None,
+        on_progress: Callable[[Sequence], None] | None = None,
+    ) -> Ticket:
+        """Queue a request from the event loop; raises QueueFull, EngineStopped or ValueError at once.
 
-        Cancelling the awaiting task (client gone) cancels the sequence: its slots are freed at the
-        next step.
+        `on_progress(seq)` runs on the engine thread after every step of the sequence (streaming): it
+        must only copy what it needs and hand it to its own event loop.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -90,21 +105,35 @@ class EngineLoop:
             if not self._accepting:
                 raise EngineStopped("server is shutting down")
             seq = self.scheduler.add(request, deadline)
+            seq.on_progress = on_progress
             self._futures[seq.seq_id] = (loop, future)
             self._cond.notify()
+        return Ticket(seq, future, timeout_s)
+
+    async def wait(self, ticket: Ticket) -> Sequence:
+        """The finished sequence; raises SequenceFailed. Cancelling the awaiting task (client gone)
+        cancels the sequence: its slots are freed at the next step."""
+        seq = ticket.seq
         try:
-            if timeout_s is None:
-                return await future
+            if ticket.timeout_s is None:
+                return await ticket.future
             # The scheduler enforces the deadline; this is the backstop should the engine thread stall.
-            return await asyncio.wait_for(future, timeout_s + BACKSTOP_S)
+            return await asyncio.wait_for(ticket.future, ticket.timeout_s + BACKSTOP_S)
         except TimeoutError:
             seq.cancelled, seq.finish_reason = True, "timeout"
             raise SequenceFailed(seq) from None
         except asyncio.CancelledError:
-            seq.cancelled = True
-            with self._cond:
-                self._cond.notify()
+            self.cancel(ticket)
             raise
+
+    def cancel(self, ticket: Ticket) -> None:
+        ticket.seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    async def submit(self, request: Any, timeout_s: float | None = None) -> Sequence:
+        """enqueue + wait."""
+        return await self.wait(self.enqueue(request, timeout_s))
 
     def _resolve(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -161,12 +190,24 @@ class EngineLoop:
             self._resolve(failed)
             return
         self.failures = 0
+        streaming = [s for s in self.scheduler.running if s.on_progress is not None]
         with self._cond:
             finished = self.scheduler.postprocess(plan, out)
         self.steps += 1
+        # Progress first: its events reach the event loop before the future that ends the stream.
+        self._progress(streaming)
         self._resolve(finished)
         if self.on_step is not None:
             self.on_step(plan, out, self.scheduler)
+
+    @staticmethod
+    def _progress(seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            try:
+                seq.on_progress(seq)
+            except Exception:
+                log.exception("progress callback failed for sequence %d", seq.seq_id)
+                seq.on_progress = None
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop taking requests, finish every accepted one, then stop the thread."""
@@ -187,4 +228,4 @@ def _settle(future: asyncio.Future, value: Any, ok: bool) -> None:
         future.set_exception(value)
 
 
-__all__ = ["EngineLoop", "EngineStopped", "QueueFull", "SequenceFailed"]
+__all__ = ["EngineLoop", "EngineStopped", "QueueFull", "SequenceFailed", "Ticket"]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.generation import Decoder, new_decoder
+from model.decoders import Decoder, new_decoder
 from model.plan import SequenceWork, StepOutput, StepPlan
 
 
@@ -36,6 +37,7 @@ class Sequence:
     slots: list[int] = field(default_factory=list)
     cancelled: bool = False  # set from any thread; honoured at the next schedule()
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    on_progress: Callable[[Sequence], None] | None = None  # streaming: called after each of its steps
 
     @property
     def rows(self) -> int:
@@ -63,10 +65,11 @@ class Scheduler:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
-        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids)
+        stop_check = getattr(request, "stop_check", None)
+        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids, stop_check)
         if decoder.num_rows > self.num_slots:
             raise ValueError(
-                f"num_beams={decoder.num_rows} exceeds the server's {self.num_slots} sequence slots"
+                f"{decoder.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"
             )
         seq = Sequence(next(self._ids), request, decoder, deadline)
         self.waiting.append(seq)

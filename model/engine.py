@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .generation import SamplingParams, new_decoder
+from .decoders import Decoder, new_decoder
+from .generation import SamplingParams, StopCheck, TokenLogprob
 from .image import ImageProcessor
 from .loader import load_model, resolve_checkpoint
 from .plan import SequenceWork, StepOutput, StepPlan
 from .runner import ModelRunner
+from .textstream import cut_at_stop, stop_checker
 from .tiny import write_tiny_checkpoint
 from .tokenizer import TextTokenizer
 
@@ -43,15 +45,39 @@ class GenerationRequest:
     text_ids: list[int]  # prompt ids after the image placeholders (BOS first)
     prompt_ids: list[int]  # the full input ids: placeholders + text_ids
     params: SamplingParams
+    stop_check: StopCheck | None = None  # set when params.stop has stop strings
+
+
+@dataclass
+class Completion:
+    """One output: text (cut before any stop string), its token ids, why it ended."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when requested
 
 
 @dataclass
 class GenerationResult:
-    text: str
-    token_ids: list[int]
+    outputs: list[Completion]  # n of them, the best first for beams
     prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -139,17 +165,23 @@ class Blip2Engine:
                 f"prompt ({len(prompt_ids)} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's {self.max_positions} positions"
             )
-        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params)
+        check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
+        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check)
 
-    def result(self, request: GenerationRequest, decoder) -> GenerationResult:
-        ids = decoder.result()
-        return GenerationResult(
-            text=self.tokenizer.decode(ids),
-            token_ids=ids,
-            prompt_tokens=len(request.prompt_ids),
-            completion_tokens=len(ids),
-            finish_reason=decoder.finish_reason or "length",
-        )
+    def completion(
+        self, token_ids: list[int], finish_reason: str | None, params: SamplingParams
+    ) -> Completion:
+        """Text of generated ids; a stop string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        text, stopped = cut_at_stop(self.tokenizer.decode(token_ids), params.stop)
+        return Completion(text, token_ids, "stop" if stopped else finish_reason or "length")
+
+    def result(self, request: GenerationRequest, decoder: Decoder) -> GenerationResult:
+        outputs = []
+        for out in decoder.outputs():
+            done = self.completion(out.tokens, out.finish_reason, request.params)
+            done.logprobs = out.logprobs
+            outputs.append(done)
+        return GenerationResult(outputs, prompt_tokens=len(request.prompt_ids))
 
     def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
         return ModelRunner(self.model, num_slots, min(max_len, self.max_positions), embedding_cache_bytes)
@@ -185,7 +217,7 @@ class Blip2Engine:
             return []
         works, next_slot = [], 0
         for i, r in enumerate(requests):
-            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids)
+            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids, r.stop_check)
             slots = list(range(next_slot, next_slot + decoder.num_rows))
             next_slot += decoder.num_rows
             works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import Decoder, Step
+from .decoders import Decoder
+from .generation import Step
 
 
 @dataclass
@@ -20,7 +21,7 @@ class SequenceWork:
 
     # Scheduler-wide id of the request.
     seq_id: int
-    # KV-cache slot of each row: one for greedy/sampling, `num_beams` for beam search.
+    # KV-cache slot of each row: one for greedy/sampling, n for n samples, `num_beams` for beam search.
     slots: list[int]
     # Token history and next-token choice (greedy, sampling or beams) of this request.
     decoder: Decoder

@@ -10,7 +10,8 @@ from typing import TypeVar
 import torch
 
 from .blip2 import Blip2ForConditionalGeneration
-from .generation import BeamDecoder, Step
+from .decoders import BeamDecoder
+from .generation import Step
 from .kv_cache import KVCache
 from .plan import SequenceWork, StepOutput, StepPlan
 
@@ -116,7 +117,7 @@ class ModelRunner:
         self.oom_splits += 1
 
     def _prefill(self, works: list[SequenceWork], embeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Prompts run once per request into its first slot; beams then copy that slot."""
+        """Prompts run once per request into its first slot; its other rows (beams, samples) copy that slot."""
         inputs = [self.model.prompt_embeddings(embeds[w.image_key], w.text_ids) for w in works]
         slots = torch.tensor([w.slots[0] for w in works], device=self.device)
         logits = self.model.prefill(inputs, slots, self.cache)
@@ -131,10 +132,10 @@ class ModelRunner:
     def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
         tokens, positions, slots = [], [], []
         for w in works:
-            rows = w.decoder.last_tokens()
-            tokens += rows
-            positions += [w.decoder.length() - 1] * len(rows)
-            slots += w.slots
+            for row, token, position in w.decoder.feed():
+                tokens.append(token)
+                positions.append(position)
+                slots.append(w.slots[row])
         kv_len = max(positions) + 1
         dev = self.device
         return self.model.decode(
@@ -146,10 +147,12 @@ class ModelRunner:
         )
 
     def _choose(self, works: list[SequenceWork], logits: torch.Tensor, out: StepOutput, first: bool) -> None:
-        offsets, row = [], 0
+        # Each request's rows in `logits`: its active rows (all its slots at prefill).
+        offsets, counts, row = [], [], 0
         for w in works:
             offsets.append(row)
-            row += len(w.slots)
+            counts.append(len(w.decoder.active()))
+            row += counts[-1]
         if not first:
             out.decode_rows = row
         # Plain greedy rows: one batched argmax and a single device->host copy.
@@ -162,7 +165,7 @@ class ModelRunner:
             if i in picked:
                 step = w.decoder.append(picked[i])
             else:
-                step = w.decoder.step(logits[offsets[i] : offsets[i] + len(w.slots)])
+                step = w.decoder.step(logits[offsets[i] : offsets[i] + counts[i]])
             self._reorder(w, step)
             out.steps[w.seq_id] = step
 

@@ -28,6 +28,26 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted: character -> byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, bos_token: str | None = None):
         self.tokenizer = tokenizer
@@ -76,6 +96,13 @@ class TextTokenizer:
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may hold part of a character)."""
+        if isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            piece = self.tokenizer.id_to_token(token_id) or ""
+            return bytes(_BYTE_OF.get(ch, 0x3F) for ch in piece)
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens, stripped (OPT's stop token is a newline)."""

@@ -17,10 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
+from .openai_api import ChatRequest, add_openai_routes
+from .replies import event_stream, reply
 from .schemas import CaptionRequest, CaptionResponse, ErrorResponse, VQARequest, VQAResponse
 from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
 from .settings import Settings
+from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
 
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.add_middleware(Observe)
     install_handlers(app)
     _add_routes(app)
+    add_openai_routes(app, _run)
     _add_schemas(app)
     return app
 
@@ -128,35 +132,10 @@ async def _run(request: Request, svc: Service, jobs) -> list[Outcome]:
     return work.result()
 
 
-def _reply(svc: Service, outcomes: list[Outcome], start: float, single: bool, key: str) -> dict:
-    usage = {
-        "prompt_tokens": sum(o.result.prompt_tokens for o in outcomes),
-        "completion_tokens": sum(o.result.completion_tokens for o in outcomes),
-    }
-    body: dict = {
-        "model": svc.engine.model_id,
-        "usage": usage,
-        "timings": {
-            "queue_ms": round(max(o.queue_s for o in outcomes) * 1000, 2),
-            "total_ms": elapsed_ms(start),
-        },
-    }
-    if single:
-        body[key] = outcomes[0].result.text
-        body["finish_reason"] = outcomes[0].result.finish_reason
-    else:
-        body[key + "s"] = [
-            {
-                "text": o.result.text,
-                "finish_reason": o.result.finish_reason,
-                "usage": {
-                    "prompt_tokens": o.result.prompt_tokens,
-                    "completion_tokens": o.result.completion_tokens,
-                },
-            }
-            for o in outcomes
-        ]
-    return body
+def _stream(svc: Service, jobs: list, single: bool, start: float) -> EventStream:
+    if not single:
+        raise ApiError(422, "stream: only for the single form (one image, one question)")
+    return EventStream(event_stream(svc, jobs[0], start))
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -170,8 +149,11 @@ def _add_routes(app: FastAPI) -> None:
         params = svc.sampling_params(parsed.body)
         images = await svc.prepare_images(parsed.images)
         jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
+        single = parsed.body.image is not None
+        if parsed.body.stream:
+            return _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
-        return JSONResponse(_reply(svc, outcomes, start, parsed.body.image is not None, "caption"))
+        return JSONResponse(reply(svc, outcomes, start, single, "caption"))
 
     @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=_body_doc(VQARequest))
     async def vqa(request: Request) -> JSONResponse:
@@ -193,9 +175,11 @@ def _add_routes(app: FastAPI) -> None:
         ]
         template = svc.settings.vqa_template
         jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
-        outcomes = await _run(request, svc, jobs)
         single = body.image is not None and body.question is not None
-        return JSONResponse(_reply(svc, outcomes, start, single, "answer"))
+        if body.stream:
+            return _stream(svc, jobs, single, start)
+        outcomes = await _run(request, svc, jobs)
+        return JSONResponse(reply(svc, outcomes, start, single, "answer"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -228,7 +212,7 @@ def _add_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = base()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CaptionRequest, VQARequest):
+        for model in (CaptionRequest, VQARequest, ChatRequest):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(doc.pop("$defs", {}))
             components[model.__name__] = doc

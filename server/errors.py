@@ -1,4 +1,5 @@
-"""Errors as JSON `{"error": {"type", "message"}}`, and the request-body size cap."""
+"""Errors as JSON `{"error": {"type", "message"}}` (under /v1/: OpenAI's `{"error": {"message", "type",
+"param", "code"}}`, with 400 for invalid input), and the request-body size cap."""
 
 from __future__ import annotations
 
@@ -30,17 +31,63 @@ TYPES = {
 }
 
 
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault (OpenAI's error shape names it)
+        self.code = code
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": TYPES.get(status, "error"), "message": message}}
+def error_body(
+    status: int, message: str, path: str = "", param: str | None = None, code: str | None = None
+) -> tuple[int, dict]:
+    """(status, body): ours, or OpenAI's shape for the OpenAI-compatible routes."""
+    if path.startswith("/v1/"):
+        status = 400 if status == 422 else status
+        kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return status, {"error": {"type": TYPES.get(status, "error"), "message": message}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    path: str = "",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    status, body = error_body(status, message, path, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def first_field(errors: list[dict]) -> str | None:
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        if where:
+            return where
+    return None
 
 
 def describe_validation(errors: list[dict]) -> str:
@@ -54,26 +101,29 @@ def describe_validation(errors: list[dict]) -> str:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.headers)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.headers, request.url.path, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, describe_validation(exc.errors()))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        return error_response(422, describe_validation(errors), None, request.url.path, first_field(errors))
 
     @app.exception_handler(ValidationError)
-    async def _pydantic(_: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(422, describe_validation(exc.errors()))
+    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
+        errors = exc.errors()
+        return error_response(422, describe_validation(errors), None, request.url.path, first_field(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, str(exc.detail), headers, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
         # Never a stack trace in a response; it goes to the log.
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal error")
+        return error_response(500, "internal error", None, request.url.path)
 
 
 class BodyLimit:
@@ -90,8 +140,9 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
+        path = scope.get("path", "")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes")
+            await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes", path=path)
             return
         seen = 0
         started = False
@@ -114,12 +165,15 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes")
+                await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes", path=path)
 
 
-async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send: Send, status: int, message: str, headers: dict[str, str] | None = None, path: str = ""
+) -> None:
     """The JSON error response, for pure ASGI middleware (outside FastAPI's exception handlers)."""
-    body = json.dumps({"error": {"type": TYPES.get(status, "error"), "message": message}}).encode()
+    status, content = error_body(status, message, path)
+    body = json.dumps(content).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -25,7 +25,7 @@ class Parsed:
     images: list[bytes | str]  # raw image bytes, or an http(s) URL to fetch, in request order
 
 
-def _b64(value: str, field: str) -> bytes:
+def decode_base64(value: str, field: str) -> bytes:
     """base64 (standard or URL-safe) or a data: URL -> bytes."""
     data = value.strip()
     if data.startswith("data:"):
@@ -54,7 +54,7 @@ def _printable(key: str) -> str:
     return key.encode("utf-8", errors="replace").decode("utf-8")
 
 
-def _is_url(value: str) -> bool:
+def is_url(value: str) -> bool:
     """Anything shaped scheme://... is a URL (the fetcher then refuses schemes other than http(s))."""
     return re.match(r"\s*[a-zA-Z][a-zA-Z0-9+.-]{0,15}://", value) is not None
 
@@ -85,7 +85,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
             if body.image is not None
             else [(f"images[{i}]", v) for i, v in enumerate(body.images)]
         )
-        return Parsed(body, [v if _is_url(v) else _b64(v, name) for name, v in fields])
+        return Parsed(body, [v if is_url(v) else decode_base64(v, name) for name, v in fields])
     if ctype == "multipart/form-data":
         return await _parse_form(request, model)
     raise ApiError(
@@ -105,8 +105,8 @@ async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
             if key not in ("image", "images"):
                 raise ApiError(422, f"{key}: unexpected file part (files go in 'image')")
             images.append(await value.read())
-        elif key == "questions":
-            raw.setdefault("questions", []).append(value)
+        elif key in ("questions", "stop"):
+            raw.setdefault(key, []).append(value)
         elif key in ("image", "images"):
             raise ApiError(422, f"{key}: must be a file part")
         else:

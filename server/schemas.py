@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GenerationParams(BaseModel):
@@ -20,6 +20,21 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, description="outputs per image: the n best beams (num_beams >= n) or n samples")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="per token: its log-probability and this many top alternatives"
+    )
+    stop: list[str] | None = Field(
+        None, max_length=4, description="up to 4 strings; generation ends at one, cut from the text"
+    )
+    stream: bool = Field(False, description="Server-Sent Events: text deltas, then a final event")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s or len(s) > 100 for s in value):
+            raise ValueError("each stop string must be 1 to 100 characters")
+        return value
 
 
 class ImageInput(GenerationParams):
@@ -60,10 +75,28 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class TopLogprob(BaseModel):
+    id: int
+    token: str = Field(description="the token's bytes as UTF-8 (U+FFFD for part of a character)")
+    logprob: float
+
+
+class Logprob(TopLogprob):
+    top: list[TopLogprob] = Field(description="the most likely tokens at this position, best first")
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str = Field(description="stop (EOS or a stop string) or length")
+    logprobs: list[Logprob] | None = None
+
+
 class Item(BaseModel):
     text: str
     finish_reason: str
     usage: Usage
+    choices: list[Choice] | None = Field(None, description="with n > 1 or logprobs")
 
 
 class CaptionResponse(BaseModel):
@@ -71,6 +104,7 @@ class CaptionResponse(BaseModel):
     caption: str | None = Field(None, description="single form")
     captions: list[Item] | None = Field(None, description="batch form, in request order")
     finish_reason: str | None = None
+    choices: list[Choice] | None = Field(None, description="single form with n > 1 or logprobs")
     usage: Usage
     timings: Timings
 
@@ -80,6 +114,7 @@ class VQAResponse(BaseModel):
     answer: str | None = Field(None, description="single form")
     answers: list[Item] | None = Field(None, description="batch form, in request order")
     finish_reason: str | None = None
+    choices: list[Choice] | None = Field(None, description="single form with n > 1 or logprobs")
     usage: Usage
     timings: Timings
 

@@ -38,4 +38,6 @@ class ApiKeyAuth:
         if hmac.compare_digest(self._presented(scope), self.key):
             await self.app(scope, receive, send)
             return
-        await send_error(send, 401, "missing or invalid API key", {"www-authenticate": "Bearer"})
+        await send_error(
+            send, 401, "missing or invalid API key", {"www-authenticate": "Bearer"}, scope.get("path", "")
+        )

@@ -6,15 +6,16 @@ import asyncio
 import logging
 import time
 import warnings
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
+from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, Sequence, SequenceFailed, Ticket
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
-from model.generation import SamplingParams
+from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 
 from .errors import ApiError
 from .fetch import fetch_image, is_public
@@ -52,6 +53,7 @@ class Service:
         self.loop = EngineLoop(self.runner, self.scheduler, settings.max_wait_ms, self.metrics.on_step)
         self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
         self.ready = False
+        self.created = int(time.time())  # /v1/models: when this model was loaded
         self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
 
     @classmethod
@@ -103,10 +105,16 @@ class Service:
             raise ApiError(422, f"min_new_tokens: must not exceed max_new_tokens ({max_new})")
         if p.do_sample and beams > 1:
             raise ApiError(422, "do_sample: sampling with num_beams > 1 is not supported")
+        if p.n > s.max_n:
+            raise ApiError(422, f"n: at most {s.max_n} on this server")
+        if p.n > 1 and not p.do_sample and beams < p.n:
+            raise ApiError(422, f"n: {p.n} outputs need do_sample or num_beams >= n (num_beams is {beams})")
         fields = p.model_dump(
-            exclude={"max_new_tokens", "num_beams"}, include=set(GenerationParams.model_fields)
+            exclude={"max_new_tokens", "num_beams", "stream", "stop"},
+            include=set(GenerationParams.model_fields),
         )
-        return SamplingParams(max_new_tokens=max_new, num_beams=beams, **fields)
+        stop = tuple(p.stop or ())
+        return SamplingParams(max_new_tokens=max_new, num_beams=beams, stop=stop, **fields)
 
     async def fetch(self, item: bytes | str) -> bytes:
         if isinstance(item, bytes):
@@ -150,11 +158,32 @@ class Service:
             raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
         return request
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[Outcome]:
-        """Run requests concurrently; the first failure cancels the others and maps to an HTTP error."""
+    def enqueue(
+        self, request: GenerationRequest, on_progress: Callable[[Sequence], None] | None = None
+    ) -> Ticket:
+        """Queue one request now (so a full queue is a 429 before any response starts)."""
         if not self.ready:
             raise ApiError(503, "model is not ready", {"Retry-After": "1"})
-        tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
+        try:
+            return self.loop.enqueue(request, self.settings.request_timeout_s, on_progress)
+        except QueueFull as exc:
+            raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        """Run requests concurrently; the first failure cancels the others and maps to an HTTP error."""
+        tickets: list[Ticket] = []
+        try:
+            for r in requests:
+                tickets.append(self.enqueue(r))
+        except ApiError:
+            for t in tickets:
+                self.loop.cancel(t)
+            raise
+        tasks = [asyncio.ensure_future(self.outcome(r, t)) for r, t in zip(requests, tickets, strict=True)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -162,30 +191,58 @@ class Service:
                 t.cancel()
             raise
 
-    async def _one(self, request: GenerationRequest) -> Outcome:
+    async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
         try:
-            seq = await self.loop.submit(request, self.settings.request_timeout_s)
-        except QueueFull as exc:
-            raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None
-        except EngineStopped as exc:
-            raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
+            seq = await self.loop.wait(ticket)
         except SequenceFailed as exc:
             if exc.seq.finish_reason == "timeout":
                 raise ApiError(
                     504, f"request did not finish within {self.settings.request_timeout_s}s"
                 ) from None
             raise ApiError(500, "generation failed") from None
-        except ValueError as exc:
-            raise ApiError(422, str(exc)) from None
         queue_s = (seq.admitted or seq.arrived) - seq.arrived
         self.metrics.queue_wait.observe(queue_s)
         return Outcome(self.engine.result(request, seq.decoder), queue_s)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenOutput] | Outcome]:
+        """Queue a request (errors raise here), then iterate: the outputs so far after each engine step,
+        and last the Outcome. Closing the iterator early cancels the request and frees its slots."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def progress(seq: Sequence) -> None:  # engine thread: copy now, deliver on the event loop
+            loop.call_soon_threadsafe(events.put_nowait, seq.decoder.outputs())
+
+        ticket = self.enqueue(request, progress)
+        return self._events(request, ticket, events)
+
+    async def _events(
+        self, request: GenerationRequest, ticket: Ticket, events: asyncio.Queue
+    ) -> AsyncIterator[list[TokenOutput] | Outcome]:
+        done = asyncio.ensure_future(self.outcome(request, ticket))
+        try:
+            while not done.done() or not events.empty():
+                if events.empty():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    yield getter.result()
+                else:
+                    yield events.get_nowait()
+            yield done.result()
+        finally:
+            if not done.done():
+                done.cancel()
+                self.loop.cancel(ticket)
 
     def describe(self) -> dict:
         s, e = self.settings, self.engine
         return {
             "id": e.model_id,
             "object": "model",
+            "created": self.created,
             "owned_by": "blipserve",
             "dtype": str(e.dtype).removeprefix("torch."),
             "device": str(e.device),
@@ -196,6 +253,8 @@ class Service:
                 "default_max_new_tokens": s.default_max_new_tokens,
                 "max_prompt_tokens": s.max_prompt_tokens,
                 "max_beams": s.max_beams,
+                "max_n": s.max_n,
+                "max_logprobs": MAX_LOGPROBS,
                 "max_items_per_request": s.max_items_per_request,
                 "max_body_bytes": int(s.max_body_mb * (1 << 20)),
                 "max_image_pixels": s.max_image_pixels,

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(30, ge=1)
     max_prompt_tokens: int = Field(128, ge=1)
     max_beams: int = Field(8, ge=1)
+    max_n: int = Field(8, ge=1, description="outputs per request (n)")
     max_items_per_request: int = Field(16, ge=1, description="images (or questions) in one batch request")
     max_body_mb: float = Field(20.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -249,14 +249,21 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
 
         async def flood():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                first = [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(3)]
-                try:
+
+                async def until(ready) -> None:
                     for _ in range(6000):  # up to 60 s on a loaded machine
-                        if svc.loop.queue_depth == 2 and svc.scheduler.running:
-                            break
+                        if ready():
+                            return
                         await asyncio.sleep(0.01)
-                    else:
-                        raise AssertionError("the queue never filled")
+                    raise AssertionError("the engine never got there")
+
+                # One request holds the only slot (blocked at the gate) before two more fill the queue:
+                # sent together, the third could find the first still queued and get the 429 itself.
+                first = [asyncio.ensure_future(client.post("/caption", json=body))]
+                try:
+                    await until(lambda: svc.scheduler.running)
+                    first += [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(2)]
+                    await until(lambda: svc.loop.queue_depth == 2)
                     rejected = await client.post("/caption", json=body, timeout=10)
                 finally:
                     gated.gate.set()  # never leave the engine blocked, whatever happened

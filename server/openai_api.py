@@ -1,0 +1,246 @@
+"""OpenAI-compatible `POST /v1/chat/completions`, for the clients users already have.
+
+A chat turn maps onto the native endpoints: the last user message's image (a base64 `data:` URL, or an
+http(s) URL where URL fetching is on) and its text. Empty text captions the image; any other text is a
+question, put into the preset's VQA template. BLIP-2 has no chat history, so earlier turns only supply
+the image when the last one has none. Errors come in OpenAI's shape (see `server.errors`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from model.engine import GenerationRequest, GenerationResult
+from model.generation import MAX_LOGPROBS, TokenLogprob
+from model.tokenizer import TextTokenizer
+
+from .errors import ApiError, describe_validation, first_field
+from .inputs import decode_base64, is_url
+from .schemas import GenerationParams
+from .service import Outcome, Service
+from .streaming import EventStream, OutputStreams, sse
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None  # accepted, without effect: the model sees 224 px (or its own size)
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    user: str | None = None  # accepted for compatibility; not used
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _unsupported(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("not supported by this server (only 0)")
+        return value
+
+
+def generation_params(body: ChatRequest) -> GenerationParams:
+    """OpenAI's sampling fields in ours. temperature 0 is greedy; without a temperature, the server's
+    default (greedy) unless n > 1 or top_p asks for samples, which then use temperature 1."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if (body.top_logprobs or 0) > MAX_LOGPROBS:
+        raise ApiError(400, f"top_logprobs: at most {MAX_LOGPROBS} on this server", param="top_logprobs")
+    sample = body.temperature > 0 if body.temperature is not None else body.n > 1 or body.top_p is not None
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    fields: dict[str, Any] = {
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+        "n": body.n,
+        "seed": body.seed,
+        "stop": stop,
+        "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+    }
+    if sample:
+        fields.update(do_sample=True, temperature=body.temperature or 1.0, top_p=body.top_p or 1.0, top_k=0)
+    try:
+        return GenerationParams(**fields)
+    except ValidationError as exc:
+        errors = exc.errors()
+        raise ApiError(400, describe_validation(errors), param=first_field(errors)) from None
+
+
+def image_and_text(messages: list[Message]) -> tuple[str, str]:
+    """(image URL or data URL, text) of the turn; 400 without exactly one image."""
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        raise ApiError(400, "messages: a user message is required", param="messages")
+    last = users[-1]
+    parts = last.content if isinstance(last.content, list) else []
+    texts = [p.text or "" for p in parts if p.type == "text"]
+    if isinstance(last.content, str):
+        texts = [last.content]
+    for message in reversed(users):
+        content = message.content if isinstance(message.content, list) else []
+        images = [p.image_url.url for p in content if p.type == "image_url" and p.image_url]
+        if len(images) > 1:
+            raise ApiError(400, "messages: one image per request", param="messages")
+        if images:
+            return images[0], " ".join(t.strip() for t in texts if t.strip())
+    raise ApiError(400, "messages: an image_url content part is required", param="messages")
+
+
+def logprobs_json(tok: TextTokenizer, entries: list[TokenLogprob]) -> dict:
+    def one(token_id: int, logprob: float) -> dict:
+        raw = tok.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+        ]
+    }
+
+
+def _usage(result: GenerationResult) -> dict:
+    total = result.prompt_tokens + result.completion_tokens
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+class Chat:
+    """One chat completion: its request, id and response formatting."""
+
+    def __init__(self, svc: Service, body: ChatRequest, request: GenerationRequest):
+        self.svc, self.body, self.request = svc, body, request
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.tok = svc.engine.tokenizer
+
+    def _envelope(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.svc.engine.model_id}
+
+    def completion(self, outcome: Outcome) -> dict:
+        result = outcome.result
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": logprobs_json(self.tok, out.logprobs) if out.logprobs is not None else None,
+                "finish_reason": out.finish_reason,
+            }
+            for i, out in enumerate(result.outputs)
+        ]
+        return {**self._envelope("chat.completion"), "choices": choices, "usage": _usage(result)}
+
+    def _chunk(self, index: int, delta: dict, lps: list[TokenLogprob] | None, finish: str | None) -> bytes:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs_json(self.tok, lps) if self.body.logprobs and lps is not None else None,
+            "finish_reason": finish,
+        }
+        chunk = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
+    async def chunks(self, events: AsyncIterator) -> AsyncIterator[bytes]:
+        """role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE]."""
+        streams = OutputStreams(self.svc.engine, self.request)
+        for i in range(self.request.params.n):
+            yield self._chunk(i, {"role": "assistant", "content": ""}, None, None)
+        try:
+            async for item in events:
+                if isinstance(item, Outcome):
+                    break
+                for u in streams.progress(item):
+                    yield self._chunk(u.index, {"content": u.text}, u.logprobs, None)
+        except ApiError as exc:
+            yield sse(
+                {"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}}
+            )
+            return
+        for u in streams.final(item.result):
+            if u.text or u.logprobs:
+                yield self._chunk(u.index, {"content": u.text}, u.logprobs, None)
+            yield self._chunk(u.index, {}, None, u.finish_reason)
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield sse(
+                {**self._envelope("chat.completion.chunk"), "choices": [], "usage": _usage(item.result)}
+            )
+        yield sse("[DONE]")
+
+
+def add_openai_routes(app: FastAPI, run) -> None:
+    """`run(request, svc, jobs)`: the native path's generate-until-done-or-disconnected."""
+
+    doc = {"$ref": "#/components/schemas/ChatRequest"}
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": doc}}}}
+
+    @app.post("/v1/chat/completions", openapi_extra=body_doc)
+    async def chat_completions(request: Request) -> Response:
+        svc: Service = request.app.state.service
+        body = await _parse(request)
+        if body.model != svc.engine.model_id:
+            raise ApiError(
+                404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
+            )
+        params = svc.sampling_params(generation_params(body))
+        url, text = image_and_text(body.messages)
+        image = url if is_url(url) else decode_base64(url, "image_url")
+        prepared = (await svc.prepare_images([image]))[0]
+        prompt = svc.settings.vqa_template.format(question=text) if text else None
+        job = svc.make_request(prepared, prompt, params)
+        chat = Chat(svc, body, job)
+        if body.stream:
+            return EventStream(chat.chunks(svc.stream(job)))
+        outcome = (await run(request, svc, [job]))[0]
+        return JSONResponse(chat.completion(outcome))
+
+
+async def _parse(request: Request) -> ChatRequest:
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise ApiError(400, "body is not valid JSON") from None
+    try:
+        return ChatRequest.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        raise ApiError(400, describe_validation(errors), param=first_field(errors)) from None
