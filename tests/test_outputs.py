@@ -82,7 +82,16 @@ def test_n_samples_share_prefill_and_equal_solo_runs(pair):
     engine, _ = pair
     pixels = random_pixels(1, seed=9)[0]
     many = SamplingParams(max_new_tokens=12, do_sample=True, top_k=0, seed=11, n=4, logprobs=0)
-    together = engine.generate([pixels], [PROMPT], many)[0]
+    request = engine.prepare(pixels, PROMPT, many)
+    prefill, encode = engine.model.prefill, engine.model.encode_images
+    calls = {"prefill": [], "vision": []}
+    engine.model.prefill = lambda inputs, *a: calls["prefill"].append(len(inputs)) or prefill(inputs, *a)
+    engine.model.encode_images = lambda px: calls["vision"].append(len(px)) or encode(px)
+    try:
+        together = engine.run_offline([request])[0]
+    finally:
+        del engine.model.prefill, engine.model.encode_images
+    assert calls == {"prefill": [1], "vision": [1]}, "4 samples share one vision pass and one prefill"
     assert len(together.outputs) == 4
     assert len({tuple(c.token_ids) for c in together.outputs}) > 1, "samples should differ"
     for i, completion in enumerate(together.outputs):
