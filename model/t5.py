@@ -1,0 +1,278 @@
+"""T5 / Flan-T5 (Raffel et al., 2020; Chung et al., 2022), the encoder-decoder language model of
+BLIP-2 Flan-T5, with static caches for serving.
+
+    encoder: prompt embeddings --[RMSNorm -> self-attention (+ relative bias) -> RMSNorm -> FF] x N-->
+    decoder: start token 0 --[self-attention (causal, own KV cache) -> cross-attention (cached once per
+             sequence) -> FF] x N--> lm_head
+
+Parameter names are `transformers`' (`shared`, `encoder.block.{i}.layer.{j}.SelfAttention.q`, ...), so a
+checkpoint loads by name. T5 does not scale q·k, folds a bucketed relative position bias (computed by the
+first layer, shared by the others) into the scores, and normalises with RMSNorm (no mean, no bias).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import AttnBatch, KVCache
+from .vision import merge_heads
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    decoder_start_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> T5Config:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+
+class T5LayerNorm(nn.Module):
+    """RMSNorm, accumulated in fp32 (as transformers)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def relative_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Mesh-TensorFlow's bucketing of key_pos - query_pos: exact for small distances, log-spaced after."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).long() * num_buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    exact = num_buckets // 2
+    large = (
+        exact
+        + (
+            torch.log(relative.float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+        ).long()
+    )
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(relative < exact, relative, large)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool, bidirectional: bool):
+        super().__init__()
+        self.cfg, self.heads, self.bidirectional = cfg, cfg.num_heads, bidirectional
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if has_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def split(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        return proj(x).view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """[B, H, Q, K] from positions q_pos [B, Q] and k_pos [K]."""
+        rel = k_pos[None, None, :] - q_pos[:, :, None]
+        c = self.cfg
+        idx = relative_bucket(
+            rel, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
+        )
+        return self.relative_attention_bias(idx).permute(0, 3, 1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_bias: torch.Tensor):
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=scores_bias, scale=1.0
+        )
+        return self.o(merge_heads(out))
+
+
+class T5FF(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        if cfg.gated:
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        act = cfg.feed_forward_proj.split("-")[-1]
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if act == "gelu" else getattr(F, act)
+        self.gated = cfg.gated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5FF(cfg)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x)).to(x.dtype)
+
+
+class T5SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool, bidirectional: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg, has_bias, bidirectional)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5CrossAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.EncDecAttention = T5Attention(cfg, has_bias=False, bidirectional=True)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg: T5Config, first: bool, decoder: bool):
+        super().__init__()
+        parts: list[nn.Module] = [T5SelfAttentionLayer(cfg, first, bidirectional=not decoder)]
+        if decoder:
+            parts.append(T5CrossAttentionLayer(cfg))
+        parts.append(T5LayerFF(cfg))
+        self.layer = nn.ModuleList(parts)
+
+
+class T5Stack(nn.Module):
+    def __init__(self, cfg: T5Config, decoder: bool):
+        super().__init__()
+        n = cfg.decoder_layers if decoder else cfg.num_layers
+        self.block = nn.ModuleList(T5Block(cfg, i == 0, decoder) for i in range(n))
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    @property
+    def first_attention(self) -> T5Attention:
+        return self.block[0].layer[0].SelfAttention
+
+
+@dataclass
+class CrossCache:
+    """Cross-attention keys/values of each slot's encoder output, written once per sequence."""
+
+    kv: KVCache  # [layers, slots, heads, max_source_len, d_kv]
+    lengths: torch.Tensor  # [slots] encoder length of each slot
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        self.kv.copy_slots(src, dst)
+        if src:
+            self.lengths[torch.tensor(dst)] = self.lengths[torch.tensor(src)]
+
+
+class T5ForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, decoder=False)
+        self.decoder = T5Stack(cfg, decoder=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.shared(ids)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder over right-padded inputs x [B, S, D] with real lengths [B] -> [B, S, D]."""
+        b, s, _ = x.shape
+        pos = torch.arange(s, device=x.device)
+        pad = torch.where(pos[None, :] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
+        scores = self.encoder.first_attention.bias(pos.expand(b, s), pos) + pad[:, None, None, :]
+        scores = scores.to(x.dtype)
+        for block in self.encoder.block:
+            sa = block.layer[0]
+            h = sa.layer_norm(x)
+            attn = sa.SelfAttention
+            x = x + attn.attend(attn.split(h, attn.q), attn.split(h, attn.k), attn.split(h, attn.v), scores)
+            x = block.layer[1](x)
+        return self.encoder.final_layer_norm(x)
+
+    def new_caches(
+        self, num_slots: int, max_len: int, max_source: int, dtype, device
+    ) -> tuple[KVCache, CrossCache]:
+        c = self.cfg
+        layers = c.decoder_layers
+        own = KVCache(layers, num_slots, c.num_heads, max_len, c.d_kv, dtype, device)
+        cross = KVCache(layers, num_slots, c.num_heads, max_source, c.d_kv, dtype, device)
+        return own, CrossCache(cross, torch.zeros(num_slots, dtype=torch.long, device=device))
+
+    def fill_cross(
+        self, enc: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cross: CrossCache
+    ) -> None:
+        """Project each decoder layer's cross-attention keys/values of `enc` [B, S, D] into `slots`."""
+        batch = AttnBatch.prefill(slots, enc.shape[1])
+        for i, block in enumerate(self.decoder.block):
+            attn = block.layer[1].EncDecAttention
+            cross.kv.update(i, batch, attn.split(enc, attn.k), attn.split(enc, attn.v))
+        cross.lengths[slots] = lengths
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, caches, kv_len: int
+    ) -> torch.Tensor:
+        """One token per row at its decoder position; logits [B, vocab] in fp32."""
+        own, cross = caches
+        x = self.shared(tokens[:, None])
+        batch = AttnBatch.decode(slots, positions, kv_len)
+        keys = torch.arange(kv_len, device=x.device)
+        neg = torch.finfo(torch.float32).min
+        self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
+        self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
+        src_len = int(cross.lengths[slots].max())
+        src = torch.arange(src_len, device=x.device)
+        cross_scores = torch.where(src[None, :] < cross.lengths[slots][:, None], 0.0, neg)[:, None, None, :]
+        cross_scores = cross_scores.to(x.dtype)
+        src_batch = AttnBatch(slots=slots, positions=positions[:, None], is_prefill=False, kv_len=src_len)
+        for i, block in enumerate(self.decoder.block):
+            sa, ca = block.layer[0], block.layer[1]
+            h = sa.layer_norm(x)
+            attn = sa.SelfAttention
+            own.update(i, batch, attn.split(h, attn.k), attn.split(h, attn.v))
+            k, v = own.read(i, batch)
+            x = x + attn.attend(attn.split(h, attn.q), k, v, self_scores)
+            h = ca.layer_norm(x)
+            k, v = cross.kv.read(i, src_batch)
+            x = x + ca.EncDecAttention.attend(
+                ca.EncDecAttention.split(h, ca.EncDecAttention.q), k, v, cross_scores
+            )
+            x = block.layer[2](x)
+        x = self.decoder.final_layer_norm(x[:, 0])
+        if self.cfg.tie_word_embeddings:
+            x = x * self.cfg.d_model**-0.5  # original T5 scales tied outputs; T5 v1.1 / Flan-T5 do not tie
+        return self.lm_head(x).float()
