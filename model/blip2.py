@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import Blip2Config
+from .config import Blip2Config, T5Config
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
+from .t5 import T5Cache, T5ForConditionalGeneration
 from .vision import QFormerModel, VisionModel
 
 
@@ -28,12 +29,21 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.vision_model = VisionModel(cfg.vision)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
         self.qformer = QFormerModel(cfg.qformer)
-        self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text.hidden_size)
-        self.language_model = OPTForCausalLM(cfg.text)
+        self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text_hidden)
+        lm = T5ForConditionalGeneration if isinstance(cfg.text, T5Config) else OPTForCausalLM
+        self.language_model = lm(cfg.text)
 
     @property
     def lm_dtype(self) -> torch.dtype:
-        return self.language_model.decoder.embed_positions.weight.dtype
+        return self.language_projection.weight.dtype
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache | T5Cache:
+        """The language model's cache for `num_slots` sequences of up to `max_len` positions."""
+        device = self.query_tokens.device
+        if isinstance(self.language_model, T5ForConditionalGeneration):
+            # The decoder's own positions (start token + answer) and the encoder's (queries + prompt).
+            return self.language_model.new_cache(num_slots, max_len, max_len, self.lm_dtype, device)
+        return self.language_model.new_cache(num_slots, max_len, self.lm_dtype, device)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] -> query embeddings [B, num_query_tokens, text hidden size].
@@ -59,16 +69,20 @@ class Blip2ForConditionalGeneration(nn.Module):
         They are already in the decoder's hidden space, so only the text goes through `project_in`.
         """
         nq = self.cfg.num_query_tokens
-        if query_embeds.shape != (nq, self.cfg.text.hidden_size):
+        if query_embeds.shape != (nq, self.cfg.text_hidden):
             raise ValueError(
-                f"query_embeds must be [{nq}, {self.cfg.text.hidden_size}], got {tuple(query_embeds.shape)}"
+                f"query_embeds must be [{nq}, {self.cfg.text_hidden}], got {tuple(query_embeds.shape)}"
             )
         ids = torch.tensor(list(text_ids), dtype=torch.long, device=query_embeds.device)
         text = self.language_model.token_embeddings(ids)
         return torch.cat([query_embeds.to(text.dtype), text], dim=0)
 
-    def prefill(self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(
+        self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: KVCache | T5Cache
+    ) -> torch.Tensor:
         """Run whole prompts (each [L_i, hidden]) into `slots`; return next-token logits [n, vocab]."""
+        if isinstance(cache, T5Cache):
+            return self._prefill_encoder_decoder(inputs, slots, cache)
         lengths = [x.shape[0] for x in inputs]
         longest = max(lengths)
         # Right padding: under a causal mask no real token sees a pad, so rows stay independent, and the
@@ -80,10 +94,29 @@ class Blip2ForConditionalGeneration(nn.Module):
         last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
         return self.language_model.logits(hidden[torch.arange(len(inputs), device=hidden.device), last])
 
+    def _prefill_encoder_decoder(
+        self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: T5Cache
+    ) -> torch.Tensor:
+        """Flan-T5: encode the prompts (padding masked), cache each decoder layer's cross-attention
+        keys/values in the rows' slots, then run the decoder's start token (position 0)."""
+        lm = self.language_model
+        lengths = torch.tensor([x.shape[0] for x in inputs], device=slots.device)
+        padded = torch.nn.utils.rnn.pad_sequence(list(inputs), batch_first=True)
+        lm.fill_cross(lm.encode(padded, lengths), lengths, slots, cache)
+        start = torch.full_like(slots, lm.cfg.decoder_start_token_id)
+        return lm.decode(start, torch.zeros_like(slots), slots, cache, 1)
+
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache | T5Cache,
+        kv_len: int,
     ) -> torch.Tensor:
         """One new token per row at its own position; return next-token logits [B, vocab]."""
+        if isinstance(cache, T5Cache):
+            return self.language_model.decode(tokens, positions, slots, cache, kv_len)
         x = self.language_model.token_embeddings(tokens[:, None])
         hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len), cache)
         return self.language_model.logits(hidden[:, 0])

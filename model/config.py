@@ -70,10 +70,41 @@ class OPTConfig:
 
 
 @dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    decoder_start_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> T5Config:
+        return _pick(cls, {k: v for k, v in raw.items() if v is not None})
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+
+@dataclass(frozen=True)
 class Blip2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    text: OPTConfig = field(default_factory=OPTConfig)
+    text: OPTConfig | T5Config = field(default_factory=OPTConfig)
     num_query_tokens: int = 32
     # Id of the `<image>` placeholder; the current hub configs put `num_query_tokens` of them before BOS.
     # None (older configs) means the query embeddings are simply prepended to the prompt embeddings.
@@ -84,11 +115,11 @@ class Blip2Config:
     def from_dict(cls, raw: dict[str, Any]) -> Blip2Config:
         text_raw = dict(raw.get("text_config") or {})
         model_type = text_raw.get("model_type", "opt")
-        if model_type != "opt":
+        if model_type not in ("opt", "t5"):
             raise ValueError(
-                f"text_config.model_type={model_type!r} is not supported yet (supported: 'opt'); "
-                "Flan-T5 checkpoints are tracked separately"
+                f"text_config.model_type={model_type!r} is not supported (supported: 'opt', 't5')"
             )
+        text = T5Config.from_dict(text_raw) if model_type == "t5" else _pick(OPTConfig, text_raw)
         vision = _pick(VisionConfig, raw.get("vision_config") or {})
         qformer_raw = dict(raw.get("qformer_config") or {})
         # transformers overwrites the Q-Former's cross-attention width with the vision width.
@@ -96,7 +127,7 @@ class Blip2Config:
         return cls(
             vision=vision,
             qformer=_pick(QFormerConfig, qformer_raw),
-            text=_pick(OPTConfig, text_raw),
+            text=text,
             num_query_tokens=int(raw.get("num_query_tokens", 32)),
             image_token_index=raw.get("image_token_index", raw.get("image_token_id")),
             architectures=tuple(raw.get("architectures") or ()),
@@ -106,6 +137,20 @@ class Blip2Config:
     def from_file(cls, path: str | Path) -> Blip2Config:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Flan-T5: the prompt goes through an encoder; the decoder starts from its own start token."""
+        return isinstance(self.text, T5Config)
+
+    @property
+    def text_hidden(self) -> int:
+        return self.text.d_model if isinstance(self.text, T5Config) else self.text.hidden_size
+
+    @property
+    def max_text_positions(self) -> int:
+        """OPT's learned positions; T5's relative positions have no hard limit (512 as it was trained)."""
+        return 512 if isinstance(self.text, T5Config) else self.text.max_position_embeddings
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

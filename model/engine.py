@@ -46,6 +46,9 @@ class GenerationRequest:
     prompt_ids: list[int]  # the full input ids: placeholders + text_ids
     params: SamplingParams
     stop_check: StopCheck | None = None  # set when params.stop has stop strings
+    # Cache positions the request needs: its prompt and answer (Flan-T5: the longer of the encoder's
+    # input and the decoder's start token + answer).
+    positions: int = 0
 
 
 @dataclass
@@ -127,16 +130,25 @@ class Blip2Engine:
 
     @property
     def max_positions(self) -> int:
-        return self.cfg.text.max_position_embeddings
+        return self.cfg.max_text_positions
 
     def text_ids(self, prompt: str | None) -> list[int]:
         """Prompt ids as the checkpoint's tokenizer makes them; no prompt = BOS alone (captioning)."""
-        ids = self.tokenizer.encode(prompt) if prompt else [self.cfg.text.bos_token_id]
+        if prompt:
+            ids = self.tokenizer.encode(prompt)
+        elif self.cfg.is_encoder_decoder:
+            ids = self.tokenizer.encode("")  # Flan-T5: just `</s>`, as BLIP-2's processor with no text
+        else:
+            ids = [self.cfg.text.bos_token_id]
         if self.cfg.image_token_index is not None and self.cfg.image_token_index in ids:
             raise ValueError("the prompt must not contain the image placeholder token")
         return ids
 
     def prompt_ids(self, text_ids: list[int]) -> list[int]:
+        """The token history the decoder starts from (repetition penalty, positions): placeholders and
+        prompt for OPT; for Flan-T5, whose prompt goes to the encoder, the decoder's start token."""
+        if self.cfg.is_encoder_decoder:
+            return [self.cfg.text.decoder_start_token_id]
         # The `num_query_tokens` placeholders stand where the query embeddings go. Older configs have no
         # placeholder id; the pad id then stands in (it only matters to repetition_penalty).
         placeholder = self.cfg.image_token_index
@@ -160,13 +172,15 @@ class Blip2Engine:
         """A request for preprocessed pixels whose content key the caller already has."""
         text_ids = self.text_ids(prompt)
         prompt_ids = self.prompt_ids(text_ids)
-        if len(prompt_ids) + params.max_new_tokens > self.max_positions:
+        encoder = self.cfg.num_query_tokens + len(text_ids)
+        positions = max(len(prompt_ids) + params.max_new_tokens, encoder)
+        if positions > self.max_positions:
             raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
+                f"prompt ({encoder} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's {self.max_positions} positions"
             )
         check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
-        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check)
+        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
 
     def completion(
         self, token_ids: list[int], finish_reason: str | None, params: SamplingParams
@@ -181,7 +195,7 @@ class Blip2Engine:
             done = self.completion(out.tokens, out.finish_reason, request.params)
             done.logprobs = out.logprobs
             outputs.append(done)
-        return GenerationResult(outputs, prompt_tokens=len(request.prompt_ids))
+        return GenerationResult(outputs, prompt_tokens=self.cfg.num_query_tokens + len(request.text_ids))
 
     def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
         return ModelRunner(self.model, num_slots, min(max_len, self.max_positions), embedding_cache_bytes)
@@ -221,7 +235,7 @@ class Blip2Engine:
             slots = list(range(next_slot, next_slot + decoder.num_rows))
             next_slot += decoder.num_rows
             works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
-        max_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        max_len = max(r.positions for r in requests)
         runner = self.new_runner(next_slot, max_len, embedding_cache_bytes=0)
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
         while not plan.is_empty():

@@ -70,6 +70,9 @@ WEIGHT_MAP: tuple[Rule, ...] = (
 # Checkpoint tensors the generation path does not use: the Q-Former's text branch, buffers.
 IGNORED = re.compile(
     r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.|qformer\.embeddings\.|.*\.position_ids$"
+    # T5: the stacks' embeddings are `shared`; the first cross-attention has no relative bias.
+    r"|language_model\.(encoder|decoder)\.embed_tokens\.weight$"
+    r"|language_model\.decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"
 )
 # Parameter slices that may be absent from the checkpoint and are zero (the ViT key bias).
 ZERO_IF_ABSENT = re.compile(r"vision_model\.encoder\.layers\.\d+\.self_attn\.qkv\.bias#1")
@@ -117,6 +120,11 @@ def build_empty(cfg: Blip2Config, dtype: torch.dtype, device: torch.device) -> B
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(cfg)
     model.to(dtype)
+    if cfg.is_encoder_decoder:
+        # As transformers' `_keep_in_fp32_modules = ["wo"]` for T5: its FF output overflows in fp16.
+        for name, module in model.language_model.named_modules():
+            if name.endswith("DenseReluDense.wo"):
+                module.float()
     model.qformer.float()
     model.query_tokens.data = model.query_tokens.data.float()
     return model.to_empty(device=device).eval().requires_grad_(False)
@@ -153,8 +161,12 @@ def load_weights(model: Blip2ForConditionalGeneration, files: list[Path]) -> Non
 
 def _finish(model: Blip2ForConditionalGeneration, params: dict[str, torch.Tensor], filled: set[str]) -> None:
     if LM_HEAD not in filled and model.cfg.text.tie_word_embeddings:
-        # OPT ties the output projection to the input embeddings; tied checkpoints omit lm_head.
-        model.language_model.lm_head.weight = model.language_model.model.decoder.embed_tokens.weight
+        # OPT (and original T5) tie the output projection to the input embeddings; tied checkpoints
+        # omit lm_head.
+        lm = model.language_model
+        lm.lm_head.weight = (
+            lm.shared.weight if model.cfg.is_encoder_decoder else lm.model.decoder.embed_tokens.weight
+        )
         filled.add(LM_HEAD)
     missing = []
     for name, param in params.items():

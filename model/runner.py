@@ -12,7 +12,6 @@ import torch
 from .blip2 import Blip2ForConditionalGeneration
 from .decoders import BeamDecoder
 from .generation import Step
-from .kv_cache import KVCache
 from .plan import SequenceWork, StepOutput, StepPlan
 
 
@@ -73,7 +72,7 @@ class ModelRunner:
     ):
         self.model = model
         self.device = model.query_tokens.device
-        self.cache: KVCache = model.language_model.new_cache(num_slots, max_len, model.lm_dtype, self.device)
+        self.cache = model.new_cache(num_slots, max_len)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
         self.oom_splits = 0  # batches split in two after running out of memory
 

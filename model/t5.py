@@ -13,47 +13,15 @@ first layer, shared by the others) into the scores, and normalises with RMSNorm 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import T5Config
 from .kv_cache import AttnBatch, KVCache
 from .vision import merge_heads
-
-
-@dataclass(frozen=True)
-class T5Config:
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_decoder_layers: int | None = None
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "relu"
-    tie_word_embeddings: bool = True
-    decoder_start_token_id: int = 0
-    eos_token_id: int | list[int] = 1
-    pad_token_id: int = 0
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> T5Config:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
-
-    @property
-    def gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
 
 
 class T5LayerNorm(nn.Module):
@@ -185,16 +153,20 @@ class T5Stack(nn.Module):
 
 
 @dataclass
-class CrossCache:
-    """Cross-attention keys/values of each slot's encoder output, written once per sequence."""
+class T5Cache:
+    """Per slot: the decoder's own keys/values, and the cross-attention keys/values of its encoder
+    output (written once per sequence, at prefill)."""
 
-    kv: KVCache  # [layers, slots, heads, max_source_len, d_kv]
+    own: KVCache  # [layers, slots, heads, max_len, d_kv]
+    cross: KVCache  # [layers, slots, heads, max_source_len, d_kv]
     lengths: torch.Tensor  # [slots] encoder length of each slot
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
-        self.kv.copy_slots(src, dst)
+        self.own.copy_slots(src, dst)
+        self.cross.copy_slots(src, dst)
         if src:
-            self.lengths[torch.tensor(dst)] = self.lengths[torch.tensor(src)]
+            idx = torch.tensor(src, device=self.lengths.device)
+            self.lengths[torch.tensor(dst, device=self.lengths.device)] = self.lengths[idx]
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -224,39 +196,37 @@ class T5ForConditionalGeneration(nn.Module):
             x = block.layer[1](x)
         return self.encoder.final_layer_norm(x)
 
-    def new_caches(
-        self, num_slots: int, max_len: int, max_source: int, dtype, device
-    ) -> tuple[KVCache, CrossCache]:
+    def new_cache(self, num_slots: int, max_len: int, max_source: int, dtype, device) -> T5Cache:
         c = self.cfg
         layers = c.decoder_layers
         own = KVCache(layers, num_slots, c.num_heads, max_len, c.d_kv, dtype, device)
         cross = KVCache(layers, num_slots, c.num_heads, max_source, c.d_kv, dtype, device)
-        return own, CrossCache(cross, torch.zeros(num_slots, dtype=torch.long, device=device))
+        return T5Cache(own, cross, torch.zeros(num_slots, dtype=torch.long, device=device))
 
     def fill_cross(
-        self, enc: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cross: CrossCache
+        self, enc: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cache: T5Cache
     ) -> None:
         """Project each decoder layer's cross-attention keys/values of `enc` [B, S, D] into `slots`."""
         batch = AttnBatch.prefill(slots, enc.shape[1])
         for i, block in enumerate(self.decoder.block):
             attn = block.layer[1].EncDecAttention
-            cross.kv.update(i, batch, attn.split(enc, attn.k), attn.split(enc, attn.v))
-        cross.lengths[slots] = lengths
+            cache.cross.update(i, batch, attn.split(enc, attn.k), attn.split(enc, attn.v))
+        cache.lengths[slots] = lengths.to(cache.lengths.device)
 
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, caches, kv_len: int
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: T5Cache, kv_len: int
     ) -> torch.Tensor:
         """One token per row at its decoder position; logits [B, vocab] in fp32."""
-        own, cross = caches
+        own, lengths = cache.own, cache.lengths[slots]
         x = self.shared(tokens[:, None])
         batch = AttnBatch.decode(slots, positions, kv_len)
         keys = torch.arange(kv_len, device=x.device)
         neg = torch.finfo(torch.float32).min
         self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
         self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
-        src_len = int(cross.lengths[slots].max())
+        src_len = int(lengths.max())
         src = torch.arange(src_len, device=x.device)
-        cross_scores = torch.where(src[None, :] < cross.lengths[slots][:, None], 0.0, neg)[:, None, None, :]
+        cross_scores = torch.where(src[None, :] < lengths[:, None], 0.0, neg)[:, None, None, :]
         cross_scores = cross_scores.to(x.dtype)
         src_batch = AttnBatch(slots=slots, positions=positions[:, None], is_prefill=False, kv_len=src_len)
         for i, block in enumerate(self.decoder.block):
@@ -267,7 +237,7 @@ class T5ForConditionalGeneration(nn.Module):
             k, v = own.read(i, batch)
             x = x + attn.attend(attn.split(h, attn.q), k, v, self_scores)
             h = ca.layer_norm(x)
-            k, v = cross.kv.read(i, src_batch)
+            k, v = cache.cross.read(i, src_batch)
             x = x + ca.EncDecAttention.attend(
                 ca.EncDecAttention.split(h, ca.EncDecAttention.q), k, v, cross_scores
             )

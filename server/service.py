@@ -154,7 +154,7 @@ class Service:
             request = self.engine.request(image.pixel_values, image.key, prompt, params)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
-        if len(request.prompt_ids) + params.max_new_tokens > self.max_len:
+        if request.positions > self.max_len:
             raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
         return request
 

@@ -22,12 +22,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# BLIP-2 Flan-T5 in small: gated-GELU, untied lm_head; few relative-position
+# buckets so that the prompt spans log-spaced ones. (The tokenizer stays the tiny BPE one.)
+T5_TEXT: dict[str, Any] = {
+    "model_type": "t5",
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 96,
+    "num_layers": 2,
+    "num_decoder_layers": 2,  # transformers 5 generate() sizes the cache by num_layers
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 20,
+    "feed_forward_proj": "gated-gelu",
+    "tie_word_embeddings": False,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 1,
+}
+
+
 def hf_config(variant: str = "pre_ln", image_size: int = 56, **text_overrides: Any):
     from transformers import Blip2Config
 
     tok = train_tokenizer()
     nl = tok.token_to_id(NEWLINE)
-    over = VARIANTS[variant]
+    over = VARIANTS.get(variant, {})  # "t5": T5_TEXT below
     text = {
         "model_type": "opt",
         "vocab_size": tok.get_vocab_size(),
@@ -45,6 +64,8 @@ def hf_config(variant: str = "pre_ln", image_size: int = 56, **text_overrides: A
     }
     if text["eos_token_id"] == "both":
         text["eos_token_id"] = [nl, 2]
+    if variant == "t5":
+        text = {**T5_TEXT, "vocab_size": tok.get_vocab_size(), "eos_token_id": nl, **text_overrides}
     qformer = {
         "hidden_size": 32,
         "num_hidden_layers": 2,

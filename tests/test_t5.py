@@ -56,8 +56,8 @@ def test_t5_matches_transformers_step_by_step(tie, gated):
         for row, n in enumerate(lengths):
             torch.testing.assert_close(enc[row, :n], ref_enc[row, :n], atol=1e-5, rtol=1e-5)
         slots = torch.tensor([3, 1])  # any slots of a bigger cache
-        caches = ours.new_caches(4, 16, 32, torch.float32, "cpu")
-        ours.fill_cross(enc, torch.tensor(lengths), slots, caches[1])
+        caches = ours.new_cache(4, 16, 32, torch.float32, "cpu")
+        ours.fill_cross(enc, torch.tensor(lengths), slots, caches)
         for t in range(steps):
             logits = ours.decode(decoder_ids[:, t], torch.tensor([t, t]), slots, caches, t + 1)
             torch.testing.assert_close(logits, ref[:, t], atol=1e-4, rtol=1e-4)
@@ -68,9 +68,9 @@ def test_t5_rows_at_different_positions_share_a_step():
     ours, hf = tiny(False, True)
     ids = torch.randint(2, 96, (2, 9))
     with torch.no_grad():
-        caches = ours.new_caches(2, 16, 16, torch.float32, "cpu")
+        caches = ours.new_cache(2, 16, 16, torch.float32, "cpu")
         enc = ours.encode(ours.token_embeddings(ids), torch.tensor([9, 9]))
-        ours.fill_cross(enc, torch.tensor([9, 9]), torch.tensor([0, 1]), caches[1])
+        ours.fill_cross(enc, torch.tensor([9, 9]), torch.tensor([0, 1]), caches)
         seq = [0, 5, 7, 9]
         for t in range(3):  # row 0 runs 3 steps alone
             ours.decode(torch.tensor([seq[t]]), torch.tensor([t]), torch.tensor([0]), caches, t + 1)
