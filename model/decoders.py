@@ -64,6 +64,7 @@ class TokenDecoder:
         return len(self.prompt_ids) + len(self.tokens)
 
     def allows_eos(self) -> bool:
+        """The runner's batched greedy argmax (plain greedy, one row) is valid only once EOS is allowed."""
         return len(self.tokens) >= self.params.min_new_tokens
 
     def step(self, logits: torch.Tensor) -> Step:
@@ -114,9 +115,6 @@ class ParallelDecoder:
 
     def feed(self) -> list[tuple[int, int, int]]:
         return [(i, tok, pos) for i, s in enumerate(self.subs) for _, tok, pos in s.feed()]
-
-    def allows_eos(self) -> bool:
-        return all(s.allows_eos() for s in self.subs)
 
     def step(self, logits: torch.Tensor) -> Step:
         rows = self.active()
@@ -173,9 +171,6 @@ class BeamDecoder:
     def feed(self) -> list[tuple[int, int, int]]:
         position = len(self.prompt_ids) + len(self.running[0]) - 1
         return [(i, seq[-1], position) for i, seq in enumerate(self.running)]
-
-    def allows_eos(self) -> bool:
-        return len(self.running[0]) >= self.params.min_new_tokens
 
     def _log_probs(self, logits: torch.Tensor, generated: int) -> torch.Tensor:
         history = torch.tensor([self.prompt_ids + seq for seq in self.running], device=logits.device)
