@@ -182,27 +182,25 @@ class Chat:
 
     async def chunks(self, events: AsyncIterator) -> AsyncIterator[bytes]:
         """role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE]."""
-        streams = OutputStreams(self.svc.engine, self.request)
         for i in range(self.request.params.n):
             yield self._chunk(i, {"role": "assistant", "content": ""}, None, None)
         try:
-            async for item in events:
+            async for item in OutputStreams(self.svc.engine, self.request).follow(events):
                 if isinstance(item, Outcome):
-                    break
-                for u in streams.progress(item):
-                    yield self._chunk(u.index, {"content": u.text}, u.logprobs, None)
+                    outcome = item
+                    continue
+                if item.text or item.logprobs:
+                    yield self._chunk(item.index, {"content": item.text}, item.logprobs, None)
+                if item.finish_reason:
+                    yield self._chunk(item.index, {}, None, item.finish_reason)
         except ApiError as exc:
             yield sse(
                 {"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}}
             )
             return
-        for u in streams.final(item.result):
-            if u.text or u.logprobs:
-                yield self._chunk(u.index, {"content": u.text}, u.logprobs, None)
-            yield self._chunk(u.index, {}, None, u.finish_reason)
         if self.body.stream_options and self.body.stream_options.include_usage:
             yield sse(
-                {**self._envelope("chat.completion.chunk"), "choices": [], "usage": _usage(item.result)}
+                {**self._envelope("chat.completion.chunk"), "choices": [], "usage": _usage(outcome.result)}
             )
         yield sse("[DONE]")
 

@@ -82,20 +82,16 @@ async def _native_events(
     svc: Service, request: GenerationRequest, events, start: float
 ) -> AsyncIterator[bytes]:
     tok = svc.engine.tokenizer
-    streams = OutputStreams(svc.engine, request)
     try:
-        async for item in events:
+        async for item in OutputStreams(svc.engine, request).follow(events):
             if isinstance(item, Outcome):
-                break
-            for u in streams.progress(item):
-                yield sse(_delta(tok, u.index, u.text, u.logprobs, request))
+                outcome = item
+            elif item.text or item.logprobs:
+                yield sse(_delta(tok, item.index, item.text, item.logprobs, request))
     except ApiError as exc:
         yield sse({"error": {"type": TYPES.get(exc.status, "error"), "message": exc.message}})
         return
-    result = item.result
-    for u in streams.final(result):
-        if u.text or u.logprobs:
-            yield sse(_delta(tok, u.index, u.text, u.logprobs, request))
+    result = outcome.result
     choices = [
         {"index": i, "text": o.text, "finish_reason": o.finish_reason} for i, o in enumerate(result.outputs)
     ]
@@ -106,7 +102,7 @@ async def _native_events(
             "choices": choices,
             "finish_reason": result.finish_reason,
             "usage": _usage([result]),
-            "timings": {"queue_ms": round(item.queue_s * 1000, 2), "total_ms": elapsed_ms(start)},
+            "timings": {"queue_ms": round(outcome.queue_s * 1000, 2), "total_ms": elapsed_ms(start)},
         }
     )
 

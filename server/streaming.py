@@ -15,6 +15,8 @@ from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import TokenLogprob, TokenOutput
 from model.textstream import TextStream
 
+from .service import Outcome
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -82,6 +84,20 @@ class OutputStreams:
             for i, out in enumerate(outputs)
         ]
         return [u for u in updates if u.text or u.logprobs]
+
+    async def follow(
+        self, events: AsyncIterator[list[TokenOutput] | Outcome]
+    ) -> AsyncIterator[Update | Outcome]:
+        """Over `Service.stream` events: progress updates, then each output's last update (with its
+        finish reason, even if empty), then the Outcome. An ApiError of the request propagates."""
+        async for item in events:
+            if isinstance(item, Outcome):
+                for update in self.final(item.result):
+                    yield update
+                yield item
+                return
+            for update in self.progress(item):
+                yield update
 
     def final(self, result: GenerationResult) -> list[Update]:
         """The rest of every output, each with its finish reason."""
