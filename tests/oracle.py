@@ -149,7 +149,7 @@ def make_checkpoint(
 
 
 def hf_generate(hf, pixel_values: torch.Tensor, input_ids: list[int] | None, **kwargs: Any) -> list[int]:
-    """transformers' generate for one image; returns the new tokens only."""
+    """transformers' generate for one image; returns the new tokens only (OPT or Flan-T5)."""
     ids = torch.tensor([input_ids]) if input_ids is not None else None
     eos = kwargs.pop("eos_token_id", hf.config.text_config.eos_token_id)
     with torch.no_grad():
@@ -161,5 +161,7 @@ def hf_generate(hf, pixel_values: torch.Tensor, input_ids: list[int] | None, **k
             do_sample=False,
             **kwargs,
         )
+    if hf.config.text_config.is_encoder_decoder:
+        return out[0].tolist()[1:]  # the decoder's output, after its start token
     prompt_len = len(input_ids) if input_ids is not None else hf.config.num_query_tokens + 1
     return out[0].tolist()[prompt_len:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_pixels
+from oracle import hf_generate
 
 from model import Blip2Engine, SamplingParams
 
@@ -19,16 +20,7 @@ def pair(checkpoints):
 
 def hf_tokens(engine, hf, pixels: torch.Tensor, prompt: str | None, **kwargs) -> list[int]:
     ids = engine.cfg.num_query_tokens * [engine.cfg.image_token_index] + engine.text_ids(prompt)
-    with torch.no_grad():
-        out = hf.generate(
-            pixel_values=pixels[None],
-            input_ids=torch.tensor([ids]),
-            eos_token_id=hf.config.text_config.eos_token_id,
-            pad_token_id=1,
-            do_sample=False,
-            **kwargs,
-        )
-    return out[0, 1:].tolist()  # after the decoder's start token
+    return hf_generate(hf, pixels, ids, **kwargs)
 
 
 def test_config_and_encoder_match(pair):
