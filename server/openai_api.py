@@ -107,11 +107,8 @@ def image_and_text(messages: list[Message]) -> tuple[str, str]:
     users = [m for m in messages if m.role == "user"]
     if not users:
         raise ApiError(400, "messages: a user message is required", param="messages")
-    last = users[-1]
-    parts = last.content if isinstance(last.content, list) else []
-    texts = [p.text or "" for p in parts if p.type == "text"]
-    if isinstance(last.content, str):
-        texts = [last.content]
+    last = users[-1].content
+    texts = [last] if isinstance(last, str) else [p.text or "" for p in last or [] if p.type == "text"]
     for message in reversed(users):
         content = message.content if isinstance(message.content, list) else []
         images = [p.image_url.url for p in content if p.type == "image_url" and p.image_url]
