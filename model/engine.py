@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .decoders import Decoder, new_decoder
-from .generation import SamplingParams, StopCheck, TokenLogprob
+from .generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .image import ImageProcessor
 from .loader import load_model, resolve_checkpoint
 from .plan import SequenceWork, StepOutput, StepPlan
@@ -43,7 +43,8 @@ class GenerationRequest:
     pixel_values: torch.Tensor  # [3, H, W] float32, on the CPU
     image_key: str  # content hash of pixel_values: equal images share one vision pass
     text_ids: list[int]  # prompt ids after the image placeholders (BOS first)
-    prompt_ids: list[int]  # the full input ids: placeholders + text_ids
+    # The decoder's token history: placeholders + text_ids for OPT; Flan-T5's decoder start token alone.
+    prompt_ids: list[int]
     params: SamplingParams
     stop_check: StopCheck | None = None  # set when params.stop has stop strings
     # Cache positions the request needs: its prompt and answer (Flan-T5: the longer of the encoder's
@@ -133,7 +134,8 @@ class Blip2Engine:
         return self.cfg.max_text_positions
 
     def text_ids(self, prompt: str | None) -> list[int]:
-        """Prompt ids as the checkpoint's tokenizer makes them; no prompt = BOS alone (captioning)."""
+        """Prompt ids as the checkpoint's tokenizer makes them; no prompt (captioning) = BOS alone for
+        OPT, `</s>` alone for Flan-T5."""
         if prompt:
             ids = self.tokenizer.encode(prompt)
         elif self.cfg.is_encoder_decoder:
@@ -182,19 +184,14 @@ class Blip2Engine:
         check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
         return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
 
-    def completion(
-        self, token_ids: list[int], finish_reason: str | None, params: SamplingParams
-    ) -> Completion:
-        """Text of generated ids; a stop string (seen in a beam hypothesis too) cuts it and means "stop"."""
-        text, stopped = cut_at_stop(self.tokenizer.decode(token_ids), params.stop)
-        return Completion(text, token_ids, "stop" if stopped else finish_reason or "length")
+    def completion(self, out: TokenOutput, params: SamplingParams) -> Completion:
+        """Text of one output; a stop string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        text, stopped = cut_at_stop(self.tokenizer.decode(out.tokens), params.stop)
+        reason = "stop" if stopped else out.finish_reason or "length"
+        return Completion(text, out.tokens, reason, out.logprobs)
 
     def result(self, request: GenerationRequest, decoder: Decoder) -> GenerationResult:
-        outputs = []
-        for out in decoder.outputs():
-            done = self.completion(out.tokens, out.finish_reason, request.params)
-            done.logprobs = out.logprobs
-            outputs.append(done)
+        outputs = [self.completion(out, request.params) for out in decoder.outputs()]
         return GenerationResult(outputs, prompt_tokens=self.cfg.num_query_tokens + len(request.text_ids))
 
     def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
