@@ -82,21 +82,20 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def first_field(errors: list[dict]) -> str | None:
-    for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        if where:
-            return where
-    return None
+def _field(error: dict) -> str:
+    """Where a pydantic error points, without FastAPI's leading 'body' ('' for the body itself)."""
+    return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
 
 
 def describe_validation(errors: list[dict]) -> str:
     """'field: problem; field: problem' from pydantic's error list."""
-    parts = []
-    for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    return "; ".join(f"{_field(e) or 'body'}: {e.get('msg', 'invalid')}" for e in errors)
+
+
+def invalid(errors: list[dict], status: int = 422) -> ApiError:
+    """The error for a failed validation: every problem described, the first field named as `param`."""
+    fields = [f for e in errors if (f := _field(e))]
+    return ApiError(status, describe_validation(errors), param=fields[0] if fields else None)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -104,15 +103,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.headers, request.url.path, exc.param, exc.code)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        return error_response(422, describe_validation(errors), None, request.url.path, first_field(errors))
+    async def _validation(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+        return await _api(request, invalid(list(exc.errors())))
 
-    @app.exception_handler(ValidationError)
-    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
-        errors = exc.errors()
-        return error_response(422, describe_validation(errors), None, request.url.path, first_field(errors))
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(ValidationError, _validation)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

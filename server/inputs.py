@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 
 from model.image import ImageError, ImageProcessor, ImageTooLarge, decode_image
 
-from .errors import ApiError, describe_validation
+from .errors import ApiError, invalid
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _validate(model: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ApiError(422, describe_validation(exc.errors())) from None
+        raise invalid(exc.errors()) from None
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:

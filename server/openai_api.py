@@ -21,7 +21,7 @@ from model.engine import GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, TokenLogprob
 from model.tokenizer import TextTokenizer
 
-from .errors import ApiError, describe_validation, first_field
+from .errors import ApiError, invalid
 from .inputs import decode_base64, is_url
 from .schemas import GenerationParams
 from .service import Outcome, Service
@@ -98,8 +98,7 @@ def generation_params(body: ChatRequest) -> GenerationParams:
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:
-        errors = exc.errors()
-        raise ApiError(400, describe_validation(errors), param=first_field(errors)) from None
+        raise invalid(exc.errors(), 400) from None
 
 
 def image_and_text(messages: list[Message]) -> tuple[str, str]:
@@ -237,5 +236,4 @@ async def _parse(request: Request) -> ChatRequest:
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        raise ApiError(400, describe_validation(errors), param=first_field(errors)) from None
+        raise invalid(exc.errors(), 400) from None
