@@ -41,6 +41,11 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
+    # The text branch (image-text retrieval checkpoints): its embeddings and feed-forward blocks.
+    use_qformer_text_input: bool = False
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    pad_token_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class Blip2Config:
     # None (older configs) means the query embeddings are simply prepended to the prompt embeddings.
     image_token_index: int | None = None
     architectures: tuple[str, ...] = ()
+    # Retrieval (Blip2ForImageTextRetrieval): width of the shared image-text embedding space.
+    image_text_hidden_size: int = 256
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Blip2Config:
@@ -131,6 +138,7 @@ class Blip2Config:
             num_query_tokens=int(raw.get("num_query_tokens", 32)),
             image_token_index=raw.get("image_token_index", raw.get("image_token_id")),
             architectures=tuple(raw.get("architectures") or ()),
+            image_text_hidden_size=int(raw.get("image_text_hidden_size", 256)),
         )
 
     @classmethod
@@ -156,3 +164,76 @@ class Blip2Config:
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = self.text.eos_token_id
         return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+# BLIP (v1) ---------------------------------------------------------------------------------------------
+
+# transformers' BlipVisionConfig defaults (ViT-B/16 at 384 px), which differ from BLIP-2's ViT-g.
+BLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 384,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-5,
+}
+
+
+@dataclass(frozen=True)
+class BlipTextConfig:
+    """BLIP's BERT: a text encoder and a text decoder with cross-attention in every layer."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    encoder_hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 512
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    bos_token_id: int = 30522  # [DEC]: the decoder's first token
+    pad_token_id: int = 0
+    sep_token_id: int = 102  # [SEP]: where a caption or answer ends
+
+
+@dataclass(frozen=True)
+class BlipConfig:
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(**BLIP_VISION_DEFAULTS))
+    text: BlipTextConfig = field(default_factory=BlipTextConfig)
+    image_text_hidden_size: int = 256
+    architectures: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BlipConfig:
+        vision = _pick(VisionConfig, {**BLIP_VISION_DEFAULTS, **(raw.get("vision_config") or {})})
+        text_raw = {k: v for k, v in (raw.get("text_config") or {}).items() if v is not None}
+        # As transformers: the text model cross-attends to the vision width.
+        text_raw["encoder_hidden_size"] = vision.hidden_size
+        return cls(
+            vision=vision,
+            text=_pick(BlipTextConfig, text_raw),
+            image_text_hidden_size=int(raw.get("image_text_hidden_size", 256)),
+            architectures=tuple(raw.get("architectures") or ()),
+        )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.text.sep_token_id,)
+
+    @property
+    def max_text_positions(self) -> int:
+        return self.text.max_position_embeddings
+
+
+def read_config(path: str | Path) -> Blip2Config | BlipConfig:
+    """The config of a BLIP-2 (`model_type` "blip-2") or BLIP (`"blip"`) checkpoint."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    model_type = raw.get("model_type", "blip-2")
+    if model_type == "blip":
+        return BlipConfig.from_dict(raw)
+    if model_type != "blip-2":
+        raise ValueError(f"model_type={model_type!r} is not supported (supported: 'blip-2', 'blip')")
+    return Blip2Config.from_dict(raw)

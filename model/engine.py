@@ -107,7 +107,7 @@ class Blip2Engine:
         self.image_processor = image_processor
         self.model_id = model_id
         self.cfg = model.cfg
-        self.device = model.query_tokens.device
+        self.device = model.device
         self.dtype = model.lm_dtype
         self.eos_ids = self.cfg.eos_token_ids
 
@@ -130,33 +130,21 @@ class Blip2Engine:
         return cls(model, tokenizer, processor, model_id)
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the checkpoint serves: "caption", "vqa" (generation) or "match", "embed" (retrieval)."""
+        return self.model.tasks
+
+    @property
     def max_positions(self) -> int:
         return self.cfg.max_text_positions
 
     def text_ids(self, prompt: str | None) -> list[int]:
-        """Prompt ids as the checkpoint's tokenizer makes them; no prompt (captioning) = BOS alone for
-        OPT, `</s>` alone for Flan-T5."""
-        if prompt:
-            ids = self.tokenizer.encode(prompt)
-        elif self.cfg.is_encoder_decoder:
-            ids = self.tokenizer.encode("")  # Flan-T5: just `</s>`, as BLIP-2's processor with no text
-        else:
-            ids = [self.cfg.text.bos_token_id]
-        if self.cfg.image_token_index is not None and self.cfg.image_token_index in ids:
-            raise ValueError("the prompt must not contain the image placeholder token")
-        return ids
+        """Prompt ids as the model family takes them (see each model's `text_ids`)."""
+        return self.model.text_ids(self.tokenizer.encode, prompt)
 
     def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        """The token history the decoder starts from (repetition penalty, positions): placeholders and
-        prompt for OPT; for Flan-T5, whose prompt goes to the encoder, the decoder's start token."""
-        if self.cfg.is_encoder_decoder:
-            return [self.cfg.text.decoder_start_token_id]
-        # The `num_query_tokens` placeholders stand where the query embeddings go. Older configs have no
-        # placeholder id; the pad id then stands in (it only matters to repetition_penalty).
-        placeholder = self.cfg.image_token_index
-        if placeholder is None:
-            placeholder = self.cfg.text.pad_token_id
-        return [placeholder] * self.cfg.num_query_tokens + text_ids
+        """The token history the decoder starts from (repetition penalty, positions)."""
+        return self.model.prompt_ids(text_ids)
 
     def image_key(self, pixel_values: torch.Tensor) -> str:
         # sha256 runs at ~1.4 GB/s here, blake2b at ~0.5: this hash is on the request path.
@@ -174,11 +162,11 @@ class Blip2Engine:
         """A request for preprocessed pixels whose content key the caller already has."""
         text_ids = self.text_ids(prompt)
         prompt_ids = self.prompt_ids(text_ids)
-        encoder = self.cfg.num_query_tokens + len(text_ids)
+        encoder = self.model.prompt_tokens(text_ids)
         positions = max(len(prompt_ids) + params.max_new_tokens, encoder)
         if positions > self.max_positions:
             raise ValueError(
-                f"prompt ({encoder} tokens with the image) + max_new_tokens ({params.max_new_tokens}) "
+                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) "
                 f"exceeds the model's {self.max_positions} positions"
             )
         check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
@@ -192,7 +180,7 @@ class Blip2Engine:
 
     def result(self, request: GenerationRequest, decoder: Decoder) -> GenerationResult:
         outputs = [self.completion(out, request.params) for out in decoder.outputs()]
-        return GenerationResult(outputs, prompt_tokens=self.cfg.num_query_tokens + len(request.text_ids))
+        return GenerationResult(outputs, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
         return ModelRunner(self.model, num_slots, min(max_len, self.max_positions), embedding_cache_bytes)

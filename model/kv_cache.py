@@ -86,3 +86,30 @@ class KVCache:
         d = torch.tensor([m[1] for m in moves], device=self.k.device)
         self.k[:, d] = self.k[:, s]
         self.v[:, d] = self.v[:, s]
+
+
+@dataclass
+class CrossCache:
+    """The cache of a decoder that cross-attends to a source (an encoder's output, or image features):
+    per slot, the decoder's own keys/values and the source's cross-attention keys/values, projected
+    once per sequence at prefill rather than at every step."""
+
+    own: KVCache  # [layers, slots, heads, max_len, head_dim]
+    cross: KVCache  # [layers, slots, heads, max_source, head_dim]
+    lengths: torch.Tensor  # [slots] source length of each slot
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        self.own.copy_slots(src, dst)
+        self.cross.copy_slots(src, dst)
+        if src:
+            idx = torch.tensor(src, device=self.lengths.device)
+            self.lengths[torch.tensor(dst, device=self.lengths.device)] = self.lengths[idx]
+
+    def cross_batch(self, slots: torch.Tensor) -> tuple[AttnBatch, torch.Tensor]:
+        """Reading the whole source row of each slot (a fixed shape: no host sync for the longest),
+        and the [B, 1, 1, max_source] mask of each row's real source positions."""
+        max_source = self.cross.k.shape[3]
+        src = torch.arange(max_source, device=slots.device)
+        mask = (src[None, :] < self.lengths[slots][:, None])[:, None, None, :]
+        batch = AttnBatch(slots=slots, positions=slots[:, None], is_prefill=False, kv_len=max_source)
+        return batch, mask

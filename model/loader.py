@@ -1,4 +1,4 @@
-"""Load official Hugging Face BLIP-2 checkpoints (safetensors only) into our modules.
+"""Load official Hugging Face BLIP-2 and BLIP checkpoints (safetensors only) into our modules.
 
 Every checkpoint tensor goes through one mapping table, `WEIGHT_MAP`, from its Hugging Face name to a
 parameter here (and a slice of it, for fused projections). Tensors are read one at a time and copied
@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
+from .blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from .blip2 import Blip2ForConditionalGeneration
-from .config import Blip2Config
+from .config import Blip2Config, BlipConfig, read_config
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ WEIGHT_MAP: tuple[Rule, ...] = (
     # Older ViT checkpoints store the qkv bias as two halves; the key part of the fused bias is zero.
     Rule(rf"{_VIT}\.q_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 0, 3),
     Rule(rf"{_VIT}\.v_bias", r"vision_model.encoder.layers.\1.self_attn.qkv.bias", 2, 3),
+    # BLIP's output bias is stored under both names (tied in transformers); one parameter here.
+    Rule(r"(.*)cls\.predictions\.decoder\.bias", r"\1cls.predictions.bias"),
     # Everything else keeps its Hugging Face name.
     Rule(r"(.+)", r"\1"),
 )
@@ -76,8 +80,6 @@ IGNORED = re.compile(
 )
 # Parameter slices that may be absent from the checkpoint and are zero (the ViT key bias).
 ZERO_IF_ABSENT = re.compile(r"vision_model\.encoder\.layers\.\d+\.self_attn\.qkv\.bias#1")
-LM_HEAD = "language_model.lm_head.weight"
-EMBED = "language_model.model.decoder.embed_tokens.weight"
 
 
 def map_name(name: str) -> tuple[str, int, int]:
@@ -115,19 +117,54 @@ def weight_files(root: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {root}{hint}")
 
 
-def build_empty(cfg: Blip2Config, dtype: torch.dtype, device: torch.device) -> Blip2ForConditionalGeneration:
-    """Allocate the model in place (no init work, no fp32 staging); the Q-Former stays fp32."""
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "Blip2ForConditionalGeneration": Blip2ForConditionalGeneration,
+    "BlipForConditionalGeneration": BlipForConditionalGeneration,
+    "BlipForQuestionAnswering": BlipForQuestionAnswering,
+}
+
+
+def model_class(cfg: Blip2Config | BlipConfig) -> type[nn.Module]:
+    """The class `config.json`'s `architectures` names (a BLIP-2 generator when it names none)."""
+    default = "Blip2ForConditionalGeneration" if isinstance(cfg, Blip2Config) else ""
+    name = cfg.architectures[0] if cfg.architectures else default
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is not supported (supported: {sorted(ARCHITECTURES)})")
+    return ARCHITECTURES[name]
+
+
+def build_empty(cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Allocate the model in place (no init work, no fp32 staging); BLIP-2's Q-Former stays fp32."""
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(cfg)
+        model = model_class(cfg)(cfg)
     model.to(dtype)
-    if cfg.is_encoder_decoder:
-        # As transformers' `_keep_in_fp32_modules = ["wo"]` for T5: its FF output overflows in fp16.
-        for name, module in model.language_model.named_modules():
-            if name.endswith("DenseReluDense.wo"):
-                module.float()
-    model.qformer.float()
-    model.query_tokens.data = model.query_tokens.data.float()
+    if isinstance(cfg, Blip2Config):
+        if cfg.is_encoder_decoder:
+            # As transformers' `_keep_in_fp32_modules = ["wo"]` for T5: its FF output overflows in fp16.
+            for name, module in model.language_model.named_modules():
+                if name.endswith("DenseReluDense.wo"):
+                    module.float()
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
     return model.to_empty(device=device).eval().requires_grad_(False)
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """Output projections tied to input embeddings, which tied checkpoints omit: target -> source."""
+    cfg = model.cfg
+    if isinstance(cfg, BlipConfig):
+        return {
+            "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight"
+        }
+    if not cfg.text.tie_word_embeddings:
+        return {}
+    # OPT (and original T5) tie the output projection to the input embeddings.
+    embed = (
+        "language_model.shared.weight"
+        if cfg.is_encoder_decoder
+        else ("language_model.model.decoder.embed_tokens.weight")
+    )
+    return {"language_model.lm_head.weight": embed}
 
 
 def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, part: int, parts: int) -> None:
@@ -139,7 +176,7 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, part: int, 
     target.copy_(tensor)
 
 
-def load_weights(model: Blip2ForConditionalGeneration, files: list[Path]) -> None:
+def load_weights(model: nn.Module, files: list[Path]) -> None:
     params = dict(model.named_parameters())
     filled: set[str] = set()
     unexpected: list[str] = []
@@ -159,15 +196,12 @@ def load_weights(model: Blip2ForConditionalGeneration, files: list[Path]) -> Non
         log.warning("ignored %d checkpoint tensors with no parameter: %s", len(unexpected), unexpected[:8])
 
 
-def _finish(model: Blip2ForConditionalGeneration, params: dict[str, torch.Tensor], filled: set[str]) -> None:
-    if LM_HEAD not in filled and model.cfg.text.tie_word_embeddings:
-        # OPT (and original T5) tie the output projection to the input embeddings; tied checkpoints
-        # omit lm_head.
-        lm = model.language_model
-        lm.lm_head.weight = (
-            lm.shared.weight if model.cfg.is_encoder_decoder else lm.model.decoder.embed_tokens.weight
-        )
-        filled.add(LM_HEAD)
+def _finish(model: nn.Module, params: dict[str, torch.Tensor], filled: set[str]) -> None:
+    for target, source in tied_weights(model).items():
+        if target not in filled and target in params:
+            module_name, _, attr = target.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, params[source])
+            filled.add(target)
     missing = []
     for name, param in params.items():
         if name in filled:
@@ -187,8 +221,8 @@ def _finish(model: Blip2ForConditionalGeneration, params: dict[str, torch.Tensor
 
 def load_model(
     root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> Blip2ForConditionalGeneration:
-    cfg = Blip2Config.from_file(root / "config.json")
+) -> nn.Module:
+    cfg = read_config(root / "config.json")
     model = build_empty(cfg, dtype, torch.device(device))
     load_weights(model, weight_files(root))
     return model

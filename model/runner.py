@@ -71,7 +71,7 @@ class ModelRunner:
         embedding_cache_bytes: int = 256 << 20,
     ):
         self.model = model
-        self.device = model.query_tokens.device
+        self.device = model.device
         self.cache = model.new_cache(num_slots, max_len)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
         self.oom_splits = 0  # batches split in two after running out of memory
@@ -117,7 +117,7 @@ class ModelRunner:
 
     def _prefill(self, works: list[SequenceWork], embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Prompts run once per request into its first slot; its other rows (beams, samples) copy that slot."""
-        inputs = [self.model.prompt_embeddings(embeds[w.image_key], w.text_ids) for w in works]
+        inputs = [self.model.prompt_inputs(embeds[w.image_key], w.text_ids) for w in works]
         slots = torch.tensor([w.slots[0] for w in works], device=self.device)
         logits = self.model.prefill(inputs, slots, self.cache)
         src, dst = [], []

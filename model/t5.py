@@ -13,14 +13,13 @@ first layer, shared by the others) into the scores, and normalises with RMSNorm 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
-from .kv_cache import AttnBatch, KVCache
+from .kv_cache import AttnBatch, CrossCache, KVCache
 from .vision import merge_heads
 
 
@@ -152,21 +151,8 @@ class T5Stack(nn.Module):
         return self.block[0].layer[0].SelfAttention
 
 
-@dataclass
-class T5Cache:
-    """Per slot: the decoder's own keys/values, and the cross-attention keys/values of its encoder
-    output (written once per sequence, at prefill)."""
-
-    own: KVCache  # [layers, slots, heads, max_len, d_kv]
-    cross: KVCache  # [layers, slots, heads, max_source_len, d_kv]
-    lengths: torch.Tensor  # [slots] encoder length of each slot
-
-    def copy_slots(self, src: list[int], dst: list[int]) -> None:
-        self.own.copy_slots(src, dst)
-        self.cross.copy_slots(src, dst)
-        if src:
-            idx = torch.tensor(src, device=self.lengths.device)
-            self.lengths[torch.tensor(dst, device=self.lengths.device)] = self.lengths[idx]
+# Flan-T5's decoder cache: its own keys/values, and the encoder output's cross-attention keys/values.
+T5Cache = CrossCache
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -217,18 +203,15 @@ class T5ForConditionalGeneration(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: T5Cache, kv_len: int
     ) -> torch.Tensor:
         """One token per row at its decoder position; logits [B, vocab] in fp32."""
-        own, lengths = cache.own, cache.lengths[slots]
+        own = cache.own
         x = self.shared(tokens[:, None])
         batch = AttnBatch.decode(slots, positions, kv_len)
         keys = torch.arange(kv_len, device=x.device)
         neg = torch.finfo(torch.float32).min
         self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
         self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
-        src_len = int(lengths.max())
-        src = torch.arange(src_len, device=x.device)
-        cross_scores = torch.where(src[None, :] < lengths[:, None], 0.0, neg)[:, None, None, :]
-        cross_scores = cross_scores.to(x.dtype)
-        src_batch = AttnBatch(slots=slots, positions=positions[:, None], is_prefill=False, kv_len=src_len)
+        src_batch, src_mask = cache.cross_batch(slots)
+        cross_scores = torch.where(src_mask, 0.0, neg).to(x.dtype)
         for i, block in enumerate(self.decoder.block):
             sa, ca = block.layer[0], block.layer[1]
             h = sa.layer_norm(x)

@@ -145,6 +145,7 @@ def _add_routes(app: FastAPI) -> None:
     async def caption(request: Request) -> JSONResponse:
         start = time.perf_counter()
         svc: Service = request.app.state.service
+        svc.require("caption", "/caption")
         parsed = await parse_body(request, CaptionRequest)
         params = svc.sampling_params(parsed.body)
         images = await svc.prepare_images(parsed.images)
@@ -159,9 +160,10 @@ def _add_routes(app: FastAPI) -> None:
     async def vqa(request: Request) -> JSONResponse:
         start = time.perf_counter()
         svc: Service = request.app.state.service
+        svc.require("vqa", "/vqa")
         parsed = await parse_body(request, VQARequest)
         body: VQARequest = parsed.body
-        params = svc.sampling_params(body)
+        params = svc.sampling_params(body, "vqa")
         questions = body.questions if body.questions is not None else [body.question]
         blobs = parsed.images
         if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
@@ -173,7 +175,7 @@ def _add_routes(app: FastAPI) -> None:
         pairs = [
             (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
         ]
-        template = svc.settings.vqa_template
+        template = svc.vqa_template
         jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
         single = body.image is not None and body.question is not None
         if body.stream:

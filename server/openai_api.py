@@ -215,11 +215,20 @@ def add_openai_routes(app: FastAPI, run) -> None:
             raise ApiError(
                 404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
             )
-        params = svc.sampling_params(generation_params(body))
         url, text = image_and_text(body.messages)
+        task = "vqa" if text else "caption"
+        if text and "vqa" not in svc.engine.tasks:
+            raise ApiError(
+                400,
+                f"model {svc.engine.model_id} only captions: send the image without text",
+                param="messages",
+                code="unsupported_task",
+            )
+        svc.require(task, "/v1/chat/completions")
+        params = svc.sampling_params(generation_params(body), task)
         image = url if is_url(url) else decode_base64(url, "image_url")
         prepared = (await svc.prepare_images([image]))[0]
-        prompt = svc.settings.vqa_template.format(question=text) if text else None
+        prompt = svc.vqa_template.format(question=text) if text else None
         job = svc.make_request(prepared, prompt, params)
         chat = Chat(svc, body, job)
         if body.stream:

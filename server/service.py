@@ -93,9 +93,25 @@ class Service:
             "engine stopped after %d steps; %d requests left unfinished", self.loop.steps, self.loop.pending
         )
 
-    def sampling_params(self, p: GenerationParams) -> SamplingParams:
+    @property
+    def vqa_template(self) -> str:
+        return self.settings.vqa_template or self.engine.model.vqa_template
+
+    def require(self, task: str, route: str) -> None:
+        """400 when the loaded checkpoint does not do `task` (a VQA model asked for a caption...)."""
+        tasks = self.engine.tasks
+        if task not in tasks:
+            raise ApiError(
+                400,
+                f"{route}: model {self.engine.model_id} does not serve {task!r} (it serves: "
+                f"{', '.join(tasks)})",
+                code="unsupported_task",
+            )
+
+    def sampling_params(self, p: GenerationParams, task: str = "caption") -> SamplingParams:
         s = self.settings
-        max_new = p.max_new_tokens or s.default_max_new_tokens
+        default = s.vqa_max_new_tokens if task == "vqa" and s.vqa_max_new_tokens else None
+        max_new = p.max_new_tokens or default or s.default_max_new_tokens
         beams = p.num_beams or s.default_num_beams
         if max_new > s.max_new_tokens_limit:
             raise ApiError(422, f"max_new_tokens: at most {s.max_new_tokens_limit} on this server")
@@ -262,7 +278,8 @@ class Service:
                 "max_running_seqs": s.max_running_seqs,
                 "max_queue": s.max_queue,
             },
-            "vqa_template": s.vqa_template,
+            "tasks": list(e.tasks),
+            "vqa_template": self.vqa_template if "vqa" in e.tasks else None,
         }
 
 

@@ -57,8 +57,15 @@ class Settings(BaseSettings):
     )
     image_url_timeout_s: float = Field(5.0, gt=0)
     # Prompting
-    vqa_template: str = "Question: {question} Answer:"
+    vqa_template: str | None = Field(
+        None,
+        description="how /vqa wraps a question; default: the model's (BLIP-2 OPT 'Question: {question} "
+        "Answer:', Flan-T5 'Question: {question} Short answer:', BLIP the question alone)",
+    )
     default_num_beams: int = Field(1, ge=1)
+    vqa_max_new_tokens: int | None = Field(
+        None, ge=1, description="/vqa's default max_new_tokens (short answers); unset: default_max_new_tokens"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from oracle import make_checkpoint
+from oracle_blip import BLIP_ARCHS, make_blip_checkpoint
 
 torch.set_num_threads(2)
 
@@ -17,7 +18,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     def get(variant: str = "pre_ln") -> tuple[Path, object]:
         if variant not in made:
             root = tmp_path_factory.mktemp(f"ckpt-{variant}")
-            made[variant] = (root, make_checkpoint(root, variant))
+            blip = variant in BLIP_ARCHS or variant == "blip2_itm"
+            made[variant] = (root, (make_blip_checkpoint if blip else make_checkpoint)(root, variant))
         return made[variant]
 
     return get

@@ -1,0 +1,164 @@
+"""BLIP (Li et al., 2022): a ViT image encoder and a BERT text decoder that cross-attends to it.
+
+    captioning:  pixels --ViT--> image features (CLS + patches) ----cross-attention----+
+                 [DEC] (+ a text prefix such as "a photography of") --text decoder--> caption
+    VQA:         question --text encoder (cross-attends to the image)--> question embeddings
+                 [DEC] --text decoder (cross-attends to the question embeddings)--> answer
+
+There is no soft prompt: the image (or the encoded question) is the decoder's cross-attention source,
+projected into each layer's keys/values once per sequence at prefill (`CrossCache`). The image stage
+`encode_images` runs once per image; its output is what the runner's embedding cache keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .bert import BlipTextLMHeadModel, BlipTextModel
+from .config import BlipConfig
+from .kv_cache import AttnBatch, CrossCache
+from .vision import VisionModel
+
+Encode = Callable[[str], list[int]]
+
+
+class _BlipGenerator(nn.Module):
+    """What BLIP's captioning and VQA models share: the image stage and the cached text decoder."""
+
+    tasks: tuple[str, ...] = ()
+    vqa_template = "{question}"  # BLIP's VQA model takes the bare question
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionModel(cfg.vision)
+        self.text_decoder = BlipTextLMHeadModel(cfg.text)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_model.post_layernorm.weight.device
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.text_decoder.cls.predictions.bias.dtype
+
+    @property
+    def image_tokens(self) -> int:
+        """Length of the image features: CLS + one per patch."""
+        return (self.cfg.vision.image_size // self.cfg.vision.patch_size) ** 2 + 1
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, S, S] -> image features [B, 1 + (S/P)^2, vision hidden size]."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}"
+            )
+        return self.vision_model(pixel_values)
+
+    def prompt_inputs(self, image: torch.Tensor, text_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """One request's prefill input: its image features and its text ids."""
+        if image.shape != (self.image_tokens, self.cfg.vision.hidden_size):
+            raise ValueError(
+                f"image features must be [{self.image_tokens}, {self.cfg.vision.hidden_size}], "
+                f"got {tuple(image.shape)}"
+            )
+        return image, list(text_ids)
+
+    def prompt_tokens(self, text_ids: Sequence[int]) -> int:
+        return len(text_ids)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: CrossCache,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """One new token per row at its own position; next-token logits [B, vocab] (fp32)."""
+        batch = AttnBatch.decode(slots, positions, kv_len)
+        hidden = self.text_decoder.bert.decode(tokens[:, None], batch, cache)
+        return self.text_decoder.logits(hidden[:, 0])
+
+    def _start(self, slots: torch.Tensor, cache: CrossCache) -> torch.Tensor:
+        """Run the decoder's first token, [DEC], at position 0 of `slots`."""
+        start = torch.full_like(slots, self.cfg.text.bos_token_id)
+        return self.decode(start, torch.zeros_like(slots), slots, cache, 1)
+
+
+def _pad(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and lengths [B]."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=device)
+    return ids, torch.tensor([len(r) for r in rows], device=device)
+
+
+class BlipForConditionalGeneration(_BlipGenerator):
+    """Image captioning, optionally continuing a text prefix ("a photography of")."""
+
+    tasks = ("caption",)
+
+    def text_ids(self, encode: Encode, prompt: str | None) -> list[int]:
+        """[DEC] + the prefix's tokens. As transformers: the tokenizer's `[CLS] prefix [SEP]` with [CLS]
+        replaced by [DEC] and the [SEP] dropped (the caption continues the prefix)."""
+        if not prompt:
+            return [self.cfg.text.bos_token_id]
+        ids = encode(prompt)
+        return [self.cfg.text.bos_token_id, *ids[1:-1]]
+
+    def prompt_ids(self, text_ids: list[int]) -> list[int]:
+        return list(text_ids)
+
+    def new_cache(self, num_slots: int, max_len: int) -> CrossCache:
+        return self.text_decoder.bert.new_cache(
+            num_slots, max_len, self.image_tokens, self.lm_dtype, self.device
+        )
+
+    def prefill(
+        self, inputs: Sequence[tuple[torch.Tensor, list[int]]], slots: torch.Tensor, cache: CrossCache
+    ) -> torch.Tensor:
+        """Cache each row's image keys/values, run its [DEC] + prefix; logits at its last token."""
+        bert = self.text_decoder.bert
+        images = torch.stack([image for image, _ in inputs]).to(self.lm_dtype)
+        bert.fill_cross(images, torch.full_like(slots, images.shape[1]), slots, cache)
+        ids, lengths = _pad([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
+        hidden = bert.decode(ids, AttnBatch.prefill(slots, ids.shape[1]), cache)
+        last = hidden[torch.arange(len(inputs), device=slots.device), lengths - 1]
+        return self.text_decoder.logits(last)
+
+
+class BlipForQuestionAnswering(_BlipGenerator):
+    """VQA: the question is encoded against the image; the answer is decoded from [DEC]."""
+
+    tasks = ("vqa",)
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__(cfg)
+        self.text_encoder = BlipTextModel(cfg.text)
+
+    def text_ids(self, encode: Encode, prompt: str | None) -> list[int]:
+        """The question as the tokenizer makes it (`[CLS] question [SEP]`)."""
+        if not prompt:
+            raise ValueError("this model answers questions: a question is required")
+        return encode(prompt)
+
+    def prompt_ids(self, text_ids: list[int]) -> list[int]:
+        return [self.cfg.text.bos_token_id]
+
+    def new_cache(self, num_slots: int, max_len: int) -> CrossCache:
+        # The decoder's source is the encoded question, which fits in the positions of a prompt.
+        return self.text_decoder.bert.new_cache(num_slots, max_len, max_len, self.lm_dtype, self.device)
+
+    def prefill(
+        self, inputs: Sequence[tuple[torch.Tensor, list[int]]], slots: torch.Tensor, cache: CrossCache
+    ) -> torch.Tensor:
+        """Encode each question against its image, cache the decoder's cross keys/values of the
+        question embeddings (padding masked), then run [DEC]."""
+        images = torch.stack([image for image, _ in inputs]).to(self.lm_dtype)
+        ids, lengths = _pad([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
+        questions = self.text_encoder.encode(ids, lengths, images)
+        self.text_decoder.bert.fill_cross(questions, lengths, slots, cache)
+        return self._start(slots, cache)
