@@ -67,7 +67,10 @@ def error_body(
         status = 400 if status == 422 else status
         kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return status, {"error": {"type": TYPES.get(status, "error"), "message": message}}
+    error = {"type": TYPES.get(status, "error"), "message": message}
+    if code:
+        error["code"] = code  # machine-readable reason, where there is one (e.g. unsupported_task)
+    return status, {"error": error}
 
 
 def error_response(
