@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.decoders import Decoder, new_decoder
-from model.plan import SequenceWork, StepOutput, StepPlan
+from model.plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
 
 
 class QueueFull(Exception):
@@ -29,8 +29,10 @@ class Sequence:
     """One request as the scheduler sees it."""
 
     seq_id: int
-    request: Any  # model.engine.GenerationRequest: pixel_values, image_key, text_ids, prompt_ids, params
-    decoder: Decoder
+    request: (
+        Any  # GenerationRequest (pixel_values, image_key, text_ids, prompt_ids, params) or RetrievalRequest
+    )
+    decoder: Decoder | None  # None: a retrieval request (no decoding, no slots)
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
@@ -38,14 +40,19 @@ class Sequence:
     cancelled: bool = False  # set from any thread; honoured at the next schedule()
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     on_progress: Callable[[Sequence], None] | None = None  # streaming: called after each of its steps
+    output: RetrievalOutput | None = None  # a retrieval request's answer
 
     @property
     def rows(self) -> int:
-        return self.decoder.num_rows
+        return self.decoder.num_rows if self.decoder is not None else 0
 
     def work(self) -> SequenceWork:
         r = self.request
         return SequenceWork(self.seq_id, self.slots, self.decoder, r.image_key, r.text_ids)
+
+    def retrieval(self) -> RetrievalWork:
+        r = self.request
+        return RetrievalWork(self.seq_id, r.task, r.image_key, r.texts)
 
 
 class Scheduler:
@@ -65,6 +72,10 @@ class Scheduler:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        if isinstance(request, RetrievalRequest):
+            seq = Sequence(next(self._ids), request, None, deadline)
+            self.waiting.append(seq)
+            return seq
         stop_check = getattr(request, "stop_check", None)
         decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids, stop_check)
         if decoder.num_rows > self.num_slots:
@@ -83,24 +94,26 @@ class Scheduler:
         """The next step's plan, and the sequences dropped since the last step (cancelled, timed out)."""
         now = time.monotonic() if now is None else now
         dropped = self._drop_dead(now)
-        prefills: list[Sequence] = []
+        admitted: list[Sequence] = []
         images: set[str] = set()
         while self.waiting and len(self.free_slots) >= self.waiting[0].rows:
             key = self.waiting[0].request.image_key
             # Cap the new images of one vision batch (repeat images ride along for free).
-            if key not in images and len(images) >= self.max_batch_images:
+            if key and key not in images and len(images) >= self.max_batch_images:
                 break
             seq = self.waiting.popleft()
             seq.slots = [self.free_slots.pop() for _ in range(seq.rows)]
             seq.admitted = now
-            images.add(key)
-            prefills.append(seq)
+            if key:
+                images.add(key)
+            admitted.append(seq)
         plan = StepPlan(
-            images={s.request.image_key: s.request.pixel_values for s in prefills},
-            prefills=[s.work() for s in prefills],
+            images={s.request.image_key: s.request.pixel_values for s in admitted if s.request.image_key},
+            prefills=[s.work() for s in admitted if s.decoder is not None],
             decodes=[s.work() for s in self.running],
+            retrievals=[s.retrieval() for s in admitted if s.decoder is None],
         )
-        self.running.extend(prefills)
+        self.running.extend(admitted)
         return plan, dropped
 
     def _drop_dead(self, now: float) -> list[Sequence]:
@@ -121,6 +134,11 @@ class Scheduler:
         """Apply a step's results; return the sequences that finished (their slots are free again)."""
         done = []
         for seq in self.running:
+            if seq.decoder is None:  # retrieval: answered in the step that admitted it
+                seq.output = out.retrievals.get(seq.seq_id)
+                seq.finish_reason = "stop" if seq.output is not None else "error"
+                done.append(seq)
+                continue
             step = out.steps.get(seq.seq_id)
             if step is None:
                 continue
@@ -132,7 +150,7 @@ class Scheduler:
 
     def fail(self, plan: StepPlan, reason: str = "error") -> list[Sequence]:
         """A step raised: its sequences leave with `reason` and free their slots; the rest carry on."""
-        ids = {w.seq_id for w in plan.prefills + plan.decodes}
+        ids = {w.seq_id for w in [*plan.prefills, *plan.decodes, *plan.retrievals]}
         failed = [s for s in self.running if s.seq_id in ids]
         for seq in failed:
             seq.finish_reason = reason

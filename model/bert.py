@@ -12,6 +12,8 @@ over the residual sum. Parameter names are `transformers`' (`embeddings.word_emb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +92,13 @@ def key_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     """[B, 1, 1, width]: True at each row's first `lengths[b]` (real, unpadded) key positions."""
     keys = torch.arange(width, device=lengths.device)
     return (keys[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def pad_ids(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and lengths [B]."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=device)
+    return ids, torch.tensor([len(r) for r in rows], device=device)
 
 
 class BlipTextModel(nn.Module):

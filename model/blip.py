@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .bert import BlipTextLMHeadModel, BlipTextModel
+from .bert import BlipTextLMHeadModel, BlipTextModel, pad_ids
 from .config import BlipConfig
 from .kv_cache import AttnBatch, CrossCache
 from .vision import VisionModel
@@ -89,13 +89,6 @@ class _BlipGenerator(nn.Module):
         return self.decode(start, torch.zeros_like(slots), slots, cache, 1)
 
 
-def _pad(rows: Sequence[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and lengths [B]."""
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=device)
-    return ids, torch.tensor([len(r) for r in rows], device=device)
-
-
 class BlipForConditionalGeneration(_BlipGenerator):
     """Image captioning, optionally continuing a text prefix ("a photography of")."""
 
@@ -124,7 +117,7 @@ class BlipForConditionalGeneration(_BlipGenerator):
         bert = self.text_decoder.bert
         images = torch.stack([image for image, _ in inputs]).to(self.lm_dtype)
         bert.fill_cross(images, torch.full_like(slots, images.shape[1]), slots, cache)
-        ids, lengths = _pad([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
+        ids, lengths = pad_ids([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
         hidden = bert.decode(ids, AttnBatch.prefill(slots, ids.shape[1]), cache)
         last = hidden[torch.arange(len(inputs), device=slots.device), lengths - 1]
         return self.text_decoder.logits(last)
@@ -158,7 +151,7 @@ class BlipForQuestionAnswering(_BlipGenerator):
         """Encode each question against its image, cache the decoder's cross keys/values of the
         question embeddings (padding masked), then run [DEC]."""
         images = torch.stack([image for image, _ in inputs]).to(self.lm_dtype)
-        ids, lengths = _pad([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
+        ids, lengths = pad_ids([text for _, text in inputs], self.cfg.text.pad_token_id, slots.device)
         questions = self.text_encoder.encode(ids, lengths, images)
         self.text_decoder.bert.fill_cross(questions, lengths, slots, cache)
         return self._start(slots, cache)

@@ -24,7 +24,7 @@ from .decoders import Decoder, new_decoder
 from .generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .image import ImageProcessor
 from .loader import load_model, resolve_checkpoint
-from .plan import SequenceWork, StepOutput, StepPlan
+from .plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
 from .runner import ModelRunner
 from .textstream import cut_at_stop, stop_checker
 from .tiny import write_tiny_checkpoint
@@ -136,7 +136,34 @@ class Blip2Engine:
 
     @property
     def max_positions(self) -> int:
-        return self.cfg.max_text_positions
+        """Positions of the text model: the language model's, or the retrieval text encoder's."""
+        return getattr(self.model, "max_text_positions", None) or self.cfg.max_text_positions
+
+    def retrieval_request(
+        self, task: str, pixels: torch.Tensor | None, image_key: str, texts: Sequence[str]
+    ) -> RetrievalRequest:
+        """A match (image + texts) or embed (image and/or texts) request for a retrieval checkpoint."""
+        if "match" not in self.tasks:
+            raise ValueError(f"model {self.model_id} does not match or embed: it serves {self.tasks}")
+        if task == "match" and (pixels is None or not texts):
+            raise ValueError("match needs an image and at least one text")
+        ids = [self.model.text_ids(self.tokenizer.encode, t) for t in texts]
+        for i, row in enumerate(ids):
+            if len(row) > self.max_positions:
+                raise ValueError(f"texts[{i}]: {len(row)} tokens, more than the model's {self.max_positions}")
+        return RetrievalRequest(task, pixels, image_key if pixels is not None else "", ids)
+
+    def retrieve(self, requests: list[RetrievalRequest]) -> list[RetrievalOutput]:
+        """Answer retrieval requests offline, in one step (one vision batch)."""
+        works = [RetrievalWork(i, r.task, r.image_key, r.texts) for i, r in enumerate(requests)]
+        images = {r.image_key: r.pixel_values for r in requests if r.image_key}
+        out = self.new_runner(1, 1, embedding_cache_bytes=0).run(StepPlan(images=images, retrievals=works))
+        return [out.retrievals[i] for i in range(len(requests))]
+
+    def match(self, image: Image.Image | torch.Tensor, texts: Sequence[str]) -> RetrievalOutput:
+        """ITM probability and ITC similarity of each text with the image."""
+        pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
+        return self.retrieve([self.retrieval_request("match", pixels, "image", texts)])[0]
 
     def text_ids(self, prompt: str | None) -> list[int]:
         """Prompt ids as the model family takes them (see each model's `text_ids`)."""

@@ -21,6 +21,7 @@ from torch import nn
 from .blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from .blip2 import Blip2ForConditionalGeneration
 from .config import Blip2Config, BlipConfig, read_config
+from .retrieval import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ WEIGHT_MAP: tuple[Rule, ...] = (
     Rule(r"(.+)", r"\1"),
 )
 
-# Checkpoint tensors the generation path does not use: the Q-Former's text branch, buffers.
+# Checkpoint tensors known to be unused where the model has no such parameter: the Q-Former's text
+# branch (generation models), buffers.
 IGNORED = re.compile(
     r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.|qformer\.embeddings\.|.*\.position_ids$"
     # T5: the stacks' embeddings are `shared`; the first cross-attention has no relative bias.
@@ -121,6 +123,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Blip2ForConditionalGeneration": Blip2ForConditionalGeneration,
     "BlipForConditionalGeneration": BlipForConditionalGeneration,
     "BlipForQuestionAnswering": BlipForQuestionAnswering,
+    "Blip2ForImageTextRetrieval": Blip2ForImageTextRetrieval,
+    "BlipForImageTextRetrieval": BlipForImageTextRetrieval,
 }
 
 
@@ -139,7 +143,7 @@ def build_empty(cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch
         model = model_class(cfg)(cfg)
     model.to(dtype)
     if isinstance(cfg, Blip2Config):
-        if cfg.is_encoder_decoder:
+        if isinstance(model, Blip2ForConditionalGeneration) and cfg.is_encoder_decoder:
             # As transformers' `_keep_in_fp32_modules = ["wo"]` for T5: its FF output overflows in fp16.
             for name, module in model.language_model.named_modules():
                 if name.endswith("DenseReluDense.wo"):
@@ -152,6 +156,8 @@ def build_empty(cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch
 def tied_weights(model: nn.Module) -> dict[str, str]:
     """Output projections tied to input embeddings, which tied checkpoints omit: target -> source."""
     cfg = model.cfg
+    if isinstance(model, (Blip2ForImageTextRetrieval, BlipForImageTextRetrieval)):
+        return {}
     if isinstance(cfg, BlipConfig):
         return {
             "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight"
@@ -183,10 +189,10 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if IGNORED.match(name):
-                    continue
                 target, part, parts = map_name(name)
                 if target not in params:
+                    if IGNORED.match(name):
+                        continue  # known to be unused by this model
                     unexpected.append(name)
                     continue
                 _copy_into(params[target], f.get_tensor(name), name, part, parts)

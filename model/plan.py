@@ -32,6 +32,41 @@ class SequenceWork:
 
 
 @dataclass
+class RetrievalRequest:
+    """A matching or embedding request, ready for the scheduler: it takes no cache slot and is done in
+    the step that admits it."""
+
+    task: str  # "match": ITM and ITC scores of each text against the image; "embed": embeddings
+    pixel_values: torch.Tensor | None  # [3, H, W] float32 on the CPU; None: texts only (embed)
+    image_key: str  # content hash of pixel_values ("" without an image)
+    texts: list[list[int]]  # token ids of each text
+
+
+@dataclass
+class RetrievalWork:
+    # Scheduler-wide id of the request.
+    seq_id: int
+    # "match" or "embed".
+    task: str
+    # Content key of the image whose features the request needs ("" for none).
+    image_key: str
+    # Token ids of each text.
+    texts: list[list[int]]
+
+
+@dataclass
+class RetrievalOutput:
+    # match: probability that each text matches the image (ITM head, softmax of its "yes" logit).
+    itm: list[float] = field(default_factory=list)
+    # match: contrastive similarity of each text with the image (cosine; BLIP-2: the best query).
+    itc: list[float] = field(default_factory=list)
+    # embed: the image's normalised embeddings, one per query (BLIP-2: 32; BLIP: 1).
+    image_embedding: list[list[float]] = field(default_factory=list)
+    # embed: each text's normalised embedding.
+    text_embeddings: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class StepPlan:
     # Images whose vision + Q-Former stage may be needed this step, by content key. The runner skips the
     # ones already in its embedding cache and runs the rest as one batch.
@@ -40,9 +75,11 @@ class StepPlan:
     prefills: list[SequenceWork] = field(default_factory=list)
     # Running sequences that feed their last token and pick the next one.
     decodes: list[SequenceWork] = field(default_factory=list)
+    # Matching / embedding requests, answered in full this step (after the vision stage).
+    retrievals: list[RetrievalWork] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.prefills or self.decodes)
+        return not (self.prefills or self.decodes or self.retrievals)
 
 
 @dataclass
@@ -58,3 +95,5 @@ class StepOutput:
     decode_s: float = 0.0
     # Rows in the decode batch this step.
     decode_rows: int = 0
+    # What each retrieval request (by seq_id) returns.
+    retrievals: dict[int, RetrievalOutput] = field(default_factory=dict)

@@ -13,6 +13,7 @@ from .blip2 import Blip2ForConditionalGeneration
 from .decoders import BeamDecoder
 from .generation import Step
 from .plan import SequenceWork, StepOutput, StepPlan
+from .retrieval import run_retrievals
 
 
 class EmbeddingCache:
@@ -72,7 +73,8 @@ class ModelRunner:
     ):
         self.model = model
         self.device = model.device
-        self.cache = model.new_cache(num_slots, max_len)
+        # Retrieval models decode nothing: no KV cache.
+        self.cache = model.new_cache(num_slots, max_len) if hasattr(model, "new_cache") else None
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
         self.oom_splits = 0  # batches split in two after running out of memory
 
@@ -91,10 +93,12 @@ class ModelRunner:
             logits = torch.cat(_halving(self._decode, plan.decodes, self._split))
             self._choose(plan.decodes, logits, out, first=False)
             out.decode_s = time.perf_counter() - start
+        if plan.retrievals:
+            out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
         return out
 
     def _vision(self, plan: StepPlan, out: StepOutput) -> dict[str, torch.Tensor]:
-        needed = {w.image_key for w in plan.prefills}
+        needed = {w.image_key for w in plan.prefills} | {w.image_key for w in plan.retrievals if w.image_key}
         found = {k: v for k in needed if (v := self.embeddings.get(k)) is not None}
         missing = [k for k in needed if k not in found]
         out.cache_hits = len(found)

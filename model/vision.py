@@ -126,11 +126,13 @@ class QFormerMultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = split_heads(self.query(x), self.num_heads)
         k = split_heads(self.key(context), self.num_heads)
         v = split_heads(self.value(context), self.num_heads)
-        return merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 class QFormerOutput(nn.Module):
@@ -151,8 +153,10 @@ class QFormerAttention(nn.Module):
         self.attention = QFormerMultiHeadAttention(cfg, kv_width)
         self.output = QFormerOutput(cfg, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.output(self.attention(x, context), x)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.output(self.attention(x, context, mask), x)
 
 
 class QFormerIntermediate(nn.Module):
@@ -166,9 +170,10 @@ class QFormerIntermediate(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    """Query path only: self-attention, cross-attention to the image every `cross_attention_frequency`
-    layers, then the query FFN (`intermediate_query` / `output_query`). The text path of the Q-Former is
-    not used for generation, so its weights are not loaded."""
+    """The learned queries (first `num_queries` positions) and any text after them share one
+    self-attention; only the queries cross-attend to the image (every `cross_attention_frequency`
+    layers) and go through the query FFN (`intermediate_query` / `output_query`); the text goes through
+    its own FFN (`intermediate` / `output`), which only retrieval checkpoints carry."""
 
     def __init__(self, cfg: QFormerConfig, index: int):
         super().__init__()
@@ -178,12 +183,28 @@ class QFormerLayer(nn.Module):
             self.crossattention = QFormerAttention(cfg, cfg.encoder_hidden_size)
         self.intermediate_query = QFormerIntermediate(cfg)
         self.output_query = QFormerOutput(cfg, cfg.intermediate_size)
+        if cfg.use_qformer_text_input:
+            self.intermediate = QFormerIntermediate(cfg)
+            self.output = QFormerOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, x)
-        if self.has_cross_attention:
-            x = self.crossattention(x, image)
-        return self.output_query(self.intermediate_query(x), x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        image: torch.Tensor | None,
+        num_queries: int | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        nq = x.shape[1] if num_queries is None else num_queries
+        x = self.attention(x, x, mask)
+        queries, text = x[:, :nq], x[:, nq:]
+        parts = []
+        if nq:
+            if self.has_cross_attention:
+                queries = self.crossattention(queries, image)
+            parts.append(self.output_query(self.intermediate_query(queries), queries))
+        if text.shape[1]:
+            parts.append(self.output(self.intermediate(text), text))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class QFormerEncoder(nn.Module):
@@ -198,8 +219,16 @@ class QFormerModel(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = QFormerEncoder(cfg)
 
-    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        image: torch.Tensor | None,
+        num_queries: int | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """queries [B, T, H]: the learned queries, then (retrieval) embedded text; `num_queries` of them
+        are queries (all when None); `mask` [B, 1, 1, T] hides text padding."""
         x = self.layernorm(queries)
         for layer in self.encoder.layer:
-            x = layer(x, image)
+            x = layer(x, image, num_queries, mask)
         return x

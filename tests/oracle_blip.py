@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from oracle import hf_config, scale_weights, write_tokenizer_files
+from oracle import hf_config, scale_weights
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from model.tiny import CORPUS
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-IMAGE_SIZE = 32  # ViT patches of 8: 16 patches + CLS
+IMAGE_SIZE = 32  # BLIP's ViT here: patches of 8, so 16 patches + CLS
+BLIP2_IMAGE_SIZE = 28  # BLIP-2's ViT here: patches of 14, so 4 patches + CLS
 
 # architecture -> transformers class name
 BLIP_ARCHS = {
@@ -75,20 +76,23 @@ def make_blip_checkpoint(root: Path, variant: str, seed: int = 0):
 
     torch.manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
+    tok = bert_tokenizer()
     if variant == "blip2_itm":
-        cfg = hf_config("pre_ln", image_size=IMAGE_SIZE, qformer_text=True)
+        cfg = hf_config("pre_ln", image_size=BLIP2_IMAGE_SIZE)
+        q = cfg.qformer_config
+        q.use_qformer_text_input, q.vocab_size, q.max_position_embeddings = True, tok.get_vocab_size(), 64
+        cfg.image_token_index, cfg.image_text_hidden_size = None, 16
         hf = transformers.Blip2ForImageTextRetrieval(cfg).eval()
-        write_tokenizer_files(root)
     else:
-        tok = bert_tokenizer()
         hf = getattr(transformers, BLIP_ARCHS[variant])(blip_config(variant, tok)).eval()
-        tok.save(str(root / "tokenizer.json"))
-        special = {"bos_token": "[DEC]", "pad_token": "[PAD]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
-        tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, **special}
-        (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    tok.save(str(root / "tokenizer.json"))
+    special = {"bos_token": "[DEC]", "pad_token": "[PAD]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
+    tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, **special}
+    (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
     scale_weights(hf, seed)
     hf.save_pretrained(root)
-    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    side = BLIP2_IMAGE_SIZE if variant == "blip2_itm" else IMAGE_SIZE
+    size = {"height": side, "width": side}
     (root / "preprocessor_config.json").write_text(
         json.dumps({"size": size, "resample": 3}), encoding="utf-8"
     )
