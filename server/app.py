@@ -6,8 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,13 +20,23 @@ from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
 from .openai_api import ChatRequest, add_openai_routes
 from .replies import event_stream, reply
-from .schemas import CaptionRequest, CaptionResponse, ErrorResponse, VQARequest, VQAResponse
+from .retrieval_api import add_retrieval_routes
+from .schemas import (
+    CaptionRequest,
+    CaptionResponse,
+    EmbedRequest,
+    ErrorResponse,
+    MatchRequest,
+    VQARequest,
+    VQAResponse,
+)
 from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
 from .settings import Settings
 from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
+T = TypeVar("T")
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 503, 504)}
 
@@ -69,6 +80,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
+    add_retrieval_routes(app, _unless_disconnected)
     _add_schemas(app)
     return app
 
@@ -105,7 +117,7 @@ class Observe:
         finally:
             path = scope.get("path", "")
             svc: Service | None = getattr(scope["app"].state, "service", None)
-            if svc is not None and path in ("/caption", "/vqa"):
+            if svc is not None and path in ROUTES_MEASURED:
                 svc.metrics.requests.labels(path, str(status)).inc()
                 svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
             ms, method = elapsed_ms(start), scope.get("method")
@@ -122,7 +134,12 @@ async def _until_disconnected(request: Request) -> None:
 
 async def _run(request: Request, svc: Service, jobs) -> list[Outcome]:
     """Generate, but give up (freeing the KV slots) as soon as the client goes away."""
-    work = asyncio.ensure_future(svc.generate(jobs))
+    return await _unless_disconnected(request, svc.generate(jobs))
+
+
+async def _unless_disconnected(request: Request, job: Awaitable[T]) -> T:
+    """Await `job`, cancelling it (499) as soon as the client goes away."""
+    work = asyncio.ensure_future(job)
     watch = asyncio.ensure_future(_until_disconnected(request))
     done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     if work not in done:
@@ -136,6 +153,9 @@ def _stream(svc: Service, jobs: list, single: bool, start: float) -> EventStream
     if not single:
         raise ApiError(422, "stream: only for the single form (one image, one question)")
     return EventStream(event_stream(svc, jobs[0], start))
+
+
+ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -214,7 +234,7 @@ def _add_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = base()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CaptionRequest, VQARequest, ChatRequest):
+        for model in (CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(doc.pop("$defs", {}))
             components[model.__name__] = doc

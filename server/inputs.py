@@ -83,7 +83,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
         fields = (
             [("image", body.image)]
             if body.image is not None
-            else [(f"images[{i}]", v) for i, v in enumerate(body.images)]
+            else [(f"images[{i}]", v) for i, v in enumerate(body.images or [])]
         )
         return Parsed(body, [v if is_url(v) else decode_base64(v, name) for name, v in fields])
     if ctype == "multipart/form-data":
@@ -105,7 +105,7 @@ async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
             if key not in ("image", "images"):
                 raise ApiError(422, f"{key}: unexpected file part (files go in 'image')")
             images.append(await value.read())
-        elif key in ("questions", "stop"):
+        elif key in ("questions", "stop", "texts"):
             raw.setdefault(key, []).append(value)
         elif key in ("image", "images"):
             raise ApiError(422, f"{key}: must be a file part")

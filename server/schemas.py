@@ -126,3 +126,67 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class MatchRequest(BaseModel):
+    """Score texts against an image (or each of a batch of images)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(None, description="base64 image bytes, or a data: URL")
+    images: list[str] | None = Field(None, min_length=1, description="batch form: each image gets all texts")
+    texts: list[str] = Field(min_length=1, max_length=64, description="captions to score against the image")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.image is None) == (self.images is None):
+            raise ValueError("give exactly one of 'image' or 'images'")
+        if any(not t or len(t) > 4000 for t in self.texts):
+            raise ValueError("each text must be 1 to 4000 characters")
+        return self
+
+
+class EmbedRequest(BaseModel):
+    """Normalised embeddings of images and/or texts, in one shared space."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(None, description="base64 image bytes, or a data: URL")
+    images: list[str] | None = Field(None, min_length=1)
+    texts: list[str] | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.image is not None and self.images is not None:
+            raise ValueError("give at most one of 'image' or 'images'")
+        if self.image is None and self.images is None and not self.texts:
+            raise ValueError("give an image ('image' or 'images') and/or 'texts'")
+        if any(not t or len(t) > 4000 for t in self.texts or []):
+            raise ValueError("each text must be 1 to 4000 characters")
+        return self
+
+
+class RetrievalTimings(BaseModel):
+    total_ms: float
+
+
+class Score(BaseModel):
+    text: int = Field(description="index into 'texts'")
+    itm: float = Field(description="image-text matching head: probability that the text matches")
+    itc: float = Field(description="contrastive similarity (cosine; BLIP-2: the best of its queries)")
+
+
+class MatchResponse(BaseModel):
+    model: str
+    scores: list[Score] | None = Field(None, description="single form")
+    matches: list[list[Score]] | None = Field(None, description="batch form: one list per image")
+    timings: RetrievalTimings
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dimensions: int
+    image_embeddings: list[list[list[float]]] = Field(
+        description="per image, its embeddings (BLIP-2: one per query, 32; BLIP: 1); "
+        "its similarity to a text is the largest dot product"
+    )
+    text_embeddings: list[list[float]]
+    timings: RetrievalTimings

@@ -16,6 +16,7 @@ from PIL import Image
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, Sequence, SequenceFailed, Ticket
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
+from model.plan import RetrievalOutput, RetrievalRequest
 
 from .errors import ApiError
 from .fetch import fetch_image, is_public
@@ -74,12 +75,11 @@ class Service:
         """One request through every stage before taking traffic (allocations, kernels, lazy init)."""
         side = self.engine.image_processor
         pixels = torch.zeros(3, side.height, side.width)
-        request = self.engine.request(
-            pixels,
-            "warmup",
-            "warm up",
-            SamplingParams(max_new_tokens=2, num_beams=min(2, self.scheduler.num_slots)),
-        )
+        if "match" in self.engine.tasks:
+            request = self.engine.retrieval_request("match", pixels, "warmup", ["warm up"])
+        else:
+            params = SamplingParams(max_new_tokens=2, num_beams=min(2, self.scheduler.num_slots))
+            request = self.engine.request(pixels, "warmup", "warm up", params)
         asyncio.run(self.loop.submit(request))  # through the serving path itself: loop, runner, cache
         self.ready = True
         self.metrics.ready.set(1)
@@ -207,7 +207,8 @@ class Service:
                 t.cancel()
             raise
 
-    async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
+    async def finished(self, ticket: Ticket) -> Sequence:
+        """The request's sequence once done; a timeout is a 504, any other failure a 500."""
         try:
             seq = await self.loop.wait(ticket)
         except SequenceFailed as exc:
@@ -215,10 +216,36 @@ class Service:
                 raise ApiError(
                     504, f"request did not finish within {self.settings.request_timeout_s}s"
                 ) from None
-            raise ApiError(500, "generation failed") from None
+            raise ApiError(500, "the request failed in the engine") from None
+        self.metrics.queue_wait.observe((seq.admitted or seq.arrived) - seq.arrived)
+        return seq
+
+    async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
+        seq = await self.finished(ticket)
         queue_s = (seq.admitted or seq.arrived) - seq.arrived
-        self.metrics.queue_wait.observe(queue_s)
         return Outcome(self.engine.result(request, seq.decoder), queue_s)
+
+    def retrieval_request(self, task: str, image: Prepared | None, texts: list[str]) -> RetrievalRequest:
+        for i, text in enumerate(texts):
+            if self.engine.tokenizer.count(text) > self.settings.max_prompt_tokens:
+                raise ApiError(422, f"texts[{i}]: longer than {self.settings.max_prompt_tokens} tokens")
+        pixels, key = (image.pixel_values, image.key) if image is not None else (None, "")
+        try:
+            return self.engine.retrieval_request(task, pixels, key, texts)
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[RetrievalOutput]:
+        """Queue matching / embedding requests (one engine step each, batched with the others)."""
+        tickets: list[Ticket] = []
+        try:
+            for r in requests:
+                tickets.append(self.enqueue(r))
+            return [(await self.finished(t)).output for t in tickets]
+        except BaseException:
+            for t in tickets:
+                self.loop.cancel(t)
+            raise
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenOutput] | Outcome]:
         """Queue a request (errors raise here), then iterate: the outputs so far after each engine step,

@@ -74,6 +74,8 @@ def test_captioner_refuses_questions_and_keeps_serving(caption_server):
     assert r.status_code == 400 and "does not serve 'vqa'" in r.json()["error"]["message"]
     models = httpx.get(url + "/v1/models").json()["data"][0]
     assert models["tasks"] == ["caption"] and models["vqa_template"] is None
+    r = httpx.post(url + "/match", json={"image": b64(png_bytes(1)), "texts": ["a cat"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_task"
     assert httpx.post(url + "/caption", json={"image": b64(png_bytes(1))}).status_code == 200
 
 

@@ -70,7 +70,7 @@ def test_match_and_embeddings_equal_transformers(retriever):
                 torch.tensor(embedded.text_embeddings[i]), text_emb, atol=1e-5, rtol=1e-5
             )
         torch.testing.assert_close(torch.tensor(embedded.image_embedding), image, atol=1e-5, rtol=1e-5)
-        assert 0 < min(ours.itm) and max(ours.itm) < 1 and len(set(ours.itc)) == len(TEXTS)
+        assert min(ours.itm) > 0 and max(ours.itm) < 1 and len(set(ours.itc)) == len(TEXTS)
 
 
 def test_retrieval_model_refuses_generation_and_bad_requests(retriever):
