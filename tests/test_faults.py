@@ -72,7 +72,7 @@ def test_single_item_oom_fails_only_that_request_and_ready_reflects_repeated_fai
         broken["on"] = True
         for i in range(3):
             r = httpx.post(url + "/caption", json={"image": b64(png_bytes(50 + i)), **body})
-            assert r.status_code == 500 and r.json()["error"]["message"] == "generation failed"
+            assert r.status_code == 500 and r.json()["error"]["message"] == "the request failed in the engine"
             assert "Traceback" not in r.text
         assert httpx.get(url + "/ready").status_code == 503  # three failed steps in a row
         broken["on"] = False
