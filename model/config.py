@@ -88,6 +88,9 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
     tie_word_embeddings: bool = True
+    # transformers 5 writes whether to scale the decoder output by d_model^-0.5 here (and always says
+    # tie_word_embeddings); older configs say it with tie_word_embeddings (original T5: tied and scaled).
+    scale_decoder_outputs: bool | None = None
     decoder_start_token_id: int = 0
     eos_token_id: int | list[int] = 1
     pad_token_id: int = 0
@@ -99,6 +102,12 @@ class T5Config:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+    @property
+    def scales_output(self) -> bool:
+        if self.scale_decoder_outputs is not None:
+            return self.scale_decoder_outputs
+        return self.tie_word_embeddings
 
     @property
     def gated(self) -> bool:

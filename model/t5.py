@@ -226,6 +226,6 @@ class T5ForConditionalGeneration(nn.Module):
             )
             x = block.layer[2](x)
         x = self.decoder.final_layer_norm(x[:, 0])
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.scales_output:
             x = x * self.cfg.d_model**-0.5  # original T5 scales tied outputs; T5 v1.1 / Flan-T5 do not tie
         return self.lm_head(x).float()
