@@ -75,7 +75,9 @@ class TokenLogprob:
 
     token: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+    # (token id, log-probability), most likely first; tokens the processors ruled out (-inf: top_k,
+    # top_p, min_new_tokens) are no alternatives, so there may be fewer than asked.
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -92,7 +94,7 @@ def token_logprobs(log_probs: torch.Tensor, tokens: list[int], k: int) -> list[T
     chosen = log_probs.gather(1, torch.tensor(tokens, device=log_probs.device)[:, None])[:, 0].tolist()
     top_lp, top_id = torch.topk(log_probs, k) if k else (log_probs[:, :0], log_probs[:, :0].long())
     return [
-        TokenLogprob(t, lp, tuple(zip(ids, lps, strict=True)))
+        TokenLogprob(t, lp, tuple((i, p) for i, p in zip(ids, lps, strict=True) if p != float("-inf")))
         for t, lp, ids, lps in zip(tokens, chosen, top_id.tolist(), top_lp.tolist(), strict=True)
     ]
 

@@ -47,6 +47,15 @@ def check_logprobs(entries, scores: list[torch.Tensor], tokens: list[int], k: in
         torch.testing.assert_close(torch.tensor([lp for _, lp in entry.top]), top_lp, atol=1e-4, rtol=0)
 
 
+def test_ruled_out_tokens_are_no_alternatives(pair):
+    """top_k=1 leaves one token: its logprob is 0 and no -inf alternatives (JSON has no -inf)."""
+    engine, _ = pair
+    params = SamplingParams(max_new_tokens=4, do_sample=True, top_k=1, seed=3, logprobs=3)
+    result = engine.generate(list(random_pixels(1)), [None], params)[0]
+    for entry in result.outputs[0].logprobs:
+        assert entry.logprob == 0.0 and entry.top == ((entry.token, 0.0),)
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"repetition_penalty": 1.4, "min_new_tokens": 4}])
 def test_greedy_logprobs_match_output_scores(pair, kwargs):
     engine, hf = pair
