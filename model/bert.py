@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BlipTextConfig
-from .kv_cache import AttnBatch, CrossCache, KVCache
+from .kv_cache import AttnBatch, CrossCache
 from .vision import QFormerIntermediate, QFormerOutput, activation, merge_heads, split_heads
 
 
@@ -169,11 +169,16 @@ class BlipTextModel(nn.Module):
                 f"max_len {max_len} exceeds the text model's {c.max_position_embeddings} positions"
             )
         head_dim = c.hidden_size // c.num_attention_heads
-        own = KVCache(c.num_hidden_layers, num_slots, c.num_attention_heads, max_len, head_dim, dtype, device)
-        cross = KVCache(
-            c.num_hidden_layers, num_slots, c.num_attention_heads, max_source, head_dim, dtype, device
+        return CrossCache.empty(
+            c.num_hidden_layers,
+            num_slots,
+            c.num_attention_heads,
+            max_len,
+            max_source,
+            head_dim,
+            dtype,
+            device,
         )
-        return CrossCache(own, cross, torch.zeros(num_slots, dtype=torch.long, device=device))
 
 
 class PredictionHeadTransform(nn.Module):

@@ -52,10 +52,6 @@ class _BlipGenerator(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] -> image features [B, 1 + (S/P)^2, vision hidden size]."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}"
-            )
         return self.vision_model(pixel_values)
 
     def prompt_inputs(self, image: torch.Tensor, text_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:

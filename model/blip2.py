@@ -93,10 +93,6 @@ class Blip2ForConditionalGeneration(nn.Module):
         As in `transformers`, the Q-Former and the learned queries stay in fp32 whatever the model dtype
         (its `_keep_in_fp32_modules`); the projection runs in the model dtype.
         """
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}"
-            )
         image = self.vision_model(pixel_values)
         queries = self.query_tokens.expand(image.shape[0], -1, -1)
         out = self.qformer(queries, image.to(self.query_tokens.dtype))

@@ -98,6 +98,22 @@ class CrossCache:
     cross: KVCache  # [layers, slots, heads, max_source, head_dim]
     lengths: torch.Tensor  # [slots] source length of each slot
 
+    @classmethod
+    def empty(
+        cls,
+        num_layers: int,
+        num_slots: int,
+        num_heads: int,
+        max_len: int,
+        max_source: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> CrossCache:
+        own = KVCache(num_layers, num_slots, num_heads, max_len, head_dim, dtype, device)
+        cross = KVCache(num_layers, num_slots, num_heads, max_source, head_dim, dtype, device)
+        return cls(own, cross, torch.zeros(num_slots, dtype=torch.long, device=device))
+
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         self.own.copy_slots(src, dst)
         self.cross.copy_slots(src, dst)

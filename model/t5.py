@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
-from .kv_cache import AttnBatch, CrossCache, KVCache
+from .kv_cache import AttnBatch, CrossCache
 from .vision import merge_heads
 
 
@@ -184,10 +184,9 @@ class T5ForConditionalGeneration(nn.Module):
 
     def new_cache(self, num_slots: int, max_len: int, max_source: int, dtype, device) -> T5Cache:
         c = self.cfg
-        layers = c.decoder_layers
-        own = KVCache(layers, num_slots, c.num_heads, max_len, c.d_kv, dtype, device)
-        cross = KVCache(layers, num_slots, c.num_heads, max_source, c.d_kv, dtype, device)
-        return T5Cache(own, cross, torch.zeros(num_slots, dtype=torch.long, device=device))
+        return T5Cache.empty(
+            c.decoder_layers, num_slots, c.num_heads, max_len, max_source, c.d_kv, dtype, device
+        )
 
     def fill_cross(
         self, enc: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cache: T5Cache

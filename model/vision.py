@@ -112,6 +112,10 @@ class VisionModel(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be [batch, 3, height, width], got {tuple(pixel_values.shape)}"
+            )
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers:
             x = layer(x)

@@ -188,8 +188,7 @@ def _add_routes(app: FastAPI) -> None:
         blobs = parsed.images
         if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
             raise ApiError(422, f"questions: {len(questions)} given for {len(blobs)} images")
-        if len(questions) > svc.settings.max_items_per_request:
-            raise ApiError(422, f"questions: at most {svc.settings.max_items_per_request} per request")
+        svc.limit_items(len(questions), "questions")
         images = await svc.prepare_images(blobs)
         n = max(len(images), len(questions))
         pairs = [

@@ -14,7 +14,6 @@ from fastapi import FastAPI, Request
 
 from model.plan import RetrievalOutput
 
-from .errors import ApiError
 from .inputs import parse_body
 from .schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse
 from .service import Service, elapsed_ms
@@ -24,11 +23,6 @@ T = TypeVar("T")
 
 def _scores(out: RetrievalOutput) -> list[dict]:
     return [{"text": i, "itm": p, "itc": s} for i, (p, s) in enumerate(zip(out.itm, out.itc, strict=True))]
-
-
-def _check_items(svc: Service, count: int, field: str) -> None:
-    if count > svc.settings.max_items_per_request:
-        raise ApiError(422, f"{field}: at most {svc.settings.max_items_per_request} per request")
 
 
 def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Awaitable[T]]) -> None:
@@ -60,7 +54,7 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         parsed = await parse_body(request, EmbedRequest)
         body: EmbedRequest = parsed.body
         texts = body.texts or []
-        _check_items(svc, len(texts), "texts")
+        svc.limit_items(len(texts), "texts")
         images = await svc.prepare_images(parsed.images) if parsed.images else []
         jobs = [svc.retrieval_request("embed", im, []) for im in images]
         if texts:

@@ -145,9 +145,13 @@ class Service:
             item.strip(), s.image_url_allowlist, max_bytes, s.image_url_timeout_s, self.is_public
         )
 
+    def limit_items(self, count: int, field: str) -> None:
+        """422 when a batch request carries more than `max_items_per_request` of `field`."""
+        if count > self.settings.max_items_per_request:
+            raise ApiError(422, f"{field}: at most {self.settings.max_items_per_request} per request")
+
     async def prepare_images(self, items: list[bytes | str]) -> list[Prepared]:
-        if len(items) > self.settings.max_items_per_request:
-            raise ApiError(422, f"images: at most {self.settings.max_items_per_request} per request")
+        self.limit_items(len(items), "images")
         blobs = await asyncio.gather(*(self.fetch(item) for item in items))
         loop = asyncio.get_running_loop()
         jobs = [
