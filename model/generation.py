@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Smallest temperature and repetition penalty: logits are divided by them, and below this an fp32 logit
+# overflows to inf (sampling then fails, log-probabilities turn NaN).
+MIN_DIVISOR = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,10 +42,10 @@ class SamplingParams:
             "max_new_tokens": self.max_new_tokens >= 1,
             "min_new_tokens": 0 <= self.min_new_tokens <= self.max_new_tokens,
             "num_beams": self.num_beams >= 1,
-            "temperature": self.temperature > 0,
+            "temperature": self.temperature >= MIN_DIVISOR,
             "top_k": self.top_k >= 0,
             "top_p": 0 < self.top_p <= 1,
-            "repetition_penalty": self.repetition_penalty > 0,
+            "repetition_penalty": self.repetition_penalty >= MIN_DIVISOR,
             "n": self.n >= 1,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "stop": all(isinstance(s, str) and s for s in self.stop),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.generation import MIN_DIVISOR
+
 
 class GenerationParams(BaseModel):
     """Generation settings; every one optional, bounded by the server's limits (see /v1/models)."""
@@ -15,10 +17,10 @@ class GenerationParams(BaseModel):
     num_beams: int | None = Field(None, ge=1, description="1 = greedy (default); the paper captions with 5")
     length_penalty: float = Field(1.0, ge=-10, le=10)
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0, le=10)
+    temperature: float = Field(1.0, ge=MIN_DIVISOR, le=10)
     top_k: int = Field(50, ge=0, le=10_000)
     top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=MIN_DIVISOR, le=10)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, description="outputs per image: the n best beams (num_beams >= n) or n samples")
     logprobs: int | None = Field(

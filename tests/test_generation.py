@@ -64,6 +64,8 @@ def test_warpers_match_transformers():
         {"top_p": 1.5},
         {"top_k": -1},
         {"repetition_penalty": 0},
+        {"temperature": 1e-300},  # logits / temperature overflow to inf
+        {"repetition_penalty": 1e-300},
         {"do_sample": True, "num_beams": 2},
     ],
 )

@@ -140,6 +140,7 @@ def test_logprobs_n_seed_and_stop(client, live):
         ({"extra_body": {"tools": []}}, openai.BadRequestError, "tools"),
         ({"frequency_penalty": 0.5}, openai.BadRequestError, "frequency_penalty"),
         ({"max_tokens": 100_000}, openai.BadRequestError, None),
+        ({"temperature": 1e-300}, openai.BadRequestError, "temperature"),  # sampling overflowed (500)
     ],
 )
 def test_errors_in_openai_shape(client, live, kwargs, error, param):

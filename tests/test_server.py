@@ -218,6 +218,9 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(ckpt):
             ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
             ({"json": {"image": ok, "max_new_tokens": "many"}}, 422, "max_new_tokens"),
             ({"json": {"image": ok, "temperature": -1}}, 422, "temperature"),
+            # Logits divided by these overflow to inf: sampling failed (500), logprobs went NaN.
+            ({"json": {"image": ok, "do_sample": True, "temperature": 1e-300}}, 422, "temperature"),
+            ({"json": {"image": ok, "repetition_penalty": 1e-300, "logprobs": 1}}, 422, "repetition_penalty"),
             ({"json": {"image": ok, "unknown": 1}}, 422, "unknown"),
             ({"json": {"image": ok, "num_beams": 5}}, 422, "num_beams"),
             ({"json": {"image": ok, "max_new_tokens": 10_000}}, 422, "max_new_tokens"),
