@@ -9,6 +9,7 @@ straight back to the pool. The batch is never held back for its longest member.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -63,6 +64,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch_images = max_batch_images
         self.eos_ids = eos_ids
+        # A min-heap: sequences take the lowest free slots, so the slots decoding stay packed at the
+        # bottom of the cache and the fixed-shape decode step (slots [0, rows)) stays small.
         self.free_slots: list[int] = list(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -102,7 +105,7 @@ class Scheduler:
             if key and key not in images and len(images) >= self.max_batch_images:
                 break
             seq = self.waiting.popleft()
-            seq.slots = [self.free_slots.pop() for _ in range(seq.rows)]
+            seq.slots = [heapq.heappop(self.free_slots) for _ in range(seq.rows)]
             seq.admitted = now
             if key:
                 images.add(key)
@@ -169,5 +172,6 @@ class Scheduler:
         gone = {id(s) for s in seqs}
         self.running = [s for s in self.running if id(s) not in gone]
         for s in seqs:
-            self.free_slots.extend(s.slots)
+            for slot in s.slots:
+                heapq.heappush(self.free_slots, slot)
             s.slots = []

@@ -19,32 +19,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from bench.shapes import SIZES, shrunk  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
 from model.config import Blip2Config  # noqa: E402
 from model.image import ImageProcessor  # noqa: E402
 from model.loader import build_empty, load_weights  # noqa: E402
+from model.runner import DecodeOptions  # noqa: E402
 from model.tiny import train_tokenizer  # noqa: E402
 from model.tokenizer import TextTokenizer  # noqa: E402
-
-OPT_2_7B = {
-    "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
-    "qformer_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                       "intermediate_size": 3072, "cross_attention_frequency": 2},
-    "text_config": {"model_type": "opt", "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32,
-                    "num_attention_heads": 32, "ffn_dim": 10240, "max_position_embeddings": 2048,
-                    "word_embed_proj_dim": 2560, "eos_token_id": 50118},
-    "num_query_tokens": 32,
-    "image_token_index": 50265,
-}  # fmt: skip
-
-
-def shrunk(config: dict, layers: int) -> dict:
-    """The same widths with fewer layers: exercises the full-size code path on a small machine."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key in ("vision_config", "qformer_config", "text_config"):
-        out[key]["num_hidden_layers"] = layers
-    return out
 
 
 def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):
@@ -58,7 +40,7 @@ def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):
         make_checkpoint(tmp, "pre_ln", image_size=224)
         hf = Blip2ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
         return hf, Blip2Engine.from_pretrained(str(tmp), device=device, dtype=dtype)
-    config = OPT_2_7B if size == "opt-2.7b" else shrunk(OPT_2_7B, 2)
+    config = SIZES[size] if size in SIZES else shrunk(SIZES["opt-2.7b"], 2)
     with torch.device(device):
         hf = Blip2ForConditionalGeneration(HFConfig(**config)).to(dtype).eval()
     hf.qformer.float()
@@ -106,33 +88,43 @@ def agreement(hf, engine, pixels, new_tokens: int, device: str, dtype: torch.dty
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "opt-2.7b", "opt-2.7b-2layers"], default="tiny")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--new-tokens", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-        args.dtype or ("float16" if args.device == "cuda" else "float32")
-    ]
-    import tempfile
+VARIANTS = {
+    "default": DecodeOptions(),  # fixed-shape decode step; CUDA graphs on CUDA
+    "no-graphs": DecodeOptions(cuda_graphs=False),  # the same step, launched eagerly
+    "gathered": DecodeOptions(static=False),  # rows gathered from their cache slots, exact shapes
+}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf, engine = build_pair(args.size, args.device, dtype, Path(tmp))
-    engine.eos_ids = (-1,)  # never stop early: both sides generate exactly --new-tokens
+
+def vision_flops(engine) -> float:
+    """Multiply-adds x 2 of the ViT for one image (matmuls and attention; norms and GELU left out)."""
+    v = engine.cfg.vision
+    t, h, m = (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size
+    per_layer = 2 * t * h * 4 * h + 2 * t * h * m * 2 + 4 * t * t * h
+    return per_layer * v.num_hidden_layers
+
+
+def vision_rate(engine, batch: int, repeats: int, device: str) -> float:
+    """Images/s of the vision stage alone (ViT + Q-Former + projection) at `batch`."""
     side = engine.cfg.vision.image_size
-    name = (
-        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    )
-    print(f"device: {name}; model: {args.size}; dtype: {dtype}; new tokens: {args.new_tokens}")
-    print(f"{'batch':>5} {'transformers img/s':>19} {'blipserve img/s':>16} {'ratio':>6}")
+    pixels = torch.randn(batch, 3, side, side, device=device)
+
+    def run():
+        with torch.inference_mode():
+            engine.model.encode_images(pixels)
+
+    return batch / timed(run, repeats, device)
+
+
+def throughput_table(args, hf, engine, dtype, variants: list[str]) -> dict[int, dict[str, float]]:
+    """img/s of transformers and of each variant per batch size; prints the table as it goes."""
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    stages: list[tuple[int, tuple[float, float, float]]] = []
+    print(
+        f"{'batch':>5} {'transformers':>13}" + "".join(f" {v:>10} {'ratio':>6}" for v in variants) + "  equal"
+    )
+    rates: dict[int, dict[str, float]] = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         # Both sides start from a list of preprocessed images, as a server has them.
+        side = engine.cfg.vision.image_size
         pixels = list(torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch)))
 
         def run_hf(pixels=pixels):
@@ -141,19 +133,74 @@ def main() -> None:
                 hf.generate(pixel_values=hf_pixels, max_new_tokens=args.new_tokens,
                             min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=1)  # fmt: skip
 
-        def run_ours(pixels=pixels):
-            engine.generate(pixels, None, params)
-
-        t_hf = timed(run_hf, args.repeats, args.device)
-        t_ours = timed(run_ours, args.repeats, args.device)
+        row = {"transformers": batch / timed(run_hf, args.repeats, args.device)}
+        for v in variants:
+            engine.decode_options = VARIANTS[v]
+            row[v] = batch / timed(
+                lambda p=pixels: engine.generate(p, None, params), args.repeats, args.device
+            )
+        engine.decode_options = VARIANTS[variants[0]]
         agree = agreement(hf, engine, pixels, args.new_tokens, args.device, dtype)
-        print(
-            f"{batch:>5} {batch / t_hf:>19.1f} {batch / t_ours:>16.1f} {t_hf / t_ours:>5.2f}x  tokens equal: {agree:.1%}"
-        )
-        stages.append((batch, stage_times(engine, pixels, params)))
-    print(f"\nblipserve per stage ({name}): ms per call")
+        cells = "".join(f" {row[v]:>10.1f} {row[v] / row['transformers']:>5.2f}x" for v in variants)
+        print(f"{batch:>5} {row['transformers']:>13.1f}{cells}  {agree:.1%}")
+        rates[batch] = row
+    return rates
+
+
+def summary(args, engine, rates: dict[int, dict[str, float]], variant: str, name: str) -> None:
+    best_hf = max(rates.items(), key=lambda kv: kv[1]["transformers"])
+    best_us = max(rates.items(), key=lambda kv: kv[1][variant])
+    print(f"\nbest of each ({name}): transformers {best_hf[1]['transformers']:.1f} img/s at batch {best_hf[0]}, "
+          f"blipserve {best_us[1][variant]:.1f} img/s at batch {best_us[0]}: "
+          f"{best_us[1][variant] / best_hf[1]['transformers']:.2f}x")  # fmt: skip
+    if 1 in rates:
+        print(f"one image, {args.new_tokens} new tokens: {1e3 / rates[1][variant]:.1f} ms ({name})")
+    batch = max(rates)
+    rate, flops = vision_rate(engine, batch, args.repeats, args.device), vision_flops(engine)
+    line = f"vision stage at batch {batch}: {rate:.1f} img/s, ViT {flops / 1e9:.0f} GFLOP/img, {rate * flops / 1e12:.1f} TFLOPS"
+    if args.peak_tflops:
+        roof = args.peak_tflops * 1e12 / flops
+        line += f"; roofline {roof:.0f} img/s at {args.peak_tflops:.0f} TFLOPS peak: {rate / roof:.0%}"
+    print(line + f" ({name})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=["tiny", *SIZES, "opt-2.7b-2layers"], default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}; the first is ours")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="device's dense fp16 peak (H100 SXM: 989)"
+    )
+    args = ap.parse_args()
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+        args.dtype or ("float16" if args.device == "cuda" else "float32")
+    ]
+    variants = (
+        args.variants or ("default,no-graphs" if args.device == "cuda" else "default,gathered")
+    ).split(",")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, engine = build_pair(args.size, args.device, dtype, Path(tmp))
+    engine.eos_ids = (-1,)  # never stop early: both sides generate exactly --new-tokens
+    name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(f"device: {name}; model: {args.size}; dtype: {dtype}; new tokens: {args.new_tokens}; img/s")
+    rates = throughput_table(args, hf, engine, dtype, variants)
+    summary(args, engine, rates, variants[0], name)
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    print(f"\nblipserve per stage ({name}, {variants[0]}): ms per call")
     print(f"{'batch':>5} {'vision+qformer':>15} {'prefill':>9} {'decode step':>12}")
-    for batch, (vision, prefill, decode) in stages:
+    for batch in rates:
+        side = engine.cfg.vision.image_size
+        pixels = list(torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch)))
+        vision, prefill, decode = stage_times(engine, pixels, params)
         print(f"{batch:>5} {vision:>15.2f} {prefill:>9.2f} {decode:>12.3f}")
 
 

@@ -148,7 +148,7 @@ class BlipTextModel(nn.Module):
         the cached source of each slot -> hidden [B, T, H]. Prefill rows are whole right-padded
         prompts (a causal mask keeps pads out of real rows); decode rows are one token each."""
         x = self.embeddings(ids, batch.positions)
-        src_batch, src_mask = cache.cross_batch(batch.slots)
+        src_batch, src_mask = cache.cross_batch(batch.slots, batch.dense)
         for i, layer in enumerate(self.encoder.layer):
             k, v = layer.attention.self.keys_values(x)
             cache.own.update(i, batch, k, v)

@@ -73,9 +73,10 @@ class _BlipGenerator(nn.Module):
         slots: torch.Tensor,
         cache: CrossCache,
         kv_len: int,
+        dense: bool = False,
     ) -> torch.Tensor:
         """One new token per row at its own position; next-token logits [B, vocab] (fp32)."""
-        batch = AttnBatch.decode(slots, positions, kv_len)
+        batch = AttnBatch.decode(slots, positions, kv_len, dense)
         hidden = self.text_decoder.bert.decode(tokens[:, None], batch, cache)
         return self.text_decoder.logits(hidden[:, 0])
 

@@ -153,10 +153,12 @@ class Blip2ForConditionalGeneration(nn.Module):
         slots: torch.Tensor,
         cache: KVCache | T5Cache,
         kv_len: int,
+        dense: bool = False,
     ) -> torch.Tensor:
-        """One new token per row at its own position; return next-token logits [B, vocab]."""
+        """One new token per row at its own position; return next-token logits [B, vocab].
+        `dense`: row r reads cache slot r in place and writes to `slots[r]` (see `model.static_decode`)."""
         if isinstance(cache, T5Cache):
-            return self.language_model.decode(tokens, positions, slots, cache, kv_len)
+            return self.language_model.decode(tokens, positions, slots, cache, kv_len, dense)
         x = self.language_model.token_embeddings(tokens[:, None])
-        hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len), cache)
+        hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len, dense), cache)
         return self.language_model.logits(hidden[:, 0])

@@ -25,7 +25,7 @@ from .generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .image import ImageProcessor
 from .loader import load_model, resolve_checkpoint
 from .plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
-from .runner import ModelRunner
+from .runner import DecodeOptions, ModelRunner
 from .textstream import cut_at_stop, stop_checker
 from .tiny import write_tiny_checkpoint
 from .tokenizer import TextTokenizer
@@ -110,6 +110,9 @@ class Blip2Engine:
         self.device = model.device
         self.dtype = model.lm_dtype
         self.eos_ids = self.cfg.eos_token_ids
+        self.decode_options = DecodeOptions()
+        # With CUDA graphs, offline calls keep their runner (and its captured graphs) while it fits.
+        self._offline_runner: ModelRunner | None = None
 
     @classmethod
     def from_pretrained(
@@ -209,8 +212,29 @@ class Blip2Engine:
         outputs = [self.completion(out, request.params) for out in decoder.outputs()]
         return GenerationResult(outputs, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
-    def new_runner(self, num_slots: int, max_len: int, embedding_cache_bytes: int = 256 << 20) -> ModelRunner:
-        return ModelRunner(self.model, num_slots, min(max_len, self.max_positions), embedding_cache_bytes)
+    def new_runner(
+        self,
+        num_slots: int,
+        max_len: int,
+        embedding_cache_bytes: int = 256 << 20,
+        options: DecodeOptions | None = None,
+    ) -> ModelRunner:
+        max_len = min(max_len, self.max_positions)
+        options = options or self.decode_options
+        return ModelRunner(self.model, num_slots, max_len, embedding_cache_bytes, options)
+
+    def _runner_for(self, num_slots: int, max_len: int) -> ModelRunner:
+        """A runner for an offline call; one with captured graphs is kept for the next call that fits."""
+        kept = self._offline_runner
+        if (
+            kept is not None
+            and kept.num_slots >= num_slots
+            and kept.max_len >= min(max_len, self.max_positions)
+        ):
+            return kept
+        runner = self.new_runner(num_slots, max_len, embedding_cache_bytes=0)
+        self._offline_runner = runner if runner.graphs_on else None
+        return runner
 
     def generate(
         self,
@@ -248,7 +272,7 @@ class Blip2Engine:
             next_slot += decoder.num_rows
             works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
         max_len = max(r.positions for r in requests)
-        runner = self.new_runner(next_slot, max_len, embedding_cache_bytes=0)
+        runner = self._runner_for(next_slot, max_len)
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
         while not plan.is_empty():
             out = runner.run(plan)

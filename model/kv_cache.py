@@ -28,6 +28,9 @@ class AttnBatch:
     kv_len: int = 0
     # Decode only: [B, 1, 1, kv_len] True where a row may attend (position <= its own position).
     mask: torch.Tensor | None = None
+    # Decode only: row r reads cache slot r in place (a view, not a gather), as the fixed-shape decode
+    # step does (`model.static_decode`); `slots` then only says where each row writes.
+    dense: bool = False
 
     @classmethod
     def prefill(cls, slots: torch.Tensor, length: int) -> AttnBatch:
@@ -35,13 +38,15 @@ class AttnBatch:
         return cls(slots=slots, positions=positions, is_prefill=True)
 
     @classmethod
-    def decode(cls, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> AttnBatch:
+    def decode(
+        cls, slots: torch.Tensor, positions: torch.Tensor, kv_len: int, dense: bool = False
+    ) -> AttnBatch:
         """`positions` [B]: the position each row's new token takes; `kv_len` > max(positions)."""
         if positions.dim() != 1 or positions.shape[0] != slots.shape[0]:
             raise ValueError(f"positions must be [batch]={slots.shape[0]}, got {tuple(positions.shape)}")
         keys = torch.arange(kv_len, device=slots.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        return cls(slots=slots, positions=positions[:, None], is_prefill=False, kv_len=kv_len, mask=mask)
+        return cls(slots, positions[:, None], is_prefill=False, kv_len=kv_len, mask=mask, dense=dense)
 
 
 class KVCache:
@@ -68,8 +73,15 @@ class KVCache:
         self.k[layer][rows, :, batch.positions] = k.transpose(1, 2)
         self.v[layer][rows, :, batch.positions] = v.transpose(1, 2)
 
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
     def read(self, layer: int, batch: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, kv_len, D] of the batch's slots."""
+        if batch.dense:
+            rows = batch.slots.shape[0]
+            return self.k[layer, :rows, :, : batch.kv_len], self.v[layer, :rows, :, : batch.kv_len]
         return (
             self.k[layer, batch.slots, :, : batch.kv_len],
             self.v[layer, batch.slots, :, : batch.kv_len],
@@ -121,11 +133,18 @@ class CrossCache:
             idx = torch.tensor(src, device=self.lengths.device)
             self.lengths[torch.tensor(dst, device=self.lengths.device)] = self.lengths[idx]
 
-    def cross_batch(self, slots: torch.Tensor) -> tuple[AttnBatch, torch.Tensor]:
+    @property
+    def max_len(self) -> int:
+        return self.own.max_len
+
+    def cross_batch(self, slots: torch.Tensor, dense: bool = False) -> tuple[AttnBatch, torch.Tensor]:
         """Reading the whole source row of each slot (a fixed shape: no host sync for the longest),
-        and the [B, 1, 1, max_source] mask of each row's real source positions."""
-        max_source = self.cross.k.shape[3]
+        and the [B, 1, 1, max_source] mask of each row's real source positions. Dense rows read slots
+        [0, B) in place; a row over a slot with no source (free) still sees one position, not none, so
+        that its (discarded) output stays finite."""
+        max_source = self.cross.max_len
         src = torch.arange(max_source, device=slots.device)
-        mask = (src[None, :] < self.lengths[slots][:, None])[:, None, None, :]
-        batch = AttnBatch(slots=slots, positions=slots[:, None], is_prefill=False, kv_len=max_source)
+        lengths = self.lengths[: slots.shape[0]] if dense else self.lengths[slots]
+        mask = (src[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]
+        batch = AttnBatch(slots, slots[:, None], is_prefill=False, kv_len=max_source, dense=dense)
         return batch, mask

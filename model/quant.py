@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 QUANTIZED = re.compile(
@@ -44,14 +45,34 @@ def quantize_int8(model: nn.Module, threshold: float = 6.0) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers (int8 weights count one byte each); tied tensors once."""
+    """Bytes of parameters and buffers (int8 weights count one byte each, plus bitsandbytes' fp32 scale
+    per output row, `SCB`, which is an attribute of the weight, not a parameter); tied tensors once."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+        scales = getattr(t, "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            total += scales.numel() * scales.element_size()
     return total
 
 
-__all__ = ["QUANTIZED", "quantize_int8", "weight_bytes"]
+def int8_weight_bytes(model: nn.Module) -> int:
+    """What `weight_bytes` comes to after `quantize_int8`, counted without quantizing (so it works on a
+    model on the meta device, at full size): each quantized weight at one byte per entry plus one fp32
+    scale per output row; everything else as it is."""
+    targets = {
+        id(m.weight): m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and QUANTIZED.fullmatch(name)
+    }
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        rows = targets.get(id(t))
+        total += t.numel() * t.element_size() if rows is None else t.numel() + 4 * rows
+    return total
+
+
+__all__ = ["QUANTIZED", "int8_weight_bytes", "quantize_int8", "weight_bytes"]

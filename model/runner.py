@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -14,6 +16,7 @@ from .decoders import BeamDecoder
 from .generation import Step
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
+from .static_decode import StaticDecoder
 
 
 class EmbeddingCache:
@@ -42,6 +45,7 @@ class EmbeddingCache:
 
 
 T = TypeVar("T")
+log = logging.getLogger("blipserve.runner")
 
 
 def _halving(fn: Callable[[list], T], items: list, on_split: Callable[[], None]) -> list[T]:
@@ -63,6 +67,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the runner runs decode steps."""
+
+    # The fixed-shape step over slots [0, rows) (`model.static_decode`); off: rows gathered from their slots.
+    static: bool = True
+    # Replay that step as CUDA graphs (only on a CUDA device; ignored elsewhere).
+    cuda_graphs: bool = True
+    # Keys are read up to the next multiple of this many positions (fewer shapes vs less padding).
+    kv_step: int = 32
+
+
+def _feed(works: list[SequenceWork]) -> tuple[list[int], list[int], list[int]]:
+    """Token, position and cache slot of each row of a decode step."""
+    tokens, positions, slots = [], [], []
+    for w in works:
+        for row, token, position in w.decoder.feed():
+            tokens.append(token)
+            positions.append(position)
+            slots.append(w.slots[row])
+    return tokens, positions, slots
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -70,13 +97,36 @@ class ModelRunner:
         num_slots: int,
         max_len: int,
         embedding_cache_bytes: int = 256 << 20,
+        options: DecodeOptions = DecodeOptions(),
     ):
         self.model = model
         self.device = model.device
-        # Retrieval models decode nothing: no KV cache.
-        self.cache = model.new_cache(num_slots, max_len) if hasattr(model, "new_cache") else None
+        self.num_slots, self.max_len = num_slots, max_len
+        # Retrieval models decode nothing: no KV cache. One slot more than the scheduler's: the static
+        # decode step's idle rows write there.
+        self.cache = model.new_cache(num_slots + 1, max_len) if hasattr(model, "new_cache") else None
+        self.static = None
+        if self.cache is not None and options.static:
+            # bitsandbytes' LLM.int8 finds outlier columns with host-side indexing: not capturable.
+            int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+            graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
+            self.static = StaticDecoder(model.decode, self.cache, num_slots, options.kv_step, graphs)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
         self.oom_splits = 0  # batches split in two after running out of memory
+
+    @property
+    def graphs_on(self) -> bool:
+        return self.static is not None and self.static.graphs_on
+
+    def prepare(self) -> int:
+        """Capture the decode step's CUDA graphs now, before traffic (a no-op without them); returns
+        how many are ready. Call it from the thread that will run the steps, before it runs any."""
+        if not self.graphs_on:
+            return 0
+        start = time.perf_counter()
+        count = self.static.capture_all()
+        log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - start)
+        return count
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
@@ -90,7 +140,7 @@ class ModelRunner:
             out.prefill_s = time.perf_counter() - start
         if plan.decodes:
             start = time.perf_counter()
-            logits = torch.cat(_halving(self._decode, plan.decodes, self._split))
+            logits = self._decode(plan.decodes)
             self._choose(plan.decodes, logits, out, first=False)
             out.decode_s = time.perf_counter() - start
         if plan.retrievals:
@@ -113,8 +163,12 @@ class ModelRunner:
         return found
 
     def _encode(self, plan: StepPlan, keys: list[str]) -> torch.Tensor:
-        pixels = torch.stack([plan.images[k] for k in keys]).to(self.device, non_blocking=True)
-        return self.model.encode_images(pixels)
+        pixels = torch.stack([plan.images[k] for k in keys])
+        if self.device.type == "cuda":
+            # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
+            # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.
+            pixels = pixels.pin_memory()
+        return self.model.encode_images(pixels.to(self.device, non_blocking=True))
 
     def _split(self) -> None:
         self.oom_splits += 1
@@ -133,12 +187,17 @@ class ModelRunner:
         return torch.cat([logits[i : i + 1].expand(len(w.slots), -1) for i, w in enumerate(works)])
 
     def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
-        tokens, positions, slots = [], [], []
-        for w in works:
-            for row, token, position in w.decoder.feed():
-                tokens.append(token)
-                positions.append(position)
-                slots.append(w.slots[row])
+        """Logits of every fed row, in `works` order: the fixed-shape step, or on out-of-memory (or with
+        it off) rows gathered from their slots, halving the batch as long as it does not fit."""
+        if self.static is not None:
+            try:
+                return self.static.run(*_feed(works))
+            except torch.OutOfMemoryError:
+                self._split()
+        return torch.cat(_halving(self._gathered, works, self._split))
+
+    def _gathered(self, works: list[SequenceWork]) -> torch.Tensor:
+        tokens, positions, slots = _feed(works)
         kv_len = max(positions) + 1
         dev = self.device
         return self.model.decode(

@@ -199,17 +199,23 @@ class T5ForConditionalGeneration(nn.Module):
         cache.lengths[slots] = lengths.to(cache.lengths.device)
 
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: T5Cache, kv_len: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: T5Cache,
+        kv_len: int,
+        dense: bool = False,
     ) -> torch.Tensor:
         """One token per row at its decoder position; logits [B, vocab] in fp32."""
         own = cache.own
         x = self.shared(tokens[:, None])
-        batch = AttnBatch.decode(slots, positions, kv_len)
+        batch = AttnBatch.decode(slots, positions, kv_len, dense)
         keys = torch.arange(kv_len, device=x.device)
         neg = torch.finfo(torch.float32).min
         self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
         self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
-        src_batch, src_mask = cache.cross_batch(slots)
+        src_batch, src_mask = cache.cross_batch(slots, dense)
         cross_scores = torch.where(src_mask, 0.0, neg).to(x.dtype)
         for i, block in enumerate(self.decoder.block):
             sa, ca = block.layer[0], block.layer[1]

@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service or await asyncio.to_thread(Service.build, settings)
         app.state.service = svc
-        svc.start()
+        await asyncio.to_thread(svc.start)
         await asyncio.to_thread(svc.warm_up)
         log.info("ready: %s on %s", svc.engine.model_id, svc.engine.device)
         try:

@@ -17,6 +17,7 @@ from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, Sequence, 
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.plan import RetrievalOutput, RetrievalRequest
+from model.runner import DecodeOptions
 
 from .errors import ApiError
 from .fetch import fetch_image, is_public
@@ -47,7 +48,10 @@ class Service:
         self.metrics = Metrics()
         max_len = min(settings.max_len, engine.max_positions)
         self.max_len = max_len
-        self.runner = engine.new_runner(settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20)
+        options = DecodeOptions(cuda_graphs=settings.cuda_graphs, kv_step=settings.decode_kv_step)
+        self.runner = engine.new_runner(
+            settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20, options
+        )
         self.scheduler = Scheduler(
             settings.max_running_seqs, settings.max_queue, settings.max_batch_images, engine.eos_ids
         )
@@ -69,6 +73,8 @@ class Service:
         return cls(settings, engine)
 
     def start(self) -> None:
+        """Capture the decode graphs (before the engine thread runs any CUDA work), then start it."""
+        self.runner.prepare()
         self.loop.start()
 
     def warm_up(self) -> None:

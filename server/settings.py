@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one)")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     embedding_cache_mb: int = Field(256, ge=0, description="LRU of image query embeddings")
+    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (CUDA only)")
+    decode_kv_step: int = Field(
+        32, ge=1, description="decode reads keys up to the next multiple of this (one graph per multiple)"
+    )
     # Request limits
     max_new_tokens_limit: int = Field(128, ge=1)
     default_max_new_tokens: int = Field(30, ge=1)

@@ -1,0 +1,179 @@
+"""The decode step at fixed shapes, replayed as CUDA graphs on GPU.
+
+A decode step is small kernels over a small batch: on a GPU its time is mostly the CPU launching them.
+Captured once as a CUDA graph per shape and replayed, a step costs one launch. A graph needs fixed
+shapes and fixed addresses, so the step here is shaped by buckets, not by the live batch:
+
+- **Rows are cache slots.** Row r of the step is slot r and reads that slot's keys/values in place (a
+  view of the cache, no gather). The rows run are slots [0, rows) with `rows` the next bucket above the
+  highest slot decoding; the scheduler hands out the lowest free slots, so that range stays tight.
+- **Idle rows write nowhere that matters.** A row whose slot is not decoding this step (free, or
+  prefilled in this very step) feeds token 0 at position 0 and writes its keys/values into a spare
+  "trash" slot past the scheduler's slots; its logits are dropped.
+- **Keys are read up to a bucket** (the next multiple of `kv_step` above the longest row), masked per
+  row at its own position, so short sequences do not pay for the cache's full length.
+
+Inputs go to the device in one copy (pinned on CUDA) into static buffers; the graph writes its logits
+into a static buffer, and the live rows' logits are gathered from it. All graphs share one memory pool:
+they run one after another on one stream. On CPU (and with graphs off) the same fixed-shape step runs
+eagerly, so the tests exercise everything but the capture itself; a capture that fails, or whose replay
+disagrees with the eager step, turns graphs off with a logged error rather than serving wrong tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from .kv_cache import CrossCache, KVCache
+
+log = logging.getLogger("blipserve.decode")
+
+# One decode step at fixed shapes: (tokens [R], positions [R], write slots [R], cache, kv_len, dense)
+# -> logits [R, vocab] fp32; the model's `decode`.
+DecodeFn = Callable[..., torch.Tensor]
+
+TOKENS, POSITIONS, WRITES, PICK = range(4)  # rows of the static input buffer
+
+
+def row_buckets(num_slots: int) -> list[int]:
+    """Powers of two below `num_slots`, then `num_slots` itself."""
+    sizes, n = [], 1
+    while n < num_slots:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, num_slots]
+
+
+def kv_buckets(max_len: int, step: int) -> list[int]:
+    """Multiples of `step` below `max_len`, then `max_len` itself."""
+    if step < 1:
+        raise ValueError(f"kv_step must be >= 1, got {step}")
+    return [*range(step, max_len, step), max_len]
+
+
+def _ceil(value: int, ladder: list[int]) -> int:
+    for size in ladder:
+        if size >= value:
+            return size
+    raise ValueError(f"{value} exceeds the largest bucket {ladder[-1]}")
+
+
+class StaticDecoder:
+    """Runs decode steps over slots [0, rows) at bucketed shapes; with `graphs`, as CUDA graphs.
+
+    `cache` must have one slot more than `num_slots`: slot `num_slots` is the trash slot idle rows write to.
+    """
+
+    def __init__(
+        self, decode: DecodeFn, cache: KVCache | CrossCache, num_slots: int, kv_step: int, graphs: bool
+    ):
+        device = cache.own.k.device if isinstance(cache, CrossCache) else cache.k.device
+        slots_in_cache = (cache.own if isinstance(cache, CrossCache) else cache).k.shape[1]
+        if slots_in_cache != num_slots + 1:
+            raise ValueError(
+                f"the cache must have num_slots + 1 = {num_slots + 1} slots, got {slots_in_cache}"
+            )
+        if graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.decode, self.cache, self.device = decode, cache, device
+        self.num_slots = num_slots
+        self.trash = num_slots
+        self.rows_ladder = row_buckets(num_slots)
+        self.kv_ladder = kv_buckets(cache.max_len, kv_step)
+        # [4, num_slots]: tokens, positions, write slots, and (first n entries) the live rows to pick.
+        self.inputs = torch.zeros((4, num_slots), dtype=torch.long, device=device)
+        self.graphs_on = graphs
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.logits: torch.Tensor | None = None  # [num_slots, vocab] fp32, the graphs' output buffer
+
+    def bucket(self, highest_slot: int, longest: int) -> tuple[int, int]:
+        """(rows, kv_len) of the step that covers slots up to `highest_slot` and `longest` positions."""
+        return _ceil(highest_slot + 1, self.rows_ladder), _ceil(longest, self.kv_ladder)
+
+    def step(self, rows: int, kv: int) -> torch.Tensor:
+        """The fixed-shape step on the static inputs (what a graph captures): logits [rows, vocab]."""
+        x = self.inputs
+        return self.decode(
+            x[TOKENS, :rows], x[POSITIONS, :rows], x[WRITES, :rows], self.cache, kv, dense=True
+        )
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits [len(slots), vocab] of one decode step: row i feeds `tokens[i]` at `positions[i]` of
+        slot `slots[i]`."""
+        n = len(slots)
+        if not n or len(tokens) != n or len(positions) != n:
+            raise ValueError(
+                f"tokens, positions and slots need equal non-zero lengths, got {len(tokens)}, {len(positions)}, {n}"
+            )
+        rows, kv = self.bucket(max(slots), max(positions) + 1)
+        graph = self._graph(rows, kv) if self.graphs_on else None
+        self._load(rows, tokens, positions, slots)
+        if graph is None:
+            out = self.step(rows, kv)
+        else:
+            graph.replay()
+            out = self.logits
+        return out[self.inputs[PICK, :n]]
+
+    def _load(self, rows: int, tokens: list[int], positions: list[int], slots: list[int]) -> None:
+        """Idle rows: token 0 at position 0, written to the trash slot; live rows at their slots."""
+        tok, pos, write, pick = [0] * rows, [0] * rows, [self.trash] * rows, [0] * rows
+        for t, p, s in zip(tokens, positions, slots, strict=True):
+            tok[s], pos[s], write[s] = t, p, s
+        pick[: len(slots)] = slots
+        host = torch.tensor([tok, pos, write, pick], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy; the caching host allocator reuses the page
+        self.inputs[:, :rows].copy_(host, non_blocking=True)
+
+    def _graph(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
+        graph = self.graphs.get((rows, kv))
+        if graph is None and self.graphs_on:
+            try:
+                graph = self._capture(rows, kv)
+            except Exception:  # noqa: BLE001 - any capture failure must leave the eager step serving
+                log.exception(
+                    "CUDA graph capture failed at rows=%d kv=%d; decoding eagerly from now on", rows, kv
+                )
+                self.graphs_on = False
+                return None
+        return graph
+
+    def _capture(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
+        # Every row idle: the warm-up, the capture and the check write only to the trash slot.
+        self.inputs[:, :rows] = torch.tensor([0, 0, self.trash, 0], device=self.device)[:, None]
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up off the capture stream: lazy inits, cuBLAS workspaces
+            width = self.step(rows, kv).shape[-1]
+        current.wait_stream(side)
+        if self.logits is None:
+            self.logits = torch.empty((self.num_slots, width), dtype=torch.float32, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits[:rows].copy_(self.step(rows, kv))
+        graph.replay()
+        if not torch.allclose(self.logits[:rows], self.step(rows, kv), rtol=1e-2, atol=1e-2):
+            log.error(
+                "CUDA graph replay differs from the eager step at rows=%d kv=%d; decoding eagerly", rows, kv
+            )
+            self.graphs_on = False
+            return None
+        self.graphs[(rows, kv)] = graph
+        return graph
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket now (at warm-up, before traffic), largest first as the pool prefers;
+        returns how many graphs are ready."""
+        for rows in reversed(self.rows_ladder):
+            for kv in reversed(self.kv_ladder):
+                if self.graphs_on:
+                    self._graph(rows, kv)
+        return len(self.graphs)
