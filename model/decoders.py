@@ -40,6 +40,8 @@ class TokenDecoder:
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
+        # The runner's batched argmax serves this row (once EOS is allowed); fixed per request.
+        self.plain_greedy = self.params.is_plain_greedy
         if self.params.do_sample:
             self.generator = torch.Generator()
             if self.params.seed is None:
@@ -66,6 +68,10 @@ class TokenDecoder:
     def allows_eos(self) -> bool:
         """The runner's batched greedy argmax (plain greedy, one row) is valid only once EOS is allowed."""
         return len(self.tokens) >= self.params.min_new_tokens
+
+    def takes_argmax(self) -> bool:
+        """This step's token is the plain argmax of its one row (the runner's batched fast path)."""
+        return self.plain_greedy and len(self.tokens) >= self.params.min_new_tokens
 
     def step(self, logits: torch.Tensor) -> Step:
         device = logits.device
@@ -109,6 +115,9 @@ class ParallelDecoder:
     @property
     def num_rows(self) -> int:
         return len(self.subs)
+
+    def takes_argmax(self) -> bool:
+        return False
 
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.subs) if not s.finish_reason]
@@ -164,6 +173,9 @@ class BeamDecoder:
     @property
     def num_rows(self) -> int:
         return self.params.num_beams
+
+    def takes_argmax(self) -> bool:
+        return False
 
     def active(self) -> list[int]:
         return [] if self.finish_reason else list(range(self.params.num_beams))

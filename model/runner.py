@@ -62,9 +62,38 @@ def _halving(fn: Callable[[list], T], items: list, on_split: Callable[[], None])
     return _halving(fn, items[:half], on_split) + _halving(fn, items[half:], on_split)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class _Picks:
+    """One stage's logits and which of its requests take the batched greedy argmax."""
+
+    works: list[SequenceWork]
+    logits: torch.Tensor  # [rows, vocab], the requests' active rows in order
+    offsets: list[int]  # first row of each request
+    counts: list[int]  # rows of each request
+    plain: list[int]  # the plain greedy requests (one row each), by index in `works`
+    greedy: torch.Tensor | None  # [len(plain)] their argmax, still on the device
+
+
+class Stopwatch:
+    """Stage times without synchronising the device between stages: on CUDA, events recorded in the
+    stream and read after the step (whose token read has waited for the device anyway); on CPU, where
+    every op has finished when it returns, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,7 @@ class ModelRunner:
             graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
             self.static = StaticDecoder(model.decode, self.cache, num_slots, options.kv_step, graphs)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
+        self.clock = Stopwatch(self.device)
         self.oom_splits = 0  # batches split in two after running out of memory
 
     @property
@@ -131,21 +161,36 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
         out = StepOutput()
+        marks = {"start": self.clock.mark()}
         fresh = self._vision(plan, out)
+        marks["vision"] = self.clock.mark()
+        # Tokens are read back only once every stage is launched: one wait for the device per step.
+        picks = []
         if plan.prefills:
-            start = time.perf_counter()
             logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
-            self._choose(plan.prefills, logits, out, first=True)
-            _sync(self.device)
-            out.prefill_s = time.perf_counter() - start
+            picks.append(self._pick(plan.prefills, logits))
+            marks["prefill"] = self.clock.mark()
         if plan.decodes:
-            start = time.perf_counter()
+            before = self.clock.mark()
             logits = self._decode(plan.decodes)
-            self._choose(plan.decodes, logits, out, first=False)
-            out.decode_s = time.perf_counter() - start
+            out.decode_rows = logits.shape[0]
+            picks.append(self._pick(plan.decodes, logits))
+            marks["decode"], marks["before_decode"] = self.clock.mark(), before
+        for p in picks:
+            self._apply(p, out)
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
+        self._timings(out, marks)
         return out
+
+    def _timings(self, out: StepOutput, marks: dict) -> None:
+        """Stage times, read once the step is over (the token read has synchronised the device)."""
+        if out.vision_images:
+            out.vision_s = self.clock.seconds(marks["start"], marks["vision"])
+        if "prefill" in marks:
+            out.prefill_s = self.clock.seconds(marks["vision"], marks["prefill"])
+        if "decode" in marks:
+            out.decode_s = self.clock.seconds(marks["before_decode"], marks["decode"])
 
     def _vision(self, plan: StepPlan, out: StepOutput) -> dict[str, torch.Tensor]:
         needed = {w.image_key for w in plan.prefills} | {w.image_key for w in plan.retrievals if w.image_key}
@@ -153,13 +198,11 @@ class ModelRunner:
         missing = [k for k in needed if k not in found]
         out.cache_hits = len(found)
         if missing:
-            start = time.perf_counter()
             embeds = torch.cat(_halving(lambda keys: self._encode(plan, keys), missing, self._split))
             for key, value in zip(missing, embeds, strict=True):
                 found[key] = value
                 self.embeddings.put(key, value)
-            _sync(self.device)
-            out.vision_images, out.vision_s = len(missing), time.perf_counter() - start
+            out.vision_images = len(missing)
         return found
 
     def _encode(self, plan: StepPlan, keys: list[str]) -> torch.Tensor:
@@ -208,28 +251,38 @@ class ModelRunner:
             kv_len,
         )
 
-    def _choose(self, works: list[SequenceWork], logits: torch.Tensor, out: StepOutput, first: bool) -> None:
-        # Each request's rows in `logits`: its active rows (all its slots at prefill).
-        offsets, counts, row = [], [], 0
-        for w in works:
+    def _pick(self, works: list[SequenceWork], logits: torch.Tensor) -> _Picks:
+        """Launch the batched argmax of the plain greedy rows on the device; nothing is read back yet."""
+        offsets, counts, plain, row = [], [], [], 0
+        for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
             offsets.append(row)
-            counts.append(len(w.decoder.active()))
-            row += counts[-1]
-        if not first:
-            out.decode_rows = row
-        # Plain greedy rows: one batched argmax and a single device->host copy.
-        plain = [
-            i for i, w in enumerate(works) if w.decoder.params.is_plain_greedy and w.decoder.allows_eos()
-        ]
-        greedy = logits[[offsets[i] for i in plain]].argmax(-1).tolist() if plain else []
-        picked = dict(zip(plain, greedy, strict=True))
-        for i, w in enumerate(works):
-            if i in picked:
-                step = w.decoder.append(picked[i])
+            if w.decoder.takes_argmax():
+                plain.append(i)
+                counts.append(1)
             else:
-                step = w.decoder.step(logits[offsets[i] : offsets[i] + counts[i]])
-            self._reorder(w, step)
-            out.steps[w.seq_id] = step
+                counts.append(len(w.decoder.active()))
+            row += counts[-1]
+        if len(plain) == row:  # every row is a plain greedy request: no gather
+            greedy = logits.argmax(-1)
+        else:
+            greedy = logits[[offsets[i] for i in plain]].argmax(-1) if plain else None
+        return _Picks(works, logits, offsets, counts, plain, greedy)
+
+    def _apply(self, picks: _Picks, out: StepOutput) -> None:
+        """Each request takes its token(s): plain greedy ones from one device->host copy; the others
+        (beams, sampling, penalties, logprobs) from their own rows of logits."""
+        tokens = picks.greedy.tolist() if picks.greedy is not None else []
+        for i, token in zip(picks.plain, tokens, strict=True):
+            w = picks.works[i]
+            out.steps[w.seq_id] = w.decoder.append(token)
+        if len(picks.plain) == len(picks.works):
+            return
+        plain = set(picks.plain)
+        for i, w in enumerate(picks.works):
+            if i not in plain:
+                step = w.decoder.step(picks.logits[picks.offsets[i] : picks.offsets[i] + picks.counts[i]])
+                self._reorder(w, step)
+                out.steps[w.seq_id] = step
 
     def _reorder(self, work: SequenceWork, step: Step) -> None:
         """Beam search: row i of the next step continues row parents[i]; its cache slot follows."""
