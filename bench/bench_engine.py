@@ -157,7 +157,7 @@ def summary(args, engine, rates: dict[int, dict[str, float]], variant: str, name
         print(f"one image, {args.new_tokens} new tokens: {1e3 / rates[1][variant]:.1f} ms ({name})")
     batch = max(rates)
     rate, flops = vision_rate(engine, batch, args.repeats, args.device), vision_flops(engine)
-    line = f"vision stage at batch {batch}: {rate:.1f} img/s, ViT {flops / 1e9:.0f} GFLOP/img, {rate * flops / 1e12:.1f} TFLOPS"
+    line = f"vision stage at batch {batch}: {rate:.1f} img/s, ViT {flops / 1e9:.3g} GFLOP/img, {rate * flops / 1e12:.3g} TFLOPS"
     if args.peak_tflops:
         roof = args.peak_tflops * 1e12 / flops
         line += f"; roofline {roof:.0f} img/s at {args.peak_tflops:.0f} TFLOPS peak: {rate / roof:.0%}"
