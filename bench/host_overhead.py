@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,14 +26,14 @@ from batching.scheduler import Scheduler  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
 
 
-def step_times(engine: Blip2Engine, batch: int, new_tokens: int) -> list[float]:
-    """Seconds of each decode-only step while `batch` greedy requests run to `new_tokens` tokens."""
+def step_times(engine: Blip2Engine, batch: int, new_tokens: int, params: SamplingParams) -> list[float]:
+    """Seconds of each decode-only step while `batch` requests run to `new_tokens` tokens."""
     vocab = engine.cfg.text.vocab_size
     fixed = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0))
     engine.model.decode = lambda tokens, *args, **kwargs: fixed[: tokens.shape[0]]
     runner = engine.new_runner(batch, 64, 0)
     scheduler = Scheduler(batch, batch, batch, (-1,))  # no stop token: every request runs to new_tokens
-    params = SamplingParams(max_new_tokens=new_tokens)
+    params = replace(params, max_new_tokens=new_tokens)
     side = engine.cfg.vision.image_size
     pixels = torch.zeros(3, side, side)
     for i in range(batch):
@@ -52,17 +53,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="16,64,256")
     ap.add_argument("--new-tokens", type=int, default=30)
+    ap.add_argument("--sample", action="store_true", help="sampling (temperature, top-k, top-p), not greedy")
     args = ap.parse_args()
+    params = (
+        SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=0)
+        if args.sample
+        else SamplingParams()
+    )
     from oracle import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp), "pre_ln")
         engine = Blip2Engine.from_pretrained(tmp)
-    print(f"host time per decode step, CPU ({torch.get_num_threads()} threads), model stood in for")
+    kind = "sampling" if args.sample else "greedy"
+    print(f"host time per {kind} decode step, CPU ({torch.get_num_threads()} threads), model stood in for")
     print(f"{'batch':>5} {'median ms':>10} {'us per row':>11}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        step_times(engine, batch, 3)  # warm-up
-        median = statistics.median(step_times(engine, batch, args.new_tokens))
+        step_times(engine, batch, 3, params)  # warm-up
+        median = statistics.median(step_times(engine, batch, args.new_tokens, params))
         print(f"{batch:>5} {median * 1e3:>10.3f} {median * 1e6 / batch:>11.1f}")
 
 

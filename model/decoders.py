@@ -23,6 +23,18 @@ from .generation import (
     token_logprobs,
     warp_for_sampling,
 )
+from .sampling import noise_key, sample
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What the runner's batched sampler needs of one row."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    key: int  # the row's 32-bit noise key (`sampling.noise_key`)
+    step: int  # tokens generated so far: the noise differs at every position
 
 
 @dataclass
@@ -33,21 +45,17 @@ class TokenDecoder:
     prompt_ids: list[int]
     eos_ids: tuple[int, ...]
     stop_check: StopCheck | None = None
-    seed_offset: int = 0  # the i-th of n samples draws from seed + i
+    seed_offset: int = 0  # the i-th of n samples: its own noise key from (seed, i)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
-        # The runner's batched argmax serves this row (once EOS is allowed); fixed per request.
-        self.plain_greedy = self.params.is_plain_greedy
-        if self.params.do_sample:
-            self.generator = torch.Generator()
-            if self.params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.params.seed + self.seed_offset)
+        p = self.params
+        # Which of the runner's batched paths serve this row (once EOS is allowed); fixed per request.
+        self.plain_greedy = p.is_plain_greedy
+        self.plain_sample = p.do_sample and p.repetition_penalty == 1.0 and p.logprobs is None
+        self.noise_key = noise_key(p.seed, self.seed_offset) if p.do_sample else 0
 
     @property
     def num_rows(self) -> int:
@@ -73,6 +81,17 @@ class TokenDecoder:
         """This step's token is the plain argmax of its one row (the runner's batched fast path)."""
         return self.plain_greedy and len(self.tokens) >= self.params.min_new_tokens
 
+    def takes_sample(self) -> bool:
+        """This step's token can come from the runner's batched sampler (no penalty, no logprobs)."""
+        return self.plain_sample and len(self.tokens) >= self.params.min_new_tokens
+
+    def sample_rows(self) -> list[SampleRow]:
+        p = self.params
+        return [SampleRow(p.temperature, p.top_k, p.top_p, self.noise_key, len(self.tokens))]
+
+    def append_sampled(self, tokens: list[int]) -> Step:
+        return self.append(tokens[0])
+
     def step(self, logits: torch.Tensor) -> Step:
         device = logits.device
         history = torch.tensor([self.prompt_ids + self.tokens], device=device)
@@ -80,8 +99,8 @@ class TokenDecoder:
         scores = process_logits(logits.float(), history, self.params, len(self.tokens), eos)
         if self.params.do_sample:
             scores = warp_for_sampling(scores, self.params)
-            probs = scores.softmax(-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=self.generator)[0, 0])
+            key = torch.tensor([self.noise_key], device=device)
+            token = int(sample(scores, key, torch.tensor([len(self.tokens)], device=device))[0])
         else:
             token = int(scores.argmax(-1)[0])
         if self.params.logprobs is not None:
@@ -119,6 +138,12 @@ class ParallelDecoder:
     def takes_argmax(self) -> bool:
         return False
 
+    def takes_sample(self) -> bool:
+        return all(self.subs[i].takes_sample() for i in self.active())
+
+    def sample_rows(self) -> list[SampleRow]:
+        return [row for i in self.active() for row in self.subs[i].sample_rows()]
+
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.subs) if not s.finish_reason]
 
@@ -126,9 +151,16 @@ class ParallelDecoder:
         return [(i, tok, pos) for i, s in enumerate(self.subs) for _, tok, pos in s.feed()]
 
     def step(self, logits: torch.Tensor) -> Step:
-        rows = self.active()
-        for j, i in enumerate(rows):
+        for j, i in enumerate(self.active()):
             self.subs[i].step(logits[j : j + 1])
+        return self._after_step()
+
+    def append_sampled(self, tokens: list[int]) -> Step:
+        for token, i in zip(tokens, self.active(), strict=True):
+            self.subs[i].append(token)
+        return self._after_step()
+
+    def _after_step(self) -> Step:
         left = self.active()
         if not left:
             reasons = {s.finish_reason for s in self.subs}
@@ -175,6 +207,9 @@ class BeamDecoder:
         return self.params.num_beams
 
     def takes_argmax(self) -> bool:
+        return False
+
+    def takes_sample(self) -> bool:
         return False
 
     def active(self) -> list[int]:

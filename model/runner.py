@@ -6,16 +6,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from .blip2 import Blip2ForConditionalGeneration
-from .decoders import BeamDecoder
+from .decoders import BeamDecoder, SampleRow
 from .generation import Step
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
+from .sampling import sample, warp_rows
 from .static_decode import StaticDecoder
 
 
@@ -64,14 +65,25 @@ def _halving(fn: Callable[[list], T], items: list, on_split: Callable[[], None])
 
 @dataclass
 class _Picks:
-    """One stage's logits and which of its requests take the batched greedy argmax."""
+    """One stage's logits and which of its requests take a batched token choice."""
 
     works: list[SequenceWork]
     logits: torch.Tensor  # [rows, vocab], the requests' active rows in order
-    offsets: list[int]  # first row of each request
-    counts: list[int]  # rows of each request
-    plain: list[int]  # the plain greedy requests (one row each), by index in `works`
-    greedy: torch.Tensor | None  # [len(plain)] their argmax, still on the device
+    offsets: list[int] = field(default_factory=list)  # first row of each request
+    counts: list[int] = field(default_factory=list)  # rows of each request
+    plain: list[int] = field(default_factory=list)  # plain greedy requests (one row each), by index
+    greedy: torch.Tensor | None = None  # [len(plain)] their argmax, still on the device
+    sampled: list[int] = field(default_factory=list)  # plain sampled requests (one row per sample)
+    drawn: torch.Tensor | None = None  # their rows' tokens, in order, still on the device
+
+
+def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """One token per row: each row's temperature / top-k / top-p, then its own seeded noise."""
+    warped = warp_rows(
+        logits.float(), [r.temperature for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
+    )
+    meta = torch.tensor([[r.key for r in rows], [r.step for r in rows]], device=logits.device)
+    return sample(warped, meta[0], meta[1])
 
 
 class Stopwatch:
@@ -252,34 +264,50 @@ class ModelRunner:
         )
 
     def _pick(self, works: list[SequenceWork], logits: torch.Tensor) -> _Picks:
-        """Launch the batched argmax of the plain greedy rows on the device; nothing is read back yet."""
-        offsets, counts, plain, row = [], [], [], 0
+        """Launch the batched argmax of the plain greedy rows and the batched draw of the plain sampled
+        rows on the device; nothing is read back yet."""
+        picks = _Picks(works, logits)
+        row, sample_rows, specs = 0, [], []
         for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
-            offsets.append(row)
-            if w.decoder.takes_argmax():
-                plain.append(i)
-                counts.append(1)
+            d = w.decoder
+            picks.offsets.append(row)
+            if d.takes_argmax():
+                picks.plain.append(i)
+                picks.counts.append(1)
+            elif d.takes_sample():
+                rows = d.sample_rows()
+                picks.sampled.append(i)
+                picks.counts.append(len(rows))
+                sample_rows += range(row, row + len(rows))
+                specs += rows
             else:
-                counts.append(len(w.decoder.active()))
-            row += counts[-1]
-        if len(plain) == row:  # every row is a plain greedy request: no gather
-            greedy = logits.argmax(-1)
-        else:
-            greedy = logits[[offsets[i] for i in plain]].argmax(-1) if plain else None
-        return _Picks(works, logits, offsets, counts, plain, greedy)
+                picks.counts.append(len(d.active()))
+            row += picks.counts[-1]
+        if picks.plain:
+            every = len(picks.plain) == row  # every row is a plain greedy request: no gather
+            rows = logits if every else logits[[picks.offsets[i] for i in picks.plain]]
+            picks.greedy = rows.argmax(-1)
+        if specs:
+            rows = logits if len(sample_rows) == row else logits[sample_rows]
+            picks.drawn = _draw(rows, specs)
+        return picks
 
     def _apply(self, picks: _Picks, out: StepOutput) -> None:
-        """Each request takes its token(s): plain greedy ones from one device->host copy; the others
-        (beams, sampling, penalties, logprobs) from their own rows of logits."""
-        tokens = picks.greedy.tolist() if picks.greedy is not None else []
-        for i, token in zip(picks.plain, tokens, strict=True):
+        """Each request takes its token(s): plain greedy and plain sampled ones from one device->host copy
+        each; the others (beams, penalties, logprobs) from their own rows of logits."""
+        for i, token in zip(picks.plain, picks.greedy.tolist() if picks.plain else [], strict=True):
             w = picks.works[i]
             out.steps[w.seq_id] = w.decoder.append(token)
-        if len(picks.plain) == len(picks.works):
+        drawn = picks.drawn.tolist() if picks.sampled else []
+        for i in picks.sampled:
+            w, count = picks.works[i], picks.counts[i]
+            out.steps[w.seq_id] = w.decoder.append_sampled(drawn[:count])
+            drawn = drawn[count:]
+        if len(picks.plain) + len(picks.sampled) == len(picks.works):
             return
-        plain = set(picks.plain)
+        batched = set(picks.plain) | set(picks.sampled)
         for i, w in enumerate(picks.works):
-            if i not in plain:
+            if i not in batched:
                 step = w.decoder.step(picks.logits[picks.offsets[i] : picks.offsets[i] + picks.counts[i]])
                 self._reorder(w, step)
                 out.steps[w.seq_id] = step
