@@ -36,7 +36,7 @@ def step_times(engine: Blip2Engine, batch: int, new_tokens: int, params: Samplin
     params = replace(params, max_new_tokens=new_tokens)
     side = engine.cfg.vision.image_size
     pixels = torch.zeros(3, side, side)
-    for i in range(batch):
+    for i in range(batch // max(params.num_beams, params.n)):  # `batch` rows: one per beam or sample
         scheduler.add(engine.request(pixels, "same-image", None if i % 2 else "a photo of", params))
     times = []
     while scheduler.has_work:
@@ -54,20 +54,19 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64,256")
     ap.add_argument("--new-tokens", type=int, default=30)
     ap.add_argument("--sample", action="store_true", help="sampling (temperature, top-k, top-p), not greedy")
+    ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams per request")
     args = ap.parse_args()
-    params = (
-        SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=0)
-        if args.sample
-        else SamplingParams()
-    )
+    params = SamplingParams(num_beams=args.beams)
+    if args.sample:
+        params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.9, seed=0)
     from oracle import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp), "pre_ln")
         engine = Blip2Engine.from_pretrained(tmp)
-    kind = "sampling" if args.sample else "greedy"
+    kind = "sampling" if args.sample else f"{args.beams}-beam" if args.beams > 1 else "greedy"
     print(f"host time per {kind} decode step, CPU ({torch.get_num_threads()} threads), model stood in for")
-    print(f"{'batch':>5} {'median ms':>10} {'us per row':>11}")
+    print(f"{'rows':>5} {'median ms':>10} {'us per row':>11}")
     for batch in [int(b) for b in args.batches.split(",")]:
         step_times(engine, batch, 3, params)  # warm-up
         median = statistics.median(step_times(engine, batch, args.new_tokens, params))

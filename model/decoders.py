@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from .beam import BeamDecoder
 from .generation import (
     SamplingParams,
     Step,
@@ -81,6 +81,9 @@ class TokenDecoder:
         """This step's token is the plain argmax of its one row (the runner's batched fast path)."""
         return self.plain_greedy and len(self.tokens) >= self.params.min_new_tokens
 
+    def takes_beam_batch(self) -> bool:
+        return False
+
     def takes_sample(self) -> bool:
         """This step's token can come from the runner's batched sampler (no penalty, no logprobs)."""
         return self.plain_sample and len(self.tokens) >= self.params.min_new_tokens
@@ -141,6 +144,9 @@ class ParallelDecoder:
     def takes_sample(self) -> bool:
         return all(self.subs[i].takes_sample() for i in self.active())
 
+    def takes_beam_batch(self) -> bool:
+        return False
+
     def sample_rows(self) -> list[SampleRow]:
         return [row for i in self.active() for row in self.subs[i].sample_rows()]
 
@@ -169,134 +175,6 @@ class ParallelDecoder:
 
     def outputs(self) -> list[TokenOutput]:
         return [s.outputs()[0] for s in self.subs]
-
-
-NEG = -1.0e9  # transformers' "impossible" score
-
-
-class BeamDecoder:
-    """Beam search for one request, a port of `transformers`' vectorised `_beam_search` for batch size 1
-    (default `early_stopping=False`): `num_beams` running rows, the best `num_beams` finished hypotheses."""
-
-    def __init__(
-        self,
-        params: SamplingParams,
-        prompt_ids: list[int],
-        eos_ids: tuple[int, ...],
-    ):
-        self.params = params
-        self.prompt_ids = list(prompt_ids)
-        self.eos_ids = tuple(eos_ids)
-        n = params.num_beams
-        self.keep = max(2, 1 + len(self.eos_ids)) * n
-        self.running: list[list[int]] = [[] for _ in range(n)]
-        # Per-token log-probabilities of each running / finished hypothesis (when requested).
-        self.running_lp: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        # Only the first beam is live at the start: the others are copies of it.
-        self.running_scores = torch.full((n,), NEG)
-        self.running_scores[0] = 0.0
-        self.finished: list[list[int]] = [[] for _ in range(n)]
-        self.finished_lp: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        self.finished_scores = torch.full((n,), NEG)
-        self.is_finished = torch.zeros(n, dtype=torch.bool)
-        self.improvable = True
-        self.finish_reason: str | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return self.params.num_beams
-
-    def takes_argmax(self) -> bool:
-        return False
-
-    def takes_sample(self) -> bool:
-        return False
-
-    def active(self) -> list[int]:
-        return [] if self.finish_reason else list(range(self.params.num_beams))
-
-    def feed(self) -> list[tuple[int, int, int]]:
-        position = len(self.prompt_ids) + len(self.running[0]) - 1
-        return [(i, seq[-1], position) for i, seq in enumerate(self.running)]
-
-    def _log_probs(self, logits: torch.Tensor, generated: int) -> torch.Tensor:
-        history = torch.tensor([self.prompt_ids + seq for seq in self.running], device=logits.device)
-        eos = torch.tensor(self.eos_ids, device=logits.device)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        return process_logits(log_probs, history, self.params, generated, eos).cpu()
-
-    def step(self, logits: torch.Tensor) -> Step:
-        n, generated = self.params.num_beams, len(self.running[0])
-        processed = self._log_probs(logits, generated)
-        flat = (processed + self.running_scores[:, None]).reshape(-1)
-        vocab = logits.shape[-1]
-        top_scores, top_index = torch.topk(flat, k=self.keep)
-        parents, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
-        candidates = [self.running[p] + [t] for p, t in zip(parents, tokens, strict=True)]
-        cand_lp = self._candidate_logprobs(processed, parents, tokens)
-        length_hit = generated + 1 >= self.params.max_new_tokens
-        hits = torch.tensor([length_hit or t in self.eos_ids for t in tokens])
-
-        # Next running beams: the best candidates that did not just finish.
-        next_rank = torch.topk(top_scores + hits.float() * NEG, k=n)[1].tolist()
-        self.running = [candidates[i] for i in next_rank]
-        self.running_lp = [cand_lp[i] for i in next_rank]
-        self.running_scores = (top_scores + hits.float() * NEG)[next_rank]
-
-        self._update_finished(candidates, cand_lp, top_scores, hits, generated + 1)
-        best_running = self.running_scores[0] / ((generated + 1) ** self.params.length_penalty)
-        worst = torch.where(self.is_finished, self.finished_scores.min(), torch.tensor(NEG))
-        self.improvable = self.improvable and bool((best_running > worst).any())
-        if not self.improvable or bool(hits.all()):
-            best = self.finished[0]
-            self.finish_reason = "stop" if best[-1:] and best[-1] in self.eos_ids else "length"
-            return Step(parents=[], tokens=[], done=True)
-        return Step(parents=[parents[i] for i in next_rank], tokens=[s[-1] for s in self.running], done=False)
-
-    def _candidate_logprobs(
-        self, processed: torch.Tensor, parents: list[int], tokens: list[int]
-    ) -> list[list[TokenLogprob]]:
-        """Each candidate's history plus its new token's entry (as output_scores[beam_indices])."""
-        if self.params.logprobs is None:
-            return [[] for _ in parents]
-        entries = token_logprobs(processed[parents], tokens, self.params.logprobs)
-        return [self.running_lp[p] + [e] for p, e in zip(parents, entries, strict=True)]
-
-    def _update_finished(
-        self,
-        candidates: list[list[int]],
-        cand_lp: list[list[TokenLogprob]],
-        scores: torch.Tensor,
-        hits: torch.Tensor,
-        length: int,
-    ) -> None:
-        n = self.params.num_beams
-        just_finished = hits & (torch.arange(self.keep) < n)
-        scores = scores / (length**self.params.length_penalty)
-        if not self.improvable:
-            scores = scores + NEG
-        scores = scores + (~just_finished) * NEG
-        merged_scores = torch.cat((self.finished_scores, scores))
-        merged = self.finished + candidates
-        merged_lp = self.finished_lp + cand_lp
-        merged_done = torch.cat((self.is_finished, just_finished))
-        best = torch.topk(merged_scores, k=n)[1].tolist()
-        self.finished = [merged[i] for i in best]
-        self.finished_lp = [merged_lp[i] for i in best]
-        self.finished_scores = merged_scores[best]
-        self.is_finished = merged_done[best]
-
-    def outputs(self) -> list[TokenOutput]:
-        """The n best finished hypotheses, best first; nothing before the search ends."""
-        if self.finish_reason is None:
-            return []
-        outs = []
-        for seq, lps in zip(self.finished[: self.params.n], self.finished_lp, strict=False):
-            reason = "stop" if seq[-1:] and seq[-1] in self.eos_ids else "length"
-            outs.append(
-                TokenOutput(list(seq), reason, list(lps) if self.params.logprobs is not None else None)
-            )
-        return outs
 
 
 Decoder = TokenDecoder | ParallelDecoder | BeamDecoder

@@ -87,17 +87,22 @@ class KVCache:
             self.v[layer, batch.slots, :, : batch.kv_len],
         )
 
-    def copy_slots(self, src: list[int], dst: list[int]) -> None:
-        """Make slot dst[i] a copy of slot src[i] (beam search reorder); sources are read before writing."""
+    def copy_slots(self, src: list[int], dst: list[int], upto: int | None = None) -> None:
+        """Make slot dst[i] a copy of slot src[i] (its first `upto` positions, or all); sources are read
+        before writing, so the moves may permute slots."""
         if len(src) != len(dst):
             raise ValueError(f"copy_slots needs equal lengths, got {len(src)} and {len(dst)}")
         moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
         if not moves:
             return
-        s = torch.tensor([m[0] for m in moves], device=self.k.device)
-        d = torch.tensor([m[1] for m in moves], device=self.k.device)
-        self.k[:, d] = self.k[:, s]
-        self.v[:, d] = self.v[:, s]
+        index = torch.tensor(moves, device=self.k.device).T
+        s, d, n = index[0], index[1], self.max_len if upto is None else upto
+        self.k[:, d, :, :n] = self.k[:, s, :, :n]
+        self.v[:, d, :, :n] = self.v[:, s, :, :n]
+
+    def reorder(self, src: list[int], dst: list[int], upto: int) -> None:
+        """Beam search: beams change places; only their first `upto` positions hold anything yet."""
+        self.copy_slots(src, dst, upto)
 
 
 @dataclass
@@ -125,6 +130,11 @@ class CrossCache:
         own = KVCache(num_layers, num_slots, num_heads, max_len, head_dim, dtype, device)
         cross = KVCache(num_layers, num_slots, num_heads, max_source, head_dim, dtype, device)
         return cls(own, cross, torch.zeros(num_slots, dtype=torch.long, device=device))
+
+    def reorder(self, src: list[int], dst: list[int], upto: int) -> None:
+        """Beams change places: only their own keys/values move. The source (and its cross-attention
+        keys/values) is the same for every beam of a request, and beams only trade places within one."""
+        self.own.copy_slots(src, dst, upto)
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         self.own.copy_slots(src, dst)

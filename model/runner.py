@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
+from .beam import BeamDecoder, advance_beams
 from .blip2 import Blip2ForConditionalGeneration
-from .decoders import BeamDecoder, SampleRow
+from .decoders import SampleRow
 from .generation import Step
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
@@ -75,6 +77,30 @@ class _Picks:
     greedy: torch.Tensor | None = None  # [len(plain)] their argmax, still on the device
     sampled: list[int] = field(default_factory=list)  # plain sampled requests (one row per sample)
     drawn: torch.Tensor | None = None  # their rows' tokens, in order, still on the device
+    # Beam requests scored together: (request indices, [G, keep] top scores, [G, keep] top indices).
+    beams: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Moves:
+    """Cache slot moves of one step's beam reorders (sources read before any write)."""
+
+    src: list[int] = field(default_factory=list)
+    dst: list[int] = field(default_factory=list)
+    upto: int = 0  # positions that hold keys/values in any moved slot
+
+
+def _beam_candidates(
+    logits: torch.Tensor, decoders: list[BeamDecoder], offsets: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` best (beam, token) candidates of each beam request, all scored at once on the device:
+    log-softmax, plus each beam's running score, top-k over beams x vocab. [G, keep] scores and indices."""
+    n, vocab = decoders[0].num_rows, logits.shape[-1]
+    rows = torch.tensor([o + j for o in offsets for j in range(n)], device=logits.device)
+    log_probs = F.log_softmax(logits[rows].float(), dim=-1).view(len(decoders), n, vocab)
+    running = torch.stack([d.running_scores for d in decoders]).to(logits.device)
+    flat = (log_probs + running[:, :, None]).reshape(len(decoders), n * vocab)
+    return torch.topk(flat, k=decoders[0].keep, dim=-1)
 
 
 def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -268,6 +294,7 @@ class ModelRunner:
         rows on the device; nothing is read back yet."""
         picks = _Picks(works, logits)
         row, sample_rows, specs = 0, [], []
+        beams: dict[int, list[int]] = {}  # beam requests scored together, by beams per request
         for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
             d = w.decoder
             picks.offsets.append(row)
@@ -280,6 +307,9 @@ class ModelRunner:
                 picks.counts.append(len(rows))
                 sample_rows += range(row, row + len(rows))
                 specs += rows
+            elif d.takes_beam_batch():
+                beams.setdefault(d.num_rows, []).append(i)
+                picks.counts.append(d.num_rows)
             else:
                 picks.counts.append(len(d.active()))
             row += picks.counts[-1]
@@ -290,6 +320,15 @@ class ModelRunner:
         if specs:
             rows = logits if len(sample_rows) == row else logits[sample_rows]
             picks.drawn = _draw(rows, specs)
+        for group in beams.values():
+            picks.beams.append(
+                (
+                    group,
+                    *_beam_candidates(
+                        logits, [works[i].decoder for i in group], [picks.offsets[i] for i in group]
+                    ),
+                )
+            )
         return picks
 
     def _apply(self, picks: _Picks, out: StepOutput) -> None:
@@ -303,16 +342,26 @@ class ModelRunner:
             w, count = picks.works[i], picks.counts[i]
             out.steps[w.seq_id] = w.decoder.append_sampled(drawn[:count])
             drawn = drawn[count:]
-        if len(picks.plain) + len(picks.sampled) == len(picks.works):
-            return
-        batched = set(picks.plain) | set(picks.sampled)
+        moves = _Moves()  # every beam request's slot moves, made in one copy at the end
+        vocab = picks.logits.shape[-1]
+        for group, scores, index in picks.beams:
+            works = [picks.works[i] for i in group]
+            steps = advance_beams([w.decoder for w in works], scores.cpu(), index.cpu(), vocab)
+            for w, step in zip(works, steps, strict=True):
+                self._reorder(w, step, moves)
+                out.steps[w.seq_id] = step
+        batched = set(picks.plain) | set(picks.sampled) | {i for group, _, _ in picks.beams for i in group}
         for i, w in enumerate(picks.works):
             if i not in batched:
                 step = w.decoder.step(picks.logits[picks.offsets[i] : picks.offsets[i] + picks.counts[i]])
-                self._reorder(w, step)
+                self._reorder(w, step, moves)
                 out.steps[w.seq_id] = step
+        if moves.src:
+            self.cache.reorder(moves.src, moves.dst, moves.upto)
 
-    def _reorder(self, work: SequenceWork, step: Step) -> None:
+    def _reorder(self, work: SequenceWork, step: Step, moves: _Moves) -> None:
         """Beam search: row i of the next step continues row parents[i]; its cache slot follows."""
         if isinstance(work.decoder, BeamDecoder) and not step.done:
-            self.cache.copy_slots([work.slots[p] for p in step.parents], work.slots)
+            moves.src += [work.slots[p] for p in step.parents]
+            moves.dst += work.slots
+            moves.upto = max(moves.upto, work.decoder.cached_length())
