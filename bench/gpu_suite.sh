@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 5 in one pass (about 10 minutes on one H100); logs go to $OUT (or
+# bench/out). The device machine lacks some of the server's packages: carry their wheels (see the device
+# tool's README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
+# python-dotenv, annotated-types, typing-inspection, python-multipart, bitsandbytes; install them to a
+# folder on PYTHONPATH before running this script.
+set -uo pipefail
+out=${OUT:-bench/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 2>&1 | tee "$out/engine.txt"
+python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
+python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
+ckpt=$(mktemp -d)
+python bench/random_checkpoint.py --size opt-2.7b --out "$ckpt" >/dev/null
+python -m server.cli --model "$ckpt" --device cuda --port 8000 --max-running-seqs 256 --max-queue 2048 \
+    --max-batch-images 64 >"$out/server.log" 2>&1 &
+server=$!
+for _ in $(seq 300); do
+    curl -sf http://127.0.0.1:8000/ready >/dev/null && break
+    sleep 1
+done
+python bench/load.py --url http://127.0.0.1:8000 --requests 3000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
+kill "$server"
+wait "$server" 2>/dev/null
