@@ -42,9 +42,14 @@ def decode_base64(value: str, field: str) -> bytes:
         raise ApiError(400, f"{field}: not valid base64") from None
 
 
+# Bytes that were not UTF-8, as `surrogateescape` decoding keeps them.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _has_bad_utf8(value: Any) -> bool:
     if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
+        # Both checks run in C: this sees every request's base64 image, on the event loop.
+        return not value.isascii() and _ESCAPED_BYTE.search(value) is not None
     if isinstance(value, list):
         return any(_has_bad_utf8(v) for v in value)
     return False
