@@ -51,10 +51,13 @@ class BeamDecoder:
         return False
 
     def takes_beam_batch(self) -> bool:
-        """The runner may score this request's beams together with others' (no logits processor to
+        """The runner may score this request's beams together with others' (no repetition penalty to
         apply, no logprobs to keep) and move it with `advance_beams`."""
-        p = self.params
-        return p.repetition_penalty == 1.0 and p.logprobs is None and len(self.running[0]) >= p.min_new_tokens
+        return self.params.repetition_penalty == 1.0 and self.params.logprobs is None
+
+    def blocks_eos(self) -> bool:
+        """min_new_tokens not reached yet: the stop tokens are ruled out of this step."""
+        return len(self.running[0]) < self.params.min_new_tokens
 
     def active(self) -> list[int]:
         return [] if self.finish_reason else list(range(self.params.num_beams))

@@ -73,20 +73,20 @@ class TokenDecoder:
         """Tokens in the sequence so far: placeholders, prompt and generated."""
         return len(self.prompt_ids) + len(self.tokens)
 
-    def allows_eos(self) -> bool:
-        """The runner's batched greedy argmax (plain greedy, one row) is valid only once EOS is allowed."""
-        return len(self.tokens) >= self.params.min_new_tokens
+    def blocks_eos(self) -> bool:
+        """min_new_tokens not reached yet: the stop tokens are ruled out of this step."""
+        return len(self.tokens) < self.params.min_new_tokens
 
     def takes_argmax(self) -> bool:
-        """This step's token is the plain argmax of its one row (the runner's batched fast path)."""
-        return self.plain_greedy and len(self.tokens) >= self.params.min_new_tokens
-
-    def takes_beam_batch(self) -> bool:
-        return False
+        """This step's token is the argmax of its one row (the runner's batched greedy path)."""
+        return self.plain_greedy
 
     def takes_sample(self) -> bool:
         """This step's token can come from the runner's batched sampler (no penalty, no logprobs)."""
-        return self.plain_sample and len(self.tokens) >= self.params.min_new_tokens
+        return self.plain_sample
+
+    def takes_beam_batch(self) -> bool:
+        return False
 
     def sample_rows(self) -> list[SampleRow]:
         p = self.params
@@ -132,6 +132,7 @@ class ParallelDecoder:
     def __init__(self, subs: list[TokenDecoder]):
         self.subs = subs
         self.params = subs[0].params
+        self.eos_ids = subs[0].eos_ids
         self.finish_reason: str | None = None
 
     @property
@@ -142,7 +143,10 @@ class ParallelDecoder:
         return False
 
     def takes_sample(self) -> bool:
-        return all(self.subs[i].takes_sample() for i in self.active())
+        return self.subs[0].plain_sample
+
+    def blocks_eos(self) -> bool:
+        return any(self.subs[i].blocks_eos() for i in self.active())
 
     def takes_beam_batch(self) -> bool:
         return False

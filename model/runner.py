@@ -90,6 +90,16 @@ class _Moves:
     upto: int = 0  # positions that hold keys/values in any moved slot
 
 
+def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> torch.Tensor:
+    """`rows` with the stop tokens at -inf in the `blocked` rows (min_new_tokens not reached yet)."""
+    if not blocked or not eos:
+        return rows
+    rows = rows.clone()
+    index = torch.tensor(blocked, device=rows.device)[:, None]
+    rows[index, torch.tensor(eos, device=rows.device)[None, :]] = -float("inf")
+    return rows
+
+
 def _beam_candidates(
     logits: torch.Tensor, decoders: list[BeamDecoder], offsets: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +107,10 @@ def _beam_candidates(
     log-softmax, plus each beam's running score, top-k over beams x vocab. [G, keep] scores and indices."""
     n, vocab = decoders[0].num_rows, logits.shape[-1]
     rows = torch.tensor([o + j for o in offsets for j in range(n)], device=logits.device)
-    log_probs = F.log_softmax(logits[rows].float(), dim=-1).view(len(decoders), n, vocab)
+    log_probs = F.log_softmax(logits[rows].float(), dim=-1)
+    # As transformers: processors (here min_new_tokens) act on the log-probabilities.
+    blocked = [g * n + j for g, d in enumerate(decoders) if d.blocks_eos() for j in range(n)]
+    log_probs = _block_eos(log_probs, blocked, decoders[0].eos_ids).view(len(decoders), n, vocab)
     running = torch.stack([d.running_scores for d in decoders]).to(logits.device)
     flat = (log_probs + running[:, :, None]).reshape(len(decoders), n * vocab)
     return torch.topk(flat, k=decoders[0].keep, dim=-1)
@@ -290,19 +303,23 @@ class ModelRunner:
         )
 
     def _pick(self, works: list[SequenceWork], logits: torch.Tensor) -> _Picks:
-        """Launch the batched argmax of the plain greedy rows and the batched draw of the plain sampled
-        rows on the device; nothing is read back yet."""
+        """Launch the batched argmax of the plain greedy rows, the batched draw of the plain sampled
+        rows and the batched beam scoring on the device; nothing is read back yet."""
         picks = _Picks(works, logits)
-        row, sample_rows, specs = 0, [], []
+        row, sample_rows, specs, blocked = 0, [], [], {"greedy": [], "sample": []}
         beams: dict[int, list[int]] = {}  # beam requests scored together, by beams per request
         for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
             d = w.decoder
             picks.offsets.append(row)
             if d.takes_argmax():
+                if d.blocks_eos():
+                    blocked["greedy"].append(len(picks.plain))
                 picks.plain.append(i)
                 picks.counts.append(1)
             elif d.takes_sample():
                 rows = d.sample_rows()
+                if d.blocks_eos():
+                    blocked["sample"] += range(len(specs), len(specs) + len(rows))
                 picks.sampled.append(i)
                 picks.counts.append(len(rows))
                 sample_rows += range(row, row + len(rows))
@@ -313,22 +330,18 @@ class ModelRunner:
             else:
                 picks.counts.append(len(d.active()))
             row += picks.counts[-1]
+        eos = works[0].decoder.eos_ids if works else ()
         if picks.plain:
             every = len(picks.plain) == row  # every row is a plain greedy request: no gather
             rows = logits if every else logits[[picks.offsets[i] for i in picks.plain]]
-            picks.greedy = rows.argmax(-1)
+            picks.greedy = _block_eos(rows, blocked["greedy"], eos).argmax(-1)
         if specs:
             rows = logits if len(sample_rows) == row else logits[sample_rows]
-            picks.drawn = _draw(rows, specs)
+            picks.drawn = _draw(_block_eos(rows.float(), blocked["sample"], eos), specs)
         for group in beams.values():
-            picks.beams.append(
-                (
-                    group,
-                    *_beam_candidates(
-                        logits, [works[i].decoder for i in group], [picks.offsets[i] for i in group]
-                    ),
-                )
-            )
+            decoders = [works[i].decoder for i in group]
+            offsets = [picks.offsets[i] for i in group]
+            picks.beams.append((group, *_beam_candidates(logits, decoders, offsets)))
         return picks
 
     def _apply(self, picks: _Picks, out: StepOutput) -> None:

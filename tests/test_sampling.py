@@ -77,6 +77,10 @@ def test_batched_and_per_row_sampling_draw_the_same_tokens(engine):
     per_row = engine.generate(pixels[:1], None, SamplingParams(**base, logprobs=0))[0].token_ids
     assert batched == per_row
     floor = SamplingParams(**{**base, "min_new_tokens": 3})
+    floor_per_row = SamplingParams(**{**base, "min_new_tokens": 3, "logprobs": 0})
+    assert engine.generate(pixels[:1], None, floor)[0].token_ids == (
+        engine.generate(pixels[:1], None, floor_per_row)[0].token_ids
+    )
     mixed = engine.generate(pixels, None, [floor, SamplingParams(max_new_tokens=6), SamplingParams(**base)])
     assert mixed[0].token_ids == engine.generate(pixels[:1], None, floor)[0].token_ids
     assert mixed[2].token_ids == engine.generate(pixels[2:], None, SamplingParams(**base))[0].token_ids
