@@ -70,6 +70,12 @@ async def level(url: str, concurrency: int, bodies: list[dict], max_seconds: flo
     return {"ok": len(latencies), "rps": len(latencies) / wall, "p50": q[49], "p99": q[98], "errors": errors}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(model: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
@@ -107,11 +113,17 @@ def main() -> None:
         # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
         n = args.max_new_tokens
         bodies = [{"image": p, "max_new_tokens": n, "min_new_tokens": n} for p in pics]
-        print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors")
+        # With the server started here, also its CPU time per request (everything but the client).
+        print(
+            f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15}  errors"
+        )
         for c in [int(x) for x in args.concurrency.split(",")]:
+            before = cpu_seconds(proc.pid) if proc else 0.0
             r = asyncio.run(level(url, c, bodies, args.max_seconds))
+            cpu = f"{1e3 * (cpu_seconds(proc.pid) - before) / max(r['ok'], 1):.2f}" if proc else "-"
             print(
-                f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f}  {r['errors'] or '-'}"
+                f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {cpu:>15}"
+                f"  {r['errors'] or '-'}"
             )
     finally:
         if proc is not None:
