@@ -21,6 +21,9 @@ from .opt import OPTForCausalLM
 from .t5 import T5Cache, T5ForConditionalGeneration
 from .vision import QFormerModel, VisionModel
 
+# One request's prefill input: its image's query embeddings [num_query_tokens, hidden] and prompt ids.
+PromptInput = tuple[torch.Tensor, list[int]]
+
 
 class Blip2ForConditionalGeneration(nn.Module):
     tasks = ("caption", "vqa")
@@ -98,50 +101,62 @@ class Blip2ForConditionalGeneration(nn.Module):
         out = self.qformer(queries, image.to(self.query_tokens.dtype))
         return self.language_projection(out.to(self.language_projection.weight.dtype))
 
-    def prompt_embeddings(self, query_embeds: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:
-        """The language model's input for one request: [num_query_tokens + len(text_ids), hidden].
-
-        The checkpoint's input ids are `num_query_tokens` `<image>` placeholders followed by the prompt
-        (which starts with BOS). `transformers` embeds the placeholders and then overwrites them with the
-        query embeddings (`masked_scatter`); here the query embeddings simply take those positions.
-        They are already in the decoder's hidden space, so only the text goes through `project_in`.
-        """
+    def prompt_inputs(self, query_embeds: torch.Tensor, text_ids: Sequence[int]) -> PromptInput:
+        """One request's prefill input: its image's query embeddings and its prompt's token ids."""
         nq = self.cfg.num_query_tokens
         if query_embeds.shape != (nq, self.cfg.text_hidden):
             raise ValueError(
                 f"query_embeds must be [{nq}, {self.cfg.text_hidden}], got {tuple(query_embeds.shape)}"
             )
-        ids = torch.tensor(list(text_ids), dtype=torch.long, device=query_embeds.device)
-        text = self.language_model.token_embeddings(ids)
-        return torch.cat([query_embeds.to(text.dtype), text], dim=0)
+        return query_embeds, list(text_ids)
 
-    prompt_inputs = prompt_embeddings  # the runner's name for a request's prefill input
+    def batch_embeddings(self, inputs: Sequence[PromptInput]) -> tuple[torch.Tensor, list[int]]:
+        """The language model's inputs of many requests, right-padded: [B, longest, hidden], and each
+        request's length (`num_query_tokens` + its prompt).
+
+        The checkpoint's input ids are `num_query_tokens` `<image>` placeholders followed by the prompt
+        (which starts with BOS). `transformers` embeds the placeholders and then overwrites them with the
+        query embeddings (`masked_scatter`); here the query embeddings simply take those positions.
+        They are already in the decoder's hidden space, so only the text goes through `project_in`:
+        every request's text in one embedding call, placed with one indexed copy.
+        """
+        nq = self.cfg.num_query_tokens
+        texts = [text for _, text in inputs]
+        lengths = [nq + len(t) for t in texts]
+        where = [[i for t in texts for i in t], [r for r, t in enumerate(texts) for _ in t]]
+        where.append([nq + j for t in texts for j in range(len(t))])
+        ids, rows, cols = torch.tensor(where, dtype=torch.long, device=inputs[0][0].device)
+        text = self.language_model.token_embeddings(ids)
+        padded = text.new_zeros(len(inputs), max(lengths), text.shape[-1])
+        padded[:, :nq] = torch.stack([q for q, _ in inputs]).to(text.dtype)
+        padded[rows, cols] = text
+        return padded, lengths
+
+    def prompt_embeddings(self, query_embeds: torch.Tensor, text_ids: Sequence[int]) -> torch.Tensor:
+        """One request's language-model input: [num_query_tokens + len(text_ids), hidden]."""
+        padded, _ = self.batch_embeddings([self.prompt_inputs(query_embeds, text_ids)])
+        return padded[0]
 
     def prefill(
-        self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: KVCache | T5Cache
+        self, inputs: Sequence[PromptInput], slots: torch.Tensor, cache: KVCache | T5Cache
     ) -> torch.Tensor:
-        """Run whole prompts (each [L_i, hidden]) into `slots`; return next-token logits [n, vocab]."""
+        """Run whole prompts into `slots`; return next-token logits [n, vocab]."""
+        padded, lengths = self.batch_embeddings(inputs)
         if isinstance(cache, T5Cache):
-            return self._prefill_encoder_decoder(inputs, slots, cache)
-        lengths = [x.shape[0] for x in inputs]
-        longest = max(lengths)
+            return self._prefill_encoder_decoder(padded, lengths, slots, cache)
         # Right padding: under a causal mask no real token sees a pad, so rows stay independent, and the
         # pad positions written to the cache are masked out and overwritten by later decode steps.
-        padded = inputs[0].new_zeros(len(inputs), longest, inputs[0].shape[-1])
-        for row, x in enumerate(inputs):
-            padded[row, : x.shape[0]] = x
-        hidden = self.language_model(padded, AttnBatch.prefill(slots, longest), cache)
+        hidden = self.language_model(padded, AttnBatch.prefill(slots, padded.shape[1]), cache)
         last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
         return self.language_model.logits(hidden[torch.arange(len(inputs), device=hidden.device), last])
 
     def _prefill_encoder_decoder(
-        self, inputs: Sequence[torch.Tensor], slots: torch.Tensor, cache: T5Cache
+        self, padded: torch.Tensor, lengths: list[int], slots: torch.Tensor, cache: T5Cache
     ) -> torch.Tensor:
         """Flan-T5: encode the prompts (padding masked), cache each decoder layer's cross-attention
         keys/values in the rows' slots, then run the decoder's start token (position 0)."""
         lm = self.language_model
-        lengths = torch.tensor([x.shape[0] for x in inputs], device=slots.device)
-        padded = torch.nn.utils.rnn.pad_sequence(list(inputs), batch_first=True)
+        lengths = torch.tensor(lengths, device=slots.device)
         lm.fill_cross(lm.encode(padded, lengths), lengths, slots, cache)
         start = torch.full_like(slots, lm.cfg.decoder_start_token_id)
         return lm.decode(start, torch.zeros_like(slots), slots, cache, 1)

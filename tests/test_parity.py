@@ -47,13 +47,12 @@ def test_prefill_and_decode_logits_match(pair):
         ref = hf(pixel_values=pixels[None], input_ids=ids).logits[0]
     model = engine.model
     cache = model.language_model.new_cache(1, len(prompt_ids) + 4, torch.float32, "cpu")
-    embeds = model.prompt_embeddings(
-        model.encode_images(pixels[None])[0], prompt_ids[model.cfg.num_query_tokens :]
-    )
+    queries, text = model.encode_images(pixels[None])[0], prompt_ids[model.cfg.num_query_tokens :]
+    embeds = model.prompt_embeddings(queries, text)
     n = len(prompt_ids)
     slots = torch.tensor([0])
     # Prefill all but the last 3 tokens, then decode those one at a time: every logit must match.
-    logits = model.prefill([embeds[: n - 3]], slots, cache)
+    logits = model.prefill([model.prompt_inputs(queries, text[:-3])], slots, cache)
     torch.testing.assert_close(logits[0], ref[n - 4], atol=1e-4, rtol=1e-4)
     for pos in range(n - 3, n):
         logits = model.decode(torch.tensor([prompt_ids[pos]]), torch.tensor([pos]), slots, cache, pos + 1)
