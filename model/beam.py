@@ -39,21 +39,13 @@ class BeamDecoder:
         self.is_finished = torch.zeros(n, dtype=torch.bool)
         self.improvable = True
         self.finish_reason: str | None = None
+        # The runner scores this request's beams together with others' (`model.choice`) unless it has a
+        # repetition penalty to apply or logprobs to keep; it then moves with `advance_beams`.
+        self.batched = "beam" if params.repetition_penalty == 1.0 and params.logprobs is None else None
 
     @property
     def num_rows(self) -> int:
         return self.params.num_beams
-
-    def takes_argmax(self) -> bool:
-        return False
-
-    def takes_sample(self) -> bool:
-        return False
-
-    def takes_beam_batch(self) -> bool:
-        """The runner may score this request's beams together with others' (no repetition penalty to
-        apply, no logprobs to keep) and move it with `advance_beams`."""
-        return self.params.repetition_penalty == 1.0 and self.params.logprobs is None
 
     def blocks_eos(self) -> bool:
         """min_new_tokens not reached yet: the stop tokens are ruled out of this step."""
@@ -68,7 +60,7 @@ class BeamDecoder:
         return len(self.prompt_ids) + len(self.running[0]) - 1
 
     def feed(self) -> list[tuple[int, int, int]]:
-        position = len(self.prompt_ids) + len(self.running[0]) - 1
+        position = self.cached_length()  # the last chosen token goes right after what is cached
         return [(i, seq[-1], position) for i, seq in enumerate(self.running)]
 
     def step(self, logits: torch.Tensor) -> Step:

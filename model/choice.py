@@ -92,12 +92,12 @@ def pick(works: list[SequenceWork], logits: torch.Tensor) -> Picks:
     for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
         d = w.decoder
         picks.offsets.append(row)
-        if d.takes_argmax():
+        if d.batched == "argmax":
             if d.blocks_eos():
                 blocked["greedy"].append(len(picks.plain))
             picks.plain.append(i)
             picks.counts.append(1)
-        elif d.takes_sample():
+        elif d.batched == "sample":
             rows = d.sample_rows()
             if d.blocks_eos():
                 blocked["sample"] += range(len(specs), len(specs) + len(rows))
@@ -105,7 +105,7 @@ def pick(works: list[SequenceWork], logits: torch.Tensor) -> Picks:
             picks.counts.append(len(rows))
             sample_rows += range(row, row + len(rows))
             specs += rows
-        elif d.takes_beam_batch():
+        elif d.batched == "beam":
             beams.setdefault(d.num_rows, []).append(i)
             picks.counts.append(d.num_rows)
         else:
@@ -132,11 +132,11 @@ def apply(picks: Picks, out: StepOutput, cache: KVCache | CrossCache) -> None:
     for i, token in zip(picks.plain, picks.greedy.tolist() if picks.plain else [], strict=True):
         w = picks.works[i]
         out.steps[w.seq_id] = w.decoder.append(token)
-    drawn = picks.drawn.tolist() if picks.sampled else []
+    drawn, start = picks.drawn.tolist() if picks.sampled else [], 0
     for i in picks.sampled:
         w, count = picks.works[i], picks.counts[i]
-        out.steps[w.seq_id] = w.decoder.append_sampled(drawn[:count])
-        drawn = drawn[count:]
+        out.steps[w.seq_id] = w.decoder.append_sampled(drawn[start : start + count])
+        start += count
     moves = _Moves()  # every beam request's slot moves, made in one copy at the end
     vocab = picks.logits.shape[-1]
     for group, scores, index in picks.beams:

@@ -45,16 +45,18 @@ class TokenDecoder:
     prompt_ids: list[int]
     eos_ids: tuple[int, ...]
     stop_check: StopCheck | None = None
-    seed_offset: int = 0  # the i-th of n samples: its own noise key from (seed, i)
+    seed_offset: int = 0  # the i-th of n samples draws as a request with seed + i
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         p = self.params
-        # Which of the runner's batched paths serve this row (once EOS is allowed); fixed per request.
-        self.plain_greedy = p.is_plain_greedy
-        self.plain_sample = p.do_sample and p.repetition_penalty == 1.0 and p.logprobs is None
+        # Which of the runner's batched token choices serves this row (`model.choice`), fixed per
+        # request: the argmax (plain greedy), the seeded draw (sampling with no penalty and no
+        # logprobs), or none (it steps on its own row).
+        plain = p.repetition_penalty == 1.0 and p.logprobs is None
+        self.batched = "argmax" if p.is_plain_greedy else "sample" if p.do_sample and plain else None
         self.noise_key = noise_key(p.seed, self.seed_offset) if p.do_sample else 0
 
     @property
@@ -76,17 +78,6 @@ class TokenDecoder:
     def blocks_eos(self) -> bool:
         """min_new_tokens not reached yet: the stop tokens are ruled out of this step."""
         return len(self.tokens) < self.params.min_new_tokens
-
-    def takes_argmax(self) -> bool:
-        """This step's token is the argmax of its one row (the runner's batched greedy path)."""
-        return self.plain_greedy
-
-    def takes_sample(self) -> bool:
-        """This step's token can come from the runner's batched sampler (no penalty, no logprobs)."""
-        return self.plain_sample
-
-    def takes_beam_batch(self) -> bool:
-        return False
 
     def sample_rows(self) -> list[SampleRow]:
         p = self.params
@@ -133,23 +124,15 @@ class ParallelDecoder:
         self.subs = subs
         self.params = subs[0].params
         self.eos_ids = subs[0].eos_ids
+        self.batched = subs[0].batched  # "sample" or None: n > 1 is never greedy
         self.finish_reason: str | None = None
 
     @property
     def num_rows(self) -> int:
         return len(self.subs)
 
-    def takes_argmax(self) -> bool:
-        return False
-
-    def takes_sample(self) -> bool:
-        return self.subs[0].plain_sample
-
     def blocks_eos(self) -> bool:
         return any(self.subs[i].blocks_eos() for i in self.active())
-
-    def takes_beam_batch(self) -> bool:
-        return False
 
     def sample_rows(self) -> list[SampleRow]:
         return [row for i in self.active() for row in self.subs[i].sample_rows()]
