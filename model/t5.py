@@ -171,9 +171,10 @@ class T5ForConditionalGeneration(nn.Module):
         """Encoder over right-padded inputs x [B, S, D] with real lengths [B] -> [B, S, D]."""
         b, s, _ = x.shape
         pos = torch.arange(s, device=x.device)
-        pad = torch.where(pos[None, :] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
-        scores = self.encoder.first_attention.bias(pos.expand(b, s), pos) + pad[:, None, None, :]
-        scores = scores.to(x.dtype)
+        # Masked scores at the model dtype's own minimum: float32's overflows bf16 / fp16 (an error on CUDA).
+        neg = torch.finfo(x.dtype).min
+        scores = self.encoder.first_attention.bias(pos.expand(b, s), pos)
+        scores = scores.masked_fill((pos[None, :] >= lengths[:, None])[:, None, None, :], neg).to(x.dtype)
         for block in self.encoder.block:
             sa = block.layer[0]
             h = sa.layer_norm(x)
@@ -212,11 +213,11 @@ class T5ForConditionalGeneration(nn.Module):
         x = self.shared(tokens[:, None])
         batch = AttnBatch.decode(slots, positions, kv_len, dense)
         keys = torch.arange(kv_len, device=x.device)
-        neg = torch.finfo(torch.float32).min
+        neg = torch.finfo(x.dtype).min  # float32's minimum overflows bf16 / fp16 (an error on CUDA)
         self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
         self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
         src_batch, src_mask = cache.cross_batch(slots, dense)
-        cross_scores = torch.where(src_mask, 0.0, neg).to(x.dtype)
+        cross_scores = torch.zeros(src_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~src_mask, neg)
         for i, block in enumerate(self.decoder.block):
             sa, ca = block.layer[0], block.layer[1]
             h = sa.layer_norm(x)
