@@ -1,6 +1,18 @@
-"""Queues and scheduling: the bounded request queue, continuous decode batching, the engine thread."""
+"""Queues and scheduling: the bounded request queue, continuous decode batching, the engine loop, and the
+clients that drive it (in this process, or an engine process over ZMQ)."""
 
-from .engine_loop import EngineLoop, EngineStopped, SequenceFailed, Ticket
+from .client import EngineClient, InprocClient, SequenceFailed, Ticket
+from .engine_loop import EngineLoop, EngineStopped
 from .scheduler import QueueFull, Scheduler, Sequence
 
-__all__ = ["EngineLoop", "EngineStopped", "QueueFull", "Scheduler", "Sequence", "SequenceFailed", "Ticket"]
+__all__ = [
+    "EngineClient",
+    "EngineLoop",
+    "EngineStopped",
+    "InprocClient",
+    "QueueFull",
+    "Scheduler",
+    "Sequence",
+    "SequenceFailed",
+    "Ticket",
+]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,11 @@ class Sequence:
     slots: list[int] = field(default_factory=list)
     cancelled: bool = False  # set from any thread; honoured at the next schedule()
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
-    on_progress: Callable[[Sequence], None] | None = None  # streaming: called after each of its steps
+    # "vision": admitted, waiting for its image's background vision batch; "prefill": to prefill in
+    # the next step; "decode": prefilled, one token per step. Unset while waiting in the queue.
+    stage: str = ""
+    stream: bool = False  # streaming: the engine reports the outputs so far after each of its steps
+    last_token_at: float | None = None  # when its last token came (the gap to the next is a metric)
     output: RetrievalOutput | None = None  # a retrieval request's answer
 
     @property
@@ -56,20 +59,42 @@ class Sequence:
         return RetrievalWork(self.seq_id, r.task, r.image_key, r.texts)
 
 
+READY_IMAGES = 4096  # image keys remembered as encoded (the runner re-encodes any it has evicted)
+
+
 class Scheduler:
-    def __init__(self, num_slots: int, max_queue: int, max_batch_images: int, eos_ids: tuple[int, ...]):
+    """`background_vision`: newcomers' images are encoded in the background while running sequences
+    decode; one batch at a time, so the next batch gathers every request that arrives meanwhile (its
+    size follows the load, up to `max_batch_images`). Off: the vision stage runs inside the step."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_queue: int,
+        max_batch_images: int,
+        eos_ids: tuple[int, ...],
+        background_vision: bool = True,
+    ):
         if num_slots < 1 or max_queue < 1 or max_batch_images < 1:
             raise ValueError("num_slots, max_queue and max_batch_images must be >= 1")
         self.num_slots = num_slots
         self.max_queue = max_queue
         self.max_batch_images = max_batch_images
         self.eos_ids = eos_ids
+        self.background_vision = background_vision
+        # Image key -> admitted sequences waiting for its background vision batch (in flight while any).
+        self.encoding: dict[str, list[Sequence]] = {}
+        self.ready_images: OrderedDict[str, None] = OrderedDict()
         # A min-heap: sequences take the lowest free slots, so the slots decoding stay packed at the
         # bottom of the cache and the fixed-shape decode step (slots [0, rows)) stays small.
         self.free_slots: list[int] = list(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+        # Seconds between each decoding sequence's previous token and the one of the last step.
+        self.token_gaps: list[float] = []
+        # Seconds each request admitted by the last schedule() waited in the queue.
+        self.queue_waits: list[float] = []
 
     def add(self, request: Any, deadline: float | None = None) -> Sequence:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
@@ -97,27 +122,59 @@ class Scheduler:
         """The next step's plan, and the sequences dropped since the last step (cancelled, timed out)."""
         now = time.monotonic() if now is None else now
         dropped = self._drop_dead(now)
+        admitted, encode = self._admit(now)
+        self.queue_waits = [now - s.arrived for s in admitted]
+        retrievals = [s for s in admitted if s.decoder is None]
+        for seq in admitted:
+            key = seq.request.image_key
+            if seq.decoder is None:
+                continue
+            if self.background_vision and key and key not in self.ready_images:
+                seq.stage = "vision"
+                self.encoding.setdefault(key, []).append(seq)
+            else:
+                seq.stage = "prefill"
+        decodes = [s for s in self.running if s.stage == "decode"]
+        self.running.extend(admitted)
+        prefills = [s for s in self.running if s.stage == "prefill"]
+        needing = [*prefills, *retrievals]
+        images = {s.request.image_key: s.request.pixel_values for s in needing if s.request.image_key}
+        for key in encode:
+            images[key] = self.encoding[key][0].request.pixel_values
+        plan = StepPlan(
+            images=images,
+            encode=encode,
+            prefills=[s.work() for s in prefills],
+            decodes=[s.work() for s in decodes],
+            retrievals=[s.retrieval() for s in retrievals],
+            awaits_vision=bool(self.encoding),
+        )
+        for seq in prefills:
+            seq.stage = "decode"
+        return plan, dropped
+
+    def _admit(self, now: float) -> tuple[list[Sequence], list[str]]:
+        """Waiting requests that get their slots now (FIFO), and the new images to encode."""
         admitted: list[Sequence] = []
-        images: set[str] = set()
+        images: list[str] = []  # new images of this step: one vision batch
+        in_flight = bool(self.encoding)
         while self.waiting and len(self.free_slots) >= self.waiting[0].rows:
-            key = self.waiting[0].request.image_key
-            # Cap the new images of one vision batch (repeat images ride along for free).
-            if key and key not in images and len(images) >= self.max_batch_images:
-                break
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            key = seq.request.image_key
+            known = key in self.ready_images or key in self.encoding or key in images
+            background = self.background_vision and seq.decoder is not None
+            if key and not known:
+                # Cap the new images of one vision batch (repeat images ride along for free); in the
+                # background, wait while a batch is in flight: the next one gathers the newcomers.
+                if len(images) >= self.max_batch_images or (background and in_flight):
+                    break
+                images.append(key)
+            self.waiting.popleft()
             seq.slots = [heapq.heappop(self.free_slots) for _ in range(seq.rows)]
             seq.admitted = now
-            if key:
-                images.add(key)
             admitted.append(seq)
-        plan = StepPlan(
-            images={s.request.image_key: s.request.pixel_values for s in admitted if s.request.image_key},
-            prefills=[s.work() for s in admitted if s.decoder is not None],
-            decodes=[s.work() for s in self.running],
-            retrievals=[s.retrieval() for s in admitted if s.decoder is None],
-        )
-        self.running.extend(admitted)
-        return plan, dropped
+        encode = [k for k in images if any(s.request.image_key == k and s.decoder for s in admitted)]
+        return admitted, encode if self.background_vision else []
 
     def _drop_dead(self, now: float) -> list[Sequence]:
         def dead(s: Sequence) -> bool:
@@ -133,9 +190,11 @@ class Scheduler:
             self._release([s for s in dropped if s.slots])
         return dropped
 
-    def postprocess(self, plan: StepPlan, out: StepOutput) -> list[Sequence]:
+    def postprocess(self, plan: StepPlan, out: StepOutput, now: float | None = None) -> list[Sequence]:
         """Apply a step's results; return the sequences that finished (their slots are free again)."""
-        done = []
+        now = time.monotonic() if now is None else now
+        done = self._vision_done(out)
+        self.token_gaps = []
         for seq in self.running:
             if seq.decoder is None:  # retrieval: answered in the step that admitted it
                 seq.output = out.retrievals.get(seq.seq_id)
@@ -145,11 +204,32 @@ class Scheduler:
             step = out.steps.get(seq.seq_id)
             if step is None:
                 continue
+            if seq.last_token_at is not None:
+                self.token_gaps.append(now - seq.last_token_at)
+            seq.last_token_at = now
             if step.done:
                 seq.finish_reason = seq.decoder.finish_reason or "length"
                 done.append(seq)
         self._release(done)
         return done
+
+    def _vision_done(self, out: StepOutput) -> list[Sequence]:
+        """Requests whose image is encoded prefill next step; those whose vision batch failed fail."""
+        for key in out.encoded:
+            for seq in self.encoding.pop(key, []):
+                if seq.finish_reason is None:
+                    seq.stage = "prefill"
+            self.ready_images[key] = None
+            self.ready_images.move_to_end(key)
+        while len(self.ready_images) > READY_IMAGES:
+            self.ready_images.popitem(last=False)
+        failed = []
+        for key in out.vision_errors:
+            for seq in self.encoding.pop(key, []):
+                if seq.finish_reason is None:
+                    seq.finish_reason = "error"
+                    failed.append(seq)
+        return failed
 
     def fail(self, plan: StepPlan, reason: str = "error") -> list[Sequence]:
         """A step raised: its sequences leave with `reason` and free their slots; the rest carry on."""
@@ -171,6 +251,8 @@ class Scheduler:
     def _release(self, seqs: list[Sequence]) -> None:
         gone = {id(s) for s in seqs}
         self.running = [s for s in self.running if id(s) not in gone]
+        for key, waiting in self.encoding.items():  # the key stays: its batch is still in flight
+            self.encoding[key] = [s for s in waiting if id(s) not in gone]
         for s in seqs:
             for slot in s.slots:
                 heapq.heappush(self.free_slots, slot)

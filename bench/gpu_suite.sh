@@ -15,13 +15,9 @@ python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
 python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
 ckpt=$(mktemp -d)
 python bench/random_checkpoint.py --size opt-2.7b --out "$ckpt" >/dev/null
-python -m server.cli --model "$ckpt" --device cuda --port 8000 --max-running-seqs 256 --max-queue 2048 \
-    --max-batch-images 64 >"$out/server.log" 2>&1 &
-server=$!
-for _ in $(seq 300); do
-    curl -sf http://127.0.0.1:8000/ready >/dev/null && break
-    sleep 1
-done
-python bench/load.py --url http://127.0.0.1:8000 --requests 3000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
-kill "$server"
-wait "$server" 2>/dev/null
+srv="--device cuda --max-running-seqs 256 --max-queue 2048 --max-batch-images 64"
+# Served, the engine in its own process vs in the HTTP process (the baseline), then without background vision.
+python bench/load.py --model "$ckpt" --engines thread,process --server-args "$srv" --clients 4 \
+    --requests 3000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
+python bench/load.py --model "$ckpt" --engines process --server-args "$srv --background-vision false" \
+    --clients 4 --requests 3000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"

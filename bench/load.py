@@ -1,10 +1,15 @@
-"""Served load: async httpx clients on loopback at rising concurrency -> requests/s, p50/p99 latency.
+"""Served load: raw HTTP/1.1 keep-alive clients in several processes -> requests/s, p50/p99 latency,
+the server's CPU per request (HTTP and engine processes), the load generator's own CPU.
 
-    python bench/load.py                                  # starts `blipserve` (tiny-random) itself
-    python bench/load.py --url http://127.0.0.1:8000      # an already running server (loopback only)
+    python bench/load.py                                   # starts the servers itself (tiny checkpoint)
+    python bench/load.py --engines thread,process          # baseline (engine in the HTTP process) beside
+    python bench/load.py --hf                              # + transformers' offline batched generate
+    python bench/load.py --url http://127.0.0.1:8000       # an already running server (loopback only)
 
-Every loop is bounded: `--requests` per level and `--max-seconds` per level. Traffic goes only to the
-loopback address. Distinct images per request, so the image-embedding cache does not flatter the result.
+The clients send pre-encoded requests over plain asyncio streams (no HTTP library on the hot path), so
+the generator costs far less CPU than the server it measures; `client cpu` says how much it took. Every
+loop is bounded: `--requests` per level and `--max-seconds` per level. Traffic goes only to loopback.
+Distinct images per request, so the image-embedding cache does not flatter the result.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ import argparse
 import asyncio
 import base64
 import io
+import json
+import multiprocessing
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def images(n: int, size: int = 224) -> list[str]:
+def images(n: int, size: int = 224) -> list[bytes]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
@@ -36,51 +45,116 @@ def images(n: int, size: int = 224) -> list[str]:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
             buf, format="JPEG", quality=90
         )
-        out.append(base64.b64encode(buf.getvalue()).decode())
+        out.append(buf.getvalue())
     return out
 
 
-async def level(url: str, concurrency: int, bodies: list[dict], max_seconds: float) -> dict:
+def http_request(host: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST /caption HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    return (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def _connections(host: str, port: int, raws: list[bytes], conns: int, max_s: float) -> dict:
     latencies: list[float] = []
-    errors: dict[int | str, int] = {}
-    queue = list(range(len(bodies)))
-    deadline = time.monotonic() + max_seconds
+    errors: dict[str, int] = {}
+    todo = list(range(len(raws)))
+    deadline = time.monotonic() + max_s
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while queue and time.monotonic() < deadline:
-            body = bodies[queue.pop()]
-            start = time.perf_counter()
-            try:
-                r = await client.post("/caption", json=body)
-                code: int | str = r.status_code
-            except httpx.HTTPError as exc:
-                code = type(exc).__name__
-            if code == 200:
-                latencies.append(time.perf_counter() - start)
-            else:
-                errors[code] = errors.get(code, 0) + 1
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while todo and time.monotonic() < deadline:
+                raw = raws[todo.pop()]
+                start = time.perf_counter()
+                status = await _exchange(reader, writer, raw)
+                if status == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+        finally:
+            writer.close()
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
+    start = time.perf_counter()
+    results = await asyncio.gather(*(connection() for _ in range(conns)), return_exceptions=True)
+    for r in results:
+        if isinstance(r, Exception):
+            errors[type(r).__name__] = errors.get(type(r).__name__, 0) + 1
+    return {"latencies": latencies, "errors": errors, "start": start, "end": time.perf_counter()}
+
+
+def _client_process(args: tuple) -> dict:
+    host, port, raws, conns, max_s = args
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    out = asyncio.run(_connections(host, port, raws, conns, max_s))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu"] = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
+    return out
+
+
+def level(url: str, concurrency: int, raws: list[bytes], clients: int, max_s: float, pool) -> dict:
+    """`concurrency` connections spread over `clients` processes, each request sent once."""
+    u = urlparse(url)
+    n = min(clients, concurrency)
+    jobs = [
+        (u.hostname, u.port, raws[i::n], concurrency // n + (i < concurrency % n), max_s) for i in range(n)
+    ]
+    parts = pool.map(_client_process, jobs)
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"ok": len(latencies), "rps": len(latencies) / wall, "p50": q[49], "p99": q[98], "errors": errors}
+    ok = len(latencies)
+    return {"ok": ok, "rps": ok / wall, "p50": q[49], "p99": q[98], "errors": errors,
+            "client_cpu": sum(p["cpu"] for p in parts), "wall": wall}  # fmt: skip
+
+
+def histograms(url: str) -> dict[str, list[tuple[float, float]]]:
+    """Cumulative (le, count) buckets of the engine's step histograms, from /metrics."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        for name in ("blipserve_inter_token_seconds", "blipserve_decode_step_seconds"):
+            if line.startswith(name + "_bucket"):
+                le = line.split('le="')[1].split('"')[0]
+                out.setdefault(name, []).append((float(le), float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def quantile(before: list, after: list, q: float) -> float:
+    """The q-quantile (bucket upper bound) of the observations between two scrapes."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    return next((le for le, c in counts if c >= q * total), float("inf")) if total else float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
+    """User + system CPU time of a process and its children (the engine process) so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return total + sum(cpu_seconds(int(c)) for c in children)
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def start_server(model: str, port: int, engine: str, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--engine", engine, "--log-level", "warning", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
@@ -92,43 +166,97 @@ def start_server(model: str, port: int) -> subprocess.Popen:
     raise RuntimeError("server did not become ready")
 
 
+def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
+    """transformers' batched `generate` of the same images (preprocessing included): images/s."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from model.image import ImageProcessor
+
+    hf = Blip2ForConditionalGeneration.from_pretrained(root).eval()
+    proc = ImageProcessor.from_dir(root)
+    bos = torch.tensor([[hf.config.text_config.bos_token_id]])
+    image_ids = torch.full((1, hf.config.num_query_tokens), hf.config.image_token_index)
+    ids = torch.cat([image_ids, bos], 1)
+
+    def run(chunk: list[bytes]) -> None:
+        pixels = torch.stack([proc.preprocess(Image.open(io.BytesIO(b))) for b in chunk])
+        with torch.inference_mode():
+            hf.generate(pixel_values=pixels, input_ids=ids.expand(len(chunk), -1), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, num_beams=1)  # fmt: skip
+
+    run(pics[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(pics), batch):
+        run(pics[i : i + batch])
+    return len(pics) / (time.perf_counter() - start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
-    ap.add_argument("--model", default="tiny-random")
+    ap.add_argument("--model", default=None, help="default: a tiny checkpoint written for the run")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--engines", default="process", help="comma list of thread,process (servers started)")
+    ap.add_argument("--server-args", default="", help="extra flags for the started servers")
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=60)
+    ap.add_argument("--hf", action="store_true", help="also transformers' offline batched generate")
+    ap.add_argument("--hf-batch", type=int, default=64)
     args = ap.parse_args()
-    url = args.url or f"http://127.0.0.1:{args.port}"
-    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit("load is only sent to loopback addresses")
-    proc = None if args.url else start_server(args.model, args.port)
-    try:
-        info = httpx.get(url + "/v1/models").json()["data"][0]
-        print(f"model: {info['id']} on {info['device']} ({info['dtype']}); {args.max_new_tokens} new tokens")
-        pics = images(args.requests)
-        # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
-        n = args.max_new_tokens
-        bodies = [{"image": p, "max_new_tokens": n, "min_new_tokens": n} for p in pics]
-        # With the server started here, also its CPU time per request (everything but the client).
-        print(
-            f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15}  errors"
-        )
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            before = cpu_seconds(proc.pid) if proc else 0.0
-            r = asyncio.run(level(url, c, bodies, args.max_seconds))
-            cpu = f"{1e3 * (cpu_seconds(proc.pid) - before) / max(r['ok'], 1):.2f}" if proc else "-"
-            print(
-                f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {cpu:>15}"
-                f"  {r['errors'] or '-'}"
-            )
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+    tmp = tempfile.TemporaryDirectory(prefix="blipserve-load-")
+    model = args.model
+    if model is None and not args.url:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from oracle import make_checkpoint
+
+        make_checkpoint(Path(tmp.name), "pre_ln", image_size=224)
+        model = tmp.name
+    pics = images(args.requests)
+    n = args.max_new_tokens
+    # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
+    bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
+    targets = [("given", args.url)] if args.url else [(e, None) for e in args.engines.split(",")]
+    print(
+        f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client processes"
+    )
+    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+        for engine, given in targets:
+            url = given or f"http://127.0.0.1:{args.port}"
+            if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise SystemExit("load is only sent to loopback addresses")
+            proc = None if given else start_server(model, args.port, engine, args.server_args.split())
+            try:
+                raws = [http_request(urlparse(url).netloc, b) for b in bodies]
+                info = httpx.get(url + "/v1/models").json()["data"][0]
+                print(f"\nengine: {engine}; model {info['id']} on {info['device']} ({info['dtype']})")
+                print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15} "
+                      f"{'client cpu ms/req':>18} {'step p50 ms':>12} {'gap p99 ms':>11}  errors")  # fmt: skip
+                for c in [int(x) for x in args.concurrency.split(",")]:
+                    before, hist = (cpu_seconds(proc.pid) if proc else 0.0), histograms(url)
+                    r = level(url, c, raws, args.clients, args.max_seconds, pool)
+                    ok, after = max(r["ok"], 1), histograms(url)
+                    cpu = f"{1e3 * (cpu_seconds(proc.pid) - before) / ok:.2f}" if proc else "-"
+                    step = quantile(
+                        hist["blipserve_decode_step_seconds"], after["blipserve_decode_step_seconds"], 0.5
+                    )
+                    gap = quantile(
+                        hist["blipserve_inter_token_seconds"], after["blipserve_inter_token_seconds"], 0.99
+                    )
+                    print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
+                          f"{cpu:>15} {1e3 * r['client_cpu'] / ok:>18.2f} {step * 1e3:>12.1f} {gap * 1e3:>11.1f}"
+                          f"  {r['errors'] or '-'}")  # fmt: skip
+            finally:
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(60)
+    if args.hf:
+        rate = hf_offline(Path(model), pics, n, args.hf_batch)
+        print(f"\ntransformers generate, offline, batch {args.hf_batch}: {rate:.1f} images/s")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
+BACKOFF_S = 0.05
+
+
 @dataclass
 class Summary:
     sent: int = 0
@@ -39,12 +42,16 @@ class Summary:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    """(current, peak) resident set size of a process, from /proc."""
+    """(current, peak) resident set size of a process and its children (the engine process), from /proc."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    rss, peak = int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        child_rss, child_peak = rss_mb(int(child))
+        rss, peak = rss + child_rss, peak + child_peak
+    return rss, peak
 
 
 def bodies(n_images: int) -> list[dict]:
@@ -89,6 +96,10 @@ async def soak(url: str, requests: int, concurrency: int, max_seconds: float, pi
             if not key.isdigit():
                 summary.lost += 1
             summary.by_status[key] = summary.by_status.get(key, 0) + 1
+            if key == "429":
+                # Back off briefly, as a client that honours overload does: a 429 comes back in about a
+                # millisecond, so clients that resend at once would make nearly every response a 429.
+                await asyncio.sleep(BACKOFF_S)
 
     start = time.perf_counter()
     async with httpx.AsyncClient(

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .decoders import Decoder, new_decoder
+from .config import read_config
+from .decoders import new_decoder
 from .generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .image import ImageProcessor
-from .loader import load_model, resolve_checkpoint
+from .loader import build_empty, load_model, resolve_checkpoint
 from .plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
 from .runner import DecodeOptions, ModelRunner
 from .textstream import cut_at_stop, stop_checker
@@ -125,11 +126,29 @@ class Blip2Engine:
         return cls._load(resolve_checkpoint(model_id), model_id, device, torch_dtype)
 
     @classmethod
+    def load_dir(
+        cls, root: Path, model_id: str, device: str = "cpu", dtype: str | torch.dtype | None = None
+    ) -> Blip2Engine:
+        """The checkpoint in local directory `root`, served under the name `model_id`."""
+        return cls._load(root, model_id, device, resolve_dtype(dtype, device))
+
+    @classmethod
     def _load(cls, root: Path, model_id: str, device: str, dtype: torch.dtype) -> Blip2Engine:
         model = load_model(root, dtype=dtype, device=device)
         tokenizer = TextTokenizer.from_dir(root)
         processor = ImageProcessor.from_dir(root, default_size=model.cfg.vision.image_size)
         log.info("loaded %s on %s as %s", model_id, device, dtype)
+        return cls(model, tokenizer, processor, model_id)
+
+    @classmethod
+    def frontend(cls, root: Path, model_id: str) -> Blip2Engine:
+        """Tokenizer, image processor and prompt rules of a checkpoint without its weights (the modules
+        live on the meta device): what an HTTP process needs to build requests for an engine process
+        and to turn its token ids into text. Running the model on it fails."""
+        cfg = read_config(root / "config.json")
+        model = build_empty(cfg, torch.float32, torch.device("meta"))
+        tokenizer = TextTokenizer.from_dir(root)
+        processor = ImageProcessor.from_dir(root, default_size=cfg.vision.image_size)
         return cls(model, tokenizer, processor, model_id)
 
     @property
@@ -208,9 +227,10 @@ class Blip2Engine:
         reason = "stop" if stopped else out.finish_reason or "length"
         return Completion(text, out.tokens, reason, out.logprobs)
 
-    def result(self, request: GenerationRequest, decoder: Decoder) -> GenerationResult:
-        outputs = [self.completion(out, request.params) for out in decoder.outputs()]
-        return GenerationResult(outputs, prompt_tokens=self.model.prompt_tokens(request.text_ids))
+    def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
+        """Texts of a finished request's token outputs."""
+        completions = [self.completion(out, request.params) for out in outputs]
+        return GenerationResult(completions, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(
         self,
@@ -280,7 +300,7 @@ class Blip2Engine:
                 on_step(out)
             running = [w for w in plan.prefills + plan.decodes if not out.steps[w.seq_id].done]
             plan = StepPlan(decodes=running)
-        return [self.result(r, w.decoder) for r, w in zip(requests, works, strict=True)]
+        return [self.result(r, w.decoder.outputs()) for r, w in zip(requests, works, strict=True)]
 
     def caption(
         self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None

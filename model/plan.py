@@ -68,26 +68,44 @@ class RetrievalOutput:
 
 @dataclass
 class StepPlan:
-    # Images whose vision + Q-Former stage may be needed this step, by content key. The runner skips the
-    # ones already in its embedding cache and runs the rest as one batch.
+    # Images whose vision + Q-Former stage may be needed this step, by content key: those of `encode`,
+    # and those of the prefills and retrievals (the runner encodes any of these it holds no embeddings
+    # for, in the step, as one batch).
     images: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Images to put through the vision stage in the background (a worker thread; on CUDA a stream of
+    # its own), while this and the next steps decode: their requests prefill once `encoded` says so.
+    encode: list[str] = field(default_factory=list)
     # Sequences whose whole prompt runs this step (then they pick their first token).
     prefills: list[SequenceWork] = field(default_factory=list)
     # Running sequences that feed their last token and pick the next one.
     decodes: list[SequenceWork] = field(default_factory=list)
     # Matching / embedding requests, answered in full this step (after the vision stage).
     retrievals: list[RetrievalWork] = field(default_factory=list)
+    # Requests wait for a background vision batch: with nothing else to do, the runner waits for it.
+    awaits_vision: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.prefills or self.decodes or self.retrievals)
+        return not (self.encode or self.prefills or self.decodes or self.retrievals or self.awaits_vision)
+
+    @property
+    def runs_model(self) -> bool:
+        """Work for this step itself (else the runner waits for the background vision stage)."""
+        return bool(self.prefills or self.decodes or self.retrievals)
 
 
 @dataclass
 class StepOutput:
     # What each sequence (by seq_id) did this step.
     steps: dict[int, Step] = field(default_factory=dict)
+    # Background vision batches that finished by this step: their images' keys, and the keys whose
+    # batch failed (with why); those requests fail.
+    encoded: list[str] = field(default_factory=list)
+    vision_errors: dict[str, str] = field(default_factory=dict)
     # Images that went through the vision stage (cache misses) and cache hits, this step.
     vision_images: int = 0
+    # Whether some of them were encoded inside the step (prefills and retrievals whose embeddings the
+    # runner did not hold), not in the background.
+    vision_in_step: bool = False
     cache_hits: int = 0
     # Wall-clock seconds of each stage this step (0 when the stage did not run).
     vision_s: float = 0.0

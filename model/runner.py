@@ -16,6 +16,7 @@ from .blip2 import Blip2ForConditionalGeneration
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
 from .static_decode import StaticDecoder
+from .vision_worker import VisionWorker
 
 
 class EmbeddingCache:
@@ -128,6 +129,10 @@ class ModelRunner:
             graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
             self.static = StaticDecoder(model.decode, self.cache, num_slots, options.kv_step, graphs)
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
+        self.vision = VisionWorker(self.device)
+        # Embeddings from the background vision stage, kept until their requests have prefilled (the
+        # LRU cache may be too small to hold them, or off).
+        self.fresh: dict[str, torch.Tensor] = {}
         self.clock = Stopwatch(self.device)
         self.oom_splits = 0  # batches split in two after running out of memory
 
@@ -148,6 +153,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
         out = StepOutput()
+        if plan.encode:
+            self._start_encoding(plan, out)
+        # With nothing else to do this step, wait for the vision stage rather than spin.
+        self._collect(out, wait=not plan.runs_model and not out.encoded)
         marks = {"start": self.clock.mark()}
         fresh = self._vision(plan, out)
         marks["vision"] = self.clock.mark()
@@ -172,28 +181,60 @@ class ModelRunner:
 
     def _timings(self, out: StepOutput, marks: dict) -> None:
         """Stage times, read once the step is over (the token read has synchronised the device)."""
-        if out.vision_images:
-            out.vision_s = self.clock.seconds(marks["start"], marks["vision"])
+        if out.vision_in_step:
+            out.vision_s += self.clock.seconds(marks["start"], marks["vision"])
         if "prefill" in marks:
             out.prefill_s = self.clock.seconds(marks["vision"], marks["prefill"])
         if "decode" in marks:
             out.decode_s = self.clock.seconds(marks["before_decode"], marks["decode"])
 
+    def _start_encoding(self, plan: StepPlan, out: StepOutput) -> None:
+        """Background vision for `plan.encode`; images with embeddings already are reported at once."""
+        keys = [
+            k for k in dict.fromkeys(plan.encode) if k not in self.fresh and self.embeddings.get(k) is None
+        ]
+        out.encoded = [k for k in plan.encode if k not in keys]
+        out.cache_hits += len(out.encoded)
+        if keys:
+            pixels = {k: plan.images[k] for k in keys}
+            self.vision.submit(keys, lambda ks: self._encode(pixels, ks))
+
+    def _collect(self, out: StepOutput, wait: bool) -> None:
+        for batch in self.vision.collect(wait):
+            if batch.error is not None:
+                log.error("vision batch of %d images failed: %s", len(batch.keys), batch.error)
+                out.vision_errors.update(dict.fromkeys(batch.keys, batch.error))
+                continue
+            for key, value in batch.embeddings.items():
+                self.fresh[key] = value
+                self.embeddings.put(key, value)
+            out.encoded += batch.keys
+            out.vision_images += len(batch.keys)
+            out.vision_s += batch.seconds
+
     def _vision(self, plan: StepPlan, out: StepOutput) -> dict[str, torch.Tensor]:
+        """Embeddings of the images this step's prefills and retrievals need; missing ones encoded now."""
         needed = {w.image_key for w in plan.prefills} | {w.image_key for w in plan.retrievals if w.image_key}
-        found = {k: v for k in needed if (v := self.embeddings.get(k)) is not None}
+        found = {k: v for k in needed if (v := self.fresh.pop(k, None)) is not None}
+        cached = {k: v for k in needed - found.keys() if (v := self.embeddings.get(k)) is not None}
+        out.cache_hits += len(cached)
+        found |= cached
         missing = [k for k in needed if k not in found]
-        out.cache_hits = len(found)
         if missing:
-            embeds = torch.cat(_halving(lambda keys: self._encode(plan, keys), missing, self._split))
+            embeds = self._encode(plan.images, missing)
             for key, value in zip(missing, embeds, strict=True):
                 found[key] = value
                 self.embeddings.put(key, value)
-            out.vision_images = len(missing)
+            out.vision_images += len(missing)
+            out.vision_in_step = True
         return found
 
-    def _encode(self, plan: StepPlan, keys: list[str]) -> torch.Tensor:
-        pixels = torch.stack([plan.images[k] for k in keys])
+    def _encode(self, images: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+        """Query embeddings of `keys`' images as one batch (halved while it runs out of memory)."""
+        return torch.cat(_halving(lambda ks: self._encode_batch(images, ks), keys, self._split))
+
+    def _encode_batch(self, images: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+        pixels = torch.stack([images[k] for k in keys])
         if self.device.type == "cuda":
             # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
             # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.

@@ -6,18 +6,22 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .engine_client import ProcessClient
+from .engine_process import EngineHandle
 from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
+from .logs import configure as configure_logging
 from .openai_api import ChatRequest, add_openai_routes
 from .replies import event_stream, reply
 from .retrieval_api import add_retrieval_routes
@@ -32,7 +36,7 @@ from .schemas import (
 )
 from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
-from .settings import Settings
+from .settings import Settings, read_worker_spec
 from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
@@ -53,22 +57,31 @@ def _body_doc(model: type) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
-    """The app; the service (model, engine thread) is built in the lifespan unless one is given."""
+def create_app(
+    settings: Settings | None = None,
+    service: Service | None = None,
+    engine: EngineHandle | None = None,
+    on_engine_death: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
+    `engine` (started by the server's main process), else to one it starts itself (or, with
+    `engine: thread`, a model loaded in this process). `on_engine_death` runs if that process dies."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or await asyncio.to_thread(Service.build, settings)
+        svc = service or await asyncio.to_thread(Service.build, settings, engine)
         app.state.service = svc
-        await asyncio.to_thread(svc.start)
-        await asyncio.to_thread(svc.warm_up)
-        log.info("ready: %s on %s", svc.engine.model_id, svc.engine.device)
+        if on_engine_death is not None and isinstance(svc.client, ProcessClient):
+            svc.client.on_engine_death = on_engine_death
         try:
+            await svc.start()
+            await svc.warm_up()
+            log.info("ready: %s on %s", svc.engine.model_id, svc.device)
             yield
         finally:
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
-            await asyncio.to_thread(svc.shutdown)
+            await svc.shutdown()
 
     app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
@@ -83,6 +96,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     add_retrieval_routes(app, _unless_disconnected)
     _add_schemas(app)
     return app
+
+
+def worker_app() -> FastAPI:
+    """One of `api_workers` HTTP processes (uvicorn's factory): settings and engine from the main process."""
+    settings, handle = read_worker_spec()
+    configure_logging(settings.log_level, settings.log_format)
+    torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
+    return create_app(settings, engine=EngineHandle(**handle))
 
 
 class Observe:
@@ -118,8 +139,7 @@ class Observe:
             path = scope.get("path", "")
             svc: Service | None = getattr(scope["app"].state, "service", None)
             if svc is not None and path in ROUTES_MEASURED:
-                svc.metrics.requests.labels(path, str(status)).inc()
-                svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
+                svc.record_http(path, status, time.perf_counter() - start)
             ms, method = elapsed_ms(start), scope.get("method")
             client = (scope.get("client") or ("", 0))[0]
             extra = {"request_id": request_id, "method": method, "path": path, "status": status}
@@ -149,10 +169,10 @@ async def _unless_disconnected(request: Request, job: Awaitable[T]) -> T:
     return work.result()
 
 
-def _stream(svc: Service, jobs: list, single: bool, start: float) -> EventStream:
+async def _stream(svc: Service, jobs: list, single: bool, start: float) -> EventStream:
     if not single:
         raise ApiError(422, "stream: only for the single form (one image, one question)")
-    return EventStream(event_stream(svc, jobs[0], start))
+    return EventStream(await event_stream(svc, jobs[0], start))
 
 
 ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
@@ -172,7 +192,7 @@ def _add_routes(app: FastAPI) -> None:
         jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
         single = parsed.body.image is not None
         if parsed.body.stream:
-            return _stream(svc, jobs, single, start)
+            return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
         return JSONResponse(reply(svc, outcomes, start, single, "caption"))
 
@@ -198,7 +218,7 @@ def _add_routes(app: FastAPI) -> None:
         jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
         single = body.image is not None and body.question is not None
         if body.stream:
-            return _stream(svc, jobs, single, start)
+            return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
         return JSONResponse(reply(svc, outcomes, start, single, "answer"))
 
@@ -209,14 +229,14 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/ready")
     async def ready(request: Request) -> Response:
         svc: Service | None = getattr(request.app.state, "service", None)
-        if svc is None or not svc.ready or not svc.loop.healthy:
+        if svc is None or not svc.ready or not svc.healthy:
             return error_response(503, "not ready", {"Retry-After": "1"})
         return JSONResponse({"status": "ready", "model": svc.engine.model_id})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         svc: Service = request.app.state.service
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await svc.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

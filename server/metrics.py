@@ -9,6 +9,8 @@ from model.plan import StepOutput, StepPlan
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Fine enough to read a p99 against the decode step's own time.
+GAP_BUCKETS = (0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -35,10 +37,16 @@ class Metrics:
         self.prefill = Histogram(
             "blipserve_prefill_seconds", "Prefill batch", buckets=STAGE_BUCKETS, registry=r
         )
+        self.token_gap = Histogram(
+            "blipserve_inter_token_seconds",
+            "Time between two tokens of a running sequence (what a decode waits for newcomers)",
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
         self.decode = Histogram(
             "blipserve_decode_step_seconds",
             "One decode step (per-token latency)",
-            buckets=STAGE_BUCKETS,
+            buckets=GAP_BUCKETS,
             registry=r,
         )
         self.vision_batch = Histogram(
@@ -71,9 +79,18 @@ class Metrics:
             self.decode.observe(out.decode_s)
             self.decode_batch.observe(out.decode_rows)
         self.tokens.inc(len(out.steps))  # every sequence in a step gains one token
+        for gap in scheduler.token_gaps:
+            self.token_gap.observe(gap)
+        for wait in scheduler.queue_waits:
+            self.queue_wait.observe(wait)
         self.queue_depth.set(len(scheduler.waiting))
         self.active.set(len(scheduler.running))
         self.free_slots.set(len(scheduler.free_slots))
+
+    def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
+        """One HTTP request's outcome (from any HTTP process)."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def observe_gpu(self) -> None:
         import torch

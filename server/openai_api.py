@@ -232,7 +232,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
         job = svc.make_request(prepared, prompt, params)
         chat = Chat(svc, body, job)
         if body.stream:
-            return EventStream(chat.chunks(svc.stream(job)))
+            return EventStream(chat.chunks(await svc.stream(job)))
         outcome = (await run(request, svc, [job]))[0]
         return JSONResponse(chat.completion(outcome))
 

@@ -71,10 +71,10 @@ def reply(svc: Service, outcomes: list[Outcome], start: float, single: bool, key
     return body
 
 
-def event_stream(svc: Service, request: GenerationRequest, start: float) -> AsyncIterator[bytes]:
+async def event_stream(svc: Service, request: GenerationRequest, start: float) -> AsyncIterator[bytes]:
     """`{"index", "text", "logprobs"?}` per delta; last `{"done": true, "choices", "finish_reason", "usage",
     "timings"}`, or `{"error": {...}}` should the request fail after the stream began."""
-    events = svc.stream(request)  # queued now: a full queue is an HTTP 429, not an event
+    events = await svc.stream(request)  # queued now: a full queue is an HTTP 429, not an event
     return _native_events(svc, request, events, start)
 
 

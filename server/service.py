@@ -6,19 +6,23 @@ import asyncio
 import logging
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, Sequence, SequenceFailed, Ticket
+from batching import EngineStopped, QueueFull
+from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
+from batching.protocol import Done
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.plan import RetrievalOutput, RetrievalRequest
-from model.runner import DecodeOptions
 
+from .engine_client import EngineDied, ProcessClient
+from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
 from .errors import ApiError
 from .fetch import fetch_image, is_public
 from .inputs import Prepared, prepare_image
@@ -35,69 +39,102 @@ class Outcome:
     queue_s: float
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class Service:
-    def __init__(self, settings: Settings, engine: Blip2Engine):
+    """What the HTTP routes use: the request rules (`engine`: tokenizer, image processor, prompts; in
+    process mode without weights) and a client of the engine (`client`), in this process (`engine:
+    thread`) or in an engine process of its own (`engine: process`, the default)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Blip2Engine,
+        client: EngineClient,
+        owner: EngineProcess | None = None,
+    ):
         self.settings = settings
         self.engine = engine
-        self.metrics = Metrics()
-        max_len = min(settings.max_len, engine.max_positions)
-        self.max_len = max_len
-        options = DecodeOptions(cuda_graphs=settings.cuda_graphs, kv_step=settings.decode_kv_step)
-        self.runner = engine.new_runner(
-            settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20, options
-        )
-        self.scheduler = Scheduler(
-            settings.max_running_seqs, settings.max_queue, settings.max_batch_images, engine.eos_ids
-        )
-        self.loop = EngineLoop(self.runner, self.scheduler, settings.max_wait_ms, self.metrics.on_step)
+        self.client = client
+        self.owner = owner  # the engine process this HTTP process started (stopped with it)
+        self.max_len = min(settings.max_len, engine.max_positions)
         self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
         self.ready = False
         self.created = int(time.time())  # /v1/models: when this model was loaded
         self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
 
     @classmethod
-    def build(cls, settings: Settings) -> Service:
+    def build(cls, settings: Settings, handle: EngineHandle | None = None) -> Service:
+        """Load the model here (`engine: thread`), or start an engine process (or use `handle`'s)."""
         # PIL's own decompression-bomb limit as an error, never just a warning (our pixel cap comes first).
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        engine = Blip2Engine.from_pretrained(settings.model, resolve_device(settings.device), settings.dtype)
-        if settings.quantize == "int8":
-            from model.quant import quantize_int8
+        if settings.engine == "thread" and handle is None:
+            engine = load_engine(settings)
+            metrics = Metrics()
+            return cls(settings, engine, InprocClient(engine_loop(settings, engine, metrics), metrics))
+        owner = None
+        if handle is None:
+            owner = EngineProcess(settings)
+            handle = owner.start()
+        alive = owner.alive if owner is not None else (lambda: pid_alive(handle.pid))
+        frontend = Blip2Engine.frontend(Path(handle.root), handle.model_id)
+        return cls(settings, frontend, ProcessClient(handle.address, alive), owner)
 
-            quantize_int8(engine.model)
-        return cls(settings, engine)
+    @property
+    def loop(self):
+        """The in-process engine loop (`engine: thread`), for tests that reach into it."""
+        return self.client.loop
 
-    def start(self) -> None:
-        """Capture the decode graphs (before the engine thread runs any CUDA work), then start it."""
-        self.runner.prepare()
-        self.loop.start()
+    @property
+    def runner(self):
+        return self.client.loop.runner
 
-    def warm_up(self) -> None:
+    @property
+    def scheduler(self):
+        return self.client.loop.scheduler
+
+    @property
+    def healthy(self) -> bool:
+        return self.client.healthy
+
+    async def start(self) -> None:
+        """Capture the decode graphs and start the engine thread, or wait for the engine process."""
+        if isinstance(self.client, ProcessClient):
+            info = await self.client.connect()
+            self.device, self.dtype = info.device, info.dtype
+        else:
+            await asyncio.to_thread(self.client.loop.runner.prepare)
+            self.client.start()
+            self.device, self.dtype = str(self.engine.device), str(self.engine.dtype).removeprefix("torch.")
+
+    async def warm_up(self) -> None:
         """One request through every stage before taking traffic (allocations, kernels, lazy init)."""
         side = self.engine.image_processor
         pixels = torch.zeros(3, side.height, side.width)
         if "match" in self.engine.tasks:
             request = self.engine.retrieval_request("match", pixels, "warmup", ["warm up"])
         else:
-            params = SamplingParams(max_new_tokens=2, num_beams=min(2, self.scheduler.num_slots))
+            params = SamplingParams(max_new_tokens=2, num_beams=min(2, self.settings.max_running_seqs))
             request = self.engine.request(pixels, "warmup", "warm up", params)
-        asyncio.run(self.loop.submit(request))  # through the serving path itself: loop, runner, cache
+        await self.client.submit(request)  # through the serving path itself: client, loop, runner, cache
         self.ready = True
-        self.metrics.ready.set(1)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        """Finish every accepted request, then stop the engine (thread, or the process we started)."""
         self.ready = False
-        self.metrics.ready.set(0)
-        self.loop.shutdown(self.settings.graceful_timeout_s)
+        timeout = self.settings.graceful_timeout_s
+        if isinstance(self.client, ProcessClient):
+            if self.owner is not None:
+                await asyncio.to_thread(self.owner.stop, timeout)
+            await self.client.close()
+        else:
+            await asyncio.to_thread(self.client.shutdown, timeout)
         self.images.shutdown(wait=False, cancel_futures=True)
-        log.info(
-            "engine stopped after %d steps; %d requests left unfinished", self.loop.steps, self.loop.pending
-        )
+        log.info("engine stopped; %d requests left unfinished", self.client.pending)
+
+    def record_http(self, endpoint: str, status: int, seconds: float) -> None:
+        self.client.record_http(endpoint, status, seconds)
+
+    async def render_metrics(self) -> bytes:
+        return await self.client.metrics_text()
 
     @property
     def vqa_template(self) -> str:
@@ -184,31 +221,34 @@ class Service:
             raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
         return request
 
-    def enqueue(
-        self, request: GenerationRequest, on_progress: Callable[[Sequence], None] | None = None
-    ) -> Ticket:
+    async def enqueue(self, request: GenerationRequest | RetrievalRequest, stream: bool = False) -> Ticket:
         """Queue one request now (so a full queue is a 429 before any response starts)."""
         if not self.ready:
             raise ApiError(503, "model is not ready", {"Retry-After": "1"})
         try:
-            return self.loop.enqueue(request, self.settings.request_timeout_s, on_progress)
+            return await self.client.add(request, self.settings.request_timeout_s, stream)
         except QueueFull as exc:
             raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None
-        except EngineStopped as exc:
+        except (EngineStopped, EngineDied) as exc:
             raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[Outcome]:
-        """Run requests concurrently; the first failure cancels the others and maps to an HTTP error."""
+    async def enqueue_all(self, requests: list) -> list[Ticket]:
+        """Queue every request, or none: on the first refusal the ones queued are cancelled."""
         tickets: list[Ticket] = []
         try:
             for r in requests:
-                tickets.append(self.enqueue(r))
-        except ApiError:
+                tickets.append(await self.enqueue(r))
+        except BaseException:
             for t in tickets:
-                self.loop.cancel(t)
+                self.client.cancel(t)
             raise
+        return tickets
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        """Run requests concurrently; the first failure cancels the others and maps to an HTTP error."""
+        tickets = await self.enqueue_all(requests)
         tasks = [asyncio.ensure_future(self.outcome(r, t)) for r, t in zip(requests, tickets, strict=True)]
         try:
             return list(await asyncio.gather(*tasks))
@@ -217,23 +257,24 @@ class Service:
                 t.cancel()
             raise
 
-    async def finished(self, ticket: Ticket) -> Sequence:
-        """The request's sequence once done; a timeout is a 504, any other failure a 500."""
+    async def finished(self, ticket: Ticket) -> Done:
+        """The request's result once done; a timeout is a 504, a dead engine a 503, else a 500."""
         try:
-            seq = await self.loop.wait(ticket)
+            return await self.client.wait(ticket)
         except SequenceFailed as exc:
-            if exc.seq.finish_reason == "timeout":
+            if exc.reason == "timeout":
                 raise ApiError(
                     504, f"request did not finish within {self.settings.request_timeout_s}s"
                 ) from None
+            if exc.reason == "engine_died":
+                raise ApiError(
+                    503, "the engine process died; the server restarts", {"Retry-After": "5"}
+                ) from None
             raise ApiError(500, "the request failed in the engine") from None
-        self.metrics.queue_wait.observe((seq.admitted or seq.arrived) - seq.arrived)
-        return seq
 
     async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
-        seq = await self.finished(ticket)
-        queue_s = (seq.admitted or seq.arrived) - seq.arrived
-        return Outcome(self.engine.result(request, seq.decoder), queue_s)
+        done = await self.finished(ticket)
+        return Outcome(self.engine.result(request, done.outputs), done.queue_s)
 
     def retrieval_request(self, task: str, image: Prepared | None, texts: list[str]) -> RetrievalRequest:
         for i, text in enumerate(texts):
@@ -247,31 +288,24 @@ class Service:
 
     async def retrieve(self, requests: list[RetrievalRequest]) -> list[RetrievalOutput]:
         """Queue matching / embedding requests (one engine step each, batched with the others)."""
-        tickets: list[Ticket] = []
+        tickets = await self.enqueue_all(requests)
         try:
-            for r in requests:
-                tickets.append(self.enqueue(r))
-            return [(await self.finished(t)).output for t in tickets]
+            return [(await self.finished(t)).retrieval for t in tickets]
         except BaseException:
             for t in tickets:
-                self.loop.cancel(t)
+                self.client.cancel(t)
             raise
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenOutput] | Outcome]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenOutput] | Outcome]:
         """Queue a request (errors raise here), then iterate: the outputs so far after each engine step,
         and last the Outcome. Closing the iterator early cancels the request and frees its slots."""
-        events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def progress(seq: Sequence) -> None:  # engine thread: copy now, deliver on the event loop
-            loop.call_soon_threadsafe(events.put_nowait, seq.decoder.outputs())
-
-        ticket = self.enqueue(request, progress)
-        return self._events(request, ticket, events)
+        ticket = await self.enqueue(request, stream=True)
+        return self._events(request, ticket)
 
     async def _events(
-        self, request: GenerationRequest, ticket: Ticket, events: asyncio.Queue
+        self, request: GenerationRequest, ticket: Ticket
     ) -> AsyncIterator[list[TokenOutput] | Outcome]:
+        events = ticket.progress
         done = asyncio.ensure_future(self.outcome(request, ticket))
         try:
             while not done.done() or not events.empty():
@@ -288,7 +322,7 @@ class Service:
         finally:
             if not done.done():
                 done.cancel()
-                self.loop.cancel(ticket)
+                self.client.cancel(ticket)
 
     def describe(self) -> dict:
         s, e = self.settings, self.engine
@@ -297,8 +331,8 @@ class Service:
             "object": "model",
             "created": self.created,
             "owned_by": "blipserve",
-            "dtype": str(e.dtype).removeprefix("torch."),
-            "device": str(e.device),
+            "dtype": self.dtype,
+            "device": self.device,
             "quantization": s.quantize,
             "ready": self.ready,
             "limits": {

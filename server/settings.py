@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +27,20 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when present)")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     quantize: Literal["none", "int8"] = "none"
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="process: scheduler, runner and model in an engine process of their own (serving); "
+        "thread: in the HTTP process (tests, debugging)",
+    )
+    api_workers: int = Field(
+        1, ge=1, le=64, description="HTTP processes in front of the engine process (engine: process)"
+    )
+    engine_threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads of the engine process; 0: the cores the HTTP processes leave (the "
+        "HTTP processes take one torch thread each: more would only spin against the engine's)",
+    )
     # HTTP
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
@@ -32,6 +49,12 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
     # Batching
     max_batch_images: int = Field(32, ge=1, description="new images per vision batch")
+    background_vision: bool | None = Field(
+        None,
+        description="encode newcomers' images on a worker thread (CUDA: its own stream) while running "
+        "sequences decode; false: inside the engine step, which every running sequence then waits for; "
+        "unset: true on CUDA, false on the CPU (where both would share the same cores: measured no gain)",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="idle engine waits this long to fill a vision batch")
     max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one)")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
@@ -116,3 +139,20 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
         )
 
     return Settings(**FileSettings(**flags).model_dump())
+
+
+# How the server's main process hands its settings and engine process to `api_workers` > 1 HTTP worker
+# processes (uvicorn starts them from an import string, so they cannot be passed as arguments).
+WORKER_ENV = "BLIPSERVE_WORKER_SPEC_JSON"
+
+
+def worker_spec(settings: Settings, handle: Any) -> str:
+    values = settings.model_dump(mode="json")
+    if settings.api_key is not None:
+        values["api_key"] = settings.api_key.get_secret_value()
+    return json.dumps({"settings": values, "engine": dataclasses.asdict(handle)})
+
+
+def read_worker_spec() -> tuple[Settings, dict]:
+    spec = json.loads(os.environ[WORKER_ENV])
+    return Settings(**spec["settings"]), spec["engine"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batching import EngineLoop, QueueFull, Scheduler, SequenceFailed
+from batching import EngineLoop, InprocClient, QueueFull, Scheduler, SequenceFailed
 from model.generation import SamplingParams
 from model.plan import StepOutput, StepPlan
 
@@ -25,6 +25,7 @@ class FakeRequest:
     text_ids: list[int] = field(default_factory=lambda: [2])
     prompt_ids: list[int] = field(default_factory=lambda: [50, 50, 2])
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=50))
+    positions: int = 0
 
 
 class FakeRunner:
@@ -41,7 +42,7 @@ class FakeRunner:
         assert len(slots) == len(set(slots)), "a cache slot is used twice in one step"
         if any(w.image_key == "bad" for w in plan.prefills + plan.decodes):
             raise RuntimeError("boom")
-        out = StepOutput()
+        out = StepOutput(encoded=list(plan.encode))  # the vision stage, done at once
         for w in plan.prefills + plan.decodes:
             n = len(w.decoder.tokens) + 1
             token = EOS if n > self_stop(w) else n
@@ -68,22 +69,27 @@ def drive(scheduler: Scheduler, runner: FakeRunner, steps: int = 100) -> list:
     return finished
 
 
-def test_sequences_join_and_leave_the_running_batch():
-    sched = Scheduler(num_slots=2, max_queue=10, max_batch_images=8, eos_ids=(EOS,))
+@pytest.mark.parametrize("background", [False, True])
+def test_sequences_join_and_leave_the_running_batch(background):
+    sched = Scheduler(
+        num_slots=2, max_queue=10, max_batch_images=8, eos_ids=(EOS,), background_vision=background
+    )
     runner = FakeRunner()
     long, short, late = request(6), request(1), request(2)
     seqs = [sched.add(r) for r in (long, short, late)]
     finished = drive(sched, runner)
     assert [s.decoder.tokens for s in seqs] == [[1, 2, 3, 4, 5, 6, EOS], [1, EOS], [1, 2, EOS]]
     assert all(s.finish_reason == "stop" for s in finished)
-    # The third request starts as soon as the short one leaves, while the long one is still running.
+    # The third request starts as soon as the short one leaves, while the long one is still running
+    # (in the background, the first two prefill a step later, once their image is encoded; the third's
+    # image is known by then).
     first_prefill = {w.seq_id: i for i, p in enumerate(runner.plans) for w in p.prefills}
-    assert first_prefill[seqs[2].seq_id] == 2
+    assert first_prefill[seqs[2].seq_id] == 2 + background
     assert len(sched.free_slots) == 2 and not sched.running
 
 
 def test_admission_waits_for_free_slots_and_limits_images():
-    sched = Scheduler(num_slots=3, max_queue=10, max_batch_images=2, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=3, max_queue=10, max_batch_images=2, eos_ids=(EOS,), background_vision=False)
     for key in "abcd":
         sched.add(request(3, key))
     plan, _ = sched.schedule()
@@ -94,7 +100,7 @@ def test_admission_waits_for_free_slots_and_limits_images():
 
 
 def test_same_image_rides_along_in_the_vision_batch():
-    sched = Scheduler(num_slots=8, max_queue=10, max_batch_images=1, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=8, max_queue=10, max_batch_images=1, eos_ids=(EOS,), background_vision=False)
     for key in "aab":
         sched.add(request(2, key))
     plan, _ = sched.schedule()
@@ -102,8 +108,37 @@ def test_same_image_rides_along_in_the_vision_batch():
     assert list(plan.images) == ["a"]
 
 
+def test_background_vision_batches_newcomers_while_the_running_decode():
+    sched = Scheduler(num_slots=8, max_queue=10, max_batch_images=4, eos_ids=(EOS,), background_vision=True)
+    first = [sched.add(request(20, k)) for k in "ab"]
+    plan, _ = sched.schedule()
+    # Admitted (slots held) but not prefilled: their images go to the background vision stage.
+    assert plan.encode == ["a", "b"] and not plan.prefills and set(plan.images) == {"a", "b"}
+    assert all(s.slots for s in first) and plan.awaits_vision
+    sched.postprocess(plan, StepOutput())  # the batch is still running
+    late = [sched.add(request(20, k)) for k in "cdea"]
+    plan, _ = sched.schedule()
+    # One batch in flight at a time: "c" waits in the queue; "a" (in flight) could not pass it (FIFO).
+    assert plan.encode == [] and not plan.prefills and len(sched.waiting) == 4
+    sched.postprocess(plan, StepOutput(encoded=["a", "b"]))
+    plan, _ = sched.schedule()
+    # The first two prefill, and so does the late "a", whose image is known now.
+    assert [w.image_key for w in plan.prefills] == ["a", "b", "a"]
+    assert plan.encode == ["c", "d", "e"]  # the newcomers, as one batch
+    assert [s.stage for s in late] == ["vision", "vision", "vision", "decode"]
+    out = FakeRunner().run(plan)
+    out.encoded = []  # the newcomers' batch is still running
+    sched.postprocess(plan, out)
+    plan, _ = sched.schedule()
+    # They decode while the newcomers' batch is still in flight.
+    assert [w.image_key for w in plan.decodes] == ["a", "b", "a"] and not plan.prefills
+    sched.postprocess(plan, StepOutput(vision_errors={"c": "OutOfMemoryError: simulated"}))
+    assert late[0].finish_reason == "error" and not late[0].slots  # only that image's request fails
+    assert late[1].finish_reason is None and "d" in sched.encoding
+
+
 def test_queue_is_bounded():
-    sched = Scheduler(num_slots=1, max_queue=2, max_batch_images=1, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=1, max_queue=2, max_batch_images=1, eos_ids=(EOS,), background_vision=False)
     sched.add(request(1))
     sched.add(request(1))
     with pytest.raises(QueueFull):
@@ -111,7 +146,7 @@ def test_queue_is_bounded():
 
 
 def test_beams_take_one_slot_each_and_too_many_beams_is_an_error():
-    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,), background_vision=False)
     r = request(2)
     r.params = SamplingParams(num_beams=3)
     sched.add(r)
@@ -124,7 +159,7 @@ def test_beams_take_one_slot_each_and_too_many_beams_is_an_error():
 
 
 def test_cancel_and_deadline_free_slots_at_next_step():
-    sched = Scheduler(num_slots=2, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=2, max_queue=5, max_batch_images=4, eos_ids=(EOS,), background_vision=False)
     a, b = sched.add(request(50)), sched.add(request(50), deadline=0.0)
     runner = FakeRunner()
     plan, dropped = sched.schedule(now=-1.0)
@@ -137,7 +172,7 @@ def test_cancel_and_deadline_free_slots_at_next_step():
 
 
 def test_failed_step_fails_only_its_sequences():
-    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
+    sched = Scheduler(num_slots=4, max_queue=5, max_batch_images=4, eos_ids=(EOS,), background_vision=False)
     bad = sched.add(request(3, "bad"))
     plan, _ = sched.schedule()
     with pytest.raises(RuntimeError):
@@ -152,10 +187,10 @@ def test_engine_loop_serves_concurrent_requests_and_survives_a_failing_step():
     async def main():
         sched = Scheduler(num_slots=3, max_queue=50, max_batch_images=4, eos_ids=(EOS,))
         runner = FakeRunner()
-        loop = EngineLoop(runner, sched, max_wait_ms=1)
+        loop = InprocClient(EngineLoop(runner, sched, max_wait_ms=1))
         loop.start()
-        seqs = await asyncio.gather(*(loop.submit(request(n % 5 + 1)) for n in range(20)))
-        assert [len(s.decoder.tokens) for s in seqs] == [n % 5 + 2 for n in range(20)]
+        done = await asyncio.gather(*(loop.submit(request(n % 5 + 1)) for n in range(20)))
+        assert [len(d.outputs[0].tokens) for d in done] == [n % 5 + 2 for n in range(20)]
         with pytest.raises(SequenceFailed):
             await loop.submit(request(2, "bad"))
         ok = await loop.submit(request(2))
@@ -169,7 +204,7 @@ def test_engine_loop_serves_concurrent_requests_and_survives_a_failing_step():
 def test_engine_loop_cancellation_frees_the_slot():
     async def main():
         sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
-        loop = EngineLoop(FakeRunner(step_s=0.002), sched, max_wait_ms=0)
+        loop = InprocClient(EngineLoop(FakeRunner(step_s=0.002), sched, max_wait_ms=0))
         loop.start()
         endless = request(10_000)
         endless.params = SamplingParams(max_new_tokens=100_000)
@@ -195,7 +230,7 @@ def test_engine_loop_survives_an_error_outside_the_model_step():
             if len(calls) == 1:
                 raise RuntimeError("hook failed")
 
-        loop = EngineLoop(FakeRunner(), sched, max_wait_ms=0, on_step=broken_hook)
+        loop = InprocClient(EngineLoop(FakeRunner(), sched, max_wait_ms=0, on_step=broken_hook))
         loop.start()
         with pytest.raises(SequenceFailed):
             await asyncio.wait_for(loop.submit(request(5)), 5)
@@ -209,8 +244,8 @@ def test_engine_loop_survives_an_error_outside_the_model_step():
 def test_backstop_deadline_when_the_engine_stalls():
     async def main():
         sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
-        loop = EngineLoop(FakeRunner(), sched)  # never started: nothing will ever run
-        import batching.engine_loop as el
+        loop = InprocClient(EngineLoop(FakeRunner(), sched))  # never started: nothing will ever run
+        import batching.client as el
 
         el.BACKSTOP_S, saved = 0.0, el.BACKSTOP_S
         try:

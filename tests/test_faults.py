@@ -55,7 +55,7 @@ def test_oom_splits_vision_prefill_and_decode_and_results_are_unchanged(engine, 
 
 
 def test_single_item_oom_fails_only_that_request_and_ready_reflects_repeated_failures(checkpoints):
-    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", max_wait_ms=0)
+    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", max_wait_ms=0, engine="thread")
     svc = Service.build(settings)
     model = svc.engine.model
     real = model.encode_images

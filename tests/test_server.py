@@ -38,6 +38,19 @@ def live(ckpt):
         yield url
 
 
+@pytest.fixture(scope="module", params=["default", "background-vision"])
+def burst_server(request, ckpt, live):
+    """The default server (on the CPU: vision inside the step), and one encoding images in the background."""
+    if request.param == "default":
+        yield live
+        return
+    settings = Settings(
+        model=str(ckpt[0]), device="cpu", max_wait_ms=20, max_running_seqs=24, background_vision=True
+    )
+    with serve_in_thread(settings) as url:
+        yield url
+
+
 def oracle_text(ckpt, data: bytes, prompt: str | None, **kwargs) -> str:
     """What transformers generates for these image bytes, decoded as the server decodes."""
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -107,8 +120,9 @@ def test_batch_form_keeps_order(live, ckpt):
     ]
 
 
-def test_concurrent_burst_equals_solo_and_transformers(live, ckpt):
+def test_concurrent_burst_equals_solo_and_transformers(burst_server, ckpt):
     """40 different requests at once: each returns what it returns alone, and what transformers returns."""
+    live = burst_server
     cases = []
     for i in range(40):
         data = png_bytes(100 + i % 13, size=(40 + i, 30 + 2 * i))
@@ -187,6 +201,9 @@ class GatedRunner:
         self.gate = threading.Event()
         self.gate.set()
 
+    def prepare(self) -> int:
+        return self.runner.prepare()
+
     def run(self, plan):
         self.gate.wait(30)
         time.sleep(self.delay)
@@ -194,7 +211,7 @@ class GatedRunner:
 
 
 def gated_service(ckpt, **overrides) -> tuple[Service, GatedRunner]:
-    settings = Settings(model=str(ckpt[0]), device="cpu", max_wait_ms=0, **overrides)
+    settings = Settings(model=str(ckpt[0]), device="cpu", max_wait_ms=0, engine="thread", **overrides)
     svc = Service.build(settings)
     gated = GatedRunner(svc.runner)
     svc.loop.runner = gated
@@ -266,7 +283,7 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
                 try:
                     await until(lambda: svc.scheduler.running)
                     first += [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(2)]
-                    await until(lambda: svc.loop.queue_depth == 2)
+                    await until(lambda: len(svc.scheduler.waiting) == 2)
                     rejected = await client.post("/caption", json=body, timeout=10)
                 finally:
                     gated.gate.set()  # never leave the engine blocked, whatever happened

@@ -1,0 +1,185 @@
+"""The engine process's I/O: one ROUTER socket that every HTTP process's DEALER connects to.
+
+The process's main thread runs the `EngineLoop` and does nothing else; the I/O thread owns the socket.
+It decodes requests and queues them into the loop (acknowledging each at once, so a full queue is a 429
+before any response starts), cancels on `Abort`, answers `Hello` and metrics queries, and forwards the
+results the loop encodes on its own thread through an inproc pipe (a zmq socket is used by one thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .client import done_of
+from .engine_loop import EngineLoop, EngineStopped
+from .protocol import (
+    READ_ONLY_WARNING,
+    Abort,
+    Accepted,
+    Add,
+    Hello,
+    HttpObservation,
+    Info,
+    MetricsQuery,
+    MetricsText,
+    Progress,
+    Rejected,
+    Shutdown,
+    decode_to_engine,
+    encode,
+    pixels_of,
+)
+from .scheduler import QueueFull, Sequence
+
+log = logging.getLogger(__name__)
+
+# (Add, pixels or None) -> a request for the scheduler; raises ValueError for a request it cannot take.
+RequestBuilder = Callable[[Add, Any], Any]
+PIPE = "inproc://blipserve-results"
+
+
+class EngineCore:
+    def __init__(
+        self,
+        loop: EngineLoop,
+        build_request: RequestBuilder,
+        info: Info,
+        metrics_text: Callable[[], bytes],
+        observe_http: Callable[[str, int, float], None],
+    ):
+        self.loop = loop
+        self.build_request = build_request
+        self.info = info
+        self.metrics_text = metrics_text
+        self.observe_http = observe_http
+        self.ctx = zmq.Context()
+        warnings.filterwarnings("ignore", message=READ_ONLY_WARNING)
+        # seq_id -> (HTTP process identity, its request id); (identity, request id) -> sequence.
+        self._owners: dict[int, tuple[bytes, int]] = {}
+        self._seqs: dict[tuple[bytes, int], Sequence] = {}
+        self._lock = threading.Lock()
+        self._pipe_out = threading.local()
+        loop.on_finished = self._finished
+        loop.on_progress = self._progress
+        self._stop_io = threading.Event()
+
+    def serve(self, address: str) -> None:
+        """Bind, answer HTTP processes, and step until a `Shutdown` has drained the accepted requests."""
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 2000)  # the last results still go out after a drain
+        router.bind(address)
+        pipe_in = self.ctx.socket(zmq.PULL)
+        pipe_in.bind(PIPE)
+        io = threading.Thread(target=self._io, args=(router, pipe_in), name="blipserve-io", daemon=True)
+        io.start()
+        log.info("engine ready on %s", address)
+        try:
+            self.loop.run()
+        finally:
+            self._stop_io.set()
+            io.join(5)
+            router.close()
+            pipe_in.close(0)
+
+    # The I/O thread.
+    def _io(self, router: zmq.Socket, pipe_in: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pipe_in, zmq.POLLIN)
+        while not self._stop_io.is_set():
+            events = dict(poller.poll(100))
+            if pipe_in in events:
+                for _ in range(1000):  # results first: they free clients; then take new work
+                    try:
+                        router.send_multipart(pipe_in.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                    except zmq.Again:
+                        break
+            if router in events:
+                for _ in range(1000):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    reply = self._handle(frames[0].bytes, frames[1:])
+                    if reply is not None:
+                        router.send_multipart([frames[0].bytes, encode(reply)])
+        # Whatever the loop reported last still goes out.
+        while True:
+            try:
+                router.send_multipart(pipe_in.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+
+    def _handle(self, who: bytes, frames: list) -> Any:
+        try:
+            msg = decode_to_engine(frames[0].buffer)
+        except Exception:
+            log.exception("undecodable message from %r", who)
+            return None
+        if isinstance(msg, Add):
+            return self._add(who, msg, frames[1].buffer if len(frames) > 1 else None)
+        if isinstance(msg, Abort):
+            with self._lock:
+                seqs = [self._seqs.get((who, r)) for r in msg.req_ids]
+            for seq in seqs:
+                if seq is not None:
+                    self.loop.cancel(seq)
+            return None
+        if isinstance(msg, Hello):
+            return self.info
+        if isinstance(msg, MetricsQuery):
+            return MetricsText(self.metrics_text())
+        if isinstance(msg, HttpObservation):
+            self.observe_http(msg.endpoint, msg.status, msg.seconds)
+            return None
+        if isinstance(msg, Shutdown):
+            log.info("shutdown asked: finishing %d accepted requests", self.loop.pending)
+            self.loop.stop_accepting(drain=True)
+        return None
+
+    def _add(self, who: bytes, msg: Add, frame: Any) -> Accepted | Rejected:
+        try:
+            request = self.build_request(msg, pixels_of(msg, frame))
+            with self._lock:  # held over add: the loop may finish the sequence before we record it
+                seq = self.loop.add(request, msg.timeout_s, msg.stream)
+                self._owners[seq.seq_id] = (who, msg.req_id)
+                self._seqs[(who, msg.req_id)] = seq
+        except QueueFull as exc:
+            return Rejected(msg.req_id, "queue_full", str(exc))
+        except EngineStopped as exc:
+            return Rejected(msg.req_id, "stopped", str(exc))
+        except ValueError as exc:
+            return Rejected(msg.req_id, "invalid", str(exc))
+        return Accepted(msg.req_id)
+
+    # The engine thread.
+    def _pipe(self) -> zmq.Socket:
+        sock = getattr(self._pipe_out, "sock", None)
+        if sock is None:
+            sock = self._pipe_out.sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(PIPE)
+        return sock
+
+    def _finished(self, seqs: list[Sequence]) -> None:
+        pipe = self._pipe()
+        for seq in seqs:
+            with self._lock:
+                owner = self._owners.pop(seq.seq_id, None)
+                if owner is not None:
+                    self._seqs.pop(owner, None)
+            if owner is not None:
+                pipe.send_multipart([owner[0], encode(done_of(seq, owner[1]))])
+
+    def _progress(self, seqs: list[Sequence]) -> None:
+        pipe = self._pipe()
+        for seq in seqs:
+            with self._lock:
+                owner = self._owners.get(seq.seq_id)
+            if owner is not None:
+                pipe.send_multipart([owner[0], encode(Progress(owner[1], seq.decoder.outputs()))])

@@ -1,0 +1,165 @@
+"""What crosses the boundary between the HTTP processes and the engine process.
+
+Messages are msgpack (msgspec structs, one tagged union per direction). A request's pixels travel as a
+frame of their own after the message, read by the engine in place (`torch.frombuffer` on the received
+frame): no pickling and no copy of the image on the way in. Two sockets per HTTP process:
+
+- requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservation`,
+  `Shutdown`; the engine's input thread answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it.
+- results (the engine's ROUTER -> DEALER): `Progress` (streaming) and `Done`, sent by the engine loop.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from model.generation import SamplingParams, TokenOutput
+from model.plan import RetrievalOutput, RetrievalRequest
+
+
+class Add(msgspec.Struct, tag=True):
+    """Queue a request. `req_id` is the sending HTTP process's own id for it."""
+
+    req_id: int
+    # Seconds before the engine drops it (504); None: no deadline.
+    timeout_s: float | None
+    # Report the outputs after every step (Server-Sent Events).
+    stream: bool
+    # Shape of the float32 pixel frame that follows ([3, H, W]); None: no image (text-only embed).
+    pixel_shape: tuple[int, ...] | None
+    image_key: str
+    # Generation: prompt ids after the image placeholders, the decoder's starting history, settings,
+    # and the cache positions the request needs (see `model.engine.GenerationRequest`).
+    text_ids: list[int] = []
+    prompt_ids: list[int] = []
+    params: SamplingParams | None = None
+    positions: int = 0
+    # Retrieval ("match" or "embed", with each text's ids); "" for generation.
+    task: str = ""
+    texts: list[list[int]] = []
+
+
+class Abort(msgspec.Struct, tag=True):
+    req_ids: list[int]
+
+
+class Hello(msgspec.Struct, tag=True):
+    """Sent on both sockets when an HTTP process connects; answered with `Info` once the engine is up."""
+
+
+class MetricsQuery(msgspec.Struct, tag=True):
+    pass
+
+
+class HttpObservation(msgspec.Struct, tag=True):
+    """One HTTP request's outcome, counted in the engine's registry so /metrics sums every process."""
+
+    endpoint: str
+    status: int
+    seconds: float
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """Stop taking requests, finish the accepted ones, exit."""
+
+
+class Accepted(msgspec.Struct, tag=True):
+    req_id: int
+
+
+class Rejected(msgspec.Struct, tag=True):
+    req_id: int
+    # "queue_full" (429), "stopped" (503) or "invalid" (422).
+    reason: str
+    message: str
+
+
+class Info(msgspec.Struct, tag=True):
+    model_id: str
+    device: str
+    dtype: str
+    pid: int
+
+
+class MetricsText(msgspec.Struct, tag=True):
+    text: bytes
+
+
+class Progress(msgspec.Struct, tag=True):
+    req_id: int
+    outputs: list[TokenOutput]
+
+
+class Done(msgspec.Struct, tag=True):
+    """A request ended: `finish_reason` stop / length (with its outputs), or cancelled / timeout / error."""
+
+    req_id: int
+    finish_reason: str
+    # Seconds from arrival at the engine to admission into a step.
+    queue_s: float
+    outputs: list[TokenOutput] = []
+    retrieval: RetrievalOutput | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.finish_reason in ("stop", "length")
+
+
+ToEngine = Add | Abort | Hello | MetricsQuery | HttpObservation | Shutdown
+FromEngine = Accepted | Rejected | Info | MetricsText | Progress | Done
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_from_engine = msgspec.msgpack.Decoder(FromEngine)
+
+
+def encode(message: ToEngine | FromEngine) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_engine(data: bytes | memoryview) -> ToEngine:
+    return _to_engine.decode(data)
+
+
+def decode_from_engine(data: bytes | memoryview) -> FromEngine:
+    return _from_engine.decode(data)
+
+
+def add_message(req_id: int, request: object, timeout_s: float | None, stream: bool) -> list:
+    """`Add` and its pixel frame for a GenerationRequest or RetrievalRequest."""
+    pixels: torch.Tensor | None = request.pixel_values
+    shape = tuple(pixels.shape) if pixels is not None else None
+    if isinstance(request, RetrievalRequest):
+        msg = Add(req_id, timeout_s, stream, shape, request.image_key, task=request.task, texts=request.texts)
+    else:
+        fields = ("text_ids", "prompt_ids", "params", "positions")
+        msg = Add(
+            req_id, timeout_s, stream, shape, request.image_key, **{f: getattr(request, f) for f in fields}
+        )
+    frames: list = [encode(msg)]
+    if pixels is not None:
+        frames.append(memoryview(pixels.to(torch.float32).contiguous().numpy()).cast("B"))
+    return frames
+
+
+# The received frame is read-only, and torch warns that a tensor viewing it could write it: the engine
+# only reads pixels (it copies them to the device).
+READ_ONLY_WARNING = "The given buffer is not writable"
+
+
+def pixels_of(msg: Add, frame: object | None) -> torch.Tensor | None:
+    """The request's pixels, viewing the received frame's memory (kept alive by the tensor)."""
+    if msg.pixel_shape is None or frame is None:
+        return None
+    flat = torch.frombuffer(frame, dtype=torch.float32)
+    if flat.numel() != _numel(msg.pixel_shape):
+        raise ValueError(f"pixel frame of {flat.numel()} values, expected shape {msg.pixel_shape}")
+    return flat.view(msg.pixel_shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,167 @@
+"""An HTTP process's side of the engine process: one DEALER socket, one reader task, one watcher.
+
+Requests go out as `Add` + pixel frame; `add` returns once the engine has accepted (or refused: queue
+full -> QueueFull, shutting down -> EngineStopped, invalid -> ValueError). Results come back as
+`Progress` / `Done` on the same socket. If the engine process dies, every open request fails at once
+(`engine_died`), `healthy` turns False and `on_engine_death` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from batching import EngineStopped, QueueFull
+from batching.client import EngineClient, Ticket
+from batching.protocol import (
+    Abort,
+    Accepted,
+    Done,
+    Hello,
+    HttpObservation,
+    Info,
+    MetricsQuery,
+    MetricsText,
+    Progress,
+    Rejected,
+    add_message,
+    decode_from_engine,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EngineDied(Exception):
+    """The engine process is gone."""
+
+
+class ProcessClient(EngineClient):
+    def __init__(self, address: str, alive: Callable[[], bool], poll_s: float = 0.2):
+        super().__init__()
+        self.address = address
+        self.alive = alive  # is the engine process still running?
+        self.poll_s = poll_s
+        self.info: Info | None = None
+        self.dead = False
+        self.on_engine_death: Callable[[], None] = lambda: None
+        self._acks: dict[int, asyncio.Future] = {}
+        self._metrics: deque[asyncio.Future] = deque()
+        self._info: asyncio.Future | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.dead and self.info is not None
+
+    async def connect(self) -> Info:
+        """Connect and wait until the engine has loaded its model (or died trying)."""
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.address)
+        self._info = asyncio.get_running_loop().create_future()
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        await self._sock.send(encode(Hello()))
+        self.info = await self._info
+        return self.info
+
+    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+        if self.dead:
+            raise EngineStopped("the engine process is gone")
+        ticket = self._new_ticket(timeout_s, stream)
+        ack = self._acks[ticket.req_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._sock.send_multipart(
+                add_message(ticket.req_id, request, timeout_s, stream), copy=False
+            )
+            reply = await ack
+        except BaseException:
+            self._tickets.pop(ticket.req_id, None)
+            self._acks.pop(ticket.req_id, None)
+            raise
+        if isinstance(reply, Rejected):
+            self._tickets.pop(ticket.req_id, None)
+            error = {"queue_full": QueueFull, "stopped": EngineStopped}.get(reply.reason, ValueError)
+            raise error(reply.message)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        self._post(Abort([ticket.req_id]))
+
+    def record_http(self, endpoint: str, status: int, seconds: float) -> None:
+        self._post(HttpObservation(endpoint, status, seconds))
+
+    async def metrics_text(self) -> bytes:
+        """The engine's registry (HTTP counters of every HTTP process included)."""
+        future = asyncio.get_running_loop().create_future()
+        self._metrics.append(future)
+        await self._sock.send(encode(MetricsQuery()))
+        return await asyncio.wait_for(future, 5)
+
+    def _post(self, message: Any) -> None:
+        if self._sock is not None and not self.dead:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send(encode(message), zmq.NOBLOCK)
+
+    async def _read(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                msg = decode_from_engine(data)
+            except Exception:
+                log.exception("undecodable message from the engine")
+                continue
+            if isinstance(msg, Progress):
+                self._deliver_progress(msg.req_id, msg.outputs)
+            elif isinstance(msg, Done):
+                self._deliver_done(msg)
+            elif isinstance(msg, Accepted | Rejected):
+                ack = self._acks.pop(msg.req_id, None)
+                if ack is not None and not ack.done():
+                    ack.set_result(msg)
+            elif isinstance(msg, Info):
+                if not self._info.done():
+                    self._info.set_result(msg)
+            elif isinstance(msg, MetricsText) and self._metrics:
+                future = self._metrics.popleft()
+                if not future.done():
+                    future.set_result(msg.text)
+
+    async def _watch(self) -> None:
+        while self.alive():
+            await asyncio.sleep(self.poll_s)
+        self._died()
+
+    def _died(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        log.error("the engine process died; failing %d open requests", self.pending)
+        error = EngineDied("the engine process died")
+        for future in [*self._acks.values(), *self._metrics, self._info]:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self._acks.clear()
+        self.fail_all("engine_died")
+        self.on_engine_death()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()

@@ -1,0 +1,208 @@
+"""The engine process: scheduler, runner and model, and nothing else (no HTTP, no image decoding).
+
+`EngineProcess` starts it (multiprocessing "spawn": a fresh interpreter, no forked CUDA or thread
+state), tells its address and pid to the HTTP processes, watches it, and stops it: a `Shutdown`
+message, then the process drains the requests it accepted and exits. `run_engine` is the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zmq
+
+from batching import EngineLoop, Scheduler
+from batching.protocol import Add, Info, Shutdown, encode
+from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
+from model.loader import resolve_checkpoint
+from model.plan import RetrievalRequest
+from model.runner import DecodeOptions
+from model.textstream import stop_checker
+
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    """Where an engine process listens and what it serves: all an HTTP process needs to use it."""
+
+    address: str  # zmq endpoint (ipc:// path)
+    pid: int
+    root: str  # the checkpoint's local directory (tokenizer, processor and config for the HTTP side)
+    model_id: str
+
+
+def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> EngineLoop:
+    """Runner, scheduler and loop as the settings ask (the engine process's, or an in-process one's)."""
+    max_len = min(settings.max_len, engine.max_positions)
+    options = DecodeOptions(cuda_graphs=settings.cuda_graphs, kv_step=settings.decode_kv_step)
+    runner = engine.new_runner(settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20, options)
+    scheduler = Scheduler(
+        settings.max_running_seqs,
+        settings.max_queue,
+        settings.max_batch_images,
+        engine.eos_ids,
+        settings.background_vision
+        if settings.background_vision is not None
+        else engine.device.type == "cuda",
+    )
+    return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step)
+
+
+def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
+    """The model of `settings` (from `root`, its local directory, when the caller has resolved it)."""
+    device = resolve_device(settings.device)
+    if root is None:
+        engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype)
+    else:
+        engine = Blip2Engine.load_dir(root, settings.model, device, settings.dtype)
+    if settings.quantize == "int8":
+        from model.quant import quantize_int8
+
+        quantize_int8(engine.model)
+    return engine
+
+
+def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, object], object]:
+    def build(msg: Add, pixels: object) -> object:
+        if msg.task:
+            return RetrievalRequest(msg.task, pixels, msg.image_key, msg.texts)
+        if msg.params is None or msg.positions > max_len:
+            raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
+        stop = msg.params.stop
+        check = stop_checker(engine.tokenizer.decode, stop) if stop else None
+        return GenerationRequest(
+            pixels, msg.image_key, msg.text_ids, msg.prompt_ids, msg.params, check, msg.positions
+        )
+
+    return build
+
+
+def run_engine(settings: Settings, root: str, address: str) -> None:
+    """The engine process: load, capture graphs, serve until a Shutdown has drained it."""
+    from batching.core import EngineCore
+
+    from .logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # likewise `docker stop`: the owner sends Shutdown
+    _exit_with_parent()
+    torch.set_num_threads(settings.engine_threads or max(1, (os.cpu_count() or 1) - settings.api_workers))
+    engine = load_engine(settings, Path(root))
+    metrics = Metrics()
+    loop = engine_loop(settings, engine, metrics)
+    loop.runner.prepare()
+    metrics.ready.set(1)
+    info = Info(settings.model, str(engine.device), str(engine.dtype).removeprefix("torch."), os.getpid())
+    build = request_from_message(engine, loop.runner.max_len)
+    core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
+    core.serve(address)
+    log.info("engine process done after %d steps", loop.steps)
+
+
+def _exit_with_parent() -> None:
+    """If the server's main process is killed outright (no Shutdown), the engine must not live on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.error("the server process is gone; the engine exits")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="blipserve-parent-watch", daemon=True).start()
+
+
+class EngineProcess:
+    """Start, watch and stop an engine process (the server's main process owns it)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._dir = tempfile.mkdtemp(prefix="blipserve-")
+        self.address = f"ipc://{self._dir}/engine.sock"
+        self.model_id = settings.model
+        if settings.model == TINY_RANDOM:
+            from model.tiny import write_tiny_checkpoint
+
+            self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
+        else:
+            self.root = resolve_checkpoint(settings.model)  # a hub id is fetched once, here
+        self.proc: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> EngineHandle:
+        ctx = multiprocessing.get_context("spawn")
+        args = (self.settings, str(self.root), self.address)
+        self.proc = ctx.Process(target=run_engine, args=args, name="blipserve-engine")
+        self.proc.start()
+        log.info("engine process started (pid %d)", self.proc.pid)
+        return self.handle
+
+    @property
+    def handle(self) -> EngineHandle:
+        return EngineHandle(self.address, self.proc.pid, str(self.root), self.model_id)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def watch(self, on_exit: Callable[[int | None], None]) -> threading.Thread:
+        """Call `on_exit(exitcode)` from a thread when the process ends (reaping it at once)."""
+
+        def run() -> None:
+            self.proc.join()
+            on_exit(self.proc.exitcode)
+
+        thread = threading.Thread(target=run, name="blipserve-engine-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask the engine to finish what it accepted and exit; kill it if it has not within the time."""
+        if self.alive():
+            ctx = zmq.Context.instance()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self.address)
+            sock.send(encode(Shutdown()))
+            self.proc.join(timeout_s)
+            sock.close()
+            if self.proc.is_alive():
+                log.warning("engine process did not stop within %.0fs; killing it", timeout_s)
+                self.proc.kill()
+                self.proc.join(5)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie that its parent has not reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True

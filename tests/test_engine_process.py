@@ -1,0 +1,227 @@
+"""The engine-process boundary: the wire format, the engine core over a real ZMQ socket (with a stand-in
+runner), and the real server split in processes: crashes, several HTTP processes, metrics summed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from live import b64, png_bytes, serve_in_process
+from test_batching import EOS, FakeRequest, FakeRunner, request
+from test_server import metric_values
+
+from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
+from batching.core import EngineCore
+from batching.protocol import (
+    Add,
+    Done,
+    Info,
+    Progress,
+    add_message,
+    decode_from_engine,
+    decode_to_engine,
+    encode,
+    pixels_of,
+)
+from model.generation import SamplingParams, TokenLogprob, TokenOutput
+from model.plan import RetrievalOutput, RetrievalRequest
+from server.engine_client import ProcessClient
+
+
+def test_requests_cross_with_their_pixels_and_results_come_back_whole():
+    pixels = torch.randn(3, 8, 6)
+    req = request(3)
+    req.pixel_values, req.text_ids, req.prompt_ids = pixels, [2, 5, 7], [9, 9, 2, 5, 7]
+    req.params = SamplingParams(max_new_tokens=7, num_beams=2, n=2, stop=("a b",), logprobs=2)
+    frames = add_message(4, req, 1.5, True)
+    msg = decode_to_engine(frames[0])
+    assert isinstance(msg, Add) and (msg.req_id, msg.timeout_s, msg.stream) == (4, 1.5, True)
+    assert (msg.text_ids, msg.prompt_ids, msg.params, msg.image_key) == (
+        req.text_ids,
+        req.prompt_ids,
+        req.params,
+        req.image_key,
+    )
+    assert torch.equal(pixels_of(msg, bytes(frames[1])), pixels)
+    with pytest.raises(ValueError, match="expected shape"):
+        pixels_of(msg, bytes(frames[1])[:-4])
+
+    retrieval = RetrievalRequest("match", pixels, "key", [[1, 2], [3]])
+    msg = decode_to_engine(add_message(5, retrieval, None, False)[0])
+    assert (msg.task, msg.texts, msg.params) == ("match", [[1, 2], [3]], None)
+
+    lps = [TokenLogprob(4, -0.5, ((4, -0.5), (6, -1.25)))]
+    outputs = [TokenOutput([4, 8], "stop", lps), TokenOutput([3], "length", None)]
+    for message in (
+        Done(4, "stop", 0.25, outputs, None),
+        Done(5, "stop", 0.0, [], RetrievalOutput([0.5], [0.25], [[1.0, 0.0]], [])),
+        Progress(4, outputs),
+    ):
+        assert decode_from_engine(encode(message)) == message
+
+
+class Engine:
+    """An `EngineCore` with a stand-in runner on a thread, listening on a real ipc socket."""
+
+    def __init__(self, tmp: Path, num_slots: int = 2, max_queue: int = 4, step_s: float = 0.0):
+        self.scheduler = Scheduler(num_slots, max_queue, 4, (EOS,))
+        self.loop = EngineLoop(FakeRunner(step_s=step_s), self.scheduler, max_wait_ms=0)
+        info = Info("fake", "cpu", "float32", os.getpid())
+        core = EngineCore(self.loop, lambda msg, px: _fake_request(msg), info, lambda: b"m 1\n", _ignore)
+        self.address = f"ipc://{tmp}/engine.sock"
+        self.thread = threading.Thread(target=core.serve, args=(self.address,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.stop_accepting(drain=True)
+        self.thread.join(10)
+
+
+def _ignore(*args) -> None:
+    pass
+
+
+def _fake_request(msg: Add) -> FakeRequest:
+    return FakeRequest(0, msg.image_key, None, msg.text_ids, msg.prompt_ids, msg.params)
+
+
+def _req(tokens: int, key: str = "img"):
+    r = request(tokens)
+    r.image_key = key
+    r.params = SamplingParams(max_new_tokens=tokens + 1)
+    return r
+
+
+def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bound(tmp_path):
+    engine = Engine(tmp_path, num_slots=1, max_queue=2, step_s=0.002)
+
+    async def main():
+        alive = engine.thread.is_alive
+        client = ProcessClient(engine.address, alive)
+        info = await client.connect()
+        assert info.model_id == "fake"
+        done = await asyncio.gather(*(client.submit(_req(n + 1)) for n in range(2)))
+        # FakeRunner emits 1, 2, ... up to the request's count, then EOS (see test_batching).
+        assert [d.outputs[0].tokens for d in done] == [[1, EOS], [1, 2, EOS]]
+        with pytest.raises(SequenceFailed):
+            await client.submit(_req(2, "bad"))
+
+        ticket = await client.add(_req(3), stream=True)
+        done = await client.wait(ticket)
+        seen = []
+        while not ticket.progress.empty():
+            seen.append(ticket.progress.get_nowait()[0].tokens)
+        assert seen == [[1], [1, 2], [1, 2, 3], [1, 2, 3, EOS]] and done.outputs[0].tokens == seen[-1]
+
+        # One slot, a queue of two: the fourth request at once is refused by the engine itself.
+        endless = [await client.add(_req(100_000)) for _ in range(3)]
+        with pytest.raises(QueueFull):
+            await client.add(_req(1))
+        for t in endless:
+            client.cancel(t)
+        results = await asyncio.gather(*(client.wait(t) for t in endless), return_exceptions=True)
+        assert all(isinstance(r, SequenceFailed) and r.reason == "cancelled" for r in results)
+        assert (await client.submit(_req(1))).finish_reason == "stop"  # the slot is free again
+
+        with pytest.raises(SequenceFailed, match="timeout"):
+            await client.submit(_req(100_000), timeout_s=0.05)
+        assert await client.metrics_text() == b"m 1\n"
+        engine.loop.stop_accepting(drain=True)
+        with pytest.raises(EngineStopped):
+            await client.add(_req(1))
+        await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    assert not engine.thread.is_alive() and len(engine.scheduler.free_slots) == 1
+
+
+def test_a_dead_engine_fails_open_requests_at_once(tmp_path):
+    engine = Engine(tmp_path, num_slots=1, step_s=0.002)
+    alive = {"yes": True}
+
+    async def main():
+        client = ProcessClient(engine.address, lambda: alive["yes"], poll_s=0.01)
+        deaths = []
+        client.on_engine_death = lambda: deaths.append(1)
+        await client.connect()
+        ticket = await client.add(_req(100_000))
+        alive["yes"] = False  # as if the process had exited
+        start = time.monotonic()
+        with pytest.raises(SequenceFailed, match="engine_died"):
+            await client.wait(ticket)
+        assert time.monotonic() - start < 1 and deaths == [1] and not client.healthy
+        with pytest.raises(EngineStopped):
+            await client.add(_req(1))
+        await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for seq in list(engine.scheduler.running):
+            engine.loop.cancel(seq)
+        engine.stop()
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The server's engine child (multiprocessing also starts a resource tracker)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            return int(pid)
+    raise AssertionError(f"no engine process among {children}")
+
+
+def test_killing_the_engine_fails_requests_with_503_and_the_server_exits_nonzero(checkpoints):
+    flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--max-running-seqs", "2"]
+    with serve_in_process(*flags) as (url, proc):
+        engine = _engine_pid(proc.pid)
+        body = {"max_new_tokens": 40, "min_new_tokens": 40, "num_beams": 2}
+        bodies = [{"image": b64(png_bytes(i)), **body} for i in range(8)]
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                tasks = [asyncio.ensure_future(client.post("/caption", json=b)) for b in bodies]
+                await asyncio.sleep(0.5)
+                os.kill(engine, signal.SIGKILL)
+                start = time.monotonic()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                return results, time.monotonic() - start
+
+        results, waited = asyncio.run(burst())
+        assert waited < 10
+        codes = [getattr(r, "status_code", None) for r in results]
+        failed = [r for r in results if getattr(r, "status_code", 200) != 200]
+        assert failed, codes  # 40 tokens x 2 beams x 8 requests in 2 slots take longer than 0.5 s
+        for r in failed:
+            assert r.status_code == 503 and "engine process died" in r.json()["error"]["message"]
+        assert proc.wait(30) == 1
+
+
+def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
+    flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--api-workers", "2"]
+    with serve_in_process(*flags) as (url, proc):
+        body = {"image": b64(png_bytes(3)), "max_new_tokens": 4}
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/caption", json=body) for _ in range(12)))
+
+        responses = asyncio.run(burst())
+        assert {r.status_code for r in responses} == {200}
+        assert len({r.json()["caption"] for r in responses}) == 1  # same image, same greedy caption
+        # Both workers answered (each has its own warm-up); each counts into the engine's registry.
+        values = metric_values(url)
+        assert values[(("blipserve_requests_total"), (("endpoint", "/caption"), ("status", "200")))] == 12
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
