@@ -50,7 +50,9 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image has more pixels than the limit ({exc})") from None
     except Exception as exc:  # PIL raises several types for undecodable input
-        raise ImageError(f"cannot identify image file ({type(exc).__name__})") from None
+        raise ImageError(
+            f"not an image this server reads (send JPEG, PNG, GIF, WebP, BMP or TIFF bytes){_why(exc)}"
+        ) from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
@@ -65,7 +67,13 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
         image.load()
         return ImageOps.exif_transpose(image) or image
     except Exception as exc:
-        raise ImageError(f"image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"image data is truncated or corrupt{_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    """PIL's own reason, when it says more than its exception's class name."""
+    text = str(exc).strip()
+    return f": {text}" if text and "cannot identify image file" not in text else ""
 
 
 @dataclass(frozen=True)

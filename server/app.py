@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine_client import ProcessClient
+from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
 from .errors import ApiError, BodyLimit, error_response, install_handlers
 from .inputs import parse_body
@@ -75,9 +75,13 @@ def create_app(
         if on_engine_death is not None and isinstance(svc.client, ProcessClient):
             svc.client.on_engine_death = on_engine_death
         try:
-            await svc.start()
-            await svc.warm_up()
-            log.info("ready: %s on %s", svc.engine.model_id, svc.device)
+            try:
+                await svc.start()
+                await svc.warm_up()
+                log.info("ready: %s on %s", svc.engine.model_id, svc.device)
+            except EngineDied:
+                # Its own log line says why; the server stays up, not ready (the main process exits 1).
+                log.error("the engine process exited before it was ready")
             yield
         finally:
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.

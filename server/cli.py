@@ -9,31 +9,68 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
+from typing import Any, Literal, NoReturn, get_args, get_origin
+
+from pydantic import ValidationError
 
 from .logs import configure as configure_logging
 from .settings import WORKER_ENV, Settings, load_settings, worker_spec
+from .startup import StartupError, check, describe_settings_error
 
 log = logging.getLogger("blipserve")
+
+
+DESCRIPTION = """BLIP-2 inference server.
+
+commands:
+  blipserve [serve] [options]               start the server (this command; the default)
+  blipserve caption IMAGE... [--url URL]    caption image files or folders with a running server
+  blipserve vqa IMAGE... --question Q       ask a question about images (see blipserve vqa --help)
+
+Every option is also an environment variable BLIPSERVE_<NAME> (e.g. BLIPSERVE_MAX_QUEUE=512) and a key of a
+--config file; flags win over the environment, which wins over the file."""
 
 
 def _comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _default(field: Any) -> str:
+    value = field.default if field.default_factory is None else field.default_factory()
+    if value is None or value == []:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """The mistake in a line, not argparse's whole usage block."""
+        self.exit(2, f"{self.prog}: error: {message}\n(blipserve --help lists every option)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="blipserve", description="BLIP-2 inference server")
+    ap = _Parser(
+        prog="blipserve",
+        usage="blipserve [serve] [options]  |  blipserve caption|vqa IMAGE... [options]",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="preset name in configs/ (e.g. blip2-opt-2.7b) or a YAML file")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        if field.annotation in (int, float):
-            kind = field.annotation
-        elif str(field.annotation).startswith("list"):
-            kind = _comma_list
-        else:
-            kind = str
-        ap.add_argument(
-            flag, dest=name, type=kind, default=None, help=field.description or f"default: {field.default}"
-        )
+        help_text = f"{field.description or name.replace('_', ' ')} (default: {_default(field)})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        annotation = field.annotation
+        if annotation in (bool, bool | None):
+            kwargs["action"] = argparse.BooleanOptionalAction  # --cuda-graphs / --no-cuda-graphs
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        elif str(annotation).startswith("list"):
+            kwargs["type"], kwargs["metavar"] = _comma_list, "A,B"
+        ap.add_argument(flag, **kwargs)
     return ap
 
 
@@ -45,13 +82,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_client(argv[0], argv[1:]))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
-    args = vars(_parser().parse_args(argv))
-    settings = load_settings(args.pop("config"), **args)
+    ap = _parser()
+    args = vars(ap.parse_args(argv))
+    try:
+        settings = load_settings(args.pop("config"), **args)
+    except FileNotFoundError as exc:  # an unknown --config preset
+        ap.error(str(exc))
+    except ValidationError as exc:
+        ap.error(describe_settings_error(exc))
     configure_logging(settings.log_level, settings.log_format)
-    sys.exit(serve(settings))
+    try:
+        root = check(settings)
+    except StartupError as exc:
+        if settings.log_level.lower() == "debug":
+            log.exception("start-up check failed")
+        ap.error(str(exc))
+    sys.exit(serve(settings, root))
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, root: Path | None = None) -> int:
     """Run the server until SIGTERM / Ctrl-C; the exit status is 1 if the engine process died."""
     import uvicorn
 
@@ -75,7 +124,7 @@ def serve(settings: Settings) -> int:
     from .engine_process import EngineProcess
 
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
-    owner = EngineProcess(settings)
+    owner = EngineProcess(settings, root)
     handle = owner.start()
     died = threading.Event()
     stopping = threading.Event()

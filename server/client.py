@@ -98,17 +98,28 @@ def _print_progress(done: int, total: int, path: Path, result: dict | Exception)
 
 
 def run_client(command: str, argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog=f"blipserve {command}")
-    ap.add_argument("images", nargs="+", help="image files or folders of images")
+    what = "answer a question about" if command == "vqa" else "caption"
+    ap = argparse.ArgumentParser(
+        prog=f"blipserve {command}",
+        description=f"{what.capitalize()} images with a running blipserve server. One JSON line per image "
+        'on stdout ({"image", "text", "finish_reason"}, or {"image", "error"}; non-ASCII and control '
+        "characters escaped), progress on stderr. Exit status 1 if any image failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("images", nargs="+", help="image files, or folders of them (searched recursively)")
     if command == "vqa":
-        ap.add_argument("--question", required=True)
+        ap.add_argument("--question", required=True, help="the question, asked about every image")
     else:
-        ap.add_argument("--prompt", default=None)
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--api-key", default=None)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--num-beams", type=int, default=None)
+        ap.add_argument("--prompt", default=None, help="text for the caption to continue")
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    ap.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
+    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length (none: the server's default)"
+    )
+    ap.add_argument(
+        "--num-beams", type=int, default=None, help="beam search width (none: the server's default)"
+    )
     args = ap.parse_args(argv)
     files = image_files(args.images)
     params = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}

@@ -109,7 +109,13 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # likewise `docker stop`: the owner sends Shutdown
     _exit_with_parent()
     torch.set_num_threads(settings.engine_threads or max(1, (os.cpu_count() or 1) - settings.api_workers))
-    engine = load_engine(settings, Path(root))
+    try:
+        engine = load_engine(settings, Path(root))
+    except Exception as exc:
+        # One line for the user; the traceback only at --log-level debug.
+        debug = settings.log_level.lower() == "debug"
+        log.error("cannot load %s: %s: %s", settings.model, type(exc).__name__, exc, exc_info=debug)
+        raise SystemExit(3) from None
     metrics = Metrics()
     loop = engine_loop(settings, engine, metrics)
     loop.runner.prepare()
@@ -137,7 +143,8 @@ def _exit_with_parent() -> None:
 class EngineProcess:
     """Start, watch and stop an engine process (the server's main process owns it)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, root: Path | None = None):
+        """`root`: the checkpoint's local directory, when the caller has resolved it already."""
         self.settings = settings
         self._dir = tempfile.mkdtemp(prefix="blipserve-")
         self.address = f"ipc://{self._dir}/engine.sock"
@@ -147,7 +154,7 @@ class EngineProcess:
 
             self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
         else:
-            self.root = resolve_checkpoint(settings.model)  # a hub id is fetched once, here
+            self.root = root or resolve_checkpoint(settings.model)  # a hub id is fetched once, here
         self.proc: multiprocessing.process.BaseProcess | None = None
 
     def start(self) -> EngineHandle:

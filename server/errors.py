@@ -90,9 +90,38 @@ def _field(error: dict) -> str:
     return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
 
 
+# Fields people send by mistake, and the one they meant.
+MIX_UPS = {
+    "img": "image",
+    "file": "image",
+    "picture": "image",
+    "photo": "image",
+    "image_url": "image",
+    "imgs": "images",
+    "files": "images",
+    "text": "prompt or question",
+    "max_tokens": "max_new_tokens",
+    "beams": "num_beams",
+}
+
+
+def _message(error: dict) -> str:
+    """pydantic's message in users' words: no 'Value error, ' prefix, a hint for the usual mix-ups."""
+    field, kind = _field(error), error.get("type", "")
+    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        hint = MIX_UPS.get(field.rsplit(".", 1)[-1])
+        return f"unknown field (did you mean {hint!r}?)" if hint else "unknown field"
+    if field == "image" and isinstance(error.get("input"), list):
+        return "expected one image (a base64 string); send several as 'images': [...]"
+    if field == "question" and isinstance(error.get("input"), list):
+        return "expected one question; send several as 'questions': [...]"
+    return msg
+
+
 def describe_validation(errors: list[dict]) -> str:
     """'field: problem; field: problem' from pydantic's error list."""
-    return "; ".join(f"{_field(e) or 'body'}: {e.get('msg', 'invalid')}" for e in errors)
+    return "; ".join(f"{_field(e) or 'body'}: {_message(e)}" for e in errors)
 
 
 def invalid(errors: list[dict], status: int = 422) -> ApiError:

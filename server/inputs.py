@@ -101,8 +101,10 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:
 async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
     try:
         form = await request.form()
-    except Exception as exc:
-        raise ApiError(400, f"malformed multipart body ({type(exc).__name__})") from None
+    except Exception:
+        raise ApiError(
+            400, "malformed multipart/form-data body (send fields and a file part named 'image')"
+        ) from None
     images: list[bytes] = []
     raw: dict[str, Any] = {}
     for key, value in form.multi_items():
@@ -138,6 +140,6 @@ def prepare_image(data: bytes, processor: ImageProcessor, max_pixels: int, index
         raise ApiError(413 if isinstance(exc, ImageTooLarge) else 400, f"{where}: {exc}") from None
     try:
         pixels = processor.preprocess(image)
-    except Exception as exc:
-        raise ApiError(400, f"{where}: cannot convert image ({type(exc).__name__})") from None
+    except Exception:
+        raise ApiError(400, f"{where}: the image could not be converted to RGB pixels") from None
     return Prepared(pixels, hashlib.sha256(data).hexdigest())

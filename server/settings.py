@@ -25,8 +25,12 @@ class Settings(BaseSettings):
     # Model
     model: str = Field("tiny-random", description="hub id, local directory, or 'tiny-random'")
     device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when present)")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    quantize: Literal["none", "int8"] = "none"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: the language model's and ViT's linears as bitsandbytes LLM.int8 (CUDA)"
+    )
     engine: Literal["process", "thread"] = Field(
         "process",
         description="process: scheduler, runner and model in an engine process of their own (serving); "
@@ -42,9 +46,9 @@ class Settings(BaseSettings):
         "HTTP processes take one torch thread each: more would only spin against the engine's)",
     )
     # HTTP
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    log_level: str = Field("info", description="debug, info, warning or error (debug: tracebacks too)")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
     # Batching
@@ -64,15 +68,17 @@ class Settings(BaseSettings):
         32, ge=1, description="decode reads keys up to the next multiple of this (one graph per multiple)"
     )
     # Request limits
-    max_new_tokens_limit: int = Field(128, ge=1)
-    default_max_new_tokens: int = Field(30, ge=1)
-    max_prompt_tokens: int = Field(128, ge=1)
-    max_beams: int = Field(8, ge=1)
+    max_new_tokens_limit: int = Field(128, ge=1, description="largest max_new_tokens a request may ask")
+    default_max_new_tokens: int = Field(30, ge=1, description="max_new_tokens when a request gives none")
+    max_prompt_tokens: int = Field(128, ge=1, description="longest prompt or question, in tokens")
+    max_beams: int = Field(8, ge=1, description="largest num_beams a request may ask")
     max_n: int = Field(8, ge=1, description="outputs per request (n)")
     max_items_per_request: int = Field(16, ge=1, description="images (or questions) in one batch request")
-    max_body_mb: float = Field(20.0, gt=0)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+    max_body_mb: float = Field(20.0, gt=0, description="largest request body (413 above)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest image, width x height, checked before decoding (413 above)"
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="a request unfinished after this gets 504")
     # Security
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (or x-api-key)")
     auth_health: bool = Field(False, description="also require the key on /health and /ready")
@@ -82,14 +88,14 @@ class Settings(BaseSettings):
     image_url_allowlist: list[str] = Field(
         default_factory=list, description="hosts (or *.suffix) URLs may name"
     )
-    image_url_timeout_s: float = Field(5.0, gt=0)
+    image_url_timeout_s: float = Field(5.0, gt=0, description="time limit for fetching an image URL")
     # Prompting
     vqa_template: str | None = Field(
         None,
         description="how /vqa wraps a question; default: the model's (BLIP-2 OPT 'Question: {question} "
         "Answer:', Flan-T5 'Question: {question} Short answer:', BLIP the question alone)",
     )
-    default_num_beams: int = Field(1, ge=1)
+    default_num_beams: int = Field(1, ge=1, description="num_beams when a request gives none")
     vqa_max_new_tokens: int | None = Field(
         None, ge=1, description="/vqa's default max_new_tokens (short answers); unset: default_max_new_tokens"
     )

@@ -163,6 +163,8 @@ def test_client_subcommand_captions_a_folder(live, tmp_path):
     assert "400" in lines[0]["error"] and all(isinstance(x["text"], str) for x in lines[1:])
     assert result.returncode == 1  # one image failed
     assert "[4/4]" in result.stderr
+    # Gibberish captions (tiny models) hold control characters and U+FFFD: printed escaped, never raw.
+    assert result.stdout.isascii() and all(c.isprintable() for c in result.stdout.replace("\n", ""))
 
 
 def test_python_client_vqa(live):
