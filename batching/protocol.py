@@ -80,6 +80,8 @@ class Info(msgspec.Struct, tag=True):
     device: str
     dtype: str
     pid: int
+    # Bytes of the model's weights as loaded (int8 ones at a byte each, with their scales).
+    weight_bytes: int = 0
 
 
 class MetricsText(msgspec.Struct, tag=True):

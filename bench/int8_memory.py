@@ -1,4 +1,5 @@
-"""Weight memory of blip2-opt at full size: fp16 vs `--quantize int8` (bitsandbytes LLM.int8).
+"""Weight memory of blip2-opt at full size: fp16 vs `--quantize int8` (W8A16, counted) and `llm.int8`
+(bitsandbytes LLM.int8, quantized for real).
 
     python bench/int8_memory.py --size opt-2.7b
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import SIZES  # noqa: E402
 from model.config import Blip2Config  # noqa: E402
 from model.loader import build_empty  # noqa: E402
-from model.quant import quantize_int8, weight_bytes  # noqa: E402
+from model.quant import int8_weight_bytes, quantize_int8, weight_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     for p in model.parameters():
         p.data.normal_(0.0, 0.02, generator=gen)
     fp16 = weight_bytes(model)
+    w8a16 = int8_weight_bytes(model, "int8")  # counted: the language model's layer linears, per-row scales
     start = time.perf_counter()
     replaced = quantize_int8(model)
     seconds = time.perf_counter() - start
@@ -45,7 +47,10 @@ def main() -> None:
     print(f"{'weights':>8} {'GB':>7} {'vs fp16':>8}")
     print(f"{'fp16':>8} {fp16 / 1e9:>7.2f} {1:>7.0%}")
     print(
-        f"{'int8':>8} {int8 / 1e9:>7.2f} {int8 / fp16:>7.0%}   ({replaced} linears, quantized in {seconds:.0f} s)"
+        f"{'int8':>8} {w8a16 / 1e9:>7.2f} {w8a16 / fp16:>7.0%}   (--quantize int8: W8A16, language model only)"
+    )
+    print(
+        f"{'llm.int8':>8} {int8 / 1e9:>7.2f} {int8 / fp16:>7.0%}   ({replaced} linears, quantized in {seconds:.0f} s)"
     )
 
 

@@ -244,10 +244,12 @@ class Blip2Engine:
         return ModelRunner(self.model, num_slots, max_len, embedding_cache_bytes, options)
 
     def _runner_for(self, num_slots: int, max_len: int) -> ModelRunner:
-        """A runner for an offline call; one with captured graphs is kept for the next call that fits."""
+        """A runner for an offline call; one with captured graphs is kept for the next call that fits
+        (and asks for the same `decode_options`)."""
         kept = self._offline_runner
         if (
             kept is not None
+            and kept.options == self.decode_options
             and kept.num_slots >= num_slots
             and kept.max_len >= min(max_len, self.max_positions)
         ):

@@ -118,6 +118,7 @@ class ModelRunner:
     ):
         self.model = model
         self.device = model.device
+        self.options = options
         self.num_slots, self.max_len = num_slots, max_len
         # Retrieval models decode nothing: no KV cache. One slot more than the scheduler's: the static
         # decode step's idle rows write there.

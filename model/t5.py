@@ -102,7 +102,8 @@ class T5FF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h.to(self.wo.weight.dtype))
+        # wo runs in fp32 (as transformers keeps it): T5's FF output overflows fp16.
+        return self.wo(h.to(getattr(self.wo, "compute_dtype", None) or self.wo.weight.dtype))
 
 
 class T5LayerFF(nn.Module):

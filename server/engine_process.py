@@ -27,6 +27,7 @@ from batching.protocol import Add, Info, Shutdown, encode
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
 from model.loader import resolve_checkpoint
 from model.plan import RetrievalRequest
+from model.quant import weight_bytes
 from model.runner import DecodeOptions
 from model.textstream import stop_checker
 
@@ -77,6 +78,10 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     else:
         engine = Blip2Engine.load_dir(root, settings.model, device, settings.dtype)
     if settings.quantize == "int8":
+        from model.quant import quantize_w8a16
+
+        quantize_w8a16(engine.model)
+    elif settings.quantize == "llm.int8":
         from model.quant import quantize_int8
 
         quantize_int8(engine.model)
@@ -120,7 +125,8 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     loop = engine_loop(settings, engine, metrics)
     loop.runner.prepare()
     metrics.ready.set(1)
-    info = Info(settings.model, str(engine.device), str(engine.dtype).removeprefix("torch."), os.getpid())
+    dtype = str(engine.dtype).removeprefix("torch.")
+    info = Info(settings.model, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
     build = request_from_message(engine, loop.runner.max_len)
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)

@@ -20,6 +20,7 @@ from batching.protocol import Done
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.plan import RetrievalOutput, RetrievalRequest
+from model.quant import weight_bytes
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
@@ -99,11 +100,12 @@ class Service:
         """Capture the decode graphs and start the engine thread, or wait for the engine process."""
         if isinstance(self.client, ProcessClient):
             info = await self.client.connect()
-            self.device, self.dtype = info.device, info.dtype
+            self.device, self.dtype, self.weight_bytes = info.device, info.dtype, info.weight_bytes
         else:
             await asyncio.to_thread(self.client.loop.runner.prepare)
             self.client.start()
             self.device, self.dtype = str(self.engine.device), str(self.engine.dtype).removeprefix("torch.")
+            self.weight_bytes = weight_bytes(self.engine.model)
 
     async def warm_up(self) -> None:
         """One request through every stage before taking traffic (allocations, kernels, lazy init)."""
@@ -334,6 +336,7 @@ class Service:
             "dtype": self.dtype,
             "device": self.device,
             "quantization": s.quantize,
+            "weight_bytes": self.weight_bytes,
             "ready": self.ready,
             "limits": {
                 "max_new_tokens": s.max_new_tokens_limit,

@@ -28,8 +28,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
     )
-    quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: the language model's and ViT's linears as bitsandbytes LLM.int8 (CUDA)"
+    quantize: Literal["none", "int8", "llm.int8"] = Field(
+        "none",
+        description="int8: weight-only int8 (per-row scales) of the language model's layer linears; "
+        "llm.int8: bitsandbytes LLM.int8 of the ViT's and OPT's linears (CUDA; slower than fp16)",
     )
     engine: Literal["process", "thread"] = Field(
         "process",

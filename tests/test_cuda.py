@@ -6,6 +6,8 @@ half precision agrees with transformers in half precision, and the server captur
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -65,13 +67,58 @@ def test_service_captures_graphs_before_traffic(checkpoints):
     from server.service import Service
     from server.settings import Settings
 
-    svc = Service.build(Settings(model=str(checkpoints("pre_ln")[0]), device="cuda", max_running_seqs=8))
-    try:
-        svc.start()
-        assert svc.runner.graphs_on and len(svc.runner.static.graphs) == len(
-            svc.runner.static.rows_ladder
-        ) * len(svc.runner.static.kv_ladder)
-        svc.warm_up()
-        assert svc.runner.graphs_on
-    finally:
-        svc.shutdown()
+    settings = Settings(
+        model=str(checkpoints("pre_ln")[0]), device="cuda", max_running_seqs=8, engine="thread"
+    )
+    svc = Service.build(settings)
+
+    async def run() -> None:
+        try:
+            await svc.start()
+            assert svc.runner.graphs_on and len(svc.runner.static.graphs) == len(
+                svc.runner.static.rows_ladder
+            ) * len(svc.runner.static.kv_ladder)
+            await svc.warm_up()
+            assert svc.runner.graphs_on
+        finally:
+            await svc.shutdown()
+
+    asyncio.run(run())
+
+
+def test_w8a16_kernel_passes_its_self_check_and_runs_inside_the_decode_graphs(checkpoints):
+    from model.quant import Int8Linear, quantize_w8a16
+
+    root = str(checkpoints("pre_ln")[0])
+    engine = Blip2Engine.from_pretrained(root, device="cuda", dtype=torch.float16)
+    reference = Blip2Engine.from_pretrained(root, device="cuda", dtype=torch.float16)
+    assert quantize_w8a16(engine.model) and quantize_w8a16(reference.model)
+    for m in reference.model.modules():
+        if isinstance(m, Int8Linear):
+            m.kernel = False  # the dequantize-and-matmul path
+    layers = [m for m in engine.model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.kernel for m in layers)
+    pixels = torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(max_new_tokens=10)
+    got = engine.generate(list(pixels), None, params)
+    assert engine._offline_runner is not None and engine._offline_runner.graphs_on
+    want = reference.generate(list(pixels), None, params)
+    pairs = [
+        (a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g.token_ids, w.token_ids, strict=False)
+    ]
+    assert sum(a == b for a, b in pairs) / len(pairs) >= FP16_AGREEMENT
+
+
+def test_offline_calls_run_the_decode_options_asked_for(checkpoints):
+    """bench_engine's variants set `decode_options` between calls: a kept runner must not stand in."""
+    engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
+    pixels = list(torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(5)))
+    params = SamplingParams(max_new_tokens=4)
+    engine.generate(pixels, None, params)
+    assert engine._offline_runner is not None and engine._offline_runner.graphs_on
+    engine.decode_options = DecodeOptions(cuda_graphs=False)
+    made = []
+    original = engine.new_runner
+    engine.new_runner = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+    engine.generate(pixels, None, params)
+    assert made and not made[-1].graphs_on and made[-1].options == DecodeOptions(cuda_graphs=False)
