@@ -21,3 +21,6 @@ python bench/load.py --model "$ckpt" --engines thread,process --server-args "$sr
     --requests 3000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
 python bench/load.py --model "$ckpt" --engines process --server-args "$srv --background-vision false" \
     --clients 4 --requests 3000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"
+# More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (measured on 2 cores).
+python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
+    --clients 4 --requests 3000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"

@@ -16,6 +16,7 @@ from .blip2 import Blip2ForConditionalGeneration
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
 from .static_decode import StaticDecoder
+from .static_vision import StaticVision
 from .vision_worker import VisionWorker
 
 
@@ -94,6 +95,8 @@ class DecodeOptions:
     cuda_graphs: bool = True
     # Keys are read up to the next multiple of this many positions (fewer shapes vs less padding).
     kv_step: int = 32
+    # With CUDA graphs: the vision stage is captured at batch sizes 1, 2, 4, ... up to this (0: eager).
+    vision_batch: int = 0
 
 
 def _feed(works: list[SequenceWork]) -> tuple[list[int], list[int], list[int]]:
@@ -105,6 +108,11 @@ def _feed(works: list[SequenceWork]) -> tuple[list[int], list[int], list[int]]:
             positions.append(position)
             slots.append(w.slots[row])
     return tokens, positions, slots
+
+
+def _bnb_int8(model: torch.nn.Module) -> bool:
+    """bitsandbytes' LLM.int8 finds outlier columns with host-side indexing: not capturable."""
+    return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
 
 
 class ModelRunner:
@@ -125,10 +133,19 @@ class ModelRunner:
         self.cache = model.new_cache(num_slots + 1, max_len) if hasattr(model, "new_cache") else None
         self.static = None
         if self.cache is not None and options.static:
-            # bitsandbytes' LLM.int8 finds outlier columns with host-side indexing: not capturable.
-            int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-            graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
+            graphs = options.cuda_graphs and self.device.type == "cuda" and not _bnb_int8(model)
             self.static = StaticDecoder(model.decode, self.cache, num_slots, options.kv_step, graphs)
+        self.static_vision = None
+        if (
+            options.cuda_graphs
+            and options.vision_batch
+            and self.device.type == "cuda"
+            and not _bnb_int8(model)
+        ):
+            side = model.cfg.vision.image_size
+            self.static_vision = StaticVision(
+                model.encode_images, options.vision_batch, (3, side, side), self.device
+            )
         self.embeddings = EmbeddingCache(embedding_cache_bytes)
         self.vision = VisionWorker(self.device)
         # Embeddings from the background vision stage, kept until their requests have prefilled (the
@@ -142,13 +159,17 @@ class ModelRunner:
         return self.static is not None and self.static.graphs_on
 
     def prepare(self) -> int:
-        """Capture the decode step's CUDA graphs now, before traffic (a no-op without them); returns
-        how many are ready. Call it from the thread that will run the steps, before it runs any."""
-        if not self.graphs_on:
-            return 0
+        """Capture the decode step's and the vision stage's CUDA graphs now, before traffic (a no-op
+        without them); returns how many are ready. Call it from the thread that will run the steps,
+        before it runs any."""
+        count = 0
         start = time.perf_counter()
-        count = self.static.capture_all()
-        log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - start)
+        if self.graphs_on:
+            count += self.static.capture_all()
+        if self.static_vision is not None:
+            count += self.static_vision.capture_all()
+        if count:
+            log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - start)
         return count
 
     @torch.inference_mode()
@@ -240,7 +261,9 @@ class ModelRunner:
             # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
             # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.
             pixels = pixels.pin_memory()
-        return self.model.encode_images(pixels.to(self.device, non_blocking=True))
+        pixels = pixels.to(self.device, non_blocking=True)
+        out = self.static_vision.run(pixels) if self.static_vision is not None else None
+        return out if out is not None else self.model.encode_images(pixels)
 
     def _split(self) -> None:
         self.oom_splits += 1

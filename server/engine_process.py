@@ -56,7 +56,11 @@ class EngineHandle:
 def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> EngineLoop:
     """Runner, scheduler and loop as the settings ask (the engine process's, or an in-process one's)."""
     max_len = min(settings.max_len, engine.max_positions)
-    options = DecodeOptions(cuda_graphs=settings.cuda_graphs, kv_step=settings.decode_kv_step)
+    options = DecodeOptions(
+        cuda_graphs=settings.cuda_graphs,
+        kv_step=settings.decode_kv_step,
+        vision_batch=settings.max_batch_images,
+    )
     runner = engine.new_runner(settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20, options)
     scheduler = Scheduler(
         settings.max_running_seqs,

@@ -3,6 +3,7 @@ option with its default, and an engine that cannot load its checkpoint ends the 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -50,7 +51,6 @@ def test_settings_from_the_environment_are_checked_the_same_way():
 
 
 def _env() -> dict:
-    import os
 
     return dict(os.environ)
 

@@ -122,3 +122,16 @@ def test_offline_calls_run_the_decode_options_asked_for(checkpoints):
     engine.new_runner = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
     engine.generate(pixels, None, params)
     assert made and not made[-1].graphs_on and made[-1].options == DecodeOptions(cuda_graphs=False)
+
+
+def test_vision_graphs_are_captured_and_replay_the_eager_stage(checkpoints):
+    from model.runner import ModelRunner
+
+    engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
+    runner = ModelRunner(engine.model, 4, 64, 0, DecodeOptions(vision_batch=8))
+    assert runner.prepare() and sorted(runner.static_vision.graphs) == [1, 2, 4, 8]
+    pixels = torch.randn(3, 3, 56, 56, device="cuda")
+    with torch.inference_mode():
+        want = engine.model.encode_images(pixels)
+        got = runner.static_vision.run(pixels)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -226,3 +226,32 @@ def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
         assert values[(("blipserve_requests_total"), (("endpoint", "/caption"), ("status", "200")))] == 12
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def _spawned_children(pid: int) -> list[int]:
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            out.append(int(child))
+    return sorted(out)
+
+
+def test_a_dead_http_process_is_replaced_and_the_server_keeps_serving(checkpoints):
+    flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--api-workers", "2"]
+    with serve_in_process(*flags) as (url, proc):
+        engine, *workers = _spawned_children(proc.pid)  # the engine process is started first
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _spawned_children(proc.pid)
+            if len(now) == 3 and workers[0] not in now:
+                break
+            time.sleep(0.2)
+        assert engine in now and workers[0] not in now and len(now) == 3, now
+        body = {"image": b64(png_bytes(9)), "max_new_tokens": 3}
+        codes = {httpx.post(url + "/caption", json=body, timeout=30).status_code for _ in range(8)}
+        assert codes == {200}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
