@@ -73,8 +73,13 @@ class EngineCore:
         """Bind, answer HTTP processes, and step until a `Shutdown` has drained the accepted requests."""
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 2000)  # the last results still go out after a drain
+        # No high-water mark: past one, a ROUTER drops messages silently, and a dropped result is a request
+        # that never ends. The queue is bounded by the requests in flight anyway.
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
         router.bind(address)
         pipe_in = self.ctx.socket(zmq.PULL)
+        pipe_in.setsockopt(zmq.RCVHWM, 0)
         pipe_in.bind(PIPE)
         io = threading.Thread(target=self._io, args=(router, pipe_in), name="blipserve-io", daemon=True)
         io.start()
@@ -163,6 +168,7 @@ class EngineCore:
         sock = getattr(self._pipe_out, "sock", None)
         if sock is None:
             sock = self._pipe_out.sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)  # a PUSH past its mark would block the engine loop
             sock.connect(PIPE)
         return sock
 

@@ -1,4 +1,4 @@
-"""The serving core held on `app.state`: engine, engine loop, metrics, image worker pool."""
+"""The serving core held on `app.state`: request rules, the engine client, the image worker pool."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from batching import EngineStopped, QueueFull
+from batching import EngineLoop, EngineStopped, QueueFull, Scheduler
 from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
 from batching.protocol import Done
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.plan import RetrievalOutput, RetrievalRequest
 from model.quant import weight_bytes
+from model.runner import ModelRunner
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
@@ -80,16 +81,16 @@ class Service:
         return cls(settings, frontend, ProcessClient(handle.address, alive), owner)
 
     @property
-    def loop(self):
+    def loop(self) -> EngineLoop:
         """The in-process engine loop (`engine: thread`), for tests that reach into it."""
         return self.client.loop
 
     @property
-    def runner(self):
+    def runner(self) -> ModelRunner:
         return self.client.loop.runner
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> Scheduler:
         return self.client.loop.scheduler
 
     @property

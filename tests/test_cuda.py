@@ -135,3 +135,36 @@ def test_vision_graphs_are_captured_and_replay_the_eager_stage(checkpoints):
         want = engine.model.encode_images(pixels)
         got = runner.static_vision.run(pixels)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_background_vision_on_cuda_gives_what_solo_requests_get(checkpoints):
+    """The engine's CUDA defaults (background vision on its own stream, vision and decode graphs): a burst
+    of requests returns what each returns alone."""
+    from server.service import Service
+    from server.settings import Settings
+
+    root = str(checkpoints("pre_ln")[0])
+    settings = Settings(model=root, device="cuda", dtype="float16", max_running_seqs=8, engine="thread")
+    svc = Service.build(settings)
+    engine = Blip2Engine.from_pretrained(root, device="cuda", dtype=torch.float16)
+    pixels = list(torch.randn(10, 3, 56, 56, generator=torch.Generator().manual_seed(9)))
+    params = [SamplingParams(max_new_tokens=5 + i % 4, num_beams=1 + i % 3) for i in range(10)]
+
+    async def run() -> list[list[int]]:
+        await svc.start()
+        assert svc.scheduler.background_vision and svc.runner.static_vision is not None
+        await svc.warm_up()
+        try:
+            requests = [
+                engine.request(p, f"k{i}", None, pa)
+                for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+            ]
+            outcomes = await svc.generate(requests)
+            return [o.result.token_ids for o in outcomes]
+        finally:
+            await svc.shutdown()
+
+    burst = asyncio.run(run())
+    solo = [engine.generate([p], None, pa)[0].token_ids for p, pa in zip(pixels, params, strict=True)]
+    pairs = [(a, b) for g, w in zip(burst, solo, strict=True) for a, b in zip(g, w, strict=False)]
+    assert sum(a == b for a, b in pairs) / len(pairs) >= FP16_AGREEMENT

@@ -172,20 +172,10 @@ def test_a_dead_engine_fails_open_requests_at_once(tmp_path):
         engine.stop()
 
 
-def _engine_pid(server_pid: int) -> int:
-    """The server's engine child (multiprocessing also starts a resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    for pid in children:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            return int(pid)
-    raise AssertionError(f"no engine process among {children}")
-
-
 def test_killing_the_engine_fails_requests_with_503_and_the_server_exits_nonzero(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--max-running-seqs", "2"]
     with serve_in_process(*flags) as (url, proc):
-        engine = _engine_pid(proc.pid)
+        engine = _spawned_children(proc.pid)[0]  # the engine process is started first
         # Two slots, two beams: one request at a time, each 100 steps; 24 of them take seconds.
         body = {"max_new_tokens": 100, "min_new_tokens": 100, "num_beams": 2}
         bodies = [{"image": b64(png_bytes(i)), **body} for i in range(24)]
