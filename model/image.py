@@ -29,13 +29,16 @@ class ImageTooLarge(ImageError):
     """The image has more pixels than allowed (checked before decoding)."""
 
 
+ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """As `transformers.image_transforms.convert_to_rgb`: transparency is composited onto white."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
@@ -65,6 +68,8 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
     try:
         image.seek(0)
         image.load()
+        if image.getexif().get(ORIENTATION, 1) == 1:
+            return image  # upright already (exif_transpose would return a copy)
         return ImageOps.exif_transpose(image) or image
     except Exception as exc:
         raise ImageError(f"image data is truncated or corrupt{_why(exc)}") from None
@@ -112,9 +117,14 @@ class ImageProcessor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One PIL image -> pixel_values [3, height, width] float32."""
-        rgb = np.asarray(to_rgb(image).resize((self.width, self.height), resample=self.resample))
-        table = self.table
-        return torch.from_numpy(np.stack([table[c][rgb[..., c]] for c in range(3)]))
+        image = to_rgb(image)
+        if image.size != (self.width, self.height):  # at its size already, resize() would only copy
+            image = image.resize((self.width, self.height), resample=self.resample)
+        rgb = np.asarray(image)
+        out = np.empty((3, self.height, self.width), dtype=np.float32)
+        for c in range(3):  # the table lookup of each channel, written in place
+            np.take(self.table[c], rgb[..., c], out=out[c])
+        return torch.from_numpy(out)
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.preprocess(im) for im in images])
