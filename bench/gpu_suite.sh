@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 5 in one pass (about 10 minutes on one H100); logs go to $OUT (or
-# bench/out). The device machine lacks some of the server's packages: carry their wheels (see the device
-# tool's README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
-# python-dotenv, annotated-types, typing-inspection, python-multipart, bitsandbytes; install them to a
-# folder on PYTHONPATH before running this script.
+# Every GPU measurement of issues 14-16, in two parts that each fit one device call (10 minutes) on one
+# H100: `bench/gpu_suite.sh offline` (CUDA tests, engine vs transformers, host overhead, int8 memory) and
+# `bench/gpu_suite.sh served` (load at 1/16/64/256 clients: engine process vs thread, without background
+# vision, with 4 HTTP processes). Logs go to $OUT (or bench/out).
+#
+# The device machine lacks some of the server's packages: carry their wheels (see the device tool's
+# README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
+# python-dotenv, annotated-types, typing-inspection, python-multipart, bitsandbytes, opentelemetry-api,
+# typing-extensions, pyzmq, msgspec; install them to a folder on PYTHONPATH before running this script.
 set -uo pipefail
+part=${1:-all}
 out=${OUT:-bench/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 2>&1 | tee "$out/engine.txt"
-python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
-python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
-ckpt=$(mktemp -d)
-python bench/random_checkpoint.py --size opt-2.7b --out "$ckpt" >/dev/null
-srv="--device cuda --max-running-seqs 256 --max-queue 2048 --max-batch-images 64"
-# Served, the engine in its own process vs in the HTTP process (the baseline), then without background vision.
-python bench/load.py --model "$ckpt" --engines thread,process --server-args "$srv" --clients 4 \
-    --requests 3000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
-python bench/load.py --model "$ckpt" --engines process --server-args "$srv --background-vision false" \
-    --clients 4 --requests 3000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"
-# More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (measured on 2 cores).
-python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
-    --clients 4 --requests 3000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"
+if [ "$part" = offline ] || [ "$part" = all ]; then
+    python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+    python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 2>&1 | tee "$out/engine.txt"
+    python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
+    python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
+fi
+if [ "$part" = served ] || [ "$part" = all ]; then
+    ckpt=$(mktemp -d)
+    python bench/random_checkpoint.py --size opt-2.7b --out "$ckpt" >/dev/null
+    srv="--device cuda --max-running-seqs 256 --max-queue 2048 --max-batch-images 64"
+    # The engine in its own process vs in the HTTP process (the baseline), side by side.
+    python bench/load.py --model "$ckpt" --engines thread,process --server-args "$srv" --clients 4 \
+        --requests 2000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
+    # Vision inside the engine step instead of in the background.
+    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-background-vision" \
+        --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"
+    # More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (2-core CPU).
+    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
+        --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"
+fi
