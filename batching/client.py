@@ -120,7 +120,8 @@ class InprocClient(EngineClient):
         super().__init__()
         self.loop = loop
         self.metrics = metrics  # `server.metrics.Metrics` (observe_http, render), or None
-        self._seqs: dict[int, tuple[Sequence, asyncio.AbstractEventLoop, int]] = {}
+        # seq_id -> (the event loop that awaits it, the client's request id)
+        self._seqs: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
         loop.on_finished = self._finished
         loop.on_progress = self._progress
 
@@ -137,7 +138,7 @@ class InprocClient(EngineClient):
             self._tickets.pop(ticket.req_id)
             raise
         ticket.extra["seq"] = seq
-        self._seqs[seq.seq_id] = (seq, asyncio.get_running_loop(), ticket.req_id)
+        self._seqs[seq.seq_id] = (asyncio.get_running_loop(), ticket.req_id)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -149,14 +150,14 @@ class InprocClient(EngineClient):
         for seq in seqs:
             entry = self._seqs.pop(seq.seq_id, None)
             if entry is not None:
-                _, aloop, req_id = entry
+                aloop, req_id = entry
                 aloop.call_soon_threadsafe(self._deliver_done, done_of(seq, req_id))
 
     def _progress(self, seqs: list[Sequence]) -> None:  # engine thread: copy now, deliver on the loop
         for seq in seqs:
             entry = self._seqs.get(seq.seq_id)
             if entry is not None:
-                _, aloop, req_id = entry
+                aloop, req_id = entry
                 aloop.call_soon_threadsafe(self._deliver_progress, req_id, seq.decoder.outputs())
 
     def record_http(self, endpoint: str, status: int, seconds: float) -> None:

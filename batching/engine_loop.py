@@ -3,7 +3,7 @@
 It is driven from outside through `add` and `cancel` (thread-safe) and reports through two hooks that
 run on the engine thread: `on_finished(seqs)` for sequences that ended (done, dropped or failed) and
 `on_progress(seqs)` for streaming sequences that gained tokens. The in-process client
-(`batching.inproc`) turns them into asyncio futures; the engine process (`batching.core`) into messages
+(`batching.client.InprocClient`) turns them into asyncio futures; the engine process (`batching.core`) into messages
 to the HTTP processes. A step that raises fails only the sequences in that step; the loop carries on.
 """
 

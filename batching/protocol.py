@@ -11,6 +11,8 @@ frame): no pickling and no copy of the image on the way in. Two sockets per HTTP
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import torch
 
@@ -155,13 +157,6 @@ def pixels_of(msg: Add, frame: object | None) -> torch.Tensor | None:
     if msg.pixel_shape is None or frame is None:
         return None
     flat = torch.frombuffer(frame, dtype=torch.float32)
-    if flat.numel() != _numel(msg.pixel_shape):
+    if flat.numel() != math.prod(msg.pixel_shape):
         raise ValueError(f"pixel frame of {flat.numel()} values, expected shape {msg.pixel_shape}")
     return flat.view(msg.pixel_shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

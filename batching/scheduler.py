@@ -173,8 +173,12 @@ class Scheduler:
             seq.slots = [heapq.heappop(self.free_slots) for _ in range(seq.rows)]
             seq.admitted = now
             admitted.append(seq)
-        encode = [k for k in images if any(s.request.image_key == k and s.decoder for s in admitted)]
-        return admitted, encode if self.background_vision else []
+        if not self.background_vision:
+            return admitted, []
+        # Retrievals encode their images inside the step; a new image goes to the background batch when a
+        # generation request needs it.
+        generating = {s.request.image_key for s in admitted if s.decoder is not None}
+        return admitted, [k for k in images if k in generating]
 
     def _drop_dead(self, now: float) -> list[Sequence]:
         def dead(s: Sequence) -> bool:
