@@ -5,6 +5,14 @@ run on the engine thread: `on_finished(seqs)` for sequences that ended (done, dr
 `on_progress(seqs)` for streaming sequences that gained tokens. The in-process client
 (`batching.client.InprocClient`) turns them into asyncio futures; the engine process (`batching.core`) into messages
 to the HTTP processes. A step that raises fails only the sequences in that step; the loop carries on.
+
+With `overlap`, the loop plans and launches step n+1 before it reads step n's tokens back, when step n
+allows it (`StepPlan.chainable`: one token per sequence, chosen on the device, which step n+1 reads
+from there): the host's work for step n (reading tokens, decoders, stop checks, results, streaming)
+then runs while the device computes step n+1 (SGLang's overlap scheduler, vLLM's async scheduling).
+The price: a sequence that ended at step n was also in step n+1 (that token is dropped), and the
+slots it frees are handed out one step later. On a CPU "launching" is computing, so nothing is
+gained there; on CUDA the decode step is one graph launch and the host's work hides behind it.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    def run(self, plan: StepPlan) -> StepOutput: ...
+    def launch(self, plan: StepPlan) -> Any: ...
+
+    def collect(self, launched: Any) -> StepOutput: ...
 
 
 class EngineStopped(Exception):
@@ -46,6 +56,7 @@ class EngineLoop:
         scheduler: Scheduler,
         max_wait_ms: float = 5.0,
         on_step: StepHook | None = None,
+        overlap: bool = False,
         on_finished: SeqHook = _ignore,
         on_progress: SeqHook = _ignore,
     ):
@@ -55,6 +66,10 @@ class EngineLoop:
         self.on_step = on_step
         self.on_finished = on_finished
         self.on_progress = on_progress
+        self.overlap = overlap
+        # (plan, launched) of a step whose tokens are not read back yet: only with overlap.
+        self._inflight: tuple[StepPlan, Any] | None = None
+        self.launched_ahead = 0  # steps launched while the last one's tokens were still unread
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -121,6 +136,7 @@ class EngineLoop:
             except Exception:
                 # Nothing may kill this loop: every request would hang. Fail what is running, go on.
                 log.exception("engine loop error; failing the running sequences")
+                self._inflight = None
                 with self._cond:
                     failed = self.scheduler.fail_all()
                 self._finish(failed)
@@ -129,16 +145,32 @@ class EngineLoop:
         with self._cond:
             plan, dropped = self.scheduler.schedule()
         self._finish(dropped)
-        if plan.is_empty():
+        if self._inflight is not None and not plan.runs_model:
+            self._complete(*self._inflight)  # this step may wait for vision: read the last one first
+            self._inflight = None
+        launched = None
+        if not plan.is_empty():
+            self.launched_ahead += self._inflight is not None
+            try:
+                launched = self.runner.launch(plan)
+            except Exception:
+                self._failed(plan)
+        if self._inflight is not None:  # the last step's tokens, read while this one runs
+            self._complete(*self._inflight)
+            self._inflight = None
+        if launched is None:
             return
+        if self.overlap and plan.chainable and plan.runs_model:
+            self._inflight = (plan, launched)
+        else:
+            self._complete(plan, launched)
+
+    def _complete(self, plan: StepPlan, launched: Any) -> None:
+        """Read a launched step's tokens back and hand its results to the hooks."""
         try:
-            out = self.runner.run(plan)
+            out = self.runner.collect(launched)
         except Exception:
-            log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
-            self.failures += 1
-            with self._cond:
-                failed = self.scheduler.fail(plan)
-            self._finish(failed)
+            self._failed(plan)
             return
         # A failed background vision batch counts as a failed step (its requests fail, not the others).
         self.failures = self.failures + 1 if out.vision_errors else 0
@@ -153,6 +185,15 @@ class EngineLoop:
         self._finish(finished)
         if self.on_step is not None:
             self.on_step(plan, out, self.scheduler)
+
+    def _failed(self, plan: StepPlan) -> None:
+        """A step raised (called inside the except, so the log has the traceback): its sequences
+        fail, the others carry on."""
+        log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
+        self.failures += 1
+        with self._cond:
+            failed = self.scheduler.fail(plan)
+        self._finish(failed)
 
     def _finish(self, seqs: list[Sequence]) -> None:
         if seqs:

@@ -134,7 +134,9 @@ class Scheduler:
                 self.encoding.setdefault(key, []).append(seq)
             else:
                 seq.stage = "prefill"
-        decodes = [s for s in self.running if s.stage == "decode"]
+        # A sequence whose launched tokens already reach its max_new_tokens (the last step's tokens not
+        # read back yet, see EngineLoop's overlap) has no next step.
+        decodes = [s for s in self.running if s.stage == "decode" and not s.decoder.exhausted()]
         self.running.extend(admitted)
         prefills = [s for s in self.running if s.stage == "prefill"]
         needing = [*prefills, *retrievals]

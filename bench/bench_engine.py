@@ -91,6 +91,7 @@ def agreement(hf, engine, pixels, new_tokens: int, device: str, dtype: torch.dty
 VARIANTS = {
     "default": DecodeOptions(),  # fixed-shape decode step; CUDA graphs on CUDA
     "no-graphs": DecodeOptions(cuda_graphs=False),  # the same step, launched eagerly
+    "no-overlap": DecodeOptions(overlap=False),  # each step's tokens read before the next is launched
     "gathered": DecodeOptions(static=False),  # rows gathered from their cache slots, exact shapes
 }
 

@@ -2,7 +2,7 @@
 # Every GPU measurement of issues 14-16, in two parts that each fit one device call (10 minutes) on one
 # H100: `bench/gpu_suite.sh offline` (CUDA tests, engine vs transformers, host overhead, int8 memory) and
 # `bench/gpu_suite.sh served` (load at 1/16/64/256 clients: engine process vs thread, without background
-# vision, with 4 HTTP processes). Logs go to $OUT (or bench/out).
+# vision, without overlapped steps, with 4 HTTP processes). Logs go to $OUT (or bench/out).
 #
 # The device machine lacks some of the server's packages: carry their wheels (see the device tool's
 # README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 if [ "$part" = offline ] || [ "$part" = all ]; then
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-    python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 2>&1 | tee "$out/engine.txt"
+    python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 --variants default,no-overlap,no-graphs 2>&1 | tee "$out/engine.txt"
     python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
     python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
 fi
@@ -30,6 +30,9 @@ if [ "$part" = served ] || [ "$part" = all ]; then
     # Vision inside the engine step instead of in the background.
     python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-background-vision" \
         --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"
+    # Each step's tokens read before the next step is launched (overlap off).
+    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-overlap" \
+        --clients 4 --requests 2000 --concurrency 1,64,256 2>&1 | tee "$out/load-no-overlap.txt"
     # More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (2-core CPU).
     python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
         --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"

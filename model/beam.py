@@ -59,7 +59,10 @@ class BeamDecoder:
         has run: the prompt and every token but that last one."""
         return len(self.prompt_ids) + len(self.running[0]) - 1
 
-    def feed(self) -> list[tuple[int, int, int]]:
+    def exhausted(self) -> bool:
+        return False  # never stepped ahead of its tokens: each step's reorder needs the host first
+
+    def feed(self) -> list[tuple[int, int | None, int]]:
         position = self.cached_length()  # the last chosen token goes right after what is cached
         return [(i, seq[-1], position) for i, seq in enumerate(self.running)]
 

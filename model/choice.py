@@ -6,6 +6,9 @@ row, one warp-and-draw for every plain sampled row (`model.sampling`), one log-s
 of beam requests (`model.beam`). Only then, once every stage of the step is launched, `apply` reads the
 results back (one wait for the device) and moves each request's decoder; the other requests (repetition
 penalty, logprobs) step on their own rows. Beam reorders of the step are made as one cache copy.
+
+The batched picks are also written, on the device, into the runner's per-slot token buffer: the next
+decode step reads its input tokens from there, so it can be launched before these are read back.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .beam import BeamDecoder, advance_beams
-from .decoders import SampleRow
+from .decoders import ParallelDecoder, SampleRow
 from .generation import Step
 from .kv_cache import CrossCache, KVCache
 from .plan import SequenceWork, StepOutput
@@ -37,6 +40,10 @@ class Picks:
     drawn: torch.Tensor | None = None  # their rows' tokens, in order, still on the device
     # Beam requests scored together: (request indices, [G, keep] top scores, [G, keep] top indices).
     beams: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # On CUDA: greedy, drawn and beams are copies in page-locked host memory, filled asynchronously
+    # once this event is reached. `apply` waits for it alone, not for the stream: a step launched
+    # since then keeps running.
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -83,11 +90,21 @@ def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return sample(warped, meta[0], meta[1])
 
 
-def pick(works: list[SequenceWork], logits: torch.Tensor) -> Picks:
+def device_index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small index list on the device; from page-locked memory on CUDA, so the copy does not block."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def pick(works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None) -> Picks:
     """Launch the batched argmax of the plain greedy rows, the batched draw of the plain sampled
-    rows and the batched beam scoring on the device; nothing is read back yet."""
+    rows and the batched beam scoring on the device; nothing is read back yet. The batched tokens go
+    into `slot_tokens` (the runner's [slots] buffer of each slot's last token) and count as pending in
+    their decoders until `apply` reads them."""
     picks = Picks(works, logits)
     row, sample_rows, specs, blocked = 0, [], [], {"greedy": [], "sample": []}
+    written: list[int] = []  # slots of the plain greedy rows, then of the plain sampled rows
+    sampled_slots: list[int] = []
     beams: dict[int, list[int]] = {}  # beam requests scored together, by beams per request
     for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
         d = w.decoder
@@ -97,10 +114,16 @@ def pick(works: list[SequenceWork], logits: torch.Tensor) -> Picks:
                 blocked["greedy"].append(len(picks.plain))
             picks.plain.append(i)
             picks.counts.append(1)
+            written.append(w.slots[0])
+            d.pending += 1
         elif d.batched == "sample":
             rows = d.sample_rows()
             if d.blocks_eos():
                 blocked["sample"] += range(len(specs), len(specs) + len(rows))
+            subs = d.subs if isinstance(d, ParallelDecoder) else [d]
+            for j in d.active():
+                sampled_slots.append(w.slots[j])
+                subs[j].pending += 1
             picks.sampled.append(i)
             picks.counts.append(len(rows))
             sample_rows += range(row, row + len(rows))
@@ -123,12 +146,36 @@ def pick(works: list[SequenceWork], logits: torch.Tensor) -> Picks:
         decoders = [works[i].decoder for i in group]
         offsets = [picks.offsets[i] for i in group]
         picks.beams.append((group, *_beam_candidates(logits, decoders, offsets)))
+    if slot_tokens is not None and (written or sampled_slots):
+        chosen = [t for t in (picks.greedy, picks.drawn) if t is not None]
+        tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
+        slot_tokens.index_copy_(0, device_index(written + sampled_slots, logits.device), tokens)
+    if logits.device.type == "cuda":
+        _copy_to_host(picks)
     return picks
+
+
+def _copy_to_host(picks: Picks) -> None:
+    """Start the copies of the step's choices into page-locked memory and mark when they are done."""
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
+    if picks.greedy is not None:
+        picks.greedy = host(picks.greedy)
+    if picks.drawn is not None:
+        picks.drawn = host(picks.drawn)
+    picks.beams = [(group, host(scores), host(index)) for group, scores, index in picks.beams]
+    picks.ready = torch.cuda.Event()
+    picks.ready.record()
 
 
 def apply(picks: Picks, out: StepOutput, cache: KVCache | CrossCache) -> None:
     """Each request takes its token(s): plain greedy and plain sampled ones from one device->host copy
     each; the others (beams, penalties, logprobs) from their own rows of logits."""
+    if picks.ready is not None:
+        picks.ready.synchronize()
     for i, token in zip(picks.plain, picks.greedy.tolist() if picks.plain else [], strict=True):
         w = picks.works[i]
         out.steps[w.seq_id] = w.decoder.append(token)

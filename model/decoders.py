@@ -49,6 +49,10 @@ class TokenDecoder:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    # Tokens picked on the device and not read back yet (0 or 1): the runner may launch the next step
+    # before reading the last one's tokens (`model.plan.StepPlan.chainable`); that step feeds this
+    # row's token from the device and counts it in its position.
+    pending: int = 0
 
     def __post_init__(self) -> None:
         p = self.params
@@ -67,9 +71,16 @@ class TokenDecoder:
         """Rows (indices into the request's slots) that take part in the next step."""
         return [] if self.finish_reason else [0]
 
-    def feed(self) -> list[tuple[int, int, int]]:
-        """(row, token, position) of each row for the next decode step."""
-        return [(0, self.tokens[-1], self.length() - 1)] if self.tokens and not self.finish_reason else []
+    def feed(self) -> list[tuple[int, int | None, int]]:
+        """(row, token, position) of each row for the next decode step; token None: still on the device."""
+        made = len(self.tokens) + self.pending
+        if not made or self.finish_reason or made >= self.params.max_new_tokens:
+            return []
+        return [(0, None if self.pending else self.tokens[-1], len(self.prompt_ids) + made - 1)]
+
+    def exhausted(self) -> bool:
+        """The tokens launched so far reach max_new_tokens: no further step, whatever they turn out to be."""
+        return len(self.tokens) + self.pending >= self.params.max_new_tokens
 
     def length(self) -> int:
         """Tokens in the sequence so far: placeholders, prompt and generated."""
@@ -77,11 +88,11 @@ class TokenDecoder:
 
     def blocks_eos(self) -> bool:
         """min_new_tokens not reached yet: the stop tokens are ruled out of this step."""
-        return len(self.tokens) < self.params.min_new_tokens
+        return len(self.tokens) + self.pending < self.params.min_new_tokens
 
     def sample_rows(self) -> list[SampleRow]:
         p = self.params
-        return [SampleRow(p.temperature, p.top_k, p.top_p, self.noise_key, len(self.tokens))]
+        return [SampleRow(p.temperature, p.top_k, p.top_p, self.noise_key, len(self.tokens) + self.pending)]
 
     def append_sampled(self, tokens: list[int]) -> Step:
         return self.append(tokens[0])
@@ -103,6 +114,10 @@ class TokenDecoder:
         return self.append(token)
 
     def append(self, token: int) -> Step:
+        if self.pending:
+            self.pending -= 1
+        if self.finish_reason:  # a step launched before the last one's tokens ended this sequence
+            return Step(parents=[], tokens=[], done=True)
         self.tokens.append(token)
         if token in self.eos_ids or (self.stop_check is not None and self.stop_check(self.tokens)):
             self.finish_reason = "stop"
@@ -140,8 +155,11 @@ class ParallelDecoder:
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.subs) if not s.finish_reason]
 
-    def feed(self) -> list[tuple[int, int, int]]:
+    def feed(self) -> list[tuple[int, int | None, int]]:
         return [(i, tok, pos) for i, s in enumerate(self.subs) for _, tok, pos in s.feed()]
+
+    def exhausted(self) -> bool:
+        return False  # never stepped ahead of its tokens (see `StepPlan.chainable`)
 
     def step(self, logits: torch.Tensor) -> Step:
         for j, i in enumerate(self.active()):

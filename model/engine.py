@@ -282,9 +282,15 @@ class Blip2Engine:
         return self.run_offline(requests)
 
     def run_offline(
-        self, requests: list[GenerationRequest], on_step: Callable[[StepOutput], None] | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_step: Callable[[StepOutput], None] | None = None,
+        overlap: bool | None = None,
     ) -> list[GenerationResult]:
-        """All requests in one batch until each finishes; `on_step` sees every step's stage timings."""
+        """All requests in one batch until each finishes; `on_step` sees every step's stage timings.
+        `overlap` (default: `decode_options.overlap`, else on CUDA) launches each decode step before
+        reading the last one's tokens when the batch allows it (`StepPlan.chainable`), as the serving
+        loop does."""
         if not requests:
             return []
         works, next_slot = [], 0
@@ -295,13 +301,22 @@ class Blip2Engine:
             works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
         max_len = max(r.positions for r in requests)
         runner = self._runner_for(next_slot, max_len)
+        overlap = self.decode_options.overlap if overlap is None else overlap
+        overlap = self.device.type == "cuda" if overlap is None else overlap
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
+        collect = runner.collect if on_step is None else (lambda step: on_step(runner.collect(step)))
+        inflight = None
         while not plan.is_empty():
-            out = runner.run(plan)
-            if on_step is not None:
-                on_step(out)
-            running = [w for w in plan.prefills + plan.decodes if not out.steps[w.seq_id].done]
+            launched = runner.launch(plan)
+            if inflight is not None:
+                collect(inflight)  # the last step's tokens, read while this one runs
+            inflight = launched if overlap and plan.chainable else None
+            if inflight is None:
+                collect(launched)
+            running = [w for w in works if w.decoder.finish_reason is None and not w.decoder.exhausted()]
             plan = StepPlan(decodes=running)
+        if inflight is not None:
+            collect(inflight)
         return [self.result(r, w.decoder.outputs()) for r, w in zip(requests, works, strict=True)]
 
     def caption(

@@ -88,6 +88,17 @@ class StepPlan:
         return not (self.encode or self.prefills or self.decodes or self.retrievals or self.awaits_vision)
 
     @property
+    def chainable(self) -> bool:
+        """Whether the next step may be planned and launched before this one's tokens are read back:
+        every sequence here takes one token per step, chosen on the device (plain greedy or plain
+        sampling, one row), which the next step reads from there. Beams (a cache reorder), n samples,
+        penalties and logprobs need this step's tokens on the host first."""
+        return all(
+            getattr(w.decoder, "batched", None) in ("argmax", "sample") and w.decoder.num_rows == 1
+            for w in (*self.prefills, *self.decodes)
+        )
+
+    @property
     def runs_model(self) -> bool:
         """Work for this step itself (else the runner waits for the background vision stage)."""
         return bool(self.prefills or self.decodes or self.retrievals)

@@ -97,17 +97,44 @@ class DecodeOptions:
     kv_step: int = 32
     # With CUDA graphs: the vision stage is captured at batch sizes 1, 2, 4, ... up to this (0: eager).
     vision_batch: int = 0
+    # Offline generate: launch each decode step before reading the last one's tokens when the batch
+    # allows it (`StepPlan.chainable`); None: on CUDA. (The server's loop has `--overlap`.)
+    overlap: bool | None = None
 
 
-def _feed(works: list[SequenceWork]) -> tuple[list[int], list[int], list[int]]:
-    """Token, position and cache slot of each row of a decode step."""
-    tokens, positions, slots = [], [], []
+@dataclass
+class Feed:
+    """The rows of a decode step: each one's position and cache slot, and the tokens the host must
+    write (rows whose last token was chosen on the host: beams, penalties, logprobs). The other rows'
+    tokens are on the device already, in the runner's per-slot token buffer (`choice.pick`)."""
+
+    positions: list[int]
+    slots: list[int]
+    host_slots: list[int]
+    host_tokens: list[int]
+
+
+def _feed(works: list[SequenceWork]) -> Feed:
+    feed = Feed([], [], [], [])
     for w in works:
+        on_device = w.decoder.batched in ("argmax", "sample")
         for row, token, position in w.decoder.feed():
-            tokens.append(token)
-            positions.append(position)
-            slots.append(w.slots[row])
-    return tokens, positions, slots
+            feed.positions.append(position)
+            feed.slots.append(w.slots[row])
+            if not on_device:
+                feed.host_slots.append(w.slots[row])
+                feed.host_tokens.append(token)
+    return feed
+
+
+@dataclass
+class Launched:
+    """A step whose device work is queued and whose tokens are not read back yet (`ModelRunner.launch`)."""
+
+    plan: StepPlan
+    out: StepOutput
+    picks: list[choice.Picks]
+    marks: dict
 
 
 def _bnb_int8(model: torch.nn.Module) -> bool:
@@ -131,10 +158,15 @@ class ModelRunner:
         # Retrieval models decode nothing: no KV cache. One slot more than the scheduler's: the static
         # decode step's idle rows write there.
         self.cache = model.new_cache(num_slots + 1, max_len) if hasattr(model, "new_cache") else None
+        # Each slot's last token, on the device: decode steps read their input tokens here, where the
+        # token choice writes them, so a step can be launched before the last one's tokens are read.
+        self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
         self.static = None
         if self.cache is not None and options.static:
             graphs = options.cuda_graphs and self.device.type == "cuda" and not _bnb_int8(model)
-            self.static = StaticDecoder(model.decode, self.cache, num_slots, options.kv_step, graphs)
+            self.static = StaticDecoder(
+                model.decode, self.cache, num_slots, options.kv_step, graphs, self.slot_tokens
+            )
         self.static_vision = None
         if (
             options.cuda_graphs
@@ -172,8 +204,14 @@ class ModelRunner:
             log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - start)
         return count
 
-    @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> Launched:
+        """Queue the step's device work (on CUDA the host returns before the device is done) and pick
+        tokens on the device; `collect` reads them. Another step may be launched in between when
+        `plan.chainable`: it feeds these tokens from the device."""
         out = StepOutput()
         if plan.encode:
             self._start_encoding(plan, out)
@@ -182,24 +220,28 @@ class ModelRunner:
         marks = {"start": self.clock.mark()}
         fresh = self._vision(plan, out)
         marks["vision"] = self.clock.mark()
-        # Tokens are read back only once every stage is launched: one wait for the device per step.
         picks = []
         if plan.prefills:
             logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
-            picks.append(choice.pick(plan.prefills, logits))
+            picks.append(choice.pick(plan.prefills, logits, self.slot_tokens))
             marks["prefill"] = self.clock.mark()
         if plan.decodes:
             before = self.clock.mark()
             logits = self._decode(plan.decodes)
             out.decode_rows = logits.shape[0]
-            picks.append(choice.pick(plan.decodes, logits))
+            picks.append(choice.pick(plan.decodes, logits, self.slot_tokens))
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
-        for p in picks:
-            choice.apply(p, out, self.cache)
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
-        self._timings(out, marks)
-        return out
+        return Launched(plan, out, picks, marks)
+
+    @torch.inference_mode()
+    def collect(self, step: Launched) -> StepOutput:
+        """Read a launched step's tokens back (one wait for the device) and move the decoders."""
+        for p in step.picks:
+            choice.apply(p, step.out, self.cache)
+        self._timings(step.out, step.marks)
+        return step.out
 
     def _timings(self, out: StepOutput, marks: dict) -> None:
         """Stage times, read once the step is over (the token read has synchronised the device)."""
@@ -285,20 +327,22 @@ class ModelRunner:
         """Logits of every fed row, in `works` order: the fixed-shape step, or on out-of-memory (or with
         it off) rows gathered from their slots, halving the batch as long as it does not fit."""
         if self.static is not None:
+            feed = _feed(works)
             try:
-                return self.static.run(*_feed(works))
+                return self.static.run(feed.positions, feed.slots, feed.host_slots, feed.host_tokens)
             except torch.OutOfMemoryError:
                 self._split()
         return torch.cat(_halving(self._gathered, works, self._split))
 
     def _gathered(self, works: list[SequenceWork]) -> torch.Tensor:
-        tokens, positions, slots = _feed(works)
-        kv_len = max(positions) + 1
+        feed = _feed(works)
+        kv_len = max(feed.positions) + 1
         dev = self.device
+        if feed.host_slots:
+            self.slot_tokens[choice.device_index(feed.host_slots, dev)] = torch.tensor(
+                feed.host_tokens, device=dev
+            )
+        slots = torch.tensor(feed.slots, device=dev)
         return self.model.decode(
-            torch.tensor(tokens, device=dev),
-            torch.tensor(positions, device=dev),
-            torch.tensor(slots, device=dev),
-            self.cache,
-            kv_len,
+            self.slot_tokens[slots], torch.tensor(feed.positions, device=dev), slots, self.cache, kv_len
         )

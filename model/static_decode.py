@@ -13,8 +13,11 @@ shapes and fixed addresses, so the step here is shaped by buckets, not by the li
 - **Keys are read up to a bucket** (the next multiple of `kv_step` above the longest row), masked per
   row at its own position, so short sequences do not pay for the cache's full length.
 
-Inputs go to the device in one copy (pinned on CUDA) into static buffers; the graph writes its logits
-into a static buffer, and the live rows' logits are gathered from it. All graphs share one memory pool:
+Positions and slots go to the device in one copy (pinned on CUDA) into static buffers. Tokens are read
+from a per-slot buffer on the device (row r feeds slot r's last token) that the token choice writes
+(`model.choice`): a step can run before the host has seen the last step's tokens. Tokens chosen on the
+host (beams, penalties, logprobs) are written there first. The graph writes its logits into a static
+buffer, and the live rows' logits are gathered from it. All graphs share one memory pool:
 they run one after another on one stream. On CPU (and with graphs off) the same fixed-shape step runs
 eagerly, so the tests exercise everything but the capture itself; a capture that fails, or whose replay
 disagrees with the eager step, turns graphs off with a logged error rather than serving wrong tokens.
@@ -35,7 +38,7 @@ log = logging.getLogger("blipserve.decode")
 # -> logits [R, vocab] fp32; the model's `decode`.
 DecodeFn = Callable[..., torch.Tensor]
 
-TOKENS, POSITIONS, WRITES, PICK = range(4)  # rows of the static input buffer
+POSITIONS, WRITES, PICK = range(3)  # rows of the static input buffer
 
 
 def row_buckets(num_slots: int) -> list[int]:
@@ -64,11 +67,18 @@ def _ceil(value: int, ladder: list[int]) -> int:
 class StaticDecoder:
     """Runs decode steps over slots [0, rows) at bucketed shapes; with `graphs`, as CUDA graphs.
 
-    `cache` must have one slot more than `num_slots`: slot `num_slots` is the trash slot idle rows write to.
+    `cache` must have one slot more than `num_slots`: slot `num_slots` is the trash slot idle rows write
+    to. `tokens` [num_slots + 1] holds each slot's last token on the device (a buffer of its own if None).
     """
 
     def __init__(
-        self, decode: DecodeFn, cache: KVCache | CrossCache, num_slots: int, kv_step: int, graphs: bool
+        self,
+        decode: DecodeFn,
+        cache: KVCache | CrossCache,
+        num_slots: int,
+        kv_step: int,
+        graphs: bool,
+        tokens: torch.Tensor | None = None,
     ):
         device = cache.own.k.device if isinstance(cache, CrossCache) else cache.k.device
         slots_in_cache = (cache.own if isinstance(cache, CrossCache) else cache).k.shape[1]
@@ -83,8 +93,14 @@ class StaticDecoder:
         self.trash = num_slots
         self.rows_ladder = row_buckets(num_slots)
         self.kv_ladder = kv_buckets(cache.max_len, kv_step)
-        # [4, num_slots]: tokens, positions, write slots, and (first n entries) the live rows to pick.
-        self.inputs = torch.zeros((4, num_slots), dtype=torch.long, device=device)
+        if tokens is None:
+            tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+        if tokens.shape != (num_slots + 1,) or tokens.device != device:
+            raise ValueError(f"tokens must be [num_slots + 1] = [{num_slots + 1}] on {device}, got "
+                             f"{tuple(tokens.shape)} on {tokens.device}")  # fmt: skip
+        self.tokens = tokens
+        # [3, num_slots]: positions, write slots, and (first n entries) the live rows to pick.
+        self.inputs = torch.zeros((3, num_slots), dtype=torch.long, device=device)
         self.graphs_on = graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -98,21 +114,31 @@ class StaticDecoder:
         """The fixed-shape step on the static inputs (what a graph captures): logits [rows, vocab]."""
         x = self.inputs
         return self.decode(
-            x[TOKENS, :rows], x[POSITIONS, :rows], x[WRITES, :rows], self.cache, kv, dense=True
+            self.tokens[:rows], x[POSITIONS, :rows], x[WRITES, :rows], self.cache, kv, dense=True
         )
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits [len(slots), vocab] of one decode step: row i feeds `tokens[i]` at `positions[i]` of
-        slot `slots[i]`."""
+    def run(
+        self,
+        positions: list[int],
+        slots: list[int],
+        host_slots: list[int] = (),
+        host_tokens: list[int] = (),
+    ) -> torch.Tensor:
+        """Logits [len(slots), vocab] of one decode step: row i feeds slot `slots[i]`'s last token (from
+        `tokens`, after `host_tokens` are written to `host_slots`) at `positions[i]`."""
         n = len(slots)
-        if not n or len(tokens) != n or len(positions) != n:
+        if not n or len(positions) != n or len(host_slots) != len(host_tokens):
             raise ValueError(
-                f"tokens, positions and slots need equal non-zero lengths, got {len(tokens)}, {len(positions)}, {n}"
+                f"positions and slots need equal non-zero lengths, got {len(positions)}, {n}; host_slots "
+                f"and host_tokens equal lengths, got {len(host_slots)}, {len(host_tokens)}"
             )
         rows, kv = self.bucket(max(slots), max(positions) + 1)
         graph = self._graph(rows, kv) if self.graphs_on else None
-        self._load(rows, tokens, positions, slots)
+        if host_slots:
+            pairs = self._to_device(torch.tensor([list(host_slots), list(host_tokens)], dtype=torch.long))
+            self.tokens.index_copy_(0, pairs[0], pairs[1])
+        self._load(rows, positions, slots)
         if graph is None:
             out = self.step(rows, kv)
         else:
@@ -120,16 +146,23 @@ class StaticDecoder:
             out = self.logits
         return out[self.inputs[PICK, :n]]
 
-    def _load(self, rows: int, tokens: list[int], positions: list[int], slots: list[int]) -> None:
-        """Idle rows: token 0 at position 0, written to the trash slot; live rows at their slots."""
-        tok, pos, write, pick = [0] * rows, [0] * rows, [self.trash] * rows, [0] * rows
-        for t, p, s in zip(tokens, positions, slots, strict=True):
-            tok[s], pos[s], write[s] = t, p, s
+    def _load(self, rows: int, positions: list[int], slots: list[int]) -> None:
+        """Idle rows: position 0, written to the trash slot (whatever token their slot last had); live
+        rows at their slots."""
+        pos, write, pick = [0] * rows, [self.trash] * rows, [0] * rows
+        for p, s in zip(positions, slots, strict=True):
+            pos[s], write[s] = p, s
         pick[: len(slots)] = slots
-        host = torch.tensor([tok, pos, write, pick], dtype=torch.long)
+        host = torch.tensor([pos, write, pick], dtype=torch.long)
         if self.device.type == "cuda":
             host = host.pin_memory()  # an asynchronous copy; the caching host allocator reuses the page
         self.inputs[:, :rows].copy_(host, non_blocking=True)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        # From page-locked memory the copy is asynchronous; the caching host allocator reuses the page.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _graph(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
         graph = self.graphs.get((rows, kv))
@@ -146,7 +179,7 @@ class StaticDecoder:
 
     def _capture(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
         # Every row idle: the warm-up, the capture and the check write only to the trash slot.
-        self.inputs[:, :rows] = torch.tensor([0, 0, self.trash, 0], device=self.device)[:, None]
+        self.inputs[:, :rows] = torch.tensor([0, self.trash, 0], device=self.device)[:, None]
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)

@@ -62,16 +62,16 @@ def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> En
         vision_batch=settings.max_batch_images,
     )
     runner = engine.new_runner(settings.max_running_seqs, max_len, settings.embedding_cache_mb << 20, options)
+    on_cuda = engine.device.type == "cuda"
     scheduler = Scheduler(
         settings.max_running_seqs,
         settings.max_queue,
         settings.max_batch_images,
         engine.eos_ids,
-        settings.background_vision
-        if settings.background_vision is not None
-        else engine.device.type == "cuda",
+        settings.background_vision if settings.background_vision is not None else on_cuda,
     )
-    return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step)
+    overlap = settings.overlap if settings.overlap is not None else on_cuda
+    return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
 
 
 def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
@@ -127,6 +127,12 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
         raise SystemExit(3) from None
     metrics = Metrics()
     loop = engine_loop(settings, engine, metrics)
+    log.info(
+        "engine on %s: background vision %s, overlapped steps %s",
+        engine.device,
+        "on" if loop.scheduler.background_vision else "off",
+        "on" if loop.overlap else "off",
+    )
     loop.runner.prepare()
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
@@ -134,7 +140,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     build = request_from_message(engine, loop.runner.max_len)
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)
-    log.info("engine process done after %d steps", loop.steps)
+    log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
 
 
 def _exit_with_parent() -> None:

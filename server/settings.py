@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "sequences decode; false: inside the engine step, which every running sequence then waits for; "
         "unset: true on CUDA, false on the CPU (where both would share the same cores: measured no gain)",
     )
+    overlap: bool | None = Field(
+        None,
+        description="launch the next decode step before reading this one's tokens back, so the host's work "
+        "per step runs while the device computes (plain greedy and sampled requests); unset: true on CUDA, "
+        "false on the CPU (where launching is computing: only a step of delay to each result)",
+    )
     max_wait_ms: float = Field(
         0.0,
         ge=0,

@@ -49,6 +49,12 @@ class FakeRunner:
             out.steps[w.seq_id] = w.decoder.append(token)
         return out
 
+    # The engine loop's two halves: this fake computes everything at launch.
+    launch = run
+
+    def collect(self, out: StepOutput) -> StepOutput:
+        return out
+
 
 def self_stop(work) -> int:
     return work.decoder.prompt_ids[0] - 50 if work.decoder.prompt_ids[0] > 50 else 1_000

@@ -204,10 +204,13 @@ class GatedRunner:
     def prepare(self) -> int:
         return self.runner.prepare()
 
-    def run(self, plan):
+    def launch(self, plan):
         self.gate.wait(30)
         time.sleep(self.delay)
-        return self.runner.run(plan)
+        return self.runner.launch(plan)
+
+    def collect(self, launched):
+        return self.runner.collect(launched)
 
 
 def gated_service(ckpt, **overrides) -> tuple[Service, GatedRunner]:

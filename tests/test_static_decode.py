@@ -63,7 +63,7 @@ def test_static_step_equals_gathered_step_and_touches_only_live_slots(model):
         )
     static = StaticDecoder(model.decode, static_cache, NUM_SLOTS, kv_step=16, graphs=False)
     assert static.bucket(max(slots), max(positions) + 1) == (8, 40)
-    got = static.run(tokens, positions, slots)
+    got = static.run(positions, slots, slots, tokens)  # every token written by the host
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Live slots hold what the gathered step wrote; every other slot but the trash slot is unchanged.
     kept, idle = torch.arange(NUM_SLOTS), torch.tensor([s for s in range(NUM_SLOTS) if s not in slots])
@@ -100,7 +100,7 @@ def test_the_recorder_sees_host_syncs():
 def test_the_static_step_has_no_host_sync_or_host_copy(model):
     cache = _random_cache(model, seed=2)
     static = StaticDecoder(model.decode, cache, NUM_SLOTS, kv_step=16, graphs=False)
-    static.run([5, 9], [7, 20], [1, 4])  # fills the static inputs as a real step does
+    static.run([7, 20], [1, 4], [1, 4], [5, 9])  # fills the static inputs as a real step does
     with torch.inference_mode(), RecordOps() as rec:
         out = static.step(8, 32)
     assert out.shape[0] == 8

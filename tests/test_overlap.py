@@ -1,0 +1,154 @@
+"""The engine loop's overlap: step n+1 planned and launched before step n's tokens are read back.
+
+On the CPU a launch computes at once, so these tests check what overlap must not change (every request
+returns what it returns alone, whatever mix of requests shares the steps) and that steps really were
+launched ahead; the time it saves is a GPU measurement (`bench/gpu_suite.sh`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from batching.scheduler import Scheduler
+from model import Blip2Engine, SamplingParams
+from model.runner import ModelRunner
+from server.service import Service
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def root(checkpoints) -> str:
+    return str(checkpoints("pre_ln")[0])
+
+
+def mixed_params() -> list[SamplingParams]:
+    """Plain greedy (chainable) rows of unequal lengths beside requests that are not chainable."""
+    return [
+        SamplingParams(max_new_tokens=3),
+        SamplingParams(max_new_tokens=9, min_new_tokens=9),
+        SamplingParams(max_new_tokens=6, min_new_tokens=2),
+        SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=5, max_new_tokens=7),
+        SamplingParams(max_new_tokens=8, min_new_tokens=8),
+        SamplingParams(num_beams=2, max_new_tokens=5),
+        SamplingParams(max_new_tokens=5, repetition_penalty=1.3),
+        SamplingParams(do_sample=True, n=2, seed=1, max_new_tokens=4),
+        SamplingParams(max_new_tokens=6, logprobs=2),
+        SamplingParams(max_new_tokens=1),
+    ]
+
+
+def serve(root: str, requests, overlap: bool, slots: int = 6):
+    """The requests through an in-process engine; their outcomes and how many steps ran ahead."""
+    settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=slots, overlap=overlap)
+    svc = Service.build(settings)
+    assert svc.loop.overlap is overlap
+
+    async def run():
+        await svc.start()
+        await svc.warm_up()
+        try:
+            return await svc.generate(requests)
+        finally:
+            await svc.shutdown()
+
+    return asyncio.run(run()), svc.loop.launched_ahead
+
+
+def test_overlapped_steps_give_what_each_request_gives_alone(root):
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(10, 3, side, side, generator=torch.Generator().manual_seed(3)))
+    params = mixed_params()
+    # A stop string that the first request's text holds (its stop is found on the host, a step late).
+    text = engine.tokenizer.decode(engine.generate([pixels[0]], None, params[0])[0].token_ids[:2])
+    params[0] = SamplingParams(max_new_tokens=6, stop=(text[-2:],))
+    requests = [
+        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+    ]
+    outcomes, ahead = serve(root, requests, overlap=True)
+    assert outcomes[0].result.finish_reason == "stop"
+    assert ahead > 0, "no step was launched before the last one's tokens were read"
+    for outcome, p, pa in zip(outcomes, pixels, params, strict=True):
+        alone = engine.generate([p], None, pa)[0]
+        got = [(o.token_ids, o.finish_reason) for o in outcome.result.outputs]
+        assert got == [(o.token_ids, o.finish_reason) for o in alone.outputs], pa
+        for o, a in zip(outcome.result.outputs, alone.outputs, strict=True):
+            # Logprobs: the same tokens, values as close as a batch of other rows allows.
+            assert [lp.token for lp in o.logprobs or []] == [lp.token for lp in a.logprobs or []]
+            values = [lp.logprob for lp in o.logprobs or []]
+            assert values == pytest.approx([lp.logprob for lp in a.logprobs or []], abs=1e-4)
+
+
+def test_overlap_off_never_launches_ahead_and_agrees(root):
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(4)))
+    params = [SamplingParams(max_new_tokens=4 + i) for i in range(4)]
+    requests = [
+        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+    ]
+    on, ahead_on = serve(root, requests, overlap=True, slots=2)
+    off, ahead_off = serve(root, requests, overlap=False, slots=2)
+    assert ahead_on > 0 and ahead_off == 0
+    assert [o.result.token_ids for o in on] == [o.result.token_ids for o in off]
+
+
+def test_a_sequence_ended_by_its_stop_token_ran_one_step_more_whose_token_is_dropped(root):
+    """Overlap's cost, made visible: the step after a sequence's last token still ran it."""
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = torch.randn(3, side, side, generator=torch.Generator().manual_seed(5))
+    free = engine.generate([pixels], None, SamplingParams(max_new_tokens=8))[0].token_ids
+    # A stop token of our choosing: the first generated token not seen before it.
+    end = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    runner = engine.new_runner(2, 32, 0)
+    scheduler = Scheduler(2, 4, 4, (free[end],), background_vision=False)
+    seq = scheduler.add(engine.request(pixels, "k", None, SamplingParams(max_new_tokens=8)))
+    launched = []
+    while scheduler.has_work:  # the engine loop's overlap, spelled out: launch n + 1, then read n
+        plan, _ = scheduler.schedule()
+        if not plan.is_empty():
+            launched.append(runner.launch(plan))
+        if len(launched) > 1 or (launched and plan.is_empty()):
+            older = launched.pop(0)
+            scheduler.postprocess(older.plan, runner.collect(older))
+    assert len(launched) == 1  # launched after the stop token, before it was read
+    extra = runner.collect(launched[0])
+    assert extra.steps[seq.seq_id].done and extra.steps[seq.seq_id].tokens == []  # its token dropped
+    assert seq.finish_reason == "stop" and seq.decoder.tokens == free[: end + 1]
+    assert seq.decoder.pending == 0
+
+
+def test_offline_generate_with_overlap_equals_without(root, monkeypatch):
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(10, 3, side, side, generator=torch.Generator().manual_seed(6)))
+    params = mixed_params()
+    requests = [
+        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+    ]
+    plain = [r for r, pa in zip(requests, params, strict=True) if pa.is_plain_greedy]
+    calls: list[str] = []
+    for name in ("launch", "collect"):
+        method = getattr(ModelRunner, name)
+        monkeypatch.setattr(
+            ModelRunner, name, lambda self, x, m=method, n=name: calls.append(n) or m(self, x)
+        )
+    for batch, chainable in ((requests, False), (plain, True)):
+        results = {}
+        for overlap in (True, False):
+            calls.clear()
+            results[overlap] = engine.run_offline(batch, overlap=overlap)
+            ahead = sum(
+                c == "collect" and 2 * calls[:i].count("launch") - i == 2 for i, c in enumerate(calls)
+            )
+            if not overlap:
+                assert ahead == 0
+            elif chainable:
+                assert ahead == calls.count("launch") - 1  # each step read after the next one's launch
+            else:  # beams, penalties, logprobs, n samples: read before the next launch while they run
+                assert ahead < calls.count("launch") - 2
+        assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
