@@ -92,6 +92,7 @@ VARIANTS = {
     "default": DecodeOptions(),  # fixed-shape decode step; CUDA graphs on CUDA
     "no-graphs": DecodeOptions(cuda_graphs=False),  # the same step, launched eagerly
     "no-overlap": DecodeOptions(overlap=False),  # each step's tokens read before the next is launched
+    "no-prefill-graphs": DecodeOptions(prefill_graphs=False),  # prefill eagerly, at exact shapes
     "gathered": DecodeOptions(static=False),  # rows gathered from their cache slots, exact shapes
 }
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import Blip2Config, T5Config
+from .device import device_index, to_device
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
 from .t5 import T5Cache, T5ForConditionalGeneration
@@ -125,7 +126,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         lengths = [nq + len(t) for t in texts]
         where = [[i for t in texts for i in t], [r for r, t in enumerate(texts) for _ in t]]
         where.append([nq + j for t in texts for j in range(len(t))])
-        ids, rows, cols = torch.tensor(where, dtype=torch.long, device=inputs[0][0].device)
+        ids, rows, cols = to_device(torch.tensor(where, dtype=torch.long), inputs[0][0].device)
         text = self.language_model.token_embeddings(ids)
         padded = text.new_zeros(len(inputs), max(lengths), text.shape[-1])
         padded[:, :nq] = torch.stack([q for q, _ in inputs]).to(text.dtype)
@@ -147,8 +148,32 @@ class Blip2ForConditionalGeneration(nn.Module):
         # Right padding: under a causal mask no real token sees a pad, so rows stay independent, and the
         # pad positions written to the cache are masked out and overwritten by later decode steps.
         hidden = self.language_model(padded, AttnBatch.prefill(slots, padded.shape[1]), cache)
-        last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
+        last = device_index([n - 1 for n in lengths], hidden.device)
         return self.language_model.logits(hidden[torch.arange(len(inputs), device=hidden.device), last])
+
+    def prefill_static(
+        self,
+        ids: torch.Tensor,
+        queries: torch.Tensor,
+        last: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """`prefill` at fixed shapes with every input on the device, as a CUDA graph captures it
+        (`model.static_prefill`): ids [R, T] (the first `num_query_tokens` positions, the `<image>`
+        placeholders, may hold any id: the query embeddings [R, nq, hidden] take those positions), each
+        row's last prompt position `last` [R] and its cache slot `slots` [R]. Logits [R, vocab] fp32."""
+        nq = self.cfg.num_query_tokens
+        if ids.dim() != 2 or queries.shape[:2] != (ids.shape[0], nq):
+            raise ValueError(
+                f"ids must be [rows, positions] and queries [rows, {nq}, hidden], got {tuple(ids.shape)} "
+                f"and {tuple(queries.shape)}"
+            )
+        text = self.language_model.token_embeddings(ids[:, nq:])
+        x = torch.cat([queries.to(text.dtype), text], dim=1)
+        hidden = self.language_model(x, AttnBatch.prefill(slots, ids.shape[1]), cache)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return self.language_model.logits(hidden[rows, last])
 
     def _prefill_encoder_decoder(
         self, padded: torch.Tensor, lengths: list[int], slots: torch.Tensor, cache: T5Cache
@@ -156,7 +181,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         """Flan-T5: encode the prompts (padding masked), cache each decoder layer's cross-attention
         keys/values in the rows' slots, then run the decoder's start token (position 0)."""
         lm = self.language_model
-        lengths = torch.tensor(lengths, device=slots.device)
+        lengths = device_index(lengths, slots.device)
         lm.fill_cross(lm.encode(padded, lengths), lengths, slots, cache)
         start = torch.full_like(slots, lm.cfg.decoder_start_token_id)
         return lm.decode(start, torch.zeros_like(slots), slots, cache, 1)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .beam import BeamDecoder, advance_beams
 from .decoders import ParallelDecoder, SampleRow
+from .device import device_index
 from .generation import Step
 from .kv_cache import CrossCache, KVCache
 from .plan import SequenceWork, StepOutput
@@ -88,12 +89,6 @@ def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     )
     meta = torch.tensor([[r.key for r in rows], [r.step for r in rows]], device=logits.device)
     return sample(warped, meta[0], meta[1])
-
-
-def device_index(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small index list on the device; from page-locked memory on CUDA, so the copy does not block."""
-    host = torch.tensor(values, dtype=torch.long)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def pick(works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None) -> Picks:

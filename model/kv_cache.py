@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import device_index, to_device
+
 
 @dataclass
 class AttnBatch:
@@ -95,7 +97,7 @@ class KVCache:
         moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
         if not moves:
             return
-        index = torch.tensor(moves, device=self.k.device).T
+        index = to_device(torch.tensor(moves, dtype=torch.long), self.k.device).T
         s, d, n = index[0], index[1], self.max_len if upto is None else upto
         self.k[:, d, :, :n] = self.k[:, s, :, :n]
         self.v[:, d, :, :n] = self.v[:, s, :, :n]
@@ -140,8 +142,8 @@ class CrossCache:
         self.own.copy_slots(src, dst)
         self.cross.copy_slots(src, dst)
         if src:
-            idx = torch.tensor(src, device=self.lengths.device)
-            self.lengths[torch.tensor(dst, device=self.lengths.device)] = self.lengths[idx]
+            idx = device_index(src, self.lengths.device)
+            self.lengths[device_index(dst, self.lengths.device)] = self.lengths[idx]
 
     @property
     def max_len(self) -> int:

@@ -13,9 +13,12 @@ import torch
 
 from . import choice
 from .blip2 import Blip2ForConditionalGeneration
+from .device import device_index
+from .kv_cache import KVCache
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
 from .static_decode import StaticDecoder
+from .static_prefill import StaticPrefill
 from .static_vision import StaticVision
 from .vision_worker import VisionWorker
 
@@ -97,6 +100,8 @@ class DecodeOptions:
     kv_step: int = 32
     # With CUDA graphs: the vision stage is captured at batch sizes 1, 2, 4, ... up to this (0: eager).
     vision_batch: int = 0
+    # With CUDA graphs: prefills too, at (requests, positions) buckets (OPT-based BLIP-2).
+    prefill_graphs: bool = True
     # Offline generate: launch each decode step before reading the last one's tokens when the batch
     # allows it (`StepPlan.chainable`); None: on CUDA. (The server's loop has `--overlap`.)
     overlap: bool | None = None
@@ -137,6 +142,11 @@ class Launched:
     marks: dict
 
 
+def _prefills_static(model: torch.nn.Module, cache: object) -> bool:
+    """BLIP-2 with a decoder-only language model (OPT) has a fixed-shape prefill; Flan-T5 and BLIP do not."""
+    return hasattr(model, "prefill_static") and type(cache) is KVCache and not _bnb_int8(model)
+
+
 def _bnb_int8(model: torch.nn.Module) -> bool:
     """bitsandbytes' LLM.int8 finds outlier columns with host-side indexing: not capturable."""
     return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
@@ -166,6 +176,17 @@ class ModelRunner:
             graphs = options.cuda_graphs and self.device.type == "cuda" and not _bnb_int8(model)
             self.static = StaticDecoder(
                 model.decode, self.cache, num_slots, options.kv_step, graphs, self.slot_tokens
+            )
+        self.static_prefill = None
+        if (
+            options.cuda_graphs
+            and options.prefill_graphs
+            and self.device.type == "cuda"
+            and _prefills_static(model, self.cache)
+        ):
+            shape = (model.cfg.num_query_tokens, model.cfg.text_hidden)
+            self.static_prefill = StaticPrefill(
+                model.prefill_static, self.cache, num_slots, shape, self.cache.k.dtype
             )
         self.static_vision = None
         if (
@@ -200,6 +221,8 @@ class ModelRunner:
             count += self.static.capture_all()
         if self.static_vision is not None:
             count += self.static_vision.capture_all()
+        if self.static_prefill is not None:
+            count += self.static_prefill.capture_all()
         if count:
             log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - start)
         return count
@@ -312,15 +335,21 @@ class ModelRunner:
 
     def _prefill(self, works: list[SequenceWork], embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Prompts run once per request into its first slot; its other rows (beams, samples) copy that slot."""
-        inputs = [self.model.prompt_inputs(embeds[w.image_key], w.text_ids) for w in works]
-        slots = torch.tensor([w.slots[0] for w in works], device=self.device)
-        logits = self.model.prefill(inputs, slots, self.cache)
+        first = [w.slots[0] for w in works]
+        if self.static_prefill is not None:
+            queries = [embeds[w.image_key] for w in works]
+            logits = self.static_prefill.run(queries, [w.text_ids for w in works], first)
+        else:
+            inputs = [self.model.prompt_inputs(embeds[w.image_key], w.text_ids) for w in works]
+            logits = self.model.prefill(inputs, device_index(first, self.device), self.cache)
         src, dst = [], []
         for w in works:
             src += [w.slots[0]] * (len(w.slots) - 1)
             dst += w.slots[1:]
         self.cache.copy_slots(src, dst)
         # Every beam of a request starts from the same logits.
+        if all(len(w.slots) == 1 for w in works):
+            return logits
         return torch.cat([logits[i : i + 1].expand(len(w.slots), -1) for i, w in enumerate(works)])
 
     def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
@@ -339,9 +368,7 @@ class ModelRunner:
         kv_len = max(feed.positions) + 1
         dev = self.device
         if feed.host_slots:
-            self.slot_tokens[choice.device_index(feed.host_slots, dev)] = torch.tensor(
-                feed.host_tokens, device=dev
-            )
+            self.slot_tokens[device_index(feed.host_slots, dev)] = torch.tensor(feed.host_tokens, device=dev)
         slots = torch.tensor(feed.slots, device=dev)
         return self.model.decode(
             self.slot_tokens[slots], torch.tensor(feed.positions, device=dev), slots, self.cache, kv_len

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from .device import to_device
 from .kv_cache import CrossCache, KVCache
 
 log = logging.getLogger("blipserve.decode")
@@ -136,7 +137,9 @@ class StaticDecoder:
         rows, kv = self.bucket(max(slots), max(positions) + 1)
         graph = self._graph(rows, kv) if self.graphs_on else None
         if host_slots:
-            pairs = self._to_device(torch.tensor([list(host_slots), list(host_tokens)], dtype=torch.long))
+            pairs = to_device(
+                torch.tensor([list(host_slots), list(host_tokens)], dtype=torch.long), self.device
+            )
             self.tokens.index_copy_(0, pairs[0], pairs[1])
         self._load(rows, positions, slots)
         if graph is None:
@@ -157,12 +160,6 @@ class StaticDecoder:
         if self.device.type == "cuda":
             host = host.pin_memory()  # an asynchronous copy; the caching host allocator reuses the page
         self.inputs[:, :rows].copy_(host, non_blocking=True)
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        # From page-locked memory the copy is asynchronous; the caching host allocator reuses the page.
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _graph(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
         graph = self.graphs.get((rows, kv))

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from .device import capture
+
 log = logging.getLogger(__name__)
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # pixels [B, 3, H, W] -> embeddings [B, ...]
@@ -66,16 +68,7 @@ class StaticVision:
         return len(self.graphs)
 
     def _capture(self, size: int) -> None:
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up off the capture stream: lazy inits, cuBLAS workspaces
-            want = self.encode(self.inputs[:size]).clone()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.encode(self.inputs[:size])
-        graph.replay()
+        graph, out, want = capture(lambda: self.encode(self.inputs[:size]), self.pool)
         if not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2):
             log.error("vision CUDA graph at batch %d differs from the eager stage; eager there", size)
             return

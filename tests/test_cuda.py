@@ -35,7 +35,8 @@ def test_graphs_replay_the_eager_step(checkpoints, variant, dtype):
     ]
     outs = {}
     for graphs in (False, True):
-        engine.decode_options = DecodeOptions(cuda_graphs=graphs)
+        # The prefill graphs run padded shapes, hence other fp16 rounding: tested on their own below.
+        engine.decode_options = DecodeOptions(cuda_graphs=graphs, prefill_graphs=False)
         outs[graphs] = [r.token_ids for r in engine.generate(pixels, None, params)]
     runner = engine._offline_runner
     assert runner is not None and runner.graphs_on and runner.static.graphs, "graphs were turned off"
@@ -208,3 +209,36 @@ def test_overlapped_steps_on_cuda_read_tokens_without_waiting_for_the_next_step(
 
     assert agreement(asyncio.run(run())) >= FP16_AGREEMENT
     assert svc.loop.launched_ahead > 0
+
+
+def test_prefill_graphs_replay_the_fixed_shape_prefill(checkpoints):
+    """Each (rows, positions) bucket is captured at start-up; a replay computes what the same fixed-shape
+    prefill computes eagerly, and whole requests agree with the eager exact-shape prefill."""
+    from model.runner import ModelRunner
+
+    engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
+    runner = ModelRunner(engine.model, 8, 64, 0, DecodeOptions())
+    runner.prepare()
+    static = runner.static_prefill
+    assert static is not None and len(static.graphs) == len(static.rows_ladder) * len(static.len_ladder)
+    nq, hidden = engine.cfg.num_query_tokens, engine.cfg.text_hidden
+    gen = torch.Generator().manual_seed(7)
+    queries = [torch.randn(nq, hidden, generator=gen).cuda().half() for _ in range(3)]
+    texts = [[2], [2, 40, 41, 42], [2, *range(50, 60)]]
+    replayed = static.run(queries, texts, [0, 3, 5])
+    static.graphs_on = False  # the same buckets, eagerly
+    eager = static.run(queries, texts, [0, 3, 5])
+    torch.testing.assert_close(replayed, eager, rtol=1e-3, atol=1e-3)
+
+    side = engine.image_processor.height
+    pixels = list(torch.randn(6, 3, side, side, generator=torch.Generator().manual_seed(8)))
+    prompts = [None, "a photo of", None, "Question: what is it? Answer:", None, "two"]
+    outs = {}
+    for graphs in (True, False):
+        engine.decode_options = DecodeOptions(prefill_graphs=graphs)
+        outs[graphs] = [
+            r.token_ids for r in engine.generate(pixels, prompts, SamplingParams(max_new_tokens=10))
+        ]
+    assert engine._offline_runner.static_prefill is None  # the last runner: prefill graphs off
+    pairs = [(a, b) for g, w in zip(outs[True], outs[False], strict=True) for a, b in zip(g, w, strict=False)]
+    assert sum(a == b for a, b in pairs) / len(pairs) >= FP16_AGREEMENT
