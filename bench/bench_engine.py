@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench.shapes import SIZES, shrunk  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
+from model.blip2 import QFORMER_PRECISIONS  # noqa: E402
 from model.config import Blip2Config  # noqa: E402
 from model.image import ImageProcessor  # noqa: E402
 from model.loader import build_empty, load_weights  # noqa: E402
@@ -166,6 +167,26 @@ def summary(args, engine, rates: dict[int, dict[str, float]], variant: str, name
     print(line + f" ({name})")
 
 
+def qformer_table(args, engine, batch: int, name: str) -> None:
+    """Each Q-Former precision: vision stage img/s at `batch`, and greedy tokens equal to float32's."""
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(99)))
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    print(
+        f"\nQ-Former precision ({name}, batch {batch}): vision stage img/s, greedy tokens equal to float32's"
+    )
+    ref = None
+    for precision in QFORMER_PRECISIONS:
+        engine.model.set_qformer_precision(precision)
+        rate = vision_rate(engine, batch, args.repeats, args.device)
+        tokens = [r.token_ids for r in engine.generate(pixels, None, params)]
+        ref = ref or tokens
+        pairs = [(a, b) for g, w in zip(tokens, ref, strict=True) for a, b in zip(g, w, strict=False)]
+        same = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+        print(f"{precision:>8} {rate:>10.1f} img/s  {same:.1%} tokens equal")
+    engine.model.set_qformer_precision("float32")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", *SIZES, "opt-2.7b-2layers"], default="tiny")
@@ -196,6 +217,7 @@ def main() -> None:
     print(f"device: {name}; model: {args.size}; dtype: {dtype}; new tokens: {args.new_tokens}; img/s")
     rates = throughput_table(args, hf, engine, dtype, variants)
     summary(args, engine, rates, variants[0], name)
+    qformer_table(args, engine, max(rates), name)
     params = SamplingParams(max_new_tokens=args.new_tokens)
     print(f"\nblipserve per stage ({name}, {variants[0]}): ms per call")
     print(f"{'batch':>5} {'vision+qformer':>15} {'prefill':>9} {'decode step':>12}")

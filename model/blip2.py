@@ -10,7 +10,8 @@ slots) and `decode` (one token per running sequence).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +27,24 @@ from .vision import QFormerModel, VisionModel
 PromptInput = tuple[torch.Tensor, list[int]]
 
 
+QFORMER_PRECISIONS = ("float32", "tf32", "model")
+
+
+@contextmanager
+def tf32_matmuls(on: bool) -> Iterator[None]:
+    """fp32 matrix products in TF32 inside the block (a host-side switch read when kernels are chosen,
+    so a CUDA graph captured inside keeps it)."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 class Blip2ForConditionalGeneration(nn.Module):
     tasks = ("caption", "vqa")
 
@@ -38,6 +57,18 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text_hidden)
         lm = T5ForConditionalGeneration if isinstance(cfg.text, T5Config) else OPTForCausalLM
         self.language_model = lm(cfg.text)
+        self.qformer_tf32 = False  # see `set_qformer_precision`
+
+    def set_qformer_precision(self, precision: str) -> None:
+        """The Q-Former's arithmetic: "float32" (transformers' choice: its `_keep_in_fp32_modules`),
+        "tf32" (fp32 weights, matrix products on the tensor cores' TF32 mode; CUDA only, fp32 elsewhere)
+        or "model" (weights and activations in the language model's dtype: fp16 / bf16)."""
+        if precision not in QFORMER_PRECISIONS:
+            raise ValueError(f"Q-Former precision must be one of {QFORMER_PRECISIONS}, got {precision!r}")
+        dtype = self.lm_dtype if precision == "model" else torch.float32
+        self.qformer.to(dtype)
+        self.query_tokens.data = self.query_tokens.data.to(dtype)
+        self.qformer_tf32 = precision == "tf32"
 
     @property
     def lm_dtype(self) -> torch.dtype:
@@ -95,11 +126,13 @@ class Blip2ForConditionalGeneration(nn.Module):
         """pixels [B, 3, S, S] -> query embeddings [B, num_query_tokens, text hidden size].
 
         As in `transformers`, the Q-Former and the learned queries stay in fp32 whatever the model dtype
-        (its `_keep_in_fp32_modules`); the projection runs in the model dtype.
+        (its `_keep_in_fp32_modules`) unless `set_qformer_precision` says otherwise; the projection runs
+        in the model dtype.
         """
         image = self.vision_model(pixel_values)
         queries = self.query_tokens.expand(image.shape[0], -1, -1)
-        out = self.qformer(queries, image.to(self.query_tokens.dtype))
+        with tf32_matmuls(self.qformer_tf32):
+            out = self.qformer(queries, image.to(self.query_tokens.dtype))
         return self.language_projection(out.to(self.language_projection.weight.dtype))
 
     def prompt_inputs(self, query_embeds: torch.Tensor, text_ids: Sequence[int]) -> PromptInput:

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name.replace('_', ' ')} (default: {_default(field)})"
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
         annotation = field.annotation
         if annotation in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction  # --cuda-graphs / --no-cuda-graphs

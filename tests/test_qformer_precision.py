@@ -1,0 +1,58 @@
+"""The Q-Former's precision setting (`--qformer-precision`): float32 (transformers' choice), tf32, or the
+model dtype; what each does to the weights, and how far the model dtype moves the query embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import Blip2Engine
+from model.blip2 import tf32_matmuls
+from server.engine_process import load_engine
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def root(checkpoints) -> str:
+    return str(checkpoints("pre_ln")[0])
+
+
+def test_each_precision_sets_the_qformer_weights(root):
+    model = Blip2Engine.from_pretrained(root, dtype="bfloat16").model
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}  # as loaded
+    for precision, dtype, tf32 in (
+        ("model", torch.bfloat16, False),
+        ("tf32", torch.float32, True),
+        ("float32", torch.float32, False),
+    ):
+        model.set_qformer_precision(precision)
+        assert {p.dtype for p in model.qformer.parameters()} == {dtype}
+        assert model.query_tokens.dtype == dtype and model.qformer_tf32 is tf32
+    with pytest.raises(ValueError, match="float32"):
+        model.set_qformer_precision("fp8")
+
+
+def test_the_model_dtype_qformer_stays_close_to_float32(root):
+    engine = Blip2Engine.from_pretrained(root, dtype="bfloat16")
+    side = engine.cfg.vision.image_size
+    pixels = torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = engine.model.encode_images(pixels).float()
+        engine.model.set_qformer_precision("model")
+        got = engine.model.encode_images(pixels).float()
+    assert got.dtype == want.dtype and not torch.equal(got, want)  # it did run in bf16
+    assert (got - want).norm() / want.norm() < 3e-2
+
+
+def test_tf32_switch_is_restored():
+    before = torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_the_setting_reaches_the_loaded_engine(root, checkpoints):
+    engine = load_engine(Settings(model=root, device="cpu", dtype="bfloat16", qformer_precision="model"))
+    assert {p.dtype for p in engine.model.qformer.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="BLIP-2 caption/vqa"):
+        load_engine(Settings(model=str(checkpoints("blip2_itm")[0]), device="cpu", qformer_precision="tf32"))
