@@ -233,5 +233,6 @@ class Blip2ForConditionalGeneration(nn.Module):
         if isinstance(cache, T5Cache):
             return self.language_model.decode(tokens, positions, slots, cache, kv_len, dense)
         x = self.language_model.token_embeddings(tokens[:, None])
-        hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len, dense), cache)
+        kernel = self.language_model.decode_kernel
+        hidden = self.language_model(x, AttnBatch.decode(slots, positions, kv_len, dense, kernel), cache)
         return self.language_model.logits(hidden[:, 0])

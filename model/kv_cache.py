@@ -33,6 +33,9 @@ class AttnBatch:
     # Decode only: row r reads cache slot r in place (a view, not a gather), as the fixed-shape decode
     # step does (`model.static_decode`); `slots` then only says where each row writes.
     dense: bool = False
+    # Dense decode only: attention by the Triton decode kernel (`model.kernels.decode_attention`), each
+    # row up to its own position, instead of masked SDPA over the bucket.
+    kernel: bool = False
 
     @classmethod
     def prefill(cls, slots: torch.Tensor, length: int) -> AttnBatch:
@@ -41,14 +44,20 @@ class AttnBatch:
 
     @classmethod
     def decode(
-        cls, slots: torch.Tensor, positions: torch.Tensor, kv_len: int, dense: bool = False
+        cls,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+        dense: bool = False,
+        kernel: bool = False,
     ) -> AttnBatch:
         """`positions` [B]: the position each row's new token takes; `kv_len` > max(positions)."""
         if positions.dim() != 1 or positions.shape[0] != slots.shape[0]:
             raise ValueError(f"positions must be [batch]={slots.shape[0]}, got {tuple(positions.shape)}")
+        kernel = kernel and dense
         keys = torch.arange(kv_len, device=slots.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
-        return cls(slots, positions[:, None], is_prefill=False, kv_len=kv_len, mask=mask, dense=dense)
+        mask = None if kernel else (keys[None, :] <= positions[:, None])[:, None, None, :]
+        return cls(slots, positions[:, None], False, kv_len=kv_len, mask=mask, dense=dense, kernel=kernel)
 
 
 class KVCache:

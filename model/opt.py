@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
+from .kernels.decode_attention import decode_attention
 from .kv_cache import AttnBatch, KVCache
 from .vision import activation, merge_heads
 
@@ -40,6 +41,8 @@ class OPTAttention(nn.Module):
         cache.update(layer, batch, k, v)
         if batch.is_prefill:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        elif batch.kernel:  # each row against its own slot, up to its own position
+            out = decode_attention(q, cache.k[layer], cache.v[layer], batch.positions[:, 0])
         else:
             keys, values = cache.read(layer, batch)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, scale=1.0)
@@ -97,6 +100,8 @@ class OPTForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = OPTModel(cfg)
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        # Dense decode steps attend with the Triton kernel (set by the runner once its self-check passed).
+        self.decode_kernel = False
 
     @property
     def decoder(self) -> OPTDecoder:

@@ -1,0 +1,83 @@
+"""The Triton decode attention (`model.kernels.decode_attention`), under Triton's interpreter on the CPU:
+against a float64 reference at head sizes that are and are not powers of two, read in place from a
+cache's layer slice; and a whole tiny OPT decode step with it equals the step with masked SDPA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from live import ROOT
+
+from model.kv_cache import AttnBatch
+
+KERNEL = textwrap.dedent(
+    """
+    import torch
+    from model.kernels.decode_attention import decode_attention, reference
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        for rows, heads, length, dim in ((1, 2, 7, 8), (3, 4, 70, 80), (5, 2, 130, 64)):
+            cache = torch.randn(3, rows + 2, heads, length, dim).to(dtype)  # [layers, slots, heads, len, dim]
+            keys, values = cache[1], cache[2]  # one layer's slices, read in place
+            # q as the model makes it: a view of a fused projection (heads and rows strided), scaled.
+            q = (torch.randn(rows, 1, 3, heads, dim).permute(2, 0, 3, 1, 4)[0] * dim**-0.5).to(dtype)
+            pos = torch.randint(0, length, (rows,))
+            pos[0] = length - 1 if rows > 1 else 0
+            out = decode_attention(q, keys, values, pos)
+            ref = reference(q.double(), keys.double(), values.double(), pos)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert out.shape == q.shape and out.dtype == dtype and err < tol, (dtype, rows, dim, err)
+    print("ok")
+    """
+)
+
+STEP = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from model import Blip2Engine
+    engine = Blip2Engine.from_pretrained(sys.argv[1])
+    lm = engine.model.language_model
+    cache = engine.model.new_cache(9, 40)
+    torch.manual_seed(1)
+    cache.k.normal_(); cache.v.normal_()
+    tokens, positions, slots = torch.tensor([5, 9, 3, 0]), torch.tensor([7, 2, 35, 0]), torch.tensor([0, 1, 2, 8])
+    outs = []
+    for kernel in (False, True):
+        lm.decode_kernel = kernel
+        with torch.inference_mode():
+            outs.append(engine.model.decode(tokens, positions, slots, cache, 36, dense=True)[:3])
+    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert err < 1e-5, err
+    print("ok")
+    """
+)
+
+
+def _interpret(script: str, *args: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_kernel_under_the_interpreter_matches_a_float64_reference():
+    _interpret(KERNEL)
+
+
+def test_a_decode_step_with_the_kernel_equals_the_step_with_masked_sdpa(checkpoints):
+    _interpret(STEP, str(checkpoints("pre_ln")[0]))
+
+
+def test_the_kernel_is_asked_for_only_in_dense_decode_steps_and_then_needs_no_mask():
+    slots, positions = torch.tensor([0, 1]), torch.tensor([3, 5])
+    assert AttnBatch.decode(slots, positions, 8, dense=True, kernel=True).mask is None
+    gathered = AttnBatch.decode(slots, positions, 8, dense=False, kernel=True)
+    assert not gathered.kernel and gathered.mask is not None
