@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 14-16, in two parts that each fit one device call (10 minutes) on one
-# H100: `bench/gpu_suite.sh offline` (CUDA tests, engine vs transformers, host overhead, int8 memory) and
-# `bench/gpu_suite.sh served` (load at 1/16/64/256 clients: engine process vs thread, without background
-# vision, without overlapped steps, with 4 HTTP processes). Logs go to $OUT (or bench/out).
+# Every GPU measurement of issues 14-16, in three parts that each fit one device call (10 minutes) on one
+# H100: `bench/gpu_suite.sh offline` (CUDA tests, engine vs transformers and each optimisation switched
+# off in turn, host overhead), `bench/gpu_suite.sh int8` (int8 memory; per linear, per decode step,
+# offline and token agreement against fp16) and `bench/gpu_suite.sh served` (load at 1/16/64/256
+# clients: engine process vs thread, without background vision, without overlapped steps, with 4 HTTP
+# processes). Logs go to $OUT (or bench/out).
 #
 # The device machine lacks some of the server's packages: carry their wheels (see the device tool's
 # README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
@@ -18,7 +20,10 @@ if [ "$part" = offline ] || [ "$part" = all ]; then
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
     python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 --variants default,no-overlap,no-prefill-graphs,sdpa,no-graphs 2>&1 | tee "$out/engine.txt"
     python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
+fi
+if [ "$part" = int8 ] || [ "$part" = all ]; then
     python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
+    python bench/bench_int8.py --size opt-2.7b 2>&1 | tee "$out/bench_int8.txt"
 fi
 if [ "$part" = served ] || [ "$part" = all ]; then
     ckpt=$(mktemp -d)
