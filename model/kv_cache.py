@@ -33,8 +33,8 @@ class AttnBatch:
     # Decode only: row r reads cache slot r in place (a view, not a gather), as the fixed-shape decode
     # step does (`model.static_decode`); `slots` then only says where each row writes.
     dense: bool = False
-    # Dense decode only: attention by the Triton decode kernel (`model.kernels.decode_attention`), each
-    # row up to its own position, instead of masked SDPA over the bucket.
+    # Dense decode only: the decode step's Triton kernels: attention (`model.kernels.decode_attention`),
+    # each row up to its own position, instead of masked SDPA over the bucket; residual add + layer norm.
     kernel: bool = False
 
     @classmethod

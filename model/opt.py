@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
+from .kernels.add_layer_norm import add_layer_norm
 from .kernels.decode_attention import decode_attention
 from .kv_cache import AttnBatch, KVCache
 from .vision import activation, merge_heads
@@ -64,7 +65,11 @@ class OPTDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, batch: AttnBatch, cache: KVCache) -> torch.Tensor:
         # OPT-350m is post-LN (normalise after each residual sum); every other size is pre-LN.
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        x = x + self.self_attn(h, layer, batch, cache)
+        attended = self.self_attn(h, layer, batch, cache)
+        if self.pre_ln and batch.kernel:  # the residual sum and the MLP's norm in one kernel
+            x, h = add_layer_norm(x, attended, self.final_layer_norm)
+            return x + self.fc2(self.act(self.fc1(h)))
+        x = x + attended
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_ln else x
@@ -100,7 +105,8 @@ class OPTForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = OPTModel(cfg)
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
-        # Dense decode steps attend with the Triton kernel (set by the runner once its self-check passed).
+        # Dense decode steps use the Triton kernels (attention; residual add + layer norm), set by the
+        # runner once their self-checks passed.
         self.decode_kernel = False
 
     @property

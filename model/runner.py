@@ -14,7 +14,7 @@ import torch
 from . import choice
 from .blip2 import Blip2ForConditionalGeneration
 from .device import device_index
-from .kernels import decode_attention
+from .kernels import add_layer_norm, decode_attention
 from .kv_cache import KVCache
 from .plan import SequenceWork, StepOutput, StepPlan
 from .retrieval import run_retrievals
@@ -103,7 +103,8 @@ class DecodeOptions:
     vision_batch: int = 0
     # With CUDA graphs: prefills too, at (requests, positions) buckets (OPT-based BLIP-2).
     prefill_graphs: bool = True
-    # On CUDA: decode attention by the Triton kernel (OPT), once it passes its self-check; else SDPA.
+    # On CUDA: the decode step's Triton kernels (OPT: attention; residual add + layer norm), once they
+    # pass their self-checks; else PyTorch's ops.
     attention_kernel: bool = True
     # Offline generate: launch each decode step before reading the last one's tokens when the batch
     # allows it (`StepPlan.chainable`); None: on CUDA. (The server's loop has `--overlap`.)
@@ -145,17 +146,18 @@ class Launched:
     marks: dict
 
 
-def _choose_decode_attention(model: torch.nn.Module, options: DecodeOptions, device: torch.device) -> None:
-    """The Triton decode attention for an OPT language model on CUDA, if asked and if it computes what
-    SDPA does on this device; SDPA otherwise."""
+def _choose_decode_kernels(model: torch.nn.Module, options: DecodeOptions, device: torch.device) -> None:
+    """The decode step's Triton kernels (attention; residual add + layer norm) for an OPT language model
+    on CUDA, if asked and if they compute what PyTorch does on this device; PyTorch's ops otherwise."""
     lm = getattr(model, "language_model", None)
     if not hasattr(lm, "decode_kernel"):
         return
     use = options.attention_kernel and device.type == "cuda" and not _bnb_int8(model)
     if use:
-        cfg = lm.cfg
+        cfg, dtype = lm.cfg, model.lm_dtype
         heads = cfg.num_attention_heads
-        use = decode_attention.self_check(heads, cfg.hidden_size // heads, model.lm_dtype, device)
+        use = decode_attention.self_check(heads, cfg.hidden_size // heads, dtype, device)
+        use = use and add_layer_norm.self_check(cfg.hidden_size, dtype, device)
     lm.decode_kernel = use
 
 
@@ -188,7 +190,7 @@ class ModelRunner:
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
-        _choose_decode_attention(model, options, self.device)
+        _choose_decode_kernels(model, options, self.device)
         self.static = None
         if self.cache is not None and options.static:
             graphs = options.cuda_graphs and self.device.type == "cuda" and not _bnb_int8(model)

@@ -1,6 +1,8 @@
-"""The Triton decode attention (`model.kernels.decode_attention`), under Triton's interpreter on the CPU:
-against a float64 reference at head sizes that are and are not powers of two, read in place from a
-cache's layer slice; and a whole tiny OPT decode step with it equals the step with masked SDPA."""
+"""The decode step's Triton kernels, under Triton's interpreter on the CPU: the attention
+(`model.kernels.decode_attention`) against a float64 reference at head sizes that are and are not powers
+of two, read in place from a cache's layer slice; the residual add + layer norm
+(`model.kernels.add_layer_norm`) against PyTorch's two ops; and a whole tiny OPT decode step with both
+equals the step without them."""
 
 from __future__ import annotations
 
@@ -32,6 +34,32 @@ KERNEL = textwrap.dedent(
             ref = reference(q.double(), keys.double(), values.double(), pos)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert out.shape == q.shape and out.dtype == dtype and err < tol, (dtype, rows, dim, err)
+    print("ok")
+    """
+)
+
+ADD_NORM = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from model.kernels.add_layer_norm import add_layer_norm
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        for rows, hidden, affine in ((1, 64, True), (5, 80, True), (3, 40, False)):
+            norm = nn.LayerNorm(hidden, elementwise_affine=affine).to(dtype)
+            if affine:
+                nn.init.normal_(norm.weight)
+                nn.init.normal_(norm.bias)
+            x, y = torch.randn(rows, 1, hidden).to(dtype), torch.randn(rows, 1, hidden).to(dtype)
+            with torch.no_grad():
+                total, out = add_layer_norm(x, y, norm)
+                s = (x + y).double()  # x + y in the dtype (rounded), as the kernel and PyTorch do
+                ref = (s - s.mean(-1, keepdim=True)) / (s.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+                if affine:
+                    ref = ref * norm.weight.double() + norm.bias.double()
+            assert torch.equal(total, x + y), (dtype, hidden)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert out.shape == x.shape and out.dtype == dtype and err < tol, (dtype, hidden, err)
     print("ok")
     """
 )
@@ -72,7 +100,11 @@ def test_kernel_under_the_interpreter_matches_a_float64_reference():
     _interpret(KERNEL)
 
 
-def test_a_decode_step_with_the_kernel_equals_the_step_with_masked_sdpa(checkpoints):
+def test_add_layer_norm_under_the_interpreter_matches_a_float64_reference():
+    _interpret(ADD_NORM)
+
+
+def test_a_decode_step_with_the_kernels_equals_the_step_without(checkpoints):
     _interpret(STEP, str(checkpoints("pre_ln")[0]))
 
 
