@@ -39,11 +39,14 @@ class OPTAttention(nn.Module):
         qkv = self.qkv_proj(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # transformers scales q before the dot product (scaling=1.0 afterwards); do the same for parity.
         q, k, v = qkv[0] * self.scaling, qkv[1], qkv[2]
+        if batch.kernel:  # writes k, v into the cache itself; each row up to its own position
+            out = decode_attention(
+                q, k, v, cache.k[layer], cache.v[layer], batch.positions[:, 0], batch.slots
+            )
+            return self.out_proj(merge_heads(out))
         cache.update(layer, batch, k, v)
         if batch.is_prefill:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        elif batch.kernel:  # each row against its own slot, up to its own position
-            out = decode_attention(q, cache.k[layer], cache.v[layer], batch.positions[:, 0])
         else:
             keys, values = cache.read(layer, batch)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, scale=1.0)

@@ -25,15 +25,22 @@ KERNEL = textwrap.dedent(
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
         for rows, heads, length, dim in ((1, 2, 7, 8), (3, 4, 70, 80), (5, 2, 130, 64)):
             cache = torch.randn(3, rows + 2, heads, length, dim).to(dtype)  # [layers, slots, heads, len, dim]
-            keys, values = cache[1], cache[2]  # one layer's slices, read in place
-            # q as the model makes it: a view of a fused projection (heads and rows strided), scaled.
-            q = (torch.randn(rows, 1, 3, heads, dim).permute(2, 0, 3, 1, 4)[0] * dim**-0.5).to(dtype)
+            want_cache = cache.double()
+            keys, values = cache[1], cache[2]  # one layer's slices, read and written in place
+            # q, k, v as the model makes them: views of a fused projection (rows and heads strided).
+            qkv = torch.randn(rows, 1, 3, heads, dim).permute(2, 0, 3, 1, 4).to(dtype)
+            q, k_new, v_new = (qkv[0] * dim**-0.5).to(dtype), qkv[1], qkv[2]
             pos = torch.randint(0, length, (rows,))
             pos[0] = length - 1 if rows > 1 else 0
-            out = decode_attention(q, keys, values, pos)
-            ref = reference(q.double(), keys.double(), values.double(), pos)
+            slots = torch.arange(rows)
+            live = rows - 1 if rows > 1 else rows
+            slots[live:] = rows + 1  # the last row idle: it writes the spare slot (its output is dropped)
+            out = decode_attention(q, k_new, v_new, keys, values, pos, slots)
+            ref = reference(q.double(), k_new.double(), v_new.double(), want_cache[1], want_cache[2], pos, slots)
+            out, ref = out[:live], ref[:live]
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert out.shape == q.shape and out.dtype == dtype and err < tol, (dtype, rows, dim, err)
+            assert out.shape == q[:live].shape and out.dtype == dtype and err < tol, (dtype, rows, dim, err)
+            assert torch.equal(cache.double(), want_cache), "the cache writes differ"
     print("ok")
     """
 )
@@ -75,13 +82,22 @@ STEP = textwrap.dedent(
     torch.manual_seed(1)
     cache.k.normal_(); cache.v.normal_()
     tokens, positions, slots = torch.tensor([5, 9, 3, 0]), torch.tensor([7, 2, 35, 0]), torch.tensor([0, 1, 2, 8])
-    outs = []
+    outs, caches = [], []
     for kernel in (False, True):
         lm.decode_kernel = kernel
+        step_cache = engine.model.new_cache(9, 40)
+        step_cache.k.copy_(cache.k); step_cache.v.copy_(cache.v)
         with torch.inference_mode():
-            outs.append(engine.model.decode(tokens, positions, slots, cache, 36, dense=True)[:3])
+            outs.append(engine.model.decode(tokens, positions, slots, step_cache, 36, dense=True)[:3])
+        caches.append(step_cache)
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert err < 1e-5, err
+    # The kernel wrote each row's keys/values where the indexed write did, and nothing else (the trash
+    # slot 8 holds an idle row's, which differ: an idle row's attention is not SDPA's, and is dropped).
+    for name in ("k", "v"):
+        before, sdpa, kernel = (getattr(c, name) for c in (cache, caches[0], caches[1]))
+        assert torch.allclose(sdpa[:, :8], kernel[:, :8], atol=1e-6)
+        assert torch.equal(sdpa != before, kernel != before)  # the same places written
     print("ok")
     """
 )
@@ -98,6 +114,23 @@ def _interpret(script: str, *args: str) -> None:
 
 def test_kernel_under_the_interpreter_matches_a_float64_reference():
     _interpret(KERNEL)
+
+
+SELF_CHECKS = textwrap.dedent(
+    """
+    import torch
+    from model.kernels import add_layer_norm, decode_attention
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float16):
+        assert decode_attention.self_check(4, 80, dtype, cpu), dtype
+        assert add_layer_norm.self_check(80, dtype, cpu), dtype
+    print("ok")
+    """
+)
+
+
+def test_the_self_checks_pass_under_the_interpreter():
+    _interpret(SELF_CHECKS)
 
 
 def test_add_layer_norm_under_the_interpreter_matches_a_float64_reference():
