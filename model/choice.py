@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .beam import BeamDecoder, advance_beams
 from .decoders import ParallelDecoder, SampleRow
-from .device import device_index
+from .device import device_index, to_device
 from .generation import Step
 from .kv_cache import CrossCache, KVCache
 from .plan import SequenceWork, StepOutput
@@ -61,8 +61,8 @@ def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> 
     if not blocked or not eos:
         return rows
     rows = rows.clone()
-    index = torch.tensor(blocked, device=rows.device)[:, None]
-    rows[index, torch.tensor(eos, device=rows.device)[None, :]] = -float("inf")
+    index = device_index(blocked, rows.device)[:, None]
+    rows[index, device_index(list(eos), rows.device)[None, :]] = -float("inf")
     return rows
 
 
@@ -72,7 +72,7 @@ def _beam_candidates(
     """The `keep` best (beam, token) candidates of each beam request, all scored at once on the device:
     log-softmax, plus each beam's running score, top-k over beams x vocab. [G, keep] scores and indices."""
     n, vocab = decoders[0].num_rows, logits.shape[-1]
-    rows = torch.tensor([o + j for o in offsets for j in range(n)], device=logits.device)
+    rows = device_index([o + j for o in offsets for j in range(n)], logits.device)
     log_probs = F.log_softmax(logits[rows].float(), dim=-1)
     # As transformers: processors (here min_new_tokens) act on the log-probabilities.
     blocked = [g * n + j for g, d in enumerate(decoders) if d.blocks_eos() for j in range(n)]
@@ -87,7 +87,7 @@ def _draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     warped = warp_rows(
         logits.float(), [r.temperature for r in rows], [r.top_k for r in rows], [r.top_p for r in rows]
     )
-    meta = torch.tensor([[r.key for r in rows], [r.step for r in rows]], device=logits.device)
+    meta = to_device(torch.tensor([[r.key for r in rows], [r.step for r in rows]]), logits.device)
     return sample(warped, meta[0], meta[1])
 
 

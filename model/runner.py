@@ -388,8 +388,8 @@ class ModelRunner:
         kv_len = max(feed.positions) + 1
         dev = self.device
         if feed.host_slots:
-            self.slot_tokens[device_index(feed.host_slots, dev)] = torch.tensor(feed.host_tokens, device=dev)
-        slots = torch.tensor(feed.slots, device=dev)
+            self.slot_tokens[device_index(feed.host_slots, dev)] = device_index(feed.host_tokens, dev)
+        slots = device_index(feed.slots, dev)
         return self.model.decode(
-            self.slot_tokens[slots], torch.tensor(feed.positions, device=dev), slots, self.cache, kv_len
+            self.slot_tokens[slots], device_index(feed.positions, dev), slots, self.cache, kv_len
         )

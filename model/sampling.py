@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .device import device_index, to_device
+
 M32 = 0xFFFFFFFF
 
 
@@ -56,22 +58,23 @@ def warp_rows(
     logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float]
 ) -> torch.Tensor:
     """`generation.warp_for_sampling` with each row's own temperature, top-k and top-p, in one pass
-    (equal to it row by row: the same ops on the same values)."""
+    (equal to it row by row: the same ops on the same values). The per-row settings go up without a
+    host wait (`model.device`), so a step launched ahead of the last one's tokens stays ahead."""
     device = logits.device
     if any(t != 1.0 for t in temperature):
-        logits = logits / torch.tensor(temperature, dtype=logits.dtype, device=device)[:, None]
+        logits = logits / to_device(torch.tensor(temperature, dtype=logits.dtype), device)[:, None]
     kmax = min(max(top_k), logits.shape[-1])
     if kmax:
-        k = torch.tensor([min(k, kmax) for k in top_k], device=device)
+        k = device_index([min(k, kmax) for k in top_k], device)
         kth = torch.topk(logits, kmax)[0].gather(1, (k - 1).clamp(min=0)[:, None])
         remove = (logits < kth) & (k > 0)[:, None]
         logits = logits.masked_fill(remove, -float("inf"))
     if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        limit = torch.tensor([1 - p for p in top_p], dtype=cumulative.dtype, device=device)
+        limit = to_device(torch.tensor([1 - p for p in top_p], dtype=cumulative.dtype), device)
         remove = cumulative <= limit[:, None]
         remove[..., -1:] = False
-        remove &= torch.tensor([p < 1.0 for p in top_p], device=device)[:, None]
+        remove &= to_device(torch.tensor([p < 1.0 for p in top_p]), device)[:, None]
         logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
     return logits
