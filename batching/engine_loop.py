@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from model.plan import StepOutput, StepPlan
+from model.runtime.plan import StepOutput, StepPlan
 
 from .scheduler import Scheduler, Sequence
 

@@ -16,8 +16,8 @@ import math
 import msgspec
 import torch
 
-from model.generation import SamplingParams, TokenOutput
-from model.plan import RetrievalOutput, RetrievalRequest
+from model.decoding.generation import SamplingParams, TokenOutput
+from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
 
 class Add(msgspec.Struct, tag=True):

@@ -16,8 +16,15 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.decoders import Decoder, new_decoder
-from model.plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
+from model.decoding.decoders import Decoder, new_decoder
+from model.runtime.plan import (
+    RetrievalOutput,
+    RetrievalRequest,
+    RetrievalWork,
+    SequenceWork,
+    StepOutput,
+    StepPlan,
+)
 
 
 class QueueFull(Exception):

@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench.shapes import SIZES, shrunk  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
-from model.blip2 import QFORMER_PRECISIONS  # noqa: E402
-from model.config import Blip2Config  # noqa: E402
-from model.image import ImageProcessor  # noqa: E402
-from model.loader import build_empty, load_weights  # noqa: E402
-from model.runner import DecodeOptions  # noqa: E402
-from model.tiny import train_tokenizer  # noqa: E402
-from model.tokenizer import TextTokenizer  # noqa: E402
+from model.arch.blip2 import QFORMER_PRECISIONS  # noqa: E402
+from model.checkpoint.config import Blip2Config  # noqa: E402
+from model.checkpoint.loader import build_empty, load_weights  # noqa: E402
+from model.checkpoint.tiny import train_tokenizer  # noqa: E402
+from model.data.image import ImageProcessor  # noqa: E402
+from model.data.tokenizer import TextTokenizer  # noqa: E402
+from model.runtime.runner import DecodeOptions  # noqa: E402
 
 
 def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):
@@ -168,6 +168,28 @@ def summary(args, engine, rates: dict[int, dict[str, float]], variant: str, name
     print(line + f" ({name})")
 
 
+def floors(engine, batch: int, new_tokens: int, tflops: float | None, tbps: float | None) -> list[float]:
+    """ms no implementation beats on this device, per stage: the ViT's arithmetic at `tflops`; the
+    prefill's weight reads at `tbps` (or its arithmetic, if more); a decode step's weight and key/value
+    reads at `tbps`, at the mean length of a caption. 0 where the rate is not given."""
+    lm = engine.model.language_model
+    cfg = engine.cfg.text
+    weight = sum(p.numel() * p.element_size() for p in lm.parameters())
+    params = sum(p.numel() for p in lm.parameters())
+    prompt = engine.cfg.num_query_tokens + 1
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * (prompt + new_tokens / 2)
+    kv_bytes = batch * kv * engine.model.lm_dtype.itemsize
+    vision = batch * vision_flops(engine) / (tflops * 1e12) * 1e3 if tflops else 0.0
+    prefill = (
+        max(weight / (tbps * 1e12), 2 * params * batch * prompt / (tflops * 1e12)) * 1e3
+        if tbps and tflops
+        else 0.0
+    )
+    decode = (weight + kv_bytes) / (tbps * 1e12) * 1e3 if tbps else 0.0
+    return [vision, prefill, decode]
+
+
 def qformer_table(args, engine, batch: int, name: str) -> None:
     """Each Q-Former precision: vision stage img/s at `batch`, and greedy tokens equal to float32's."""
     side = engine.cfg.vision.image_size
@@ -200,6 +222,9 @@ def main() -> None:
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="device's dense fp16 peak (H100 SXM: 989)"
     )
+    ap.add_argument(
+        "--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (H100 measured: 3.1)"
+    )
     args = ap.parse_args()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype or ("float16" if args.device == "cuda" else "float32")
@@ -220,13 +245,17 @@ def main() -> None:
     summary(args, engine, rates, variants[0], name)
     qformer_table(args, engine, max(rates), name)
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    print(f"\nblipserve per stage ({name}, {variants[0]}): ms per call")
-    print(f"{'batch':>5} {'vision+qformer':>15} {'prefill':>9} {'decode step':>12}")
+    print(f"\nblipserve per stage ({name}, {variants[0]}): ms per call, each beside its floor")
+    print(
+        f"{'batch':>5} {'vision+qformer':>15} {'floor':>7} {'prefill':>9} {'floor':>7} {'decode step':>12} {'floor':>7}"
+    )
     for batch in rates:
         side = engine.cfg.vision.image_size
         pixels = list(torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch)))
         vision, prefill, decode = stage_times(engine, pixels, params)
-        print(f"{batch:>5} {vision:>15.2f} {prefill:>9.2f} {decode:>12.3f}")
+        low = floors(engine, batch, args.new_tokens, args.peak_tflops, args.peak_tbps)
+        cells = [f"{x:>7.2f}" if x else f"{'-':>7}" for x in low]
+        print(f"{batch:>5} {vision:>15.2f} {cells[0]} {prefill:>9.2f} {cells[1]} {decode:>12.3f} {cells[2]}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ figure is printed beside fp16's, measured in the same run on the same device:
 
 1. each decoder-layer linear (qkv, out, fc1, fc2) at 1 ... 256 rows: on CUDA timed inside a CUDA graph over
    8 copies of the weights in turn (so the L2 cache cannot hold them), medians of CUDA events;
-2. one decode step (the fixed-shape step of `model.static_decode`, a graph replay on CUDA) per row bucket;
+2. one decode step (the fixed-shape step of `model.runtime.static_decode`, a graph replay on CUDA) per row bucket;
 3. offline: captions/s at `--batch`, one image's latency, weight bytes, and the share of greedy tokens
    int8 gives equal to fp16's.
 """
@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shapes import SIZES, shrunk  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
-from model.config import Blip2Config  # noqa: E402
-from model.image import ImageProcessor  # noqa: E402
+from model.checkpoint.config import Blip2Config  # noqa: E402
+from model.checkpoint.loader import build_empty  # noqa: E402
+from model.checkpoint.tiny import train_tokenizer  # noqa: E402
+from model.data.image import ImageProcessor  # noqa: E402
+from model.data.tokenizer import TextTokenizer  # noqa: E402
 from model.kernels.w8a16 import available as kernel_available  # noqa: E402
 from model.kernels.w8a16 import w8a16_matmul  # noqa: E402
-from model.loader import build_empty  # noqa: E402
-from model.quant import dequantize_rows, quantize_rows, quantize_w8a16, weight_bytes  # noqa: E402
-from model.runner import DecodeOptions  # noqa: E402
-from model.tiny import train_tokenizer  # noqa: E402
-from model.tokenizer import TextTokenizer  # noqa: E402
+from model.runtime.quant import dequantize_rows, quantize_rows, quantize_w8a16, weight_bytes  # noqa: E402
+from model.runtime.runner import DecodeOptions  # noqa: E402
 
 COPIES = 8  # weight copies a timed graph cycles through
 
@@ -68,6 +68,11 @@ def time_us(fn, device: torch.device, repeats: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return replay_us(graph, repeats) / COPIES
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, repeats: int = 20) -> float:
+    """Median microseconds of one replay, by CUDA events."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,7 +81,7 @@ def time_us(fn, device: torch.device, repeats: int = 20) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times) / COPIES
+    return statistics.median(times)
 
 
 def linear_table(engine: Blip2Engine, rows: list[int], dtype: torch.dtype) -> None:
@@ -128,17 +133,7 @@ def step_us(engine: Blip2Engine, rows: int, kv: int) -> float:
 def _replays(static, rows: int, kv: int) -> float:
     static.run([kv - 1] * rows, list(range(rows)))  # loads the inputs
     graph = static.graphs.get(static.bucket(rows - 1, kv))
-    if graph is None:
-        return float("nan")
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return float("nan") if graph is None else replay_us(graph)
 
 
 def offline(engine: Blip2Engine, batch: int, new_tokens: int) -> tuple[float, float, list[list[int]]]:

@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 if [ "$part" = offline ] || [ "$part" = all ]; then
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-    python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 --variants default,no-overlap,no-prefill-graphs,sdpa,no-graphs 2>&1 | tee "$out/engine.txt"
+    python bench/bench_engine.py --size opt-2.7b --batches 1,8,32,64,128 --peak-tflops 989 --peak-tbps 3.1 --variants default,no-overlap,no-prefill-graphs,sdpa,no-graphs 2>&1 | tee "$out/engine.txt"
     python bench/host_overhead.py 2>&1 | tee "$out/host.txt"
 fi
 if [ "$part" = int8 ] || [ "$part" = all ]; then

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shapes import SIZES  # noqa: E402
-from model.config import Blip2Config  # noqa: E402
-from model.loader import build_empty  # noqa: E402
-from model.quant import int8_weight_bytes, quantize_int8, weight_bytes  # noqa: E402
+from model.checkpoint.config import Blip2Config  # noqa: E402
+from model.checkpoint.loader import build_empty  # noqa: E402
+from model.runtime.quant import int8_weight_bytes, quantize_int8, weight_bytes  # noqa: E402
 
 
 def main() -> None:

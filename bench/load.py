@@ -171,7 +171,7 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from model.image import ImageProcessor
+    from model.data.image import ImageProcessor
 
     hf = Blip2ForConditionalGeneration.from_pretrained(root).eval()
     proc = ImageProcessor.from_dir(root)

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shapes import SIZES, shrunk  # noqa: E402
-from model.config import Blip2Config  # noqa: E402
-from model.loader import build_empty  # noqa: E402
-from model.tiny import _to_hf_names, train_tokenizer  # noqa: E402
+from model.checkpoint.config import Blip2Config  # noqa: E402
+from model.checkpoint.loader import build_empty  # noqa: E402
+from model.checkpoint.tiny import _to_hf_names, train_tokenizer  # noqa: E402
 
 
 def config(size: str, layers: int | None) -> dict:

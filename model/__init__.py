@@ -1,6 +1,6 @@
 """blipserve's own PyTorch BLIP-2: checkpoint loading, image stage, KV-cached OPT decoding.
 
-Names are imported lazily so that `batching/` can use `model.plan` and `model.generation` (plain data
+Names are imported lazily so that `batching/` can use `model.runtime.plan` and `model.decoding.generation` (plain data
 and token bookkeeping) without loading any layer code.
 """
 
@@ -10,12 +10,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Blip2Config": "model.config",
+    "Blip2Config": "model.checkpoint.config",
     "Blip2Engine": "model.engine",
     "GenerationRequest": "model.engine",
     "GenerationResult": "model.engine",
     "TINY_RANDOM": "model.engine",
-    "SamplingParams": "model.generation",
+    "SamplingParams": "model.decoding.generation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import read_config
-from .decoders import new_decoder
-from .generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
-from .image import ImageProcessor
-from .loader import build_empty, load_model, resolve_checkpoint
-from .plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
-from .runner import DecodeOptions, ModelRunner
-from .textstream import cut_at_stop, stop_checker
-from .tiny import write_tiny_checkpoint
-from .tokenizer import TextTokenizer
+from .checkpoint.config import read_config
+from .checkpoint.loader import build_empty, load_model, resolve_checkpoint
+from .checkpoint.tiny import write_tiny_checkpoint
+from .data.image import ImageProcessor
+from .data.textstream import cut_at_stop, stop_checker
+from .data.tokenizer import TextTokenizer
+from .decoding.decoders import new_decoder
+from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .runtime.plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
+from .runtime.runner import DecodeOptions, ModelRunner
 
 log = logging.getLogger(__name__)
 

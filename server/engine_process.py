@@ -24,12 +24,12 @@ import zmq
 
 from batching import EngineLoop, Scheduler
 from batching.protocol import Add, Info, Shutdown, encode
+from model.checkpoint.loader import resolve_checkpoint
+from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
-from model.loader import resolve_checkpoint
-from model.plan import RetrievalRequest
-from model.quant import weight_bytes
-from model.runner import DecodeOptions
-from model.textstream import stop_checker
+from model.runtime.plan import RetrievalRequest
+from model.runtime.quant import weight_bytes
+from model.runtime.runner import DecodeOptions
 
 from .metrics import Metrics
 from .settings import Settings
@@ -88,11 +88,11 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
             )
         engine.model.set_qformer_precision(settings.qformer_precision)
     if settings.quantize == "int8":
-        from model.quant import quantize_w8a16
+        from model.runtime.quant import quantize_w8a16
 
         quantize_w8a16(engine.model)
     elif settings.quantize == "llm.int8":
-        from model.quant import quantize_int8
+        from model.runtime.quant import quantize_int8
 
         quantize_int8(engine.model)
     return engine
@@ -172,7 +172,7 @@ class EngineProcess:
         self.address = f"ipc://{self._dir}/engine.sock"
         self.model_id = settings.model
         if settings.model == TINY_RANDOM:
-            from model.tiny import write_tiny_checkpoint
+            from model.checkpoint.tiny import write_tiny_checkpoint
 
             self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
         else:

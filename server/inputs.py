@@ -14,7 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from model.image import ImageError, ImageProcessor, ImageTooLarge, decode_image
+from model.data.image import ImageError, ImageProcessor, ImageTooLarge, decode_image
 
 from .errors import ApiError, invalid
 

@@ -17,9 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from model.data.tokenizer import TextTokenizer
+from model.decoding.generation import MAX_LOGPROBS, TokenLogprob
 from model.engine import GenerationRequest, GenerationResult
-from model.generation import MAX_LOGPROBS, TokenLogprob
-from model.tokenizer import TextTokenizer
 
 from .errors import ApiError, invalid
 from .inputs import decode_base64, is_url

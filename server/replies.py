@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from model.data.tokenizer import TextTokenizer
+from model.decoding.generation import TokenLogprob
 from model.engine import Completion, GenerationRequest, GenerationResult
-from model.generation import TokenLogprob
-from model.tokenizer import TextTokenizer
 
 from .errors import TYPES, ApiError
 from .service import Outcome, Service, elapsed_ms

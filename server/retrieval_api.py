@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from fastapi import FastAPI, Request
 
-from model.plan import RetrievalOutput
+from model.runtime.plan import RetrievalOutput
 
 from .inputs import parse_body
 from .schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse

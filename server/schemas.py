@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.generation import MIN_DIVISOR
+from model.decoding.generation import MIN_DIVISOR
 
 
 class GenerationParams(BaseModel):

@@ -17,11 +17,11 @@ from PIL import Image
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler
 from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
 from batching.protocol import Done
+from model.decoding.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
-from model.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
-from model.plan import RetrievalOutput, RetrievalRequest
-from model.quant import weight_bytes
-from model.runner import ModelRunner
+from model.runtime.plan import RetrievalOutput, RetrievalRequest
+from model.runtime.quant import weight_bytes
+from model.runtime.runner import ModelRunner
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device

@@ -54,8 +54,8 @@ def check_device(device: str) -> None:
 
 def check_model(model: str) -> Path | None:
     """The checkpoint's local directory (a hub id is fetched here); None for 'tiny-random'."""
+    from model.checkpoint.loader import resolve_checkpoint, weight_files
     from model.engine import TINY_RANDOM
-    from model.loader import resolve_checkpoint, weight_files
 
     if model == TINY_RANDOM:
         return None

@@ -11,9 +11,9 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from model.data.textstream import TextStream
+from model.decoding.generation import TokenLogprob, TokenOutput
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
-from model.generation import TokenLogprob, TokenOutput
-from model.textstream import TextStream
 
 from .service import Outcome
 

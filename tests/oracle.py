@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.tiny import IMAGE_TOKEN, NEWLINE, train_tokenizer
+from model.checkpoint.tiny import IMAGE_TOKEN, NEWLINE, train_tokenizer
 
 # Architecture variants checked against transformers. Keys are merged into the config.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -10,7 +10,7 @@ import torch
 from oracle import hf_config, scale_weights
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from model.tiny import CORPUS
+from model.checkpoint.tiny import CORPUS
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 IMAGE_SIZE = 32  # BLIP's ViT here: patches of 8, so 16 patches + CLS

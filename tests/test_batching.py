@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from batching import EngineLoop, InprocClient, QueueFull, Scheduler, SequenceFailed
-from model.generation import SamplingParams
-from model.plan import StepOutput, StepPlan
+from model.decoding.generation import SamplingParams
+from model.runtime.plan import StepOutput, StepPlan
 
 EOS = 99
 

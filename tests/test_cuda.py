@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import Blip2Engine, SamplingParams
-from model.runner import DecodeOptions
+from model.runtime.runner import DecodeOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -88,7 +88,7 @@ def test_service_captures_graphs_before_traffic(checkpoints):
 
 
 def test_w8a16_kernel_passes_its_self_check_and_runs_inside_the_decode_graphs(checkpoints):
-    from model.quant import Int8Linear, quantize_w8a16
+    from model.runtime.quant import Int8Linear, quantize_w8a16
 
     root = str(checkpoints("pre_ln")[0])
     engine = Blip2Engine.from_pretrained(root, device="cuda", dtype=torch.float16)
@@ -126,7 +126,7 @@ def test_offline_calls_run_the_decode_options_asked_for(checkpoints):
 
 
 def test_vision_graphs_are_captured_and_replay_the_eager_stage(checkpoints):
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
     runner = ModelRunner(engine.model, 4, 64, 0, DecodeOptions(vision_batch=8))
@@ -214,7 +214,7 @@ def test_overlapped_steps_on_cuda_read_tokens_without_waiting_for_the_next_step(
 def test_prefill_graphs_replay_the_fixed_shape_prefill(checkpoints):
     """Each (rows, positions) bucket is captured at start-up; a replay computes what the same fixed-shape
     prefill computes eagerly, and whole requests agree with the eager exact-shape prefill."""
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
     runner = ModelRunner(engine.model, 8, 64, 0, DecodeOptions())

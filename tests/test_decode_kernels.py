@@ -15,7 +15,7 @@ import pytest
 import torch
 from live import ROOT
 
-from model.kv_cache import AttnBatch
+from model.arch.kv_cache import AttnBatch
 
 KERNEL = textwrap.dedent(
     """

@@ -30,8 +30,8 @@ from batching.protocol import (
     encode,
     pixels_of,
 )
-from model.generation import SamplingParams, TokenLogprob, TokenOutput
-from model.plan import RetrievalOutput, RetrievalRequest
+from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
+from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from server.engine_client import ProcessClient
 
 

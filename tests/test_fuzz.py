@@ -11,7 +11,7 @@ from live import serve_in_thread
 from PIL import Image
 from pydantic import ValidationError
 
-from model.image import ImageError, ImageProcessor, decode_image
+from model.data.image import ImageError, ImageProcessor, decode_image
 from server.schemas import CaptionRequest, VQARequest
 from server.settings import Settings
 

@@ -7,9 +7,9 @@ import torch
 from conftest import random_pixels
 
 from model import Blip2Engine, SamplingParams
-from model.config import OPTConfig
-from model.generation import warp_for_sampling
-from model.opt import OPTForCausalLM
+from model.arch.opt import OPTForCausalLM
+from model.checkpoint.config import OPTConfig
+from model.decoding.generation import warp_for_sampling
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_projected_embeddings_opt_matches_transformers(pre_ln):
             0, 5:
         ].tolist()
         cache = ours.new_cache(1, 32, torch.float32, "cpu")
-        from model.kv_cache import AttnBatch
+        from model.arch.kv_cache import AttnBatch
 
         slots = torch.tensor([0])
         x = ours.token_embeddings(torch.tensor([prompt]))

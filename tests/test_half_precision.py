@@ -42,6 +42,6 @@ def test_half_precision_masks_are_finite_and_tokens_follow_fp32(checkpoints, mon
 
 
 def _size(root: str) -> int:
-    from model.image import ImageProcessor
+    from model.data.image import ImageProcessor
 
     return ImageProcessor.from_dir(root).height

@@ -11,7 +11,8 @@ from conftest import random_pixels
 from oracle import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from model import Blip2Engine, SamplingParams, loader
+from model import Blip2Engine, SamplingParams
+from model.checkpoint import loader
 
 
 def _caption_ids(engine: Blip2Engine, n: int = 10) -> list[list[int]]:

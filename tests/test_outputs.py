@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import Blip2Engine, SamplingParams
-from model.textstream import TextStream, cut_at_stop
+from model.data.textstream import TextStream, cut_at_stop
 
 PROMPT = "Question: what is in the picture? Answer:"
 

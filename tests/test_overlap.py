@@ -14,7 +14,7 @@ import torch
 
 from batching.scheduler import Scheduler
 from model import Blip2Engine, SamplingParams
-from model.runner import ModelRunner
+from model.runtime.runner import ModelRunner
 from server.service import Service
 from server.settings import Settings
 

@@ -8,7 +8,7 @@ from conftest import random_pixels
 from oracle import VARIANTS, hf_generate
 
 from model import Blip2Engine, SamplingParams
-from model.kv_cache import AttnBatch
+from model.arch.kv_cache import AttnBatch
 
 PROMPTS = [None, "Question: what is in the picture? Answer:", "a photo of"]
 

@@ -7,7 +7,7 @@ import pytest
 from live import b64, png_bytes, serve_in_thread
 
 from model import Blip2Engine, SamplingParams
-from model.image import decode_image
+from model.data.image import decode_image
 from server.settings import load_settings
 
 # preset -> the tiny checkpoint of the same family

@@ -10,9 +10,9 @@ import torch
 from oracle import write_tokenizer_files
 from PIL import Image
 
-from model.image import ImageError, ImageProcessor, decode_image
-from model.tiny import train_tokenizer
-from model.tokenizer import TextTokenizer
+from model.checkpoint.tiny import train_tokenizer
+from model.data.image import ImageError, ImageProcessor, decode_image
+from model.data.tokenizer import TextTokenizer
 
 
 def _hf_processor():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import Blip2Engine
-from model.blip2 import tf32_matmuls
+from model.arch.blip2 import tf32_matmuls
 from server.engine_process import load_engine
 from server.settings import Settings
 

@@ -9,8 +9,8 @@ from live import b64, png_bytes, serve_in_thread
 
 from bench.shapes import SIZES
 from model import Blip2Engine, SamplingParams
-from model.config import Blip2Config
-from model.quant import int8_weight_bytes, quantize_int8, weight_bytes
+from model.checkpoint.config import Blip2Config
+from model.runtime.quant import int8_weight_bytes, quantize_int8, weight_bytes
 from server.settings import Settings
 
 
@@ -57,7 +57,7 @@ def test_server_runs_int8(checkpoints):
 def test_int8_weights_take_at_most_60_percent_of_fp16_at_full_size(size):
     """blip2-opt-2.7b / -6.7b shapes on the meta device (no memory): int8 vs fp16 weight bytes. The Q-Former
     stays fp32 and embeddings / lm_head (tied) stay fp16 in both."""
-    from model.loader import build_empty
+    from model.checkpoint.loader import build_empty
 
     with torch.device("meta"):
         model = build_empty(Blip2Config.from_dict(SIZES[size]), torch.float16, torch.device("meta"))

@@ -1,4 +1,4 @@
-"""Batched, seeded sampling (`model.sampling`): the right distribution, equal to the per-row path, and
+"""Batched, seeded sampling (`model.decoding.sampling`): the right distribution, equal to the per-row path, and
 independent of the batch a row runs in."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model import Blip2Engine, SamplingParams
-from model.generation import warp_for_sampling
-from model.sampling import M32, gumbel_noise, mix32, noise_key, sample, warp_rows
+from model.decoding.generation import warp_for_sampling
+from model.decoding.sampling import M32, gumbel_noise, mix32, noise_key, sample, warp_rows
 
 
 def test_tensor_hash_equals_the_integer_hash():

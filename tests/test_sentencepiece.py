@@ -8,8 +8,8 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from model.tiny import CORPUS
-from model.tokenizer import TextTokenizer
+from model.checkpoint.tiny import CORPUS
+from model.data.tokenizer import TextTokenizer
 
 SAMPLES = [
     "",

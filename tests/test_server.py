@@ -17,7 +17,7 @@ from oracle import hf_generate
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.tokenizer import TextTokenizer
+from model.data.tokenizer import TextTokenizer
 from server.service import Service
 from server.settings import Settings
 

@@ -1,4 +1,4 @@
-"""The fixed-shape decode step (`model.static_decode`): equal to the gathered step, leaves idle slots
+"""The fixed-shape decode step (`model.runtime.static_decode`): equal to the gathered step, leaves idle slots
 untouched, and is capturable as a CUDA graph (no host sync, no host->device copy inside the step)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import Blip2Engine
-from model.kv_cache import CrossCache
-from model.static_decode import StaticDecoder, kv_buckets, row_buckets
+from model.arch.kv_cache import CrossCache
+from model.runtime.static_decode import StaticDecoder, kv_buckets, row_buckets
 
 NUM_SLOTS, MAX_LEN = 8, 40
 
@@ -118,7 +118,7 @@ def test_cache_needs_the_trash_slot_and_graphs_need_cuda(model):
 def test_static_and_gathered_runners_generate_the_same(checkpoints):
     """Whole requests (greedy, beams, samples, unequal prompts) through both decode paths."""
     from model import SamplingParams
-    from model.runner import DecodeOptions
+    from model.runtime.runner import DecodeOptions
 
     engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]))
     pixels = list(torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(3)))

@@ -1,4 +1,4 @@
-"""The fixed-shape prefill (`model.static_prefill`): equal to the eager prefill, writes only the live slots
+"""The fixed-shape prefill (`model.runtime.static_prefill`): equal to the eager prefill, writes only the live slots
 (and the trash slot), and is capturable as a CUDA graph (no host sync, no host->device copy inside it)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from test_static_decode import HOST_OPS, RecordOps
 
 from model import Blip2Engine, SamplingParams
-from model.runner import DecodeOptions
-from model.static_prefill import StaticPrefill, length_buckets
+from model.runtime.runner import DecodeOptions
+from model.runtime.static_prefill import StaticPrefill, length_buckets
 
 NUM_SLOTS, MAX_LEN = 6, 64
 
@@ -96,7 +96,7 @@ def test_bad_inputs_are_refused(model):
 def test_generate_through_the_static_prefill_equals_the_eager_one(checkpoints, monkeypatch):
     """Whole requests (greedy, beams, samples, prompts of unequal length) with the runner's prefill
     swapped for the fixed-shape one (on CUDA it is a graph replay; on the CPU the runner prefills eagerly)."""
-    import model.runner as runner_module
+    import model.runtime.runner as runner_module
 
     engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]))
     side = engine.cfg.vision.image_size

@@ -1,4 +1,4 @@
-"""The vision stage at padded batch sizes (`model.static_vision`): padding rows change nothing in the real
+"""The vision stage at padded batch sizes (`model.runtime.static_vision`): padding rows change nothing in the real
 ones, and the stage is capturable (no host sync, no host->device copy inside it), for every image encoder."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from test_static_decode import HOST_OPS, RecordOps
 
 from model import Blip2Engine
-from model.image import ImageProcessor
-from model.static_vision import StaticVision, batch_ladder
+from model.data.image import ImageProcessor
+from model.runtime.static_vision import StaticVision, batch_ladder
 
 
 def test_batch_ladder():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.t5 import T5Config, T5ForConditionalGeneration
+from model.arch.t5 import T5Config, T5ForConditionalGeneration
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,7 +22,7 @@ from oracle import hf_generate
 from PIL import Image
 
 from model import Blip2Engine, SamplingParams
-from model.quant import Int8Linear, dequantize_rows, quantize_rows, quantize_w8a16, weight_bytes
+from model.runtime.quant import Int8Linear, dequantize_rows, quantize_rows, quantize_w8a16, weight_bytes
 from server.settings import Settings
 
 # transformers' names of the linears the scheme quantizes (OPT's q/k/v are one fused linear in ours:

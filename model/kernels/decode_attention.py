@@ -1,7 +1,7 @@
 """Decode attention in Triton: each row's new key/value written into the cache, and its one new query
 attended over that row's cached keys, read in place.
 
-In the fixed-shape decode step (`model.static_decode`), row r reads cache slot r up to a bucketed length
+In the fixed-shape decode step (`model.runtime.static_decode`), row r reads cache slot r up to a bucketed length
 and a boolean mask cuts each row at its own position. PyTorch's SDPA with a mask picks a generic kernel
 (an H100 measured 53 us per call at 64 rows, about 4x what the keys and values take to read), and the new
 keys/values were written before it by two `index_put` kernels. Here one program per (row, head) writes

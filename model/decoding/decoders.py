@@ -50,13 +50,13 @@ class TokenDecoder:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     # Tokens picked on the device and not read back yet (0 or 1): the runner may launch the next step
-    # before reading the last one's tokens (`model.plan.StepPlan.chainable`); that step feeds this
+    # before reading the last one's tokens (`model.runtime.plan.StepPlan.chainable`); that step feeds this
     # row's token from the device and counts it in its position.
     pending: int = 0
 
     def __post_init__(self) -> None:
         p = self.params
-        # Which of the runner's batched token choices serves this row (`model.choice`), fixed per
+        # Which of the runner's batched token choices serves this row (`model.decoding.choice`), fixed per
         # request: the argmax (plain greedy), the seeded draw (sampling with no penalty and no
         # logprobs), or none (it steps on its own row).
         plain = p.repetition_penalty == 1.0 and p.logprobs is None

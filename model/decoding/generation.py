@@ -1,4 +1,4 @@
-"""Generation settings and the logits arithmetic shared by every decoder (see `model.decoders`).
+"""Generation settings and the logits arithmetic shared by every decoder (see `model.decoding.decoders`).
 
 The arithmetic follows `transformers`' `generate` (same processors, same order) so that greedy and beam
 search give identical tokens, and log-probabilities equal the log-softmax of its `output_scores`.

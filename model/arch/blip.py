@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint.config import BlipConfig
 from .bert import BlipTextLMHeadModel, BlipTextModel, pad_ids
-from .config import BlipConfig
 from .kv_cache import AttnBatch, CrossCache
 from .vision import VisionModel
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import T5Config
+from ..checkpoint.config import T5Config
 from .kv_cache import AttnBatch, CrossCache
 from .vision import merge_heads
 

@@ -1,7 +1,7 @@
 """The contract between a scheduler and the model runner: what one engine step must do.
 
 A scheduler (e.g. `batching.Scheduler`) fills a `StepPlan` without touching tensor maths; the runner
-(`model.runner.ModelRunner`) executes it and returns a `StepOutput`; the scheduler then reads each
+(`model.runtime.runner.ModelRunner`) executes it and returns a `StepOutput`; the scheduler then reads each
 sequence's `Step` to append tokens, finish requests and free cache slots.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoders import Decoder
-from .generation import Step
+from ..decoding.decoders import Decoder
+from ..decoding.generation import Step
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BlipTextConfig
+from ..checkpoint.config import BlipTextConfig
 from .kv_cache import AttnBatch, CrossCache
 from .vision import QFormerIntermediate, QFormerOutput, activation, merge_heads, split_heads
 

@@ -130,7 +130,7 @@ def _to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_tiny_checkpoint(root: str | Path, seed: int = 0, **text_overrides: Any) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and preprocessor_config.json to `root`."""
-    from .blip2 import Blip2ForConditionalGeneration
+    from ..arch.blip2 import Blip2ForConditionalGeneration
     from .config import Blip2Config
 
     root = Path(root)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.w8a16 import available as w8a16_available
-from .kernels.w8a16 import w8a16_matmul
+from ..kernels.w8a16 import available as w8a16_available
+from ..kernels.w8a16 import w8a16_matmul
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.config import Blip2Config, BlipConfig
+from ..runtime.plan import RetrievalOutput, RetrievalWork
 from .bert import BlipTextModel, key_mask, pad_ids
-from .config import Blip2Config, BlipConfig
-from .plan import RetrievalOutput, RetrievalWork
 from .vision import QFormerModel, VisionModel
 
 Encode = Callable[[str], list[int]]

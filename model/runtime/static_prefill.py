@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..arch.kv_cache import KVCache
 from .device import capture, to_device
-from .kv_cache import KVCache
 from .static_decode import row_buckets
 
 log = logging.getLogger(__name__)

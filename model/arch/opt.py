@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import OPTConfig
-from .kernels.add_layer_norm import add_layer_norm
-from .kernels.decode_attention import decode_attention
+from ..checkpoint.config import OPTConfig
+from ..kernels.add_layer_norm import add_layer_norm
+from ..kernels.decode_attention import decode_attention
 from .kv_cache import AttnBatch, KVCache
 from .vision import activation, merge_heads
 

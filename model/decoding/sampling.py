@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .device import device_index, to_device
+from ..runtime.device import device_index, to_device
 
 M32 = 0xFFFFFFFF
 
@@ -59,7 +59,7 @@ def warp_rows(
 ) -> torch.Tensor:
     """`generation.warp_for_sampling` with each row's own temperature, top-k and top-p, in one pass
     (equal to it row by row: the same ops on the same values). The per-row settings go up without a
-    host wait (`model.device`), so a step launched ahead of the last one's tokens stays ahead."""
+    host wait (`model.runtime.device`), so a step launched ahead of the last one's tokens stays ahead."""
     device = logits.device
     if any(t != 1.0 for t in temperature):
         logits = logits / to_device(torch.tensor(temperature, dtype=logits.dtype), device)[:, None]

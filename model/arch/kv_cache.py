@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import device_index, to_device
+from ..runtime.device import device_index, to_device
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AttnBatch:
     # Decode only: [B, 1, 1, kv_len] True where a row may attend (position <= its own position).
     mask: torch.Tensor | None = None
     # Decode only: row r reads cache slot r in place (a view, not a gather), as the fixed-shape decode
-    # step does (`model.static_decode`); `slots` then only says where each row writes.
+    # step does (`model.runtime.static_decode`); `slots` then only says where each row writes.
     dense: bool = False
     # Dense decode only: the decode step's Triton kernels: attention (`model.kernels.decode_attention`),
     # each row up to its own position, instead of masked SDPA over the bucket; residual add + layer norm.

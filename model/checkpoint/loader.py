@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .blip import BlipForConditionalGeneration, BlipForQuestionAnswering
-from .blip2 import Blip2ForConditionalGeneration
+from ..arch.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
+from ..arch.blip2 import Blip2ForConditionalGeneration
+from ..arch.retrieval import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 from .config import Blip2Config, BlipConfig, read_config
-from .retrieval import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 The runner hands a stage's logits (one row per active row of each request, in order) to `pick`, which
 launches the batched work on the device without reading anything back: one argmax for every plain greedy
-row, one warp-and-draw for every plain sampled row (`model.sampling`), one log-softmax and top-k per group
-of beam requests (`model.beam`). Only then, once every stage of the step is launched, `apply` reads the
+row, one warp-and-draw for every plain sampled row (`model.decoding.sampling`), one log-softmax and top-k per group
+of beam requests (`model.decoding.beam`). Only then, once every stage of the step is launched, `apply` reads the
 results back (one wait for the device) and moves each request's decoder; the other requests (repetition
 penalty, logprobs) step on their own rows. Beam reorders of the step are made as one cache copy.
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..arch.kv_cache import CrossCache, KVCache
+from ..runtime.device import device_index, to_device
+from ..runtime.plan import SequenceWork, StepOutput
 from .beam import BeamDecoder, advance_beams
 from .decoders import ParallelDecoder, SampleRow
-from .device import device_index, to_device
 from .generation import Step
-from .kv_cache import CrossCache, KVCache
-from .plan import SequenceWork, StepOutput
 from .sampling import sample, warp_rows
 
 

@@ -11,13 +11,13 @@ from typing import TypeVar
 
 import torch
 
-from . import choice
-from .blip2 import Blip2ForConditionalGeneration
+from ..arch.blip2 import Blip2ForConditionalGeneration
+from ..arch.kv_cache import KVCache
+from ..arch.retrieval import run_retrievals
+from ..decoding import choice
+from ..kernels import add_layer_norm, decode_attention
 from .device import device_index
-from .kernels import add_layer_norm, decode_attention
-from .kv_cache import KVCache
 from .plan import SequenceWork, StepOutput, StepPlan
-from .retrieval import run_retrievals
 from .static_decode import StaticDecoder
 from .static_prefill import StaticPrefill
 from .static_vision import StaticVision
@@ -93,7 +93,7 @@ class Stopwatch:
 class DecodeOptions:
     """How the runner runs decode steps."""
 
-    # The fixed-shape step over slots [0, rows) (`model.static_decode`); off: rows gathered from their slots.
+    # The fixed-shape step over slots [0, rows) (`model.runtime.static_decode`); off: rows gathered from their slots.
     static: bool = True
     # Replay that step as CUDA graphs (only on a CUDA device; ignored elsewhere).
     cuda_graphs: bool = True

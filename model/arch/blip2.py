@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import Blip2Config, T5Config
-from .device import device_index, to_device
+from ..checkpoint.config import Blip2Config, T5Config
+from ..runtime.device import device_index, to_device
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
 from .t5 import T5Cache, T5ForConditionalGeneration
@@ -193,7 +193,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:
         """`prefill` at fixed shapes with every input on the device, as a CUDA graph captures it
-        (`model.static_prefill`): ids [R, T] (the first `num_query_tokens` positions, the `<image>`
+        (`model.runtime.static_prefill`): ids [R, T] (the first `num_query_tokens` positions, the `<image>`
         placeholders, may hold any id: the query embeddings [R, nq, hidden] take those positions), each
         row's last prompt position `last` [R] and its cache slot `slots` [R]. Logits [R, vocab] fp32."""
         nq = self.cfg.num_query_tokens
@@ -229,7 +229,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         dense: bool = False,
     ) -> torch.Tensor:
         """One new token per row at its own position; return next-token logits [B, vocab].
-        `dense`: row r reads cache slot r in place and writes to `slots[r]` (see `model.static_decode`)."""
+        `dense`: row r reads cache slot r in place and writes to `slots[r]` (see `model.runtime.static_decode`)."""
         if isinstance(cache, T5Cache):
             return self.language_model.decode(tokens, positions, slots, cache, kv_len, dense)
         x = self.language_model.token_embeddings(tokens[:, None])

@@ -39,7 +39,7 @@ class BeamDecoder:
         self.is_finished = torch.zeros(n, dtype=torch.bool)
         self.improvable = True
         self.finish_reason: str | None = None
-        # The runner scores this request's beams together with others' (`model.choice`) unless it has a
+        # The runner scores this request's beams together with others' (`model.decoding.choice`) unless it has a
         # repetition penalty to apply or logprobs to keep; it then moves with `advance_beams`.
         self.batched = "beam" if params.repetition_penalty == 1.0 and params.logprobs is None else None
 
