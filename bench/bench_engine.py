@@ -27,7 +27,7 @@ from model.checkpoint.loader import build_empty, load_weights  # noqa: E402
 from model.checkpoint.tiny import train_tokenizer  # noqa: E402
 from model.data.image import ImageProcessor  # noqa: E402
 from model.data.tokenizer import TextTokenizer  # noqa: E402
-from model.runtime.runner import DecodeOptions  # noqa: E402
+from model.runtime.options import DecodeOptions  # noqa: E402
 
 
 def build_pair(size: str, device: str, dtype: torch.dtype, tmp: Path):

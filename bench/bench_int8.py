@@ -36,8 +36,8 @@ from model.data.image import ImageProcessor  # noqa: E402
 from model.data.tokenizer import TextTokenizer  # noqa: E402
 from model.kernels.w8a16 import available as kernel_available  # noqa: E402
 from model.kernels.w8a16 import w8a16_matmul  # noqa: E402
+from model.runtime.options import DecodeOptions  # noqa: E402
 from model.runtime.quant import dequantize_rows, quantize_rows, quantize_w8a16, weight_bytes  # noqa: E402
-from model.runtime.runner import DecodeOptions  # noqa: E402
 
 COPIES = 8  # weight copies a timed graph cycles through
 

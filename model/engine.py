@@ -28,8 +28,9 @@ from .data.textstream import cut_at_stop, stop_checker
 from .data.tokenizer import TextTokenizer
 from .decoding.decoders import new_decoder
 from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .runtime.options import DecodeOptions
 from .runtime.plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
-from .runtime.runner import DecodeOptions, ModelRunner
+from .runtime.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

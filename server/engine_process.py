@@ -27,9 +27,9 @@ from batching.protocol import Add, Info, Shutdown, encode
 from model.checkpoint.loader import resolve_checkpoint
 from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
+from model.runtime.options import DecodeOptions
 from model.runtime.plan import RetrievalRequest
 from model.runtime.quant import weight_bytes
-from model.runtime.runner import DecodeOptions
 
 from .metrics import Metrics
 from .settings import Settings

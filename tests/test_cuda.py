@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import Blip2Engine, SamplingParams
-from model.runtime.runner import DecodeOptions
+from model.runtime.options import DecodeOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -118,7 +118,7 @@ def test_cache_needs_the_trash_slot_and_graphs_need_cuda(model):
 def test_static_and_gathered_runners_generate_the_same(checkpoints):
     """Whole requests (greedy, beams, samples, unequal prompts) through both decode paths."""
     from model import SamplingParams
-    from model.runtime.runner import DecodeOptions
+    from model.runtime.options import DecodeOptions
 
     engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]))
     pixels = list(torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(3)))

@@ -8,7 +8,7 @@ import torch
 from test_static_decode import HOST_OPS, RecordOps
 
 from model import Blip2Engine, SamplingParams
-from model.runtime.runner import DecodeOptions
+from model.runtime.options import DecodeOptions
 from model.runtime.static_prefill import StaticPrefill, length_buckets
 
 NUM_SLOTS, MAX_LEN = 6, 64

@@ -12,11 +12,10 @@ from typing import TypeVar
 import torch
 
 from ..arch.blip2 import Blip2ForConditionalGeneration
-from ..arch.kv_cache import KVCache
 from ..arch.retrieval import run_retrievals
 from ..decoding import choice
-from ..kernels import add_layer_norm, decode_attention
 from .device import device_index
+from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
 from .static_decode import StaticDecoder
 from .static_prefill import StaticPrefill
@@ -89,28 +88,6 @@ class Stopwatch:
         return start.elapsed_time(end) / 1e3
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How the runner runs decode steps."""
-
-    # The fixed-shape step over slots [0, rows) (`model.runtime.static_decode`); off: rows gathered from their slots.
-    static: bool = True
-    # Replay that step as CUDA graphs (only on a CUDA device; ignored elsewhere).
-    cuda_graphs: bool = True
-    # Keys are read up to the next multiple of this many positions (fewer shapes vs less padding).
-    kv_step: int = 32
-    # With CUDA graphs: the vision stage is captured at batch sizes 1, 2, 4, ... up to this (0: eager).
-    vision_batch: int = 0
-    # With CUDA graphs: prefills too, at (requests, positions) buckets (OPT-based BLIP-2).
-    prefill_graphs: bool = True
-    # On CUDA: the decode step's Triton kernels (OPT: attention; residual add + layer norm), once they
-    # pass their self-checks; else PyTorch's ops.
-    attention_kernel: bool = True
-    # Offline generate: launch each decode step before reading the last one's tokens when the batch
-    # allows it (`StepPlan.chainable`); None: on CUDA. (The server's loop has `--overlap`.)
-    overlap: bool | None = None
-
-
 @dataclass
 class Feed:
     """The rows of a decode step: each one's position and cache slot, and the tokens the host must
@@ -146,31 +123,6 @@ class Launched:
     marks: dict
 
 
-def _choose_decode_kernels(model: torch.nn.Module, options: DecodeOptions, device: torch.device) -> None:
-    """The decode step's Triton kernels (attention; residual add + layer norm) for an OPT language model
-    on CUDA, if asked and if they compute what PyTorch does on this device; PyTorch's ops otherwise."""
-    lm = getattr(model, "language_model", None)
-    if not hasattr(lm, "decode_kernel"):
-        return
-    use = options.attention_kernel and device.type == "cuda" and not _bnb_int8(model)
-    if use:
-        cfg, dtype = lm.cfg, model.lm_dtype
-        heads = cfg.num_attention_heads
-        use = decode_attention.self_check(heads, cfg.hidden_size // heads, dtype, device)
-        use = use and add_layer_norm.self_check(cfg.hidden_size, dtype, device)
-    lm.decode_kernel = use
-
-
-def _prefills_static(model: torch.nn.Module, cache: object) -> bool:
-    """BLIP-2 with a decoder-only language model (OPT) has a fixed-shape prefill; Flan-T5 and BLIP do not."""
-    return hasattr(model, "prefill_static") and type(cache) is KVCache and not _bnb_int8(model)
-
-
-def _bnb_int8(model: torch.nn.Module) -> bool:
-    """bitsandbytes' LLM.int8 finds outlier columns with host-side indexing: not capturable."""
-    return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -178,8 +130,9 @@ class ModelRunner:
         num_slots: int,
         max_len: int,
         embedding_cache_bytes: int = 256 << 20,
-        options: DecodeOptions = DecodeOptions(),
+        options: DecodeOptions | None = None,
     ):
+        options = options or DecodeOptions()
         self.model = model
         self.device = model.device
         self.options = options
@@ -190,10 +143,10 @@ class ModelRunner:
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
-        _choose_decode_kernels(model, options, self.device)
+        choose_decode_kernels(model, options, self.device)
         self.static = None
         if self.cache is not None and options.static:
-            graphs = options.cuda_graphs and self.device.type == "cuda" and not _bnb_int8(model)
+            graphs = options.cuda_graphs and self.device.type == "cuda" and not bnb_int8(model)
             self.static = StaticDecoder(
                 model.decode, self.cache, num_slots, options.kv_step, graphs, self.slot_tokens
             )
@@ -202,7 +155,7 @@ class ModelRunner:
             options.cuda_graphs
             and options.prefill_graphs
             and self.device.type == "cuda"
-            and _prefills_static(model, self.cache)
+            and prefills_static(model, self.cache)
         ):
             shape = (model.cfg.num_query_tokens, model.cfg.text_hidden)
             self.static_prefill = StaticPrefill(
@@ -213,7 +166,7 @@ class ModelRunner:
             options.cuda_graphs
             and options.vision_batch
             and self.device.type == "cuda"
-            and not _bnb_int8(model)
+            and not bnb_int8(model)
         ):
             side = model.cfg.vision.image_size
             self.static_vision = StaticVision(
