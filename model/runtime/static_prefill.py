@@ -79,6 +79,7 @@ class StaticPrefill:
         self.queries = torch.zeros((rows, *queries_shape), dtype=dtype, device=device)
         self.graphs_on = graphs
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.tried: set[tuple[int, int]] = set()  # buckets whose capture was attempted
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def bucket(self, rows: int, longest: int) -> tuple[int, int]:
@@ -120,6 +121,7 @@ class StaticPrefill:
     def _run(self, queries: list[torch.Tensor], texts: list[list[int]], slots: list[int]) -> torch.Tensor:
         n, nq = len(slots), self.num_queries
         rows, length = self.bucket(n, nq + max(len(t) for t in texts))
+        entry = self._graph(rows, length)  # first: a capture fills the static inputs with its own data
         ids = [[0] * length for _ in range(rows)]
         for row, text in zip(ids, texts, strict=False):
             row[nq : nq + len(text)] = text
@@ -128,7 +130,6 @@ class StaticPrefill:
         host = torch.tensor([i for row in ids for i in row] + last + where, dtype=torch.long)
         self.flat[: host.numel()].copy_(to_device(host, self.device))
         self.queries[:n].copy_(torch.stack(queries))
-        entry = self._graph(rows, length)
         if entry is None:
             return self.step(rows, length)[:n]
         graph, out = entry
@@ -136,35 +137,44 @@ class StaticPrefill:
         return out[:n].clone()  # the next replay overwrites `out`
 
     def _graph(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        return self.graphs.get((rows, length)) if self.graphs_on else None
+        """The bucket's graph, captured now if it has not been tried yet (the server captures every
+        bucket before traffic; offline calls capture the buckets they use)."""
+        if not self.graphs_on:
+            return None
+        if (rows, length) not in self.tried:
+            self._capture(rows, length)
+        return self.graphs.get((rows, length))
 
     @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every bucket, largest first (the pool then serves the smaller ones); returns how many."""
         if not self.graphs_on:
             return 0
-        self.queries.normal_()  # checked on random inputs, not on zeros
         for rows in reversed(self.rows_ladder):
             for length in reversed(self.len_ladder):
-                ids, last, slots = self._inputs(rows, length)
-                # Every row idle: the warm-up, the capture and the check write only to the trash slot.
-                ids.random_(0, 2)
-                last.fill_(length - 1)
-                slots.fill_(self.trash)
-                try:
-                    graph, out, want = capture(lambda r=rows, t=length: self.step(r, t), self.pool)
-                except Exception as exc:  # noqa: BLE001 - a failed capture leaves that bucket eager
-                    log.error(
-                        "prefill CUDA graph at %s failed (%s: %s); eager there",
-                        (rows, length),
-                        type(exc).__name__,
-                        exc,
-                    )
-                    continue
-                if torch.allclose(out, want, rtol=1e-2, atol=1e-2):
-                    self.graphs[(rows, length)] = (graph, out)
-                else:
-                    log.error(
-                        "prefill CUDA graph at %s differs from the eager run; eager there", (rows, length)
-                    )
+                self._graph(rows, length)
         return len(self.graphs)
+
+    def _capture(self, rows: int, length: int) -> None:
+        self.tried.add((rows, length))
+        ids, last, slots = self._inputs(rows, length)
+        # Every row idle: the warm-up, the capture and the check write only to the trash slot; checked
+        # on random inputs, not on zeros.
+        ids.random_(0, 2)
+        last.fill_(length - 1)
+        slots.fill_(self.trash)
+        self.queries[:rows].normal_()
+        try:
+            graph, out, want = capture(lambda: self.step(rows, length), self.pool)
+        except Exception as exc:  # noqa: BLE001 - a failed capture leaves that bucket eager
+            log.error(
+                "prefill CUDA graph at %s failed (%s: %s); eager there",
+                (rows, length),
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if torch.allclose(out, want, rtol=1e-2, atol=1e-2):
+            self.graphs[(rows, length)] = (graph, out)
+        else:
+            log.error("prefill CUDA graph at %s differs from the eager run; eager there", (rows, length))
