@@ -100,7 +100,7 @@ class Scheduler:
         self._ids = itertools.count()
         # Seconds between each decoding sequence's previous token and the one of the last step.
         self.token_gaps: list[float] = []
-        # Seconds each request admitted by the last schedule() waited in the queue.
+        # Seconds each request admitted since the last `take_queue_waits` waited in the queue.
         self.queue_waits: list[float] = []
 
     def add(self, request: Any, deadline: float | None = None) -> Sequence:
@@ -130,7 +130,7 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         dropped = self._drop_dead(now)
         admitted, encode = self._admit(now)
-        self.queue_waits = [now - s.arrived for s in admitted]
+        self.queue_waits += [now - s.arrived for s in admitted]
         retrievals = [s for s in admitted if s.decoder is None]
         for seq in admitted:
             key = seq.request.image_key
@@ -161,6 +161,12 @@ class Scheduler:
         for seq in prefills:
             seq.stage = "decode"
         return plan, dropped
+
+    def take_queue_waits(self) -> list[float]:
+        """The queue waits gathered since the last call (several schedules may run between two reads:
+        with overlap, step n's results are read after step n + 1 is planned)."""
+        waits, self.queue_waits = self.queue_waits, []
+        return waits
 
     def _admit(self, now: float) -> tuple[list[Sequence], list[str]]:
         """Waiting requests that get their slots now (FIFO), and the new images to encode."""

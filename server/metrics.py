@@ -81,7 +81,7 @@ class Metrics:
         self.tokens.inc(len(out.steps))  # every sequence in a step gains one token
         for gap in scheduler.token_gaps:
             self.token_gap.observe(gap)
-        for wait in scheduler.queue_waits:
+        for wait in scheduler.take_queue_waits():
             self.queue_wait.observe(wait)
         self.queue_depth.set(len(scheduler.waiting))
         self.active.set(len(scheduler.running))

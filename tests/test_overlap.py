@@ -40,8 +40,9 @@ def mixed_params() -> list[SamplingParams]:
     ]
 
 
-def serve(root: str, requests, overlap: bool, slots: int = 6):
-    """The requests through an in-process engine; their outcomes and how many steps ran ahead."""
+def serve(root: str, requests, overlap: bool, slots: int = 6, metrics: list | None = None):
+    """The requests through an in-process engine; their outcomes and how many steps ran ahead (and,
+    into `metrics`, the Prometheus text once they are done)."""
     settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=slots, overlap=overlap)
     svc = Service.build(settings)
     assert svc.loop.overlap is overlap
@@ -50,7 +51,10 @@ def serve(root: str, requests, overlap: bool, slots: int = 6):
         await svc.start()
         await svc.warm_up()
         try:
-            return await svc.generate(requests)
+            outcomes = await svc.generate(requests)
+            if metrics is not None:
+                metrics.append((await svc.render_metrics()).decode())
+            return outcomes
         finally:
             await svc.shutdown()
 
@@ -80,6 +84,39 @@ def test_overlapped_steps_give_what_each_request_gives_alone(root):
             assert [lp.token for lp in o.logprobs or []] == [lp.token for lp in a.logprobs or []]
             values = [lp.logprob for lp in o.logprobs or []]
             assert values == pytest.approx([lp.logprob for lp in a.logprobs or []], abs=1e-4)
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_metrics_count_each_token_and_queue_wait_once_with_overlap(root):
+    """Dropped tokens are not counted, and no queue wait is lost to a step planned ahead."""
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(7)))
+    text = engine.tokenizer.decode(
+        engine.generate([pixels[0]], None, SamplingParams(max_new_tokens=3))[0].token_ids
+    )
+    # Request 0 ends by a stop string well before max_new_tokens: the step after it drops its token.
+    params = [
+        SamplingParams(max_new_tokens=9 if i == 0 else 3 + i % 4, stop=(text[-2:],) if i == 0 else ())
+        for i in range(8)
+    ]
+    requests = [
+        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+    ]
+    texts: list[str] = []
+    outcomes, ahead = serve(root, requests, overlap=True, slots=3, metrics=texts)
+    serve(root, requests, overlap=False, slots=3, metrics=texts)
+    assert ahead > 0
+    on, off = texts
+    generated = sum(len(o.result.token_ids) for o in outcomes)
+    assert outcomes[0].result.finish_reason == "stop" and len(outcomes[0].result.token_ids) <= 3
+    assert _sample(on, "blipserve_queue_wait_seconds_count") == len(requests) + 1  # + the warm-up
+    # The same count as without overlap (the warm-up's steps included): no dropped token counted.
+    assert _sample(on, "blipserve_generated_tokens_total") == _sample(off, "blipserve_generated_tokens_total")
+    assert generated < _sample(on, "blipserve_generated_tokens_total") <= generated + 2
 
 
 def test_overlap_off_never_launches_ahead_and_agrees(root):
@@ -117,7 +154,7 @@ def test_a_sequence_ended_by_its_stop_token_ran_one_step_more_whose_token_is_dro
             scheduler.postprocess(older.plan, runner.collect(older))
     assert len(launched) == 1  # launched after the stop token, before it was read
     extra = runner.collect(launched[0])
-    assert extra.steps[seq.seq_id].done and extra.steps[seq.seq_id].tokens == []  # its token dropped
+    assert seq.seq_id not in extra.steps and seq.decoder.pending == 0  # its token dropped
     assert seq.finish_reason == "stop" and seq.decoder.tokens == free[: end + 1]
     assert seq.decoder.pending == 0
 

@@ -173,11 +173,13 @@ def apply(picks: Picks, out: StepOutput, cache: KVCache | CrossCache) -> None:
         picks.ready.synchronize()
     for i, token in zip(picks.plain, picks.greedy.tolist() if picks.plain else [], strict=True):
         w = picks.works[i]
-        out.steps[w.seq_id] = w.decoder.append(token)
+        if not w.decoder.discard_if_done():
+            out.steps[w.seq_id] = w.decoder.append(token)
     drawn, start = picks.drawn.tolist() if picks.sampled else [], 0
     for i in picks.sampled:
         w, count = picks.works[i], picks.counts[i]
-        out.steps[w.seq_id] = w.decoder.append_sampled(drawn[start : start + count])
+        if not w.decoder.discard_if_done():
+            out.steps[w.seq_id] = w.decoder.append_sampled(drawn[start : start + count])
         start += count
     moves = _Moves()  # every beam request's slot moves, made in one copy at the end
     vocab = picks.logits.shape[-1]

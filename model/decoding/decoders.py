@@ -113,11 +113,17 @@ class TokenDecoder:
             self.logprobs += token_logprobs(scores.log_softmax(-1), [token], self.params.logprobs)
         return self.append(token)
 
+    def discard_if_done(self) -> bool:
+        """True (and the pending token forgotten) if the sequence had ended before this step's token:
+        a step launched before the last one's tokens were read ran it once more (`StepPlan.chainable`)."""
+        if self.finish_reason is None:
+            return False
+        self.pending = max(0, self.pending - 1)
+        return True
+
     def append(self, token: int) -> Step:
         if self.pending:
             self.pending -= 1
-        if self.finish_reason:  # a step launched before the last one's tokens ended this sequence
-            return Step(parents=[], tokens=[], done=True)
         self.tokens.append(token)
         if token in self.eos_ids or (self.stop_check is not None and self.stop_check(self.tokens)):
             self.finish_reason = "stop"
@@ -165,6 +171,9 @@ class ParallelDecoder:
         for j, i in enumerate(self.active()):
             self.subs[i].step(logits[j : j + 1])
         return self._after_step()
+
+    def discard_if_done(self) -> bool:
+        return False  # never stepped ahead of its tokens (see `StepPlan.chainable`)
 
     def append_sampled(self, tokens: list[int]) -> Step:
         for token, i in zip(tokens, self.active(), strict=True):
