@@ -28,7 +28,8 @@ class Add(msgspec.Struct, tag=True):
     timeout_s: float | None
     # Report the outputs after every step (Server-Sent Events).
     stream: bool
-    # Shape of the float32 pixel frame that follows ([3, H, W]); None: no image (text-only embed).
+    # Shape of the pixel frame that follows: [3, H, W] float32 (normalised), or [H, W, 3] uint8 (before
+    # normalising: a CUDA engine normalises on the device); None: no image (text-only embed).
     pixel_shape: tuple[int, ...] | None
     image_key: str
     # Generation: prompt ids after the image placeholders, the decoder's starting history, settings,
@@ -37,6 +38,8 @@ class Add(msgspec.Struct, tag=True):
     prompt_ids: list[int] = []
     params: SamplingParams | None = None
     positions: int = 0
+    # "float32" or "uint8": the pixel frame's element type.
+    pixel_dtype: str = "float32"
     # Retrieval ("match" or "embed", with each text's ids); "" for generation.
     task: str = ""
     texts: list[list[int]] = []
@@ -134,18 +137,21 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
     """`Add` and its pixel frame for a GenerationRequest or RetrievalRequest."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None
+    if pixels is not None and pixels.dtype != torch.uint8:
+        pixels = pixels.to(torch.float32)
+    dtype = "uint8" if pixels is not None and pixels.dtype == torch.uint8 else "float32"
     if isinstance(request, RetrievalRequest):
-        msg = Add(req_id, timeout_s, stream, shape, request.image_key, task=request.task, texts=request.texts)
+        fields = {"task": request.task, "texts": request.texts}
     else:
-        fields = ("text_ids", "prompt_ids", "params", "positions")
-        msg = Add(
-            req_id, timeout_s, stream, shape, request.image_key, **{f: getattr(request, f) for f in fields}
-        )
+        fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
+    msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)
     frames: list = [encode(msg)]
     if pixels is not None:
-        frames.append(memoryview(pixels.to(torch.float32).contiguous().numpy()).cast("B"))
+        frames.append(memoryview(pixels.contiguous().numpy()).cast("B"))
     return frames
 
+
+PIXEL_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 # The received frame is read-only, and torch warns that a tensor viewing it could write it: the engine
 # only reads pixels (it copies them to the device).
@@ -156,7 +162,9 @@ def pixels_of(msg: Add, frame: object | None) -> torch.Tensor | None:
     """The request's pixels, viewing the received frame's memory (kept alive by the tensor)."""
     if msg.pixel_shape is None or frame is None:
         return None
-    flat = torch.frombuffer(frame, dtype=torch.float32)
+    if msg.pixel_dtype not in PIXEL_DTYPES:
+        raise ValueError(f"pixel_dtype must be one of {sorted(PIXEL_DTYPES)}, got {msg.pixel_dtype!r}")
+    flat = torch.frombuffer(frame, dtype=PIXEL_DTYPES[msg.pixel_dtype])
     if flat.numel() != math.prod(msg.pixel_shape):
         raise ValueError(f"pixel frame of {flat.numel()} values, expected shape {msg.pixel_shape}")
     return flat.view(msg.pixel_shape)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 14-16, in three parts that each fit one device call (10 minutes) on one
+# Every GPU measurement of issues 14-16, in four parts that each fit one device call (10 minutes) on one
 # H100: `bench/gpu_suite.sh offline` (CUDA tests, engine vs transformers and each optimisation switched
-# off in turn, host overhead), `bench/gpu_suite.sh int8` (int8 memory; per linear, per decode step,
-# offline and token agreement against fp16) and `bench/gpu_suite.sh served` (load at 1/16/64/256
-# clients: engine process vs thread, without background vision, without overlapped steps, with 4 HTTP
-# processes). Logs go to $OUT (or bench/out).
+# off in turn, host overhead), `int8` (int8 memory; per linear, per decode step, offline and token
+# agreement against fp16), `served` (load at 1/16/64/256 clients, engine process vs thread; 4 HTTP
+# processes) and `variants` (served without background vision, without overlapped steps, with float32
+# pixels). Logs go to $OUT (or bench/out).
 #
 # The device machine lacks some of the server's packages: carry their wheels (see the device tool's
 # README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
@@ -25,20 +25,27 @@ if [ "$part" = int8 ] || [ "$part" = all ]; then
     python bench/int8_memory.py --device cuda 2>&1 | tee "$out/int8.txt"
     python bench/bench_int8.py --size opt-2.7b 2>&1 | tee "$out/bench_int8.txt"
 fi
-if [ "$part" = served ] || [ "$part" = all ]; then
+if [ "$part" = served ] || [ "$part" = variants ] || [ "$part" = all ]; then
     ckpt=$(mktemp -d)
     python bench/random_checkpoint.py --size opt-2.7b --out "$ckpt" >/dev/null
     srv="--device cuda --max-running-seqs 256 --max-queue 2048 --max-batch-images 64"
+fi
+if [ "$part" = served ] || [ "$part" = all ]; then
     # The engine in its own process vs in the HTTP process (the baseline), side by side.
     python bench/load.py --model "$ckpt" --engines thread,process --server-args "$srv" --clients 4 \
         --requests 2000 --concurrency 1,16,64,256 2>&1 | tee "$out/load.txt"
+    # More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (2-core CPU).
+    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
+        --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"
+fi
+if [ "$part" = variants ] || [ "$part" = all ]; then
     # Vision inside the engine step instead of in the background.
     python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-background-vision" \
         --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-no-bg-vision.txt"
     # Each step's tokens read before the next step is launched (overlap off).
     python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-overlap" \
         --clients 4 --requests 2000 --concurrency 1,64,256 2>&1 | tee "$out/load-no-overlap.txt"
-    # More HTTP processes (JPEG decoding, JSON) in front of the one engine: the default is 1 (2-core CPU).
-    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --api-workers 4" \
-        --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-4-workers.txt"
+    # Pixels normalised in the HTTP processes and sent as float32 (four times the bytes).
+    python bench/load.py --model "$ckpt" --engines process --server-args "$srv --no-raw-pixels" \
+        --clients 4 --requests 2000 --concurrency 64,256 2>&1 | tee "$out/load-float-pixels.txt"
 fi

@@ -42,7 +42,8 @@ TINY_RANDOM = "tiny-random"
 class GenerationRequest:
     """A request ready for the scheduler: preprocessed image and tokenized prompt."""
 
-    pixel_values: torch.Tensor  # [3, H, W] float32, on the CPU
+    # [3, H, W] float32 on the CPU, or [H, W, 3] uint8 before normalising (`ImageProcessor.rgb`).
+    pixel_values: torch.Tensor
     image_key: str  # content hash of pixel_values: equal images share one vision pass
     text_ids: list[int]  # prompt ids after the image placeholders (BOS first)
     # The decoder's token history: placeholders + text_ids for OPT; Flan-T5's decoder start token alone.
@@ -242,7 +243,8 @@ class Blip2Engine:
     ) -> ModelRunner:
         max_len = min(max_len, self.max_positions)
         options = options or self.decode_options
-        return ModelRunner(self.model, num_slots, max_len, embedding_cache_bytes, options)
+        normalize = self.image_processor.normalize
+        return ModelRunner(self.model, num_slots, max_len, embedding_cache_bytes, options, normalize)
 
     def _runner_for(self, num_slots: int, max_len: int) -> ModelRunner:
         """A runner for an offline call; one with captured graphs is kept for the next call that fits

@@ -127,19 +127,22 @@ async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
 
 @dataclass
 class Prepared:
-    pixel_values: Any  # torch.Tensor [3, H, W]
+    pixel_values: Any  # torch.Tensor [3, H, W] float32, or with `raw` [H, W, 3] uint8 (not normalised)
     key: str  # content hash of the raw bytes: the embedding cache key
 
 
-def prepare_image(data: bytes, processor: ImageProcessor, max_pixels: int, index: int) -> Prepared:
-    """Decode and preprocess one image (runs in a worker thread)."""
+def prepare_image(
+    data: bytes, processor: ImageProcessor, max_pixels: int, index: int, raw: bool = False
+) -> Prepared:
+    """Decode and preprocess one image (runs in a worker thread); `raw`: resized only, the engine
+    normalises (`ImageProcessor.normalize`)."""
     where = f"image[{index}]" if index else "image"
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
         raise ApiError(413 if isinstance(exc, ImageTooLarge) else 400, f"{where}: {exc}") from None
     try:
-        pixels = processor.preprocess(image)
+        pixels = processor.rgb(image) if raw else processor.preprocess(image)
     except Exception:
         raise ApiError(400, f"{where}: the image could not be converted to RGB pixels") from None
     return Prepared(pixels, hashlib.sha256(data).hexdigest())

@@ -60,6 +60,7 @@ class Service:
         self.max_len = min(settings.max_len, engine.max_positions)
         self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
         self.ready = False
+        self.raw_pixels = False  # set by `start` from the engine's device
         self.created = int(time.time())  # /v1/models: when this model was loaded
         self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
 
@@ -107,6 +108,10 @@ class Service:
             self.client.start()
             self.device, self.dtype = str(self.engine.device), str(self.engine.dtype).removeprefix("torch.")
             self.weight_bytes = weight_bytes(self.engine.model)
+        # A CUDA engine takes pixels before normalising (uint8, a quarter of the bytes to pass and copy
+        # up) and normalises them on the device; a CPU engine would only do here what this process does.
+        raw = self.settings.raw_pixels
+        self.raw_pixels = self.device.startswith("cuda") if raw is None else raw
 
     async def warm_up(self) -> None:
         """One request through every stage before taking traffic (allocations, kernels, lazy init)."""
@@ -208,6 +213,7 @@ class Service:
                 self.engine.image_processor,
                 self.settings.max_image_pixels,
                 i,
+                self.raw_pixels,
             )
             for i, data in enumerate(blobs)
         ]

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         "per step runs while the device computes (plain greedy and sampled requests); unset: true on CUDA, "
         "false on the CPU (where launching is computing: only a step of delay to each result)",
     )
+    raw_pixels: bool | None = Field(
+        None,
+        description="HTTP processes send pixels before normalising (uint8, a quarter of the bytes) and the "
+        "engine normalises them on its device; unset: true on CUDA, false on the CPU (where the engine "
+        "process would only take over the HTTP processes' work)",
+    )
     qformer_precision: Literal["float32", "tf32", "model"] = Field(
         "float32",
         description="the Q-Former's arithmetic (BLIP-2 caption/vqa): float32 as transformers; tf32: its "

@@ -57,6 +57,13 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
     msg = decode_to_engine(add_message(5, retrieval, None, False)[0])
     assert (msg.task, msg.texts, msg.params) == ("match", [[1, 2], [3]], None)
 
+    # Pixels before normalising (what a CUDA engine is sent): uint8 [H, W, 3], a quarter of the bytes.
+    req.pixel_values = torch.randint(0, 256, (8, 6, 3), dtype=torch.uint8)
+    frames = add_message(6, req, None, False)
+    msg = decode_to_engine(frames[0])
+    assert msg.pixel_dtype == "uint8" and len(frames[1]) == 8 * 6 * 3
+    assert torch.equal(pixels_of(msg, bytes(frames[1])), req.pixel_values)
+
     lps = [TokenLogprob(4, -0.5, ((4, -0.5), (6, -1.25)))]
     outputs = [TokenOutput([4, 8], "stop", lps), TokenOutput([3], "length", None)]
     for message in (

@@ -115,12 +115,31 @@ class ImageProcessor:
         mean, std = np.array(self.mean, dtype=np.float32), np.array(self.std, dtype=np.float32)
         return (x[None, :] - mean[:, None]) / std[:, None]
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image -> pixel_values [3, height, width] float32."""
+    def rgb(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image resized, before normalising: [height, width, 3] uint8, a quarter of the bytes
+        of `preprocess`'s output (a CUDA engine takes these and normalises them on the device)."""
+        return torch.from_numpy(np.array(self._resized(image)))
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """[..., height, width, 3] uint8 (on any device) -> [..., 3, height, width] float32 there,
+        bit-equal to `preprocess` (the same table, looked up)."""
+        if rgb.dtype != torch.uint8 or rgb.shape[-3:] != (self.height, self.width, 3):
+            raise ValueError(
+                f"expected uint8 [..., {self.height}, {self.width}, 3], got {rgb.dtype} {tuple(rgb.shape)}"
+            )
+        table = torch.from_numpy(self.table).to(rgb.device)
+        channels = torch.arange(3, device=rgb.device)
+        return table[channels, rgb.long()].movedim(-1, -3).contiguous()
+
+    def _resized(self, image: Image.Image) -> Image.Image:
         image = to_rgb(image)
         if image.size != (self.width, self.height):  # at its size already, resize() would only copy
             image = image.resize((self.width, self.height), resample=self.resample)
-        rgb = np.asarray(image)
+        return image
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> pixel_values [3, height, width] float32."""
+        rgb = np.asarray(self._resized(image))
         out = np.empty((3, self.height, self.width), dtype=np.float32)
         for c in range(3):  # the table lookup of each channel, written in place
             np.take(self.table[c], rgb[..., c], out=out[c])

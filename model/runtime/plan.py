@@ -37,7 +37,8 @@ class RetrievalRequest:
     the step that admits it."""
 
     task: str  # "match": ITM and ITC scores of each text against the image; "embed": embeddings
-    pixel_values: torch.Tensor | None  # [3, H, W] float32 on the CPU; None: texts only (embed)
+    # [3, H, W] float32 on the CPU, or [H, W, 3] uint8 before normalising; None: texts only (embed).
+    pixel_values: torch.Tensor | None
     image_key: str  # content hash of pixel_values ("" without an image)
     texts: list[list[int]]  # token ids of each text
 

@@ -131,8 +131,13 @@ class ModelRunner:
         max_len: int,
         embedding_cache_bytes: int = 256 << 20,
         options: DecodeOptions | None = None,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        """`normalize`: uint8 [..., H, W, 3] pixels -> float [..., 3, H, W] (`ImageProcessor.normalize`),
+        for requests whose pixels arrive before normalising (a CUDA engine's: a quarter of the bytes, and
+        the lookup runs on the device)."""
         options = options or DecodeOptions()
+        self.normalize = normalize
         self.model = model
         self.device = model.device
         self.options = options
@@ -294,14 +299,27 @@ class ModelRunner:
         return torch.cat(_halving(lambda ks: self._encode_batch(images, ks), keys, self._split))
 
     def _encode_batch(self, images: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-        pixels = torch.stack([images[k] for k in keys])
+        items = [images[k] for k in keys]
+        raw = [p.dtype == torch.uint8 for p in items]
+        if any(raw) and (not all(raw) or self.normalize is None):
+            items = [self._normalized(p) for p in items]  # a mixed batch: each normalised here
+        pixels = torch.stack(items)
         if self.device.type == "cuda":
             # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
             # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = self.normalize(pixels)
         out = self.static_vision.run(pixels) if self.static_vision is not None else None
         return out if out is not None else self.model.encode_images(pixels)
+
+    def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            return pixels
+        if self.normalize is None:
+            raise ValueError("uint8 pixels need the runner's `normalize` (the checkpoint's image processor)")
+        return self.normalize(pixels)
 
     def _split(self) -> None:
         self.oom_splits += 1
