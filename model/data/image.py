@@ -115,6 +115,10 @@ class ImageProcessor:
         mean, std = np.array(self.mean, dtype=np.float32), np.array(self.std, dtype=np.float32)
         return (x[None, :] - mean[:, None]) / std[:, None]
 
+    @cached_property
+    def _device_tables(self) -> dict[torch.device, torch.Tensor]:
+        return {}
+
     def rgb(self, image: Image.Image) -> torch.Tensor:
         """One PIL image resized, before normalising: [height, width, 3] uint8, a quarter of the bytes
         of `preprocess`'s output (a CUDA engine takes these and normalises them on the device)."""
@@ -127,7 +131,9 @@ class ImageProcessor:
             raise ValueError(
                 f"expected uint8 [..., {self.height}, {self.width}, 3], got {rgb.dtype} {tuple(rgb.shape)}"
             )
-        table = torch.from_numpy(self.table).to(rgb.device)
+        table = self._device_tables.get(rgb.device)
+        if table is None:  # once per device: a copy up from pageable memory can make the host wait
+            table = self._device_tables.setdefault(rgb.device, torch.from_numpy(self.table).to(rgb.device))
         channels = torch.arange(3, device=rgb.device)
         return table[channels, rgb.long()].movedim(-1, -3).contiguous()
 
