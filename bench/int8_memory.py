@@ -38,6 +38,8 @@ def main() -> None:
         p.data.normal_(0.0, 0.02, generator=gen)
     fp16 = weight_bytes(model)
     w8a16 = int8_weight_bytes(model, "int8")  # counted: the language model's layer linears, per-row scales
+    lm16 = sum(p.numel() * p.element_size() for p in lm.parameters())  # tied embeddings once
+    lm8 = lm16 - (fp16 - w8a16)  # what W8A16 saves is all in the language model
     start = time.perf_counter()
     replaced = quantize_int8(model)
     seconds = time.perf_counter() - start
@@ -48,6 +50,9 @@ def main() -> None:
     print(f"{'fp16':>8} {fp16 / 1e9:>7.2f} {1:>7.0%}")
     print(
         f"{'int8':>8} {w8a16 / 1e9:>7.2f} {w8a16 / fp16:>7.0%}   (--quantize int8: W8A16, language model only)"
+    )
+    print(
+        f"{'':>8} {lm8 / 1e9:>7.2f} {lm8 / lm16:>7.0%}   (the language model alone: {lm16 / 1e9:.2f} GB in fp16)"
     )
     print(
         f"{'llm.int8':>8} {int8 / 1e9:>7.2f} {int8 / fp16:>7.0%}   ({replaced} linears, quantized in {seconds:.0f} s)"
