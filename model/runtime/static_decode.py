@@ -51,6 +51,16 @@ def row_buckets(num_slots: int) -> list[int]:
     return [*sizes, num_slots]
 
 
+def checked_device(keys: torch.Tensor, num_slots: int, graphs: bool) -> torch.device:
+    """The device of a cache whose keys are `keys` [layers, slots, ...], once checked to hold the trash
+    slot (num_slots + 1 slots) and, for `graphs`, to be on CUDA."""
+    if keys.shape[1] != num_slots + 1:
+        raise ValueError(f"the cache must have num_slots + 1 = {num_slots + 1} slots, got {keys.shape[1]}")
+    if graphs and keys.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {keys.device}")
+    return keys.device
+
+
 def kv_buckets(max_len: int, step: int) -> list[int]:
     """Multiples of `step` below `max_len`, then `max_len` itself."""
     if step < 1:
@@ -81,14 +91,7 @@ class StaticDecoder:
         graphs: bool,
         tokens: torch.Tensor | None = None,
     ):
-        device = cache.own.k.device if isinstance(cache, CrossCache) else cache.k.device
-        slots_in_cache = (cache.own if isinstance(cache, CrossCache) else cache).k.shape[1]
-        if slots_in_cache != num_slots + 1:
-            raise ValueError(
-                f"the cache must have num_slots + 1 = {num_slots + 1} slots, got {slots_in_cache}"
-            )
-        if graphs and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        device = checked_device((cache.own if isinstance(cache, CrossCache) else cache).k, num_slots, graphs)
         self.decode, self.cache, self.device = decode, cache, device
         self.num_slots = num_slots
         self.trash = num_slots

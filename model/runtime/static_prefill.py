@@ -28,7 +28,7 @@ import torch
 
 from ..arch.kv_cache import KVCache
 from .device import capture, to_device
-from .static_decode import row_buckets
+from .static_decode import checked_device, row_buckets
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,7 @@ class StaticPrefill:
         max_rows: int = 32,
         graphs: bool = True,
     ):
-        device = cache.k.device
-        if cache.k.shape[1] != num_slots + 1:
-            raise ValueError(
-                f"the cache must have num_slots + 1 = {num_slots + 1} slots, got {cache.k.shape[1]}"
-            )
-        if graphs and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        device = checked_device(cache.k, num_slots, graphs)
         self.prefill, self.cache, self.device = prefill, cache, device
         self.trash = num_slots
         self.num_queries = queries_shape[0]

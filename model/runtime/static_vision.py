@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .device import capture
+from .static_decode import row_buckets
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,10 @@ Encode = Callable[[torch.Tensor], torch.Tensor]  # pixels [B, 3, H, W] -> embedd
 
 
 def batch_ladder(largest: int) -> list[int]:
-    """1, 2, 4, ... up to and including `largest`."""
+    """1, 2, 4, ... up to and including `largest` (the decode step's row ladder)."""
     if largest < 1:
         raise ValueError(f"largest vision batch must be >= 1, got {largest}")
-    sizes = [1]
-    while sizes[-1] * 2 < largest:
-        sizes.append(sizes[-1] * 2)
-    return sizes + [largest] if sizes[-1] != largest else sizes
+    return row_buckets(largest)
 
 
 class StaticVision:
