@@ -33,13 +33,16 @@ class DecodeOptions:
     overlap: bool | None = None
 
 
-def choose_decode_kernels(model: torch.nn.Module, options: DecodeOptions, device: torch.device) -> None:
+def choose_decode_kernels(
+    model: torch.nn.Module, options: DecodeOptions, device: torch.device, int8: bool
+) -> None:
     """The decode step's Triton kernels (attention; residual add + layer norm) for an OPT language model
-    on CUDA, if asked and if they compute what PyTorch does on this device; PyTorch's ops otherwise."""
+    on CUDA (not with bitsandbytes' LLM.int8, `int8`), if asked and if they compute what PyTorch does on
+    this device; PyTorch's ops otherwise."""
     lm = getattr(model, "language_model", None)
     if not hasattr(lm, "decode_kernel"):
         return
-    use = options.attention_kernel and device.type == "cuda" and not bnb_int8(model)
+    use = options.attention_kernel and device.type == "cuda" and not int8
     if use:
         cfg, dtype = lm.cfg, model.lm_dtype
         heads = cfg.num_attention_heads
@@ -50,7 +53,7 @@ def choose_decode_kernels(model: torch.nn.Module, options: DecodeOptions, device
 
 def prefills_static(model: torch.nn.Module, cache: object) -> bool:
     """BLIP-2 with a decoder-only language model (OPT) has a fixed-shape prefill; Flan-T5 and BLIP do not."""
-    return hasattr(model, "prefill_static") and type(cache) is KVCache and not bnb_int8(model)
+    return hasattr(model, "prefill_static") and type(cache) is KVCache
 
 
 def bnb_int8(model: torch.nn.Module) -> bool:

@@ -148,31 +148,22 @@ class ModelRunner:
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
-        choose_decode_kernels(model, options, self.device)
+        int8 = bnb_int8(model)
+        choose_decode_kernels(model, options, self.device, int8)
+        graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
         self.static = None
         if self.cache is not None and options.static:
-            graphs = options.cuda_graphs and self.device.type == "cuda" and not bnb_int8(model)
             self.static = StaticDecoder(
                 model.decode, self.cache, num_slots, options.kv_step, graphs, self.slot_tokens
             )
         self.static_prefill = None
-        if (
-            options.cuda_graphs
-            and options.prefill_graphs
-            and self.device.type == "cuda"
-            and prefills_static(model, self.cache)
-        ):
+        if graphs and options.prefill_graphs and prefills_static(model, self.cache):
             shape = (model.cfg.num_query_tokens, model.cfg.text_hidden)
             self.static_prefill = StaticPrefill(
                 model.prefill_static, self.cache, num_slots, shape, self.cache.k.dtype
             )
         self.static_vision = None
-        if (
-            options.cuda_graphs
-            and options.vision_batch
-            and self.device.type == "cuda"
-            and not bnb_int8(model)
-        ):
+        if graphs and options.vision_batch:
             side = model.cfg.vision.image_size
             self.static_vision = StaticVision(
                 model.encode_images, options.vision_batch, (3, side, side), self.device
@@ -190,8 +181,8 @@ class ModelRunner:
         return self.static is not None and self.static.graphs_on
 
     def prepare(self) -> int:
-        """Capture the decode step's and the vision stage's CUDA graphs now, before traffic (a no-op
-        without them); returns how many are ready. Call it from the thread that will run the steps,
+        """Capture the decode step's, the vision stage's and the prefill's CUDA graphs now, before
+        traffic (a no-op without them); returns how many are ready. Call it from the thread that will run the steps,
         before it runs any."""
         count = 0
         start = time.perf_counter()
@@ -300,17 +291,14 @@ class ModelRunner:
 
     def _encode_batch(self, images: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
         items = [images[k] for k in keys]
-        raw = [p.dtype == torch.uint8 for p in items]
-        if any(raw) and (not all(raw) or self.normalize is None):
-            items = [self._normalized(p) for p in items]  # a mixed batch: each normalised here
+        if len({p.dtype for p in items}) > 1:  # a mixed batch: its uint8 images normalised here
+            items = [self._normalized(p) for p in items]
         pixels = torch.stack(items)
         if self.device.type == "cuda":
             # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
             # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.
             pixels = pixels.pin_memory()
-        pixels = pixels.to(self.device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = self.normalize(pixels)
+        pixels = self._normalized(pixels.to(self.device, non_blocking=True))  # uint8: on the device
         out = self.static_vision.run(pixels) if self.static_vision is not None else None
         return out if out is not None else self.model.encode_images(pixels)
 
