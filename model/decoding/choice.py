@@ -98,7 +98,7 @@ def pick(works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Ten
     their decoders until `apply` reads them."""
     picks = Picks(works, logits)
     row, sample_rows, specs, blocked = 0, [], [], {"greedy": [], "sample": []}
-    written: list[int] = []  # slots of the plain greedy rows, then of the plain sampled rows
+    greedy_slots: list[int] = []  # where each plain row's token goes in `slot_tokens`
     sampled_slots: list[int] = []
     beams: dict[int, list[int]] = {}  # beam requests scored together, by beams per request
     for i, w in enumerate(works):  # each request's rows in `logits`: its active rows (all at prefill)
@@ -109,7 +109,7 @@ def pick(works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Ten
                 blocked["greedy"].append(len(picks.plain))
             picks.plain.append(i)
             picks.counts.append(1)
-            written.append(w.slots[0])
+            greedy_slots.append(w.slots[0])
             d.pending += 1
         elif d.batched == "sample":
             rows = d.sample_rows()
@@ -141,10 +141,10 @@ def pick(works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Ten
         decoders = [works[i].decoder for i in group]
         offsets = [picks.offsets[i] for i in group]
         picks.beams.append((group, *_beam_candidates(logits, decoders, offsets)))
-    if slot_tokens is not None and (written or sampled_slots):
+    if slot_tokens is not None and (greedy_slots or sampled_slots):
         chosen = [t for t in (picks.greedy, picks.drawn) if t is not None]
         tokens = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
-        slot_tokens.index_copy_(0, device_index(written + sampled_slots, logits.device), tokens)
+        slot_tokens.index_copy_(0, device_index(greedy_slots + sampled_slots, logits.device), tokens)
     if logits.device.type == "cuda":
         _copy_to_host(picks)
     return picks

@@ -25,6 +25,10 @@ from .generation import (
 )
 from .sampling import noise_key, sample
 
+# The batched choices whose tokens `choice.pick` writes to the runner's per-slot buffer on the device:
+# a next decode step reads them there, without the host.
+ON_DEVICE = ("argmax", "sample")
+
 
 @dataclass(frozen=True)
 class SampleRow:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.decoders import Decoder
+from ..decoding.decoders import ON_DEVICE, Decoder
 from ..decoding.generation import Step
 
 
@@ -95,7 +95,7 @@ class StepPlan:
         sampling, one row), which the next step reads from there. Beams (a cache reorder), n samples,
         penalties and logprobs need this step's tokens on the host first."""
         return all(
-            getattr(w.decoder, "batched", None) in ("argmax", "sample") and w.decoder.num_rows == 1
+            w.decoder.batched in ON_DEVICE and w.decoder.num_rows == 1
             for w in (*self.prefills, *self.decodes)
         )
 

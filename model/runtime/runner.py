@@ -14,6 +14,7 @@ import torch
 from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import run_retrievals
 from ..decoding import choice
+from ..decoding.decoders import ON_DEVICE
 from .device import device_index
 from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
@@ -103,7 +104,7 @@ class Feed:
 def _feed(works: list[SequenceWork]) -> Feed:
     feed = Feed([], [], [], [])
     for w in works:
-        on_device = w.decoder.batched in ("argmax", "sample")
+        on_device = w.decoder.batched in ON_DEVICE
         for row, token, position in w.decoder.feed():
             feed.positions.append(position)
             feed.slots.append(w.slots[row])
