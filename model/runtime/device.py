@@ -24,6 +24,12 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def copy_from_host(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """`dst` (on any device) takes `host`'s values; on CUDA from page-locked memory, asynchronously
+    and straight into `dst` (no intermediate tensor on the device)."""
+    dst.copy_(host.pin_memory() if dst.is_cuda else host, non_blocking=True)
+
+
 def capture(
     fn: Callable[[], torch.Tensor], pool: tuple
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import run_retrievals
 from ..decoding import choice
 from ..decoding.decoders import ON_DEVICE
-from .device import device_index
+from .device import device_index, to_device
 from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
 from .static_decode import StaticDecoder
@@ -294,12 +294,7 @@ class ModelRunner:
         items = [images[k] for k in keys]
         if len({p.dtype for p in items}) > 1:  # a mixed batch: its uint8 images normalised here
             items = [self._normalized(p) for p in items]
-        pixels = torch.stack(items)
-        if self.device.type == "cuda":
-            # From page-locked memory the copy is a DMA the GPU runs asynchronously (pageable memory is
-            # first staged through a bounce buffer, synchronously); the caching host allocator reuses pages.
-            pixels = pixels.pin_memory()
-        pixels = self._normalized(pixels.to(self.device, non_blocking=True))  # uint8: on the device
+        pixels = self._normalized(to_device(torch.stack(items), self.device))  # uint8: on the device
         out = self.static_vision.run(pixels) if self.static_vision is not None else None
         return out if out is not None else self.model.encode_images(pixels)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from ..arch.kv_cache import CrossCache, KVCache
-from .device import to_device
+from .device import copy_from_host, to_device
 
 log = logging.getLogger("blipserve.decode")
 
@@ -159,10 +159,7 @@ class StaticDecoder:
         for p, s in zip(positions, slots, strict=True):
             pos[s], write[s] = p, s
         pick[: len(slots)] = slots
-        host = torch.tensor([pos, write, pick], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # an asynchronous copy; the caching host allocator reuses the page
-        self.inputs[:, :rows].copy_(host, non_blocking=True)
+        copy_from_host(self.inputs[:, :rows], torch.tensor([pos, write, pick], dtype=torch.long))
 
     def _graph(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
         graph = self.graphs.get((rows, kv))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..arch.kv_cache import KVCache
-from .device import capture, to_device
+from .device import capture, copy_from_host
 from .static_decode import checked_device, row_buckets
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class StaticPrefill:
         last = [nq + len(t) - 1 for t in texts] + [0] * (rows - n)
         where = slots + [self.trash] * (rows - n)
         host = torch.tensor([i for row in ids for i in row] + last + where, dtype=torch.long)
-        self.flat[: host.numel()].copy_(to_device(host, self.device))
+        copy_from_host(self.flat[: host.numel()], host)
         self.queries[:n].copy_(torch.stack(queries))
         if entry is None:
             return self.step(rows, length)[:n]
