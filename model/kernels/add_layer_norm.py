@@ -10,6 +10,8 @@ Under `TRITON_INTERPRET=1` the same kernel runs on the CPU (CI checks it).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -18,6 +20,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU builds of torch come without triton: the two-kernel path serves there
     triton = None
+
+log = logging.getLogger(__name__)
 
 
 if triton is not None:
@@ -76,8 +80,6 @@ def reference(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> tuple[tor
 
 def self_check(hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The kernel against `reference` on random rows; False (and a warning) if it fails or differs."""
-    import logging
-
     if triton is None:
         return False
     gen = torch.Generator(device=device).manual_seed(0)
@@ -94,13 +96,9 @@ def self_check(hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
             for a, b in zip(got, want, strict=True):
                 err = ((a.float() - b.float()).norm() / b.float().norm()).item()
                 if not err < 1e-2:
-                    logging.getLogger(__name__).warning(
-                        "add + layer norm kernel differs (%.2e): not used", err
-                    )
+                    log.warning("add + layer norm kernel differs (%.2e): not used", err)
                     return False
     except Exception as exc:  # noqa: BLE001 - any failure leaves the two-kernel path serving
-        logging.getLogger(__name__).warning(
-            "add + layer norm kernel failed its self-check (%s): not used", exc
-        )
+        log.warning("add + layer norm kernel failed its self-check (%s): not used", exc)
         return False
     return True

@@ -17,6 +17,8 @@ on the CPU (CI checks it against a float64 reference).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:
@@ -24,6 +26,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU builds of torch come without triton: SDPA serves there
     triton = None
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -152,9 +156,6 @@ def reference(
 def self_check(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """The kernel against `reference` on random data at a few row counts and lengths; False (and a
     warning) if it fails to run or differs."""
-    import logging
-
-    log = logging.getLogger(__name__)
     if triton is None:
         return False
     gen = torch.Generator(device=device).manual_seed(0)
