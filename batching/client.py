@@ -12,6 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.runtime.plan import ScoringOutput
+
 from .engine_loop import EngineLoop
 from .protocol import Done, TokenOutput
 from .scheduler import Sequence
@@ -110,7 +112,10 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
     ok = reason in ("stop", "length")
     outputs = seq.decoder.outputs() if ok and seq.decoder is not None else []
     req = seq.seq_id if req_id is None else req_id
-    return Done(req, reason, queue_s, outputs, seq.output if ok else None)
+    answer = seq.output if ok else None
+    if isinstance(answer, ScoringOutput):
+        return Done(req, reason, queue_s, outputs, scores=answer)
+    return Done(req, reason, queue_s, outputs, answer)
 
 
 class InprocClient(EngineClient):

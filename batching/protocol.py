@@ -17,7 +17,7 @@ import msgspec
 import torch
 
 from model.decoding.generation import SamplingParams, TokenOutput
-from model.runtime.plan import RetrievalOutput, RetrievalRequest
+from model.runtime.plan import RetrievalOutput, RetrievalRequest, ScoringOutput, ScoringRequest
 
 
 class Add(msgspec.Struct, tag=True):
@@ -43,6 +43,8 @@ class Add(msgspec.Struct, tag=True):
     # Retrieval ("match" or "embed", with each text's ids); "" for generation.
     task: str = ""
     texts: list[list[int]] = []
+    # Scoring (not empty): each candidate's token ids, scored after `text_ids` (no generation).
+    candidates: list[list[int]] = []
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -107,6 +109,7 @@ class Done(msgspec.Struct, tag=True):
     queue_s: float
     outputs: list[TokenOutput] = []
     retrieval: RetrievalOutput | None = None
+    scores: ScoringOutput | None = None
 
     @property
     def ok(self) -> bool:
@@ -134,7 +137,7 @@ def decode_from_engine(data: bytes | memoryview) -> FromEngine:
 
 
 def add_message(req_id: int, request: object, timeout_s: float | None, stream: bool) -> list:
-    """`Add` and its pixel frame for a GenerationRequest or RetrievalRequest."""
+    """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or ScoringRequest."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None
     if pixels is not None and pixels.dtype != torch.uint8:
@@ -142,6 +145,8 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
     dtype = "uint8" if pixels is not None and pixels.dtype == torch.uint8 else "float32"
     if isinstance(request, RetrievalRequest):
         fields = {"task": request.task, "texts": request.texts}
+    elif isinstance(request, ScoringRequest):
+        fields = {"text_ids": request.text_ids, "candidates": request.candidates}
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
     msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)

@@ -21,6 +21,9 @@ from model.runtime.plan import (
     RetrievalOutput,
     RetrievalRequest,
     RetrievalWork,
+    ScoringOutput,
+    ScoringRequest,
+    ScoringWork,
     SequenceWork,
     StepOutput,
     StepPlan,
@@ -36,10 +39,10 @@ class Sequence:
     """One request as the scheduler sees it."""
 
     seq_id: int
-    request: (
-        Any  # GenerationRequest (pixel_values, image_key, text_ids, prompt_ids, params) or RetrievalRequest
-    )
-    decoder: Decoder | None  # None: a retrieval request (no decoding, no slots)
+    # GenerationRequest (pixel_values, image_key, text_ids, prompt_ids, params), RetrievalRequest or
+    # ScoringRequest
+    request: Any
+    decoder: Decoder | None  # None: a retrieval or scoring request (no decoding, no slots, one step)
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
@@ -51,7 +54,7 @@ class Sequence:
     stage: str = ""
     stream: bool = False  # streaming: the engine reports the outputs so far after each of its steps
     last_token_at: float | None = None  # when its last token came (the gap to the next is a metric)
-    output: RetrievalOutput | None = None  # a retrieval request's answer
+    output: RetrievalOutput | ScoringOutput | None = None  # a retrieval or scoring request's answer
 
     @property
     def rows(self) -> int:
@@ -64,6 +67,10 @@ class Sequence:
     def retrieval(self) -> RetrievalWork:
         r = self.request
         return RetrievalWork(self.seq_id, r.task, r.image_key, r.texts)
+
+    def scoring(self) -> ScoringWork:
+        r = self.request
+        return ScoringWork(self.seq_id, r.image_key, r.text_ids, r.candidates)
 
 
 READY_IMAGES = 4096  # image keys remembered as encoded (the runner re-encodes any it has evicted)
@@ -107,7 +114,7 @@ class Scheduler:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
-        if isinstance(request, RetrievalRequest):
+        if isinstance(request, (RetrievalRequest, ScoringRequest)):
             seq = Sequence(next(self._ids), request, None, deadline)
             self.waiting.append(seq)
             return seq
@@ -131,7 +138,7 @@ class Scheduler:
         dropped = self._drop_dead(now)
         admitted, encode = self._admit(now)
         self.queue_waits += [now - s.arrived for s in admitted]
-        retrievals = [s for s in admitted if s.decoder is None]
+        one_step = [s for s in admitted if s.decoder is None]  # retrievals and scorings
         for seq in admitted:
             key = seq.request.image_key
             if seq.decoder is None:
@@ -146,7 +153,7 @@ class Scheduler:
         decodes = [s for s in self.running if s.stage == "decode" and not s.decoder.exhausted()]
         self.running.extend(admitted)
         prefills = [s for s in self.running if s.stage == "prefill"]
-        needing = [*prefills, *retrievals]
+        needing = [*prefills, *one_step]
         images = {s.request.image_key: s.request.pixel_values for s in needing if s.request.image_key}
         for key in encode:
             images[key] = self.encoding[key][0].request.pixel_values
@@ -155,7 +162,8 @@ class Scheduler:
             encode=encode,
             prefills=[s.work() for s in prefills],
             decodes=[s.work() for s in decodes],
-            retrievals=[s.retrieval() for s in retrievals],
+            retrievals=[s.retrieval() for s in one_step if isinstance(s.request, RetrievalRequest)],
+            scorings=[s.scoring() for s in one_step if isinstance(s.request, ScoringRequest)],
             awaits_vision=bool(self.encoding),
         )
         for seq in prefills:
@@ -190,7 +198,7 @@ class Scheduler:
             admitted.append(seq)
         if not self.background_vision:
             return admitted, []
-        # Retrievals encode their images inside the step; a new image goes to the background batch when a
+        # Retrievals and scorings encode their images inside the step; a new image goes to the background batch when a
         # generation request needs it.
         generating = {s.request.image_key for s in admitted if s.decoder is not None}
         return admitted, [k for k in images if k in generating]
@@ -215,8 +223,9 @@ class Scheduler:
         done = self._vision_done(out)
         self.token_gaps = []
         for seq in self.running:
-            if seq.decoder is None:  # retrieval: answered in the step that admitted it
-                seq.output = out.retrievals.get(seq.seq_id)
+            if seq.decoder is None:  # retrieval or scoring: answered in the step that admitted it
+                answers = out.scorings if isinstance(seq.request, ScoringRequest) else out.retrievals
+                seq.output = answers.get(seq.seq_id)
                 seq.finish_reason = "stop" if seq.output is not None else "error"
                 done.append(seq)
                 continue
@@ -252,7 +261,7 @@ class Scheduler:
 
     def fail(self, plan: StepPlan, reason: str = "error") -> list[Sequence]:
         """A step raised: its sequences leave with `reason` and free their slots; the rest carry on."""
-        ids = {w.seq_id for w in [*plan.prefills, *plan.decodes, *plan.retrievals]}
+        ids = {w.seq_id for w in [*plan.prefills, *plan.decodes, *plan.retrievals, *plan.scorings]}
         failed = [s for s in self.running if s.seq_id in ids]
         for seq in failed:
             seq.finish_reason = reason

@@ -29,8 +29,19 @@ from .data.tokenizer import TextTokenizer
 from .decoding.decoders import new_decoder
 from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .runtime.options import DecodeOptions
-from .runtime.plan import RetrievalOutput, RetrievalRequest, RetrievalWork, SequenceWork, StepOutput, StepPlan
+from .runtime.plan import (
+    RetrievalOutput,
+    RetrievalRequest,
+    RetrievalWork,
+    ScoringOutput,
+    ScoringRequest,
+    ScoringWork,
+    SequenceWork,
+    StepOutput,
+    StepPlan,
+)
 from .runtime.runner import ModelRunner
+from .runtime.scoring import ScoringResult, candidate_ids, rank
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +199,52 @@ class Blip2Engine:
         """ITM probability and ITC similarity of each text with the image."""
         pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
         return self.retrieve([self.retrieval_request("match", pixels, "image", texts)])[0]
+
+    def scoring_request(
+        self, pixels: torch.Tensor, image_key: str, prompt: str | None, candidates: Sequence[str]
+    ) -> ScoringRequest:
+        """A request to score `candidates` given the image and the prompt (`model.runtime.scoring`);
+        ValueError for a retrieval model, no candidates, a blank one, or one past the model's positions."""
+        if "caption" not in self.tasks and "vqa" not in self.tasks:
+            raise ValueError(f"model {self.model_id} generates no text to score: it serves {self.tasks}")
+        if not candidates:
+            raise ValueError("candidates: give at least one")
+        text_ids = self.text_ids(prompt)
+        prefix = len(self.prompt_ids(text_ids))
+        ids = [candidate_ids(self.model, self.tokenizer, prompt, c) for c in candidates]
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"candidates[{i}]: empty")
+            if max(prefix + len(row), self.model.prompt_tokens(text_ids)) > self.max_positions:
+                raise ValueError(
+                    f"candidates[{i}]: the prompt ({prefix} positions) and its {len(row)} tokens exceed "
+                    f"the model's {self.max_positions} positions"
+                )
+        return ScoringRequest(pixels, image_key, text_ids, ids)
+
+    def run_scorings(self, requests: list[ScoringRequest], texts: list[list[str]]) -> list[ScoringResult]:
+        """Score requests offline in one step (one vision batch); `texts`: each request's candidates."""
+        works = [ScoringWork(i, r.image_key, r.text_ids, r.candidates) for i, r in enumerate(requests)]
+        images = {r.image_key: r.pixel_values for r in requests}
+        out = self._runner_for(1, 1).run(StepPlan(images=images, scorings=works))
+        return [self.scoring_result(r, texts[i], out.scorings[i]) for i, r in enumerate(requests)]
+
+    def scoring_result(
+        self, request: ScoringRequest, texts: Sequence[str], output: ScoringOutput
+    ) -> ScoringResult:
+        """The candidates ranked by their summed log-probability (`ScoringOutput` -> `ScoringResult`)."""
+        return rank(list(texts), output, self.model.prompt_tokens(request.text_ids))
+
+    def score(
+        self, image: Image.Image | torch.Tensor, prompt: str | None, candidates: Sequence[str]
+    ) -> ScoringResult:
+        """Rank `candidates` as answers to `prompt` about `image` (None: as captions), best first:
+
+        engine.score(img, "Question: what animal is it? Answer:", ["a cat", "a dog"]).text
+        """
+        pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
+        request = self.scoring_request(pixels, "image", prompt, candidates)
+        return self.run_scorings([request], [list(candidates)])[0]
 
     def text_ids(self, prompt: str | None) -> list[int]:
         """Prompt ids as the model family takes them (see each model's `text_ids`)."""

@@ -34,6 +34,7 @@ from .schemas import (
     VQARequest,
     VQAResponse,
 )
+from .scoring_api import answer_candidates, check_candidates
 from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
 from .settings import Settings, read_worker_spec
@@ -191,10 +192,17 @@ def _add_routes(app: FastAPI) -> None:
         svc: Service = request.app.state.service
         svc.require("caption", "/caption")
         parsed = await parse_body(request, CaptionRequest)
-        params = svc.sampling_params(parsed.body)
+        check_candidates(svc, parsed.body)  # with candidates nothing is generated: no sampling params
+        params = None if parsed.body.candidates else svc.sampling_params(parsed.body)
         images = await svc.prepare_images(parsed.images)
-        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
         single = parsed.body.image is not None
+        if parsed.body.candidates:
+            pairs = [(im, parsed.body.prompt) for im in images]
+            scored = await answer_candidates(
+                request, svc, pairs, parsed.body.candidates, single, "caption", _unless_disconnected, start
+            )
+            return JSONResponse(scored)
+        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
         if parsed.body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
@@ -207,7 +215,8 @@ def _add_routes(app: FastAPI) -> None:
         svc.require("vqa", "/vqa")
         parsed = await parse_body(request, VQARequest)
         body: VQARequest = parsed.body
-        params = svc.sampling_params(body, "vqa")
+        check_candidates(svc, body)
+        params = None if body.candidates else svc.sampling_params(body, "vqa")
         questions = body.questions if body.questions is not None else [body.question]
         blobs = parsed.images
         if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
@@ -219,8 +228,14 @@ def _add_routes(app: FastAPI) -> None:
             (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
         ]
         template = svc.vqa_template
-        jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
+        prompts = [(im, template.format(question=q.strip())) for im, q in pairs]
         single = body.image is not None and body.question is not None
+        if body.candidates:
+            scored = await answer_candidates(
+                request, svc, prompts, body.candidates, single, "answer", _unless_disconnected, start
+            )
+            return JSONResponse(scored)
+        jobs = [svc.make_request(im, prompt, params) for im, prompt in prompts]
         if body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)

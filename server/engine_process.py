@@ -28,7 +28,7 @@ from model.checkpoint.loader import resolve_checkpoint
 from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
 from model.runtime.options import DecodeOptions
-from model.runtime.plan import RetrievalRequest
+from model.runtime.plan import RetrievalRequest, ScoringRequest
 from model.runtime.quant import weight_bytes
 
 from .metrics import Metrics
@@ -102,6 +102,10 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
     def build(msg: Add, pixels: object) -> object:
         if msg.task:
             return RetrievalRequest(msg.task, pixels, msg.image_key, msg.texts)
+        if msg.candidates:
+            if pixels is None or not all(msg.candidates):
+                raise ValueError("a scoring request needs an image and candidates of one token or more")
+            return ScoringRequest(pixels, msg.image_key, msg.text_ids, msg.candidates)
         if msg.params is None or msg.positions > max_len:
             raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
         stop = msg.params.stop

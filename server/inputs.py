@@ -112,7 +112,7 @@ async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
             if key not in ("image", "images"):
                 raise ApiError(422, f"{key}: unexpected file part (files go in 'image')")
             images.append(await value.read())
-        elif key in ("questions", "stop", "texts"):
+        elif key in ("questions", "stop", "texts", "candidates"):
             raw.setdefault(key, []).append(value)
         elif key in ("image", "images"):
             raise ApiError(422, f"{key}: must be a file part")

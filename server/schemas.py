@@ -42,6 +42,20 @@ class GenerationParams(BaseModel):
 class ImageInput(GenerationParams):
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1, description="batch form: results come in this order")
+    candidates: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="score these answers (1 to 4000 characters each) instead of generating; "
+        "ranked best first, the best is the answer",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_texts(cls, value: list[str] | None) -> list[str] | None:
+        for i, text in enumerate(value or []):
+            if not text.strip() or len(text) > 4000:
+                raise ValueError(f"each must be 1 to 4000 characters and not blank; [{i}] is not")
+        return value
 
     @model_validator(mode="after")
     def _one_image_field(self):
@@ -94,11 +108,20 @@ class Choice(BaseModel):
     logprobs: list[Logprob] | None = None
 
 
+class CandidateScore(BaseModel):
+    index: int = Field(description="index into the request's 'candidates'")
+    text: str
+    logprob: float = Field(description="sum of its tokens' log-probabilities given the image and prompt")
+    mean_logprob: float = Field(description="logprob / tokens")
+    tokens: int = Field(description="tokens scored (with the end token for Flan-T5 and BLIP VQA)")
+
+
 class Item(BaseModel):
     text: str
     finish_reason: str
     usage: Usage
     choices: list[Choice] | None = Field(None, description="with n > 1 or logprobs")
+    candidates: list[CandidateScore] | None = Field(None, description="with candidates: ranked, best first")
 
 
 class CaptionResponse(BaseModel):
@@ -107,6 +130,7 @@ class CaptionResponse(BaseModel):
     captions: list[Item] | None = Field(None, description="batch form, in request order")
     finish_reason: str | None = None
     choices: list[Choice] | None = Field(None, description="single form with n > 1 or logprobs")
+    candidates: list[CandidateScore] | None = Field(None, description="single form with candidates")
     usage: Usage
     timings: Timings
 
@@ -117,6 +141,7 @@ class VQAResponse(BaseModel):
     answers: list[Item] | None = Field(None, description="batch form, in request order")
     finish_reason: str | None = None
     choices: list[Choice] | None = Field(None, description="single form with n > 1 or logprobs")
+    candidates: list[CandidateScore] | None = Field(None, description="single form with candidates")
     usage: Usage
     timings: Timings
 

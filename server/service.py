@@ -351,6 +351,7 @@ class Service:
                 "max_prompt_tokens": s.max_prompt_tokens,
                 "max_beams": s.max_beams,
                 "max_n": s.max_n,
+                "max_candidates": s.max_candidates,
                 "max_logprobs": MAX_LOGPROBS,
                 "max_items_per_request": s.max_items_per_request,
                 "max_body_bytes": int(s.max_body_mb * (1 << 20)),

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(128, ge=1, description="longest prompt or question, in tokens")
     max_beams: int = Field(8, ge=1, description="largest num_beams a request may ask")
     max_n: int = Field(8, ge=1, description="outputs per request (n)")
+    max_candidates: int = Field(64, ge=1, description="candidate answers to score in one request")
     max_items_per_request: int = Field(16, ge=1, description="images (or questions) in one batch request")
     max_body_mb: float = Field(20.0, gt=0, description="largest request body (413 above)")
     max_image_pixels: int = Field(

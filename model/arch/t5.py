@@ -210,14 +210,20 @@ class T5ForConditionalGeneration(nn.Module):
         dense: bool = False,
     ) -> torch.Tensor:
         """One token per row at its decoder position; logits [B, vocab] in fp32."""
-        own = cache.own
-        x = self.shared(tokens[:, None])
         batch = AttnBatch.decode(slots, positions, kv_len, dense)
-        keys = torch.arange(kv_len, device=x.device)
+        return self.decode_tokens(tokens[:, None], batch, cache)[:, 0]
+
+    def decode_tokens(self, tokens: torch.Tensor, batch: AttnBatch, cache: T5Cache) -> torch.Tensor:
+        """Tokens [B, T] at `batch.positions` [B, T], each attending to the decoder's keys at positions
+        0 .. kv_len - 1 where `batch.mask` [B, 1, T or 1, kv_len] allows (a decode step: T = 1;
+        candidate scoring, `model.runtime.scoring`: several); logits [B, T, vocab] in fp32."""
+        own = cache.own
+        x = self.shared(tokens)
+        keys = torch.arange(batch.kv_len, device=x.device)
         neg = torch.finfo(x.dtype).min  # float32's minimum overflows bf16 / fp16 (an error on CUDA)
-        self_scores = self.decoder.first_attention.bias(positions[:, None], keys)
+        self_scores = self.decoder.first_attention.bias(batch.positions, keys)
         self_scores = self_scores.masked_fill(~batch.mask, neg).to(x.dtype)
-        src_batch, src_mask = cache.cross_batch(slots, dense)
+        src_batch, src_mask = cache.cross_batch(batch.slots, batch.dense)
         cross_scores = torch.zeros(src_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~src_mask, neg)
         for i, block in enumerate(self.decoder.block):
             sa, ca = block.layer[0], block.layer[1]
@@ -232,7 +238,7 @@ class T5ForConditionalGeneration(nn.Module):
                 ca.EncDecAttention.split(h, ca.EncDecAttention.q), k, v, cross_scores
             )
             x = block.layer[2](x)
-        x = self.decoder.final_layer_norm(x[:, 0])
+        x = self.decoder.final_layer_norm(x)
         if self.cfg.scales_output:
             x = x * self.cfg.d_model**-0.5  # original T5 scales tied outputs; T5 v1.1 / Flan-T5 do not tie
         return self.lm_head(x).float()

@@ -68,6 +68,37 @@ class RetrievalOutput:
 
 
 @dataclass
+class ScoringRequest:
+    """Candidate answers to score given an image and a prompt (`model.runtime.scoring`): nothing is
+    generated; it takes no cache slot and is done in the step that admits it."""
+
+    # [3, H, W] float32 on the CPU, or [H, W, 3] uint8 before normalising.
+    pixel_values: torch.Tensor
+    image_key: str  # content hash of pixel_values
+    text_ids: list[int]  # prompt ids after the image placeholders, as for generation
+    candidates: list[list[int]]  # token ids of each candidate (`scoring.candidate_ids`), none empty
+
+
+@dataclass
+class ScoringWork:
+    # Scheduler-wide id of the request.
+    seq_id: int
+    # Content key of the image whose embeddings open the prompt.
+    image_key: str
+    # Prompt ids after the image placeholders.
+    text_ids: list[int]
+    # Token ids of each candidate.
+    candidates: list[list[int]]
+
+
+@dataclass
+class ScoringOutput:
+    # Per candidate, in request order: each of its tokens' log-probability (natural log, fp32 log-softmax
+    # of the model's logits) given the image, the prompt and the candidate's earlier tokens.
+    logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class StepPlan:
     # Images whose vision + Q-Former stage may be needed this step, by content key: those of `encode`,
     # and those of the prefills and retrievals (the runner encodes any of these it holds no embeddings
@@ -82,11 +113,13 @@ class StepPlan:
     decodes: list[SequenceWork] = field(default_factory=list)
     # Matching / embedding requests, answered in full this step (after the vision stage).
     retrievals: list[RetrievalWork] = field(default_factory=list)
+    # Candidate-scoring requests, answered in full this step (after the vision stage).
+    scorings: list[ScoringWork] = field(default_factory=list)
     # Requests wait for a background vision batch: with nothing else to do, the runner waits for it.
     awaits_vision: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.encode or self.prefills or self.decodes or self.retrievals or self.awaits_vision)
+        return not (self.encode or self.awaits_vision or self.runs_model)
 
     @property
     def chainable(self) -> bool:
@@ -102,7 +135,7 @@ class StepPlan:
     @property
     def runs_model(self) -> bool:
         """Work for this step itself (else the runner waits for the background vision stage)."""
-        return bool(self.prefills or self.decodes or self.retrievals)
+        return bool(self.prefills or self.decodes or self.retrievals or self.scorings)
 
 
 @dataclass
@@ -127,3 +160,5 @@ class StepOutput:
     decode_rows: int = 0
     # What each retrieval request (by seq_id) returns.
     retrievals: dict[int, RetrievalOutput] = field(default_factory=dict)
+    # What each scoring request (by seq_id) returns.
+    scorings: dict[int, ScoringOutput] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from ..decoding.decoders import ON_DEVICE
 from .device import device_index, to_device
 from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
+from .scoring import run_scorings
 from .static_decode import StaticDecoder
 from .static_prefill import StaticPrefill
 from .static_vision import StaticVision
@@ -226,6 +227,9 @@ class ModelRunner:
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
+        if plan.scorings:
+            for part in _halving(lambda ws: run_scorings(self.model, ws, fresh), plan.scorings, self._split):
+                out.scorings.update(part)
         return Launched(plan, out, picks, marks)
 
     @torch.inference_mode()
@@ -270,8 +274,10 @@ class ModelRunner:
             out.vision_s += batch.seconds
 
     def _vision(self, plan: StepPlan, out: StepOutput) -> dict[str, torch.Tensor]:
-        """Embeddings of the images this step's prefills and retrievals need; missing ones encoded now."""
-        needed = {w.image_key for w in plan.prefills} | {w.image_key for w in plan.retrievals if w.image_key}
+        """Embeddings of the images this step's prefills, retrievals and scorings need; missing ones
+        encoded now."""
+        needed = {w.image_key for w in [*plan.prefills, *plan.scorings]}
+        needed |= {w.image_key for w in plan.retrievals if w.image_key}
         found = {k: v for k in needed if (v := self.fresh.pop(k, None)) is not None}
         cached = {k: v for k in needed - found.keys() if (v := self.embeddings.get(k)) is not None}
         out.cache_hits += len(cached)
