@@ -177,7 +177,7 @@ def test_scoring_requests_cross_the_process_boundary():
     msg = decode_to_engine(frames[0])
     assert (msg.text_ids, msg.candidates, msg.task, msg.params) == ([2, 5], [[7, 8], [9]], "", None)
     build = request_from_message(None, 64)  # what the engine process makes of it
-    got = build(msg, pixels_of(msg, bytes(frames[1])))
+    got = build(msg, pixels_of(msg, bytearray(frames[1])))
     assert isinstance(got, ScoringRequest) and (got.text_ids, got.candidates) == ([2, 5], [[7, 8], [9]])
     assert torch.equal(got.pixel_values, pixels)
     msg.candidates = [[7], []]
