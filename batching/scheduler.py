@@ -198,8 +198,8 @@ class Scheduler:
             admitted.append(seq)
         if not self.background_vision:
             return admitted, []
-        # Retrievals and scorings encode their images inside the step; a new image goes to the background batch when a
-        # generation request needs it.
+        # Retrievals and scorings encode their images inside the step; a new image goes to the background
+        # batch when a generation request needs it.
         generating = {s.request.image_key for s in admitted if s.decoder is not None}
         return admitted, [k for k in images if k in generating]
 
