@@ -43,6 +43,8 @@ class Add(msgspec.Struct, tag=True):
     # Retrieval ("match" or "embed", with each text's ids); "" for generation.
     task: str = ""
     texts: list[list[int]] = []
+    # Admission order among waiting requests: higher first, FIFO within one (lower runs later).
+    priority: int = 0
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -144,6 +146,7 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
         fields = {"task": request.task, "texts": request.texts}
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
+    fields["priority"] = getattr(request, "priority", 0)
     msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)
     frames: list = [encode(msg)]
     if pixels is not None:

@@ -193,7 +193,7 @@ def _add_routes(app: FastAPI) -> None:
         parsed = await parse_body(request, CaptionRequest)
         params = svc.sampling_params(parsed.body)
         images = await svc.prepare_images(parsed.images)
-        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
+        jobs = [svc.make_request(im, parsed.body.prompt, params, parsed.body.priority) for im in images]
         single = parsed.body.image is not None
         if parsed.body.stream:
             return await _stream(svc, jobs, single, start)
@@ -219,7 +219,10 @@ def _add_routes(app: FastAPI) -> None:
             (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
         ]
         template = svc.vqa_template
-        jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
+        prompts = [template.format(question=q.strip()) for _, q in pairs]
+        jobs = [
+            svc.make_request(im, p, params, body.priority) for (im, _), p in zip(pairs, prompts, strict=True)
+        ]
         single = body.image is not None and body.question is not None
         if body.stream:
             return await _stream(svc, jobs, single, start)
