@@ -11,6 +11,7 @@ A row's failure is its `error` ("TYPE: message", as the HTTP API names it); noth
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from PIL import Image
 from pydantic import ValidationError
 
+from model.data.image import to_rgb
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
 from ..fetch import fetch_image, is_public
-from ..inputs import prepare_image
+from ..inputs import Prepared, prepare_image
 from ..replies import choices_json
 from ..schemas import CaptionRequest, VQARequest
 from ..settings import Settings
@@ -129,12 +133,26 @@ class LocalBackend:
             await self.http.aclose()
         await self.svc.shutdown()
 
-    def _prepare(self, image: bytes | Path) -> Any:
-        """Read (a file) and decode one image: runs in the service's image pool."""
+    def _prepare(self, image: bytes | Path | np.ndarray) -> Prepared:
+        """Read (a file) and decode one image: runs in the service's image pool. A uint8 [H, W, 3] array
+        (Ray Data's `read_images`) is taken as decoded pixels."""
+        if isinstance(image, np.ndarray):
+            return self._prepare_array(image)
         data = read_file(image) if isinstance(image, Path) else image
         return prepare_image(
             data, self.svc.engine.image_processor, self.settings.max_image_pixels, 0, self.svc.raw_pixels
         )
+
+    def _prepare_array(self, array: np.ndarray) -> Prepared:
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise ApiError(400, f"image: an array must be uint8 [H, W(, C)], not {array.dtype} {array.shape}")
+        processor = self.svc.engine.image_processor
+        try:
+            image = to_rgb(Image.fromarray(array))
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, f"image: {exc}") from None
+        pixels = processor.rgb(image) if self.svc.raw_pixels else processor.preprocess(image)
+        return Prepared(pixels, hashlib.sha256(array.tobytes()).hexdigest())
 
     async def answer(self, row: Row) -> dict[str, Any]:
         """text, finish_reason, error, usage (and choices) of one dataset row."""
