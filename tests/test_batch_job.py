@@ -199,3 +199,17 @@ def test_bad_input_is_a_usage_error(tmp_path, root, capsys) -> None:
         assert exc.value.code == 2
     assert "no images" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "empty")
+
+
+def test_url_rows_go_through_the_ssrf_checks(tmp_path, root) -> None:
+    """URLs are refused without --allow-image-urls, and with it a loopback address is (a row error each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/cat.jpg"], "jpg": [png_bytes(1)]}), path)
+    args = flags(root, str(path), "--image-column", "url", "--format", "jsonl")
+    assert run_batch([*args, "-o", str(tmp_path / "a")]) == 1
+    assert "--allow-image-urls" in read_rows(tmp_path / "a" / "urls.jsonl")[0]["error"]
+    assert run_batch([*args, "-o", str(tmp_path / "b"), "--allow-image-urls"]) == 1
+    assert "non-public address" in read_rows(tmp_path / "b" / "urls.jsonl")[0]["error"]
