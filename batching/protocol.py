@@ -45,6 +45,8 @@ class Add(msgspec.Struct, tag=True):
     texts: list[list[int]] = []
     # Scoring (not empty): each candidate's token ids, scored after `text_ids` (no generation).
     candidates: list[list[int]] = []
+    # Admission order among waiting requests: higher first, FIFO within one (lower runs later).
+    priority: int = 0
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -149,6 +151,7 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
         fields = {"text_ids": request.text_ids, "candidates": request.candidates}
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
+    fields["priority"] = getattr(request, "priority", 0)
     msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)
     frames: list = [encode(msg)]
     if pixels is not None:

@@ -1,7 +1,9 @@
 """Continuous-batching scheduler: which sequences run in the next engine step.
 
-Pure bookkeeping over a fixed pool of KV-cache slots. A request waits in a bounded FIFO queue until
-enough slots are free (one per beam); it then runs its prefill (and, if its image's embeddings are not
+Pure bookkeeping over a fixed pool of KV-cache slots. A request waits in a bounded queue until enough
+slots are free (one per beam); the queue is ordered by priority (higher first; FIFO within a priority:
+online traffic at the default 0 is admitted before a batch job's requests at -10, which fill what is
+left; a running request is never preempted); it then runs its prefill (and, if its image's embeddings are not
 cached, the vision stage, batched with the other newcomers) and joins the running decode batch at the
 next step. It leaves the moment it finishes, is cancelled or passes its deadline, and its slots go
 straight back to the pool. The batch is never held back for its longest member.
@@ -55,6 +57,7 @@ class Sequence:
     stream: bool = False  # streaming: the engine reports the outputs so far after each of its steps
     last_token_at: float | None = None  # when its last token came (the gap to the next is a metric)
     output: RetrievalOutput | ScoringOutput | None = None  # a retrieval or scoring request's answer
+    priority: int = 0  # admission order: higher first, FIFO within one
 
     @property
     def rows(self) -> int:
@@ -114,9 +117,10 @@ class Scheduler:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        priority = getattr(request, "priority", 0)
         if isinstance(request, (RetrievalRequest, ScoringRequest)):
-            seq = Sequence(next(self._ids), request, None, deadline)
-            self.waiting.append(seq)
+            seq = Sequence(next(self._ids), request, None, deadline, priority=priority)
+            self._enqueue(seq)
             return seq
         stop_check = getattr(request, "stop_check", None)
         decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids, stop_check)
@@ -124,9 +128,17 @@ class Scheduler:
             raise ValueError(
                 f"{decoder.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"
             )
-        seq = Sequence(next(self._ids), request, decoder, deadline)
-        self.waiting.append(seq)
+        seq = Sequence(next(self._ids), request, decoder, deadline, priority=priority)
+        self._enqueue(seq)
         return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Behind every waiting request of its priority or higher, ahead of the lower ones. Searched from
+        the back: with one priority in the queue (the usual case), that is an append."""
+        at = len(self.waiting)
+        while at > 0 and self.waiting[at - 1].priority < seq.priority:
+            at -= 1
+        self.waiting.insert(at, seq)
 
     @property
     def has_work(self) -> bool:
@@ -177,7 +189,7 @@ class Scheduler:
         return waits
 
     def _admit(self, now: float) -> tuple[list[Sequence], list[str]]:
-        """Waiting requests that get their slots now (FIFO), and the new images to encode."""
+        """Waiting requests that get their slots now (in queue order), and the new images to encode."""
         admitted: list[Sequence] = []
         images: list[str] = []  # new images of this step: one vision batch
         in_flight = bool(self.encoding)

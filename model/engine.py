@@ -64,6 +64,8 @@ class GenerationRequest:
     # Cache positions the request needs: its prompt and answer (Flan-T5: the longer of the encoder's
     # input and the decoder's start token + answer).
     positions: int = 0
+    # Admission order among waiting requests: higher first, FIFO within one (`batching.scheduler`).
+    priority: int = 0
 
 
 @dataclass

@@ -202,7 +202,7 @@ def _add_routes(app: FastAPI) -> None:
                 request, svc, pairs, parsed.body.candidates, single, "caption", _unless_disconnected, start
             )
             return JSONResponse(scored)
-        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
+        jobs = [svc.make_request(im, parsed.body.prompt, params, parsed.body.priority) for im in images]
         if parsed.body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
@@ -235,7 +235,7 @@ def _add_routes(app: FastAPI) -> None:
                 request, svc, prompts, body.candidates, single, "answer", _unless_disconnected, start
             )
             return JSONResponse(scored)
-        jobs = [svc.make_request(im, prompt, params) for im, prompt in prompts]
+        jobs = [svc.make_request(im, prompt, params, body.priority) for im, prompt in prompts]
         if body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)

@@ -27,6 +27,7 @@ commands:
   blipserve [serve] [options]               start the server (this command; the default)
   blipserve caption IMAGE... [--url URL]    caption image files or folders with a running server
   blipserve vqa IMAGE... --question Q       ask a question about images (see blipserve vqa --help)
+  blipserve batch INPUT --output OUT        caption a dataset, resumably (see blipserve batch --help)
 
 Every option is also an environment variable BLIPSERVE_<NAME> (e.g. BLIPSERVE_MAX_QUEUE=512) and a key of a
 --config file; flags win over the environment, which wins over the file."""
@@ -52,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="blipserve",
-        usage="blipserve [serve] [options]  |  blipserve caption|vqa IMAGE... [options]",
+        usage="blipserve [serve] [options]  |  blipserve caption|vqa IMAGE... [options]  |  blipserve batch ...",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         from .client import run_client
 
         sys.exit(run_client(argv[0], argv[1:]))
+    if argv[:1] == ["batch"]:
+        from .batch.cli import run_batch
+
+        sys.exit(run_batch(argv[1:]))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     ap = _parser()

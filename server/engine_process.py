@@ -111,7 +111,14 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
         stop = msg.params.stop
         check = stop_checker(engine.tokenizer.decode, stop) if stop else None
         return GenerationRequest(
-            pixels, msg.image_key, msg.text_ids, msg.prompt_ids, msg.params, check, msg.positions
+            pixels,
+            msg.image_key,
+            msg.text_ids,
+            msg.prompt_ids,
+            msg.params,
+            check,
+            msg.positions,
+            msg.priority,
         )
 
     return build

@@ -23,7 +23,7 @@ from model.engine import GenerationRequest, GenerationResult
 
 from .errors import ApiError, invalid
 from .inputs import decode_base64, is_url
-from .schemas import GenerationParams
+from .schemas import PRIORITY, GenerationParams
 from .service import Outcome, Service
 from .streaming import EventStream, OutputStreams, sse
 
@@ -68,6 +68,7 @@ class ChatRequest(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     user: str | None = None  # accepted for compatibility; not used
+    priority: int = PRIORITY  # an extra field (as vLLM's): admission order, lower runs later
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -229,7 +230,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
         image = url if is_url(url) else decode_base64(url, "image_url")
         prepared = (await svc.prepare_images([image]))[0]
         prompt = svc.vqa_template.format(question=text) if text else None
-        job = svc.make_request(prepared, prompt, params)
+        job = svc.make_request(prepared, prompt, params, body.priority)
         chat = Chat(svc, body, job)
         if body.stream:
             return EventStream(chat.chunks(await svc.stream(job)))

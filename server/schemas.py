@@ -39,7 +39,17 @@ class GenerationParams(BaseModel):
         return value
 
 
+PRIORITY = Field(
+    0,
+    ge=-1000,
+    le=1000,
+    description="admission order when requests wait for the engine: higher first, FIFO within one; "
+    "lower runs later (batch jobs send -10, so online traffic at the default 0 goes ahead of them)",
+)
+
+
 class ImageInput(GenerationParams):
+    priority: int = PRIORITY
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1, description="batch form: results come in this order")
     candidates: list[str] | None = Field(

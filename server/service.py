@@ -219,7 +219,11 @@ class Service:
         ]
         return list(await asyncio.gather(*jobs))
 
-    def make_request(self, image: Prepared, prompt: str | None, params: SamplingParams) -> GenerationRequest:
+    def make_request(
+        self, image: Prepared, prompt: str | None, params: SamplingParams, priority: int = 0
+    ) -> GenerationRequest:
+        """The engine's request for a prepared image (422 for a prompt too long); `priority`: the
+        scheduler admits higher ones first (see `batching.scheduler`)."""
         if prompt is not None and self.engine.tokenizer.count(prompt) > self.settings.max_prompt_tokens:
             raise ApiError(422, f"prompt: longer than {self.settings.max_prompt_tokens} tokens")
         try:
@@ -228,6 +232,7 @@ class Service:
             raise ApiError(422, str(exc)) from None
         if request.positions > self.max_len:
             raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
+        request.priority = priority
         return request
 
     async def enqueue(self, request: GenerationRequest | RetrievalRequest, stream: bool = False) -> Ticket:

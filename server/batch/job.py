@@ -1,0 +1,248 @@
+"""The batch job: every pending row of every shard through a backend, journaled, shards finished in turn.
+
+Rows are read on a worker thread (a chunk at a time) and answered `concurrency` at a time, across shard
+boundaries, so the engine's batch stays full; a shard's output is written as soon as its last row is in.
+SIGTERM / SIGINT (`stop`) stops taking new rows: the rows in flight finish and are journaled, and the
+unfinished shards wait for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .backends import JobSpec, error_row, openai_output
+from .progress import Progress
+from .sources import Columns, Row, Shard
+from .store import ShardStore, failed, row_schema
+
+READ_CHUNK = 32
+
+
+class Backend(Protocol):
+    model_id: str
+
+    async def answer(self, row: Row) -> dict[str, Any]: ...
+
+    async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any, str | None]: ...
+
+
+@dataclass
+class Options:
+    """Where outputs go and how the job runs."""
+
+    output: Path  # the output folder (or, for one OpenAI batch file, the output .jsonl file)
+    fmt: str = "parquet"  # parquet | jsonl (datasets; OpenAI batch files always get OpenAI's JSONL)
+    columns: Columns = field(default_factory=Columns)
+    concurrency: int = 64
+    retry_errors: bool = False
+    progress: str = "bar"  # bar | plain | none
+
+
+@dataclass
+class Summary:
+    rows: int = 0  # rows of every shard
+    answered: int = 0  # rows answered in this run
+    errors: int = 0  # rows of finished shards (or answered in this run) that failed
+    shards: int = 0
+    shards_done: int = 0
+    skipped: int = 0  # rows answered by earlier runs
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self, output: Path) -> str:
+        state = "stopped (rerun the same command to resume)" if self.interrupted else "done"
+        return (
+            f"{state}: {self.shards_done}/{self.shards} shards, {self.rows} rows ({self.errors} errors); this "
+            f"run answered {self.answered} in {self.seconds:.1f} s, {self.rate:.2f} images/s; outputs in {output}"
+        )
+
+
+@dataclass
+class ShardState:
+    shard: Shard
+    store: ShardStore
+    total: int
+    rows: dict[int, dict]  # answered (journal and earlier output), by index
+    done: dict[int, str]  # index -> key of rows not to answer again
+    in_flight: int = 0
+    read_all: bool = False
+
+
+def stores_for(shards: list[Shard], opts: Options, spec: JobSpec) -> list[ShardStore]:
+    """The output files of each shard."""
+    single = len(shards) == 1 and shards[0].kind == "openai" and opts.output.suffix == ".jsonl"
+    folder = opts.output.parent if single else opts.output
+    schema = row_schema(spec.task == "vqa", spec.choices) if opts.fmt == "parquet" else None
+    out = []
+    for shard in shards:
+        name = opts.output.stem if single else shard.name
+        fmt = "openai" if shard.kind == "openai" else opts.fmt
+        out.append(ShardStore(folder, name, fmt, schema if fmt == "parquet" else None))
+    return out
+
+
+def plan(shards: list[Shard], opts: Options, spec: JobSpec) -> tuple[list[ShardState], Summary]:
+    """What is left to do: the unfinished shards and their answered rows (reads headers and journals)."""
+    summary = Summary(shards=len(shards))
+    states = []
+    for shard, store in zip(shards, stores_for(shards, opts, spec), strict=True):
+        stats = store.stats()
+        if stats is not None and not (opts.retry_errors and stats.get("errors")):
+            summary.rows += stats["rows"]
+            summary.errors += stats["errors"]
+            summary.shards_done += 1
+            summary.skipped += stats["rows"]
+            continue
+        if stats is not None:
+            store.forget_stats()
+        rows = store.load()
+        done = {i: r["key"] for i, r in rows.items() if not (opts.retry_errors and failed(r))}
+        total = shard.count()
+        summary.rows += total
+        summary.skipped += len(done)
+        states.append(ShardState(shard, store, total, rows, done))
+    return states, summary
+
+
+def check_job_file(folder: Path, job: dict[str, Any]) -> None:
+    """`_job.json` in the output folder records what the job asks; a rerun must ask the same (a resumed
+    shard must not mix answers to two different requests). ValueError otherwise."""
+    path = folder / "_job.json"
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != job:
+            changed = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
+            raise ValueError(
+                f"{folder} holds a job with other settings ({', '.join(changed)}): rerun it as it was, or "
+                "use another --output"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(job, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+async def answer(backend: Backend, spec: JobSpec, row: Row) -> dict[str, Any]:
+    """The output row (dataset) or OpenAI output line (batch file) of one input row; never raises."""
+    out: dict[str, Any] = {"index": row.index, "key": row.key}
+    if row.request is not None:
+        if row.error is not None:
+            return {**out, "output": openai_output(row, None, None, None)}
+        body = {"priority": spec.priority, **row.request["body"]}
+        status, reply, request_id = await backend.post(row.request["url"], body)
+        return {**out, "output": openai_output(row, status, reply, request_id)}
+    if spec.task == "vqa":
+        out["question"] = row.question if row.question is not None else spec.question
+    if row.error is not None:
+        return {**out, **error_row(f"invalid_request: {row.error}")}
+    return {**out, **await backend.answer(row)}
+
+
+def _chunks(states: list[ShardState], columns: Columns) -> Iterator[tuple[ShardState, list[Row]]]:
+    for state in states:
+        rows = state.shard.rows(columns, state.done)
+        while chunk := list(itertools.islice(rows, READ_CHUNK)):
+            yield state, chunk
+        yield state, []  # the shard is read
+
+
+async def run(
+    backend: Backend,
+    spec: JobSpec,
+    opts: Options,
+    states: list[ShardState],
+    summary: Summary,
+    stop: asyncio.Event,
+) -> Summary:
+    """Answer every pending row; write each shard once complete. Returns the summary (also on `stop`)."""
+    start = time.monotonic()
+    progress = Progress(opts.progress, summary.rows, summary.skipped)
+    gate = asyncio.Semaphore(opts.concurrency)
+    tasks: set[asyncio.Task] = set()
+    finishing: list[asyncio.Task] = []
+
+    async def one(state: ShardState, row: Row) -> None:
+        try:
+            result = await answer(backend, spec, row)
+        except Exception as exc:  # a bug must not lose the row: it is an error, redone by --retry-errors
+            result = {"index": row.index, "key": row.key, **error_row(f"internal_error: {exc!r}")}
+        finally:
+            gate.release()
+        state.rows[row.index] = result
+        state.store.append(result)
+        state.in_flight -= 1
+        bad = failed(result)
+        summary.answered += 1
+        progress.update(not bad)
+        maybe_finish(state)
+
+    async def finish(state: ShardState) -> None:
+        info = {"input": str(state.shard.path), "model": backend.model_id, "task": spec.task}
+        stats = await asyncio.to_thread(state.store.finish, state.rows, state.total, info)
+        summary.shards_done += 1
+        summary.errors += stats["errors"]
+
+    def maybe_finish(state: ShardState) -> None:
+        if state.read_all and state.in_flight == 0 and len(state.rows) >= state.total:
+            finishing.append(asyncio.ensure_future(finish(state)))
+
+    reader = _chunks(states, opts.columns)
+    try:
+        while not stop.is_set():
+            item = await asyncio.to_thread(next, reader, None)
+            if item is None:
+                break
+            state, chunk = item
+            if not chunk:
+                state.read_all = True
+                maybe_finish(state)
+                continue
+            for row in chunk:
+                await _acquire(gate, stop)
+                if stop.is_set():
+                    break
+                state.in_flight += 1
+                task = asyncio.ensure_future(one(state, row))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    finally:  # also when reading fails (InputError): what is in flight is still journaled
+        if tasks:
+            await asyncio.gather(*tasks)
+        await asyncio.gather(*finishing)
+        for state in states:
+            state.store.close()
+    summary.interrupted = stop.is_set() and summary.shards_done < summary.shards
+    summary.seconds = time.monotonic() - start
+    summary.errors += sum(failed(r) for s in states if not _finished(s) for r in s.rows.values())
+    progress.close(summary.line(opts.output))
+    return summary
+
+
+async def _acquire(gate: asyncio.Semaphore, stop: asyncio.Event) -> None:
+    """Take a slot, or return as soon as `stop` is set."""
+    if gate.locked():
+        waiter = asyncio.ensure_future(gate.acquire())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            return
+        if stop.is_set():
+            gate.release()
+        return
+    await gate.acquire()
+
+
+def _finished(state: ShardState) -> bool:
+    return state.store.stats_path.exists()
