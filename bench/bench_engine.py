@@ -207,7 +207,7 @@ def qformer_table(args, engine, batch: int, name: str) -> None:
         pairs = [(a, b) for g, w in zip(tokens, ref, strict=True) for a, b in zip(g, w, strict=False)]
         same = sum(a == b for a, b in pairs) / max(len(pairs), 1)
         print(f"{precision:>8} {rate:>10.1f} img/s  {same:.1%} tokens equal")
-    engine.model.set_qformer_precision("float32")
+    engine.model.set_qformer_precision("auto")
 
 
 def main() -> None:

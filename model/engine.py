@@ -28,6 +28,7 @@ from .data.textstream import cut_at_stop, stop_checker
 from .data.tokenizer import TextTokenizer
 from .decoding.decoders import new_decoder
 from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .placement import parse_dtype, resolve_device, resolve_dtype
 from .runtime.options import DecodeOptions
 from .runtime.plan import (
     RetrievalOutput,
@@ -45,7 +46,6 @@ from .runtime.scoring import ScoringResult, candidate_ids, rank
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_RANDOM = "tiny-random"
 
 
@@ -100,16 +100,6 @@ class GenerationResult:
         return sum(len(o.token_ids) for o in self.outputs)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
-    return DTYPES[dtype]
-
-
 class Blip2Engine:
     def __init__(
         self,
@@ -132,23 +122,42 @@ class Blip2Engine:
 
     @classmethod
     def from_pretrained(
-        cls, model_id: str = TINY_RANDOM, device: str = "cpu", dtype: str | torch.dtype | None = None
+        cls,
+        model_id: str = TINY_RANDOM,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
     ) -> Blip2Engine:
-        torch_dtype = resolve_dtype(dtype, device)
+        """A hub id, a local checkpoint directory or "tiny-random", loaded on `device` ("cpu", "cuda",
+        "cuda:N", "auto") in `dtype` ("float32", "float16", "bfloat16", "auto" / None: float32 on the CPU;
+        on CUDA bfloat16 for Flan-T5, else float16; see `model.placement`).
+
+        Raises ValueError naming `device` or `dtype` when it is not one or CUDA is not available, before
+        anything is fetched."""
+        where, _ = resolve_device(device), parse_dtype(dtype)
         if model_id == TINY_RANDOM:
             with tempfile.TemporaryDirectory(prefix="blipserve-tiny-") as tmp:
-                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, device, torch_dtype)
-        return cls._load(resolve_checkpoint(model_id), model_id, device, torch_dtype)
+                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, where, dtype)
+        return cls._load(resolve_checkpoint(model_id), model_id, where, dtype)
 
     @classmethod
     def load_dir(
-        cls, root: Path, model_id: str, device: str = "cpu", dtype: str | torch.dtype | None = None
+        cls,
+        root: Path,
+        model_id: str,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
     ) -> Blip2Engine:
-        """The checkpoint in local directory `root`, served under the name `model_id`."""
-        return cls._load(root, model_id, device, resolve_dtype(dtype, device))
+        """The checkpoint in local directory `root`, served under the name `model_id` (`device` and
+        `dtype` as `from_pretrained`'s)."""
+        where, _ = resolve_device(device), parse_dtype(dtype)
+        return cls._load(root, model_id, where, dtype)
 
     @classmethod
-    def _load(cls, root: Path, model_id: str, device: str, dtype: torch.dtype) -> Blip2Engine:
+    def _load(
+        cls, root: Path, model_id: str, device: torch.device, dtype: str | torch.dtype | None
+    ) -> Blip2Engine:
+        cfg = read_config(root / "config.json")
+        dtype = resolve_dtype(dtype, device, t5=getattr(cfg, "is_encoder_decoder", False))
         model = load_model(root, dtype=dtype, device=device)
         tokenizer = TextTokenizer.from_dir(root)
         processor = ImageProcessor.from_dir(root, default_size=model.cfg.vision.image_size)

@@ -81,7 +81,7 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
         engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype)
     else:
         engine = Blip2Engine.load_dir(root, settings.model, device, settings.dtype)
-    if settings.qformer_precision != "float32":
+    if settings.qformer_precision != "auto":
         if not hasattr(engine.model, "set_qformer_precision"):
             raise ValueError(
                 f"--qformer-precision applies to BLIP-2 caption/vqa models, not {engine.model_id}"

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     model: str = Field("tiny-random", description="hub id, local directory, or 'tiny-random'")
     device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when present)")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="weights and activations; auto: float16 on CUDA, float32 on the CPU"
+        "auto",
+        description="weights and activations; auto: float32 on the CPU; on CUDA bfloat16 for Flan-T5 (its "
+        "activations overflow float16), float16 for the others",
     )
     quantize: Literal["none", "int8", "llm.int8"] = Field(
         "none",
@@ -73,11 +75,12 @@ class Settings(BaseSettings):
         "engine normalises them on its device; unset: true on CUDA, false on the CPU (where the engine "
         "process would only take over the HTTP processes' work)",
     )
-    qformer_precision: Literal["float32", "tf32", "model"] = Field(
-        "float32",
-        description="the Q-Former's arithmetic (BLIP-2 caption/vqa): float32 as transformers; tf32: its "
-        "matrix products on the tensor cores (CUDA); model: in the model dtype. Measured on the test "
-        "checkpoints in fp16, model dtype changed 5% of greedy tokens (bf16: 14%): float32 stays the default",
+    qformer_precision: Literal["auto", "float32", "tf32", "model"] = Field(
+        "auto",
+        description="the Q-Former's arithmetic (BLIP-2 caption/vqa): auto as transformers (float32 in a "
+        "float16 model, else the model dtype); float32; tf32: its matrix products on the tensor cores "
+        "(CUDA); model: in the model dtype. Measured on the test checkpoints in fp16, model dtype changed 5% "
+        "of greedy tokens against float32",
     )
     max_wait_ms: float = Field(
         0.0,

@@ -20,6 +20,7 @@ from ..checkpoint.config import Blip2Config, T5Config
 from ..runtime.device import device_index, to_device
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
+from .t5 import KEEP_IN_FP32 as T5_KEEP_IN_FP32
 from .t5 import T5Cache, T5ForConditionalGeneration
 from .vision import QFormerModel, VisionModel
 
@@ -27,7 +28,10 @@ from .vision import QFormerModel, VisionModel
 PromptInput = tuple[torch.Tensor, list[int]]
 
 
-QFORMER_PRECISIONS = ("float32", "tf32", "model")
+QFORMER_PRECISIONS = ("float32", "tf32", "model", "auto")
+# Parameters a float16 BLIP-2 keeps in float32 (transformers' `_keep_in_fp32_modules`: the Q-Former and
+# the learned queries; `model.checkpoint.loader.keep_in_float32`).
+QFORMER_KEEP_IN_FP32 = (r"qformer\..+", r"query_tokens")
 
 
 @contextmanager
@@ -55,16 +59,22 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
         self.qformer = QFormerModel(cfg.qformer)
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text_hidden)
-        lm = T5ForConditionalGeneration if isinstance(cfg.text, T5Config) else OPTForCausalLM
-        self.language_model = lm(cfg.text)
+        t5 = isinstance(cfg.text, T5Config)
+        self.language_model = (T5ForConditionalGeneration if t5 else OPTForCausalLM)(cfg.text)
+        self.keep_in_fp32 = QFORMER_KEEP_IN_FP32 + tuple(
+            rf"language_model\.{p}" for p in (T5_KEEP_IN_FP32 if t5 else ())
+        )
         self.qformer_tf32 = False  # see `set_qformer_precision`
 
     def set_qformer_precision(self, precision: str) -> None:
-        """The Q-Former's arithmetic: "float32" (transformers' choice: its `_keep_in_fp32_modules`),
-        "tf32" (fp32 weights, matrix products on the tensor cores' TF32 mode; CUDA only, fp32 elsewhere)
-        or "model" (weights and activations in the language model's dtype: fp16 / bf16)."""
+        """The Q-Former's arithmetic: "auto" (transformers' choice, as loaded: float32 in a float16 model,
+        by its `_keep_in_fp32_modules`, else the model dtype), "float32", "tf32" (fp32 weights, matrix
+        products on the tensor cores' TF32 mode; CUDA only, fp32 elsewhere) or "model" (weights and
+        activations in the language model's dtype). ValueError for any other value."""
         if precision not in QFORMER_PRECISIONS:
             raise ValueError(f"Q-Former precision must be one of {QFORMER_PRECISIONS}, got {precision!r}")
+        if precision == "auto":
+            precision = "float32" if self.lm_dtype == torch.float16 else "model"
         dtype = self.lm_dtype if precision == "model" else torch.float32
         self.qformer.to(dtype)
         self.query_tokens.data = self.query_tokens.data.to(dtype)
@@ -125,9 +135,9 @@ class Blip2ForConditionalGeneration(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] -> query embeddings [B, num_query_tokens, text hidden size].
 
-        As in `transformers`, the Q-Former and the learned queries stay in fp32 whatever the model dtype
-        (its `_keep_in_fp32_modules`) unless `set_qformer_precision` says otherwise; the projection runs
-        in the model dtype.
+        As in `transformers`, the Q-Former and the learned queries stay in fp32 in a float16 model (its
+        `_keep_in_fp32_modules`) unless `set_qformer_precision` says otherwise; the projection runs in the
+        model dtype.
         """
         image = self.vision_model(pixel_values)
         queries = self.query_tokens.expand(image.shape[0], -1, -1)

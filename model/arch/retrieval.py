@@ -22,6 +22,7 @@ from torch import nn
 from ..checkpoint.config import Blip2Config, BlipConfig
 from ..runtime.plan import RetrievalOutput, RetrievalWork
 from .bert import BlipTextModel, key_mask, pad_ids
+from .blip2 import QFORMER_KEEP_IN_FP32
 from .vision import QFormerModel, VisionModel
 
 Encode = Callable[[str], list[int]]
@@ -53,6 +54,8 @@ class _Retriever(nn.Module):
 
 
 class Blip2ForImageTextRetrieval(_Retriever):
+    keep_in_fp32 = QFORMER_KEEP_IN_FP32  # in a float16 model, as transformers
+
     def __init__(self, cfg: Blip2Config):
         super().__init__()
         # The text branch's feed-forward blocks are what retrieval uses the Q-Former's text path for.

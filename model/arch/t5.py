@@ -8,6 +8,13 @@ BLIP-2 Flan-T5, with static caches for serving.
 Parameter names are `transformers`' (`shared`, `encoder.block.{i}.layer.{j}.SelfAttention.q`, ...), so a
 checkpoint loads by name. T5 does not scale q·k, folds a bucketed relative position bias (computed by the
 first layer, shared by the others) into the scores, and normalises with RMSNorm (no mean, no bias).
+
+Precision, as transformers' T5 (its activations pass fp16's 65504 in real Flan-T5 layers: transformers
+#9295, #21574): in a float16 model the feed-forward output projection `wo` keeps float32 weights
+(`KEEP_IN_FP32`, transformers' `_keep_in_fp32_modules`), its output is added to the residual stream in
+float32, so the stream is float32 from the first feed-forward on; while the stream is still float16, each
+residual sum is clamped to fp16's range (`clamp_fp16`); RMSNorm's mean square is taken in float32. In
+bfloat16 (float32's range) everything runs in bfloat16, as transformers.
 """
 
 from __future__ import annotations
@@ -22,9 +29,23 @@ from ..checkpoint.config import T5Config
 from .kv_cache import AttnBatch, CrossCache
 from .vision import merge_heads
 
+# Parameters (names under T5ForConditionalGeneration) that a float16 model keeps in float32.
+KEEP_IN_FP32 = (r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo\.weight",)
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """transformers' T5Block clamp of a float16 residual stream: into fp16's range, 1000 inside it once
+    any value is inf (no host sync: the bound is a device tensor). Other dtypes pass unchanged."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    bound = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-bound, max=bound)
+
 
 class T5LayerNorm(nn.Module):
-    """RMSNorm, accumulated in fp32 (as transformers)."""
+    """RMSNorm: the mean square in fp32, the output in the weight's dtype (as transformers). Input of any
+    float dtype [..., size] (a float16 model's residual stream is float32 after the first FF)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -101,8 +122,9 @@ class T5FF(nn.Module):
         self.gated = cfg.gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] in the model dtype -> [B, T, d_model] in `wo`'s dtype (float32 in a float16
+        model: T5's FF output overflows fp16)."""
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        # wo runs in fp32 (as transformers keeps it): T5's FF output overflows fp16.
         return self.wo(h.to(getattr(self.wo, "compute_dtype", None) or self.wo.weight.dtype))
 
 
@@ -113,7 +135,8 @@ class T5LayerFF(nn.Module):
         self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.DenseReluDense(self.layer_norm(x)).to(x.dtype)
+        """The residual sum in the wider of the stream's and `wo`'s dtypes (as transformers: no cast back)."""
+        return clamp_fp16(x + self.DenseReluDense(self.layer_norm(x)))
 
 
 class T5SelfAttentionLayer(nn.Module):
@@ -180,7 +203,9 @@ class T5ForConditionalGeneration(nn.Module):
             sa = block.layer[0]
             h = sa.layer_norm(x)
             attn = sa.SelfAttention
-            x = x + attn.attend(attn.split(h, attn.q), attn.split(h, attn.k), attn.split(h, attn.v), scores)
+            x = clamp_fp16(
+                x + attn.attend(attn.split(h, attn.q), attn.split(h, attn.k), attn.split(h, attn.v), scores)
+            )
             x = block.layer[1](x)
         return self.encoder.final_layer_norm(x)
 
@@ -231,12 +256,11 @@ class T5ForConditionalGeneration(nn.Module):
             attn = sa.SelfAttention
             own.update(i, batch, attn.split(h, attn.k), attn.split(h, attn.v))
             k, v = own.read(i, batch)
-            x = x + attn.attend(attn.split(h, attn.q), k, v, self_scores)
+            x = clamp_fp16(x + attn.attend(attn.split(h, attn.q), k, v, self_scores))
             h = ca.layer_norm(x)
             k, v = cache.cross.read(i, src_batch)
-            x = x + ca.EncDecAttention.attend(
-                ca.EncDecAttention.split(h, ca.EncDecAttention.q), k, v, cross_scores
-            )
+            cross = ca.EncDecAttention
+            x = clamp_fp16(x + cross.attend(cross.split(h, cross.q), k, v, cross_scores))
             x = block.layer[2](x)
         x = self.decoder.final_layer_norm(x)
         if self.cfg.scales_output:

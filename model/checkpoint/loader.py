@@ -138,19 +138,28 @@ def model_class(cfg: Blip2Config | BlipConfig) -> type[nn.Module]:
 
 
 def build_empty(cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Allocate the model in place (no init work, no fp32 staging); BLIP-2's Q-Former stays fp32."""
+    """Allocate the model in place (no init work, no fp32 staging) in `dtype`, except the parameters a
+    float16 model keeps in float32 (`keep_in_float32`)."""
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
     model.to(dtype)
-    if isinstance(cfg, Blip2Config):
-        if isinstance(model, Blip2ForConditionalGeneration) and cfg.is_encoder_decoder:
-            # As transformers' `_keep_in_fp32_modules = ["wo"]` for T5: its FF output overflows in fp16.
-            for name, module in model.language_model.named_modules():
-                if name.endswith("DenseReluDense.wo"):
-                    module.float()
-        model.qformer.float()
-        model.query_tokens.data = model.query_tokens.data.float()
+    if dtype == torch.float16:
+        keep_in_float32(model)
     return model.to_empty(device=device).eval().requires_grad_(False)
+
+
+def keep_in_float32(model: nn.Module) -> list[str]:
+    """Turn the parameters the model's `keep_in_fp32` patterns name (full matches) to float32; return
+    their names. As transformers' `_keep_in_fp32_modules`, which it applies to float16 only (bfloat16 has
+    float32's range): BLIP-2's Q-Former and learned queries, T5's feed-forward `wo` (its output passes
+    fp16's 65504 in Flan-T5). BLIP keeps nothing in float32."""
+    patterns = [re.compile(p) for p in getattr(model, "keep_in_fp32", ())]
+    kept = []
+    for name, param in model.named_parameters():
+        if any(p.fullmatch(name) for p in patterns):
+            param.data = param.data.float()
+            kept.append(name)
+    return kept
 
 
 def tied_weights(model: nn.Module) -> dict[str, str]:
