@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
-from .errors import ApiError, BodyLimit, error_response, install_handlers
-from .inputs import parse_body
+from .errors import ApiError, BodyLimit, error_response, install_handlers, named
+from .inputs import parse_body, vqa_prompts
 from .logs import configure as configure_logging
 from .openai_api import ChatRequest, add_openai_routes
 from .replies import event_stream, reply
@@ -191,9 +191,9 @@ def _add_routes(app: FastAPI) -> None:
         svc: Service = request.app.state.service
         svc.require("caption", "/caption")
         parsed = await parse_body(request, CaptionRequest)
-        params = svc.sampling_params(parsed.body)
-        images = await svc.prepare_images(parsed.images)
-        jobs = [svc.make_request(im, parsed.body.prompt, params) for im in images]
+        params = svc.sampling_params(parsed.body, names=parsed.names)
+        images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
+        jobs = [svc.make_request(im, parsed.body.prompt, params, parsed.names) for im in images]
         single = parsed.body.image is not None
         if parsed.body.stream:
             return await _stream(svc, jobs, single, start)
@@ -207,20 +207,20 @@ def _add_routes(app: FastAPI) -> None:
         svc.require("vqa", "/vqa")
         parsed = await parse_body(request, VQARequest)
         body: VQARequest = parsed.body
-        params = svc.sampling_params(body, "vqa")
-        questions = body.questions if body.questions is not None else [body.question]
-        blobs = parsed.images
-        if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
-            raise ApiError(422, f"questions: {len(questions)} given for {len(blobs)} images")
-        svc.limit_items(len(questions), "questions")
-        images = await svc.prepare_images(blobs)
-        n = max(len(images), len(questions))
+        params = svc.sampling_params(body, "vqa", parsed.names)
+        prompts = vqa_prompts(body, svc.vqa_template, parsed.names)  # (field as sent, prompt)
+        blobs, many = parsed.images, named("questions", parsed.names)
+        if len(blobs) > 1 and len(prompts) > 1 and len(blobs) != len(prompts):
+            raise ApiError(422, f"{many}: {len(prompts)} given for {len(blobs)} images", param=many)
+        svc.limit_items(len(prompts), many)
+        images = await svc.prepare_images(blobs, parsed.image_fields, parsed.names)
+        n = max(len(images), len(prompts))
         pairs = [
-            (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
+            (images[i if len(images) > 1 else 0], prompts[i if len(prompts) > 1 else 0]) for i in range(n)
         ]
-        template = svc.vqa_template
-        jobs = [svc.make_request(im, template.format(question=q.strip()), params) for im, q in pairs]
-        single = body.image is not None and body.question is not None
+        names = parsed.names
+        jobs = [svc.make_request(im, text, params, {**names, "prompt": field}) for im, (field, text) in pairs]
+        single = body.image is not None and body.questions is None
         if body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)

@@ -35,7 +35,7 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         svc.require("match", "/match")
         parsed = await parse_body(request, MatchRequest)
         body: MatchRequest = parsed.body
-        images = await svc.prepare_images(parsed.images)
+        images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
         jobs = [svc.retrieval_request("match", im, body.texts) for im in images]
         outs = await run(request, svc.retrieve(jobs))
         reply: dict = {"model": svc.engine.model_id}
@@ -55,7 +55,11 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         body: EmbedRequest = parsed.body
         texts = body.texts or []
         svc.limit_items(len(texts), "texts")
-        images = await svc.prepare_images(parsed.images) if parsed.images else []
+        images = (
+            await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
+            if parsed.images
+            else []
+        )
         jobs = [svc.retrieval_request("embed", im, []) for im in images]
         if texts:
             jobs.append(svc.retrieval_request("embed", None, texts))

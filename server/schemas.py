@@ -55,13 +55,25 @@ class CaptionRequest(ImageInput):
 
 
 class VQARequest(ImageInput):
-    question: str | None = Field(None, min_length=1, max_length=4000)
-    questions: list[str] | None = Field(None, min_length=1)
+    question: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="put into the VQA template (see /v1/models), unless it is in the template's shape "
+        "already ('Question: ... Answer:')",
+    )
+    questions: list[str] | None = Field(None, min_length=1, description="several questions, as 'question'")
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="raw form: the whole prompt, sent without the template",
+    )
 
     @model_validator(mode="after")
     def _one_question_field(self):
-        if (self.question is None) == (self.questions is None):
-            raise ValueError("give exactly one of 'question' or 'questions'")
+        if sum(x is not None for x in (self.question, self.questions, self.prompt)) != 1:
+            raise ValueError("give exactly one of 'question', 'questions' or 'prompt'")
         if self.questions is not None and any(not q or len(q) > 4000 for q in self.questions):
             raise ValueError("each question must be 1 to 4000 characters")
         return self

@@ -32,9 +32,9 @@ def test_each_high_depth_file_is_its_8bit_picture(name):
     processor = ImageProcessor(height=SIZE, width=SIZE)
     want = _transformers(Image.open(io.BytesIO(eight)))
     # What the server hands the engine: normalised pixels, or (a CUDA engine) resized uint8 RGB.
-    assert torch.equal(prepare_image(deep, processor, 10**6, 0).pixel_values, want)
-    raw = prepare_image(deep, processor, 10**6, 0, raw=True).pixel_values
-    assert torch.equal(raw, prepare_image(eight, processor, 10**6, 0, raw=True).pixel_values)
+    assert torch.equal(prepare_image(deep, processor, 10**6).pixel_values, want)
+    raw = prepare_image(deep, processor, 10**6, raw=True).pixel_values
+    assert torch.equal(raw, prepare_image(eight, processor, 10**6, raw=True).pixel_values)
     assert torch.equal(processor.normalize(raw), want)
     # The Python API's path: a PIL image as Image.open gives it.
     assert torch.equal(processor.preprocess(Image.open(io.BytesIO(deep))), want)
