@@ -23,13 +23,13 @@ from .errors import ApiError, BodyLimit, error_response, install_handlers, named
 from .inputs import parse_body, vqa_prompts
 from .logs import configure as configure_logging
 from .openai_api import ChatRequest, add_openai_routes
+from .openapi import ERRORS, add_docs, add_schemas, body_doc
 from .replies import event_stream, reply
 from .retrieval_api import add_retrieval_routes
 from .schemas import (
     CaptionRequest,
     CaptionResponse,
     EmbedRequest,
-    ErrorResponse,
     MatchRequest,
     VQARequest,
     VQAResponse,
@@ -41,20 +41,6 @@ from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
 T = TypeVar("T")
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 503, 504)}
-
-
-def _body_doc(model: type) -> dict:
-    """OpenAPI: the fields as JSON (image as base64), or as multipart form fields with file parts."""
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    properties = {
-        k: v for k, v in model.model_json_schema()["properties"].items() if k not in ("image", "images")
-    }
-    properties["image"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    form = {"type": "object", "properties": properties, "required": ["image"]}
-    content = {"application/json": {"schema": ref}, "multipart/form-data": {"schema": form}}
-    return {"requestBody": {"required": True, "content": content}}
 
 
 def create_app(
@@ -87,7 +73,8 @@ def create_app(
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
             await svc.shutdown()
 
-    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc come from add_docs, with their JavaScript and CSS served here (no CDN).
+    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(ApiKeyAuth, settings=settings)
@@ -98,7 +85,8 @@ def create_app(
     _add_routes(app)
     add_openai_routes(app, _run)
     add_retrieval_routes(app, _unless_disconnected)
-    _add_schemas(app)
+    add_schemas(app, [CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest])
+    add_docs(app)
     return app
 
 
@@ -184,7 +172,7 @@ ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
 
 def _add_routes(app: FastAPI) -> None:
     @app.post(
-        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=_body_doc(CaptionRequest)
+        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=body_doc(CaptionRequest)
     )
     async def caption(request: Request) -> JSONResponse:
         start = time.perf_counter()
@@ -200,7 +188,7 @@ def _add_routes(app: FastAPI) -> None:
         outcomes = await _run(request, svc, jobs)
         return JSONResponse(reply(svc, outcomes, start, single, "caption"))
 
-    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=_body_doc(VQARequest))
+    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=body_doc(VQARequest))
     async def vqa(request: Request) -> JSONResponse:
         start = time.perf_counter()
         svc: Service = request.app.state.service
@@ -230,7 +218,7 @@ def _add_routes(app: FastAPI) -> None:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: ERRORS[503]})
     async def ready(request: Request) -> Response:
         svc: Service | None = getattr(request.app.state, "service", None)
         if svc is None or not svc.ready or not svc.healthy:
@@ -246,22 +234,3 @@ def _add_routes(app: FastAPI) -> None:
     async def models(request: Request) -> dict:
         svc: Service = request.app.state.service
         return {"object": "list", "data": [svc.describe()]}
-
-
-def _add_schemas(app: FastAPI) -> None:
-    """Put the request models into the OpenAPI components that the routes' request bodies reference."""
-    base = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = base()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest):
-            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(doc.pop("$defs", {}))
-            components[model.__name__] = doc
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi

@@ -151,11 +151,13 @@ async def _parse_form(request: Request, model: type[BaseModel]) -> Parsed:
             raise ApiError(422, f"{key}: must be a file part", param=key)
         else:
             values.setdefault(key, []).append(value)
-    if not files:
+    if not files and not getattr(model, "image_optional", False):
         raise ApiError(422, "image: a file part named 'image' is required", param="image")
     raw, names = _form_fields(model, values)
     # The model's image fields are for JSON; a placeholder keeps its 'exactly one' rule meaningful.
-    if len(files) > 1:
+    if not files:
+        image_fields = []
+    elif len(files) > 1:
         raw["images"], names["images"] = ["file"] * len(files), files[0][0]
         image_fields = [f"{key}[{i}]" for i, (key, _) in enumerate(files)]
     else:

@@ -23,6 +23,7 @@ from model.engine import GenerationRequest, GenerationResult
 
 from .errors import ApiError, invalid
 from .inputs import decode_base64, is_url, load_json, vqa_prompt
+from .openapi import OPENAI_ERRORS
 from .schemas import GenerationParams
 from .service import Outcome, Service
 from .streaming import EventStream, OutputStreams, sse
@@ -223,7 +224,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
     doc = {"$ref": "#/components/schemas/ChatRequest"}
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": doc}}}}
 
-    @app.post("/v1/chat/completions", openapi_extra=body_doc)
+    @app.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=body_doc)
     async def chat_completions(request: Request) -> Response:
         svc: Service = request.app.state.service
         body = await _parse(request)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from model.runtime.plan import RetrievalOutput
 
 from .inputs import parse_body
+from .openapi import ERRORS, body_doc
 from .schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse
 from .service import Service, elapsed_ms
 
@@ -28,7 +29,7 @@ def _scores(out: RetrievalOutput) -> list[dict]:
 def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Awaitable[T]]) -> None:
     """`run(request, work)`: await the work, or cancel it (freeing its place) if the client goes away."""
 
-    @app.post("/match", response_model=MatchResponse)
+    @app.post("/match", response_model=MatchResponse, responses=ERRORS, openapi_extra=body_doc(MatchRequest))
     async def match(request: Request) -> dict:
         start = time.perf_counter()
         svc: Service = request.app.state.service
@@ -46,7 +47,9 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         reply["timings"] = {"total_ms": elapsed_ms(start)}
         return reply
 
-    @app.post("/embed", response_model=EmbedResponse)
+    @app.post(
+        "/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=body_doc(EmbedRequest, False)
+    )
     async def embed(request: Request) -> dict:
         start = time.perf_counter()
         svc: Service = request.app.state.service

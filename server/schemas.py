@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.decoding.generation import MIN_DIVISOR
@@ -163,6 +165,7 @@ class EmbedRequest(BaseModel):
     """Normalised embeddings of images and/or texts, in one shared space."""
 
     model_config = ConfigDict(extra="forbid")
+    image_optional: ClassVar[bool] = True  # texts alone are a request (a multipart form without a file too)
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1)
     texts: list[str] | None = Field(None, min_length=1, max_length=64)
