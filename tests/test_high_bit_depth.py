@@ -62,17 +62,18 @@ def test_scaling_of_each_mode_in_memory(array, want):
     assert np.asarray(to_8bit(image)).tolist() == [want]
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N", "I", "F"])
 def test_in_memory_images_match_transformers_on_their_8bit_picture(mode):
     rng = np.random.default_rng(3)
     eight = rng.integers(0, 256, (31, 45), dtype=np.uint8)
-    low = rng.integers(0, 256, eight.shape)
+    deep = (eight.astype(np.int64) << 8) | rng.integers(0, 256, eight.shape)
     if mode == "F":
         image = Image.fromarray(eight.astype(np.float32) / 255)
+    elif mode == "I":
+        image = Image.fromarray(deep.astype(np.int32))
     else:
-        image = Image.fromarray(
-            ((eight.astype(np.int64) << 8) | low).astype(np.uint16 if mode == "I;16" else np.int32)
-        )
+        order = {"I;16B": ">u2", "I;16L": "<u2"}.get(mode, "=u2")
+        image = Image.frombytes(mode, (45, 31), deep.astype(order).tobytes())
     assert image.mode == mode
     processor = ImageProcessor(height=SIZE, width=SIZE)
     assert torch.equal(processor.preprocess(image), _transformers(Image.fromarray(eight)))

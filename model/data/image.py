@@ -79,12 +79,13 @@ def to_8bit(image: Image.Image, depth: SampleDepth | None = None) -> Image.Image
     """An image of more than 8 bits per sample -> its 8-bit picture ("L"); other modes are returned as
     they are (with an RGB colour key brought to 8 bits, for a file of `depth` > 8 bits).
 
-    Integer samples of `depth.bits` (default: 16, what the I;16 modes hold and how PIL keeps 16-bit PNG
-    and PGM data in mode I) keep their high 8 bits: v >> (bits - 8), so a 16-bit sample v becomes v >> 8;
-    signed samples keep 0..2**(bits-1)-1 the same way, negative values are black. Floats ("F") are taken in 0..1,
-    the convention of float image files and arrays: round(v * 255), clipped. A colour key
-    (`info["transparency"]`) is brought to 8 bits the same way, so each high-depth image is exactly its
-    8-bit version. PIL's own conversion clips instead (a mid-grey 16-bit picture comes out white).
+    Integer samples of `depth.bits` (default: the file's, else 16, what the I;16 modes hold and how PIL
+    keeps 16-bit PNG and PGM data in mode I) keep their high 8 bits: v >> (bits - 8), so a 16-bit sample v
+    becomes v >> 8; signed samples keep 0..2**(bits-1)-1 the same way, negative values are black. Floats
+    ("F") are taken in 0..1, the convention of float image files and arrays: round(v * 255), clipped. A
+    colour key (`info["transparency"]`) is brought to 8 bits the same way, so each high-depth image is
+    exactly its 8-bit version. PIL's own conversion clips instead (a mid-grey 16-bit picture comes out
+    white). Returns a new image, or `image` itself when it has 8 bits per sample.
     """
     if image.mode not in HIGH_DEPTH_MODES:
         key = image.info.get("transparency")
