@@ -88,8 +88,15 @@ def error_response(
 
 
 def _field(error: dict) -> str:
-    """Where a pydantic error points, without FastAPI's leading 'body' ('' for the body itself)."""
-    return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
+    """Where a pydantic error points, without FastAPI's leading 'body' ('' for the body itself); list
+    items as JSON paths write them: `questions[1]`, `messages[0].content`."""
+    path = ""
+    for x in error.get("loc", ()):
+        if isinstance(x, int):
+            path += f"[{x}]"
+        elif x != "body":
+            path += f".{x}" if path else str(x)
+    return path
 
 
 # How a route's users name our fields, where their words differ: {our field: theirs} (e.g. the OpenAI

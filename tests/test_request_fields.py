@@ -172,6 +172,7 @@ def test_repeated_json_key_is_refused(url):
     [
         ({"question": LONG}, "question: longer than 40 tokens"),
         ({"questions": ["a?", LONG]}, "questions[1]: longer than 40 tokens"),
+        ({"questions": ["a?", ""]}, "questions[1]: String should have at least 1 character"),
         ({"prompt": LONG}, "prompt: longer than 40 tokens"),
         ({"question": MIDDLE, "max_new_tokens": 100}, "question ("),
         ({"questions": ["a?", "b?", "c?", "d?"]}, "questions: at most 3 per request"),
@@ -200,6 +201,7 @@ def test_native_json_image_errors_name_the_image(url):
     [
         (1, {"question": LONG}, "question: longer than 40 tokens"),
         (1, {"question": ["a?", LONG]}, "question[1]: longer than 40 tokens"),
+        (1, {"question": ["a?", ""]}, "question[1]: String should have at least 1 character"),
         (1, {"question": ["a?", "b?", "c?", "d?"]}, "question: at most 3 per request"),
         (2, {"question": ["a?", "b?", "c?"]}, "question: 3 given for 2 images"),
         (4, {"question": "a?"}, "image: at most 3 per request"),
