@@ -19,17 +19,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
-from .errors import ApiError, BodyLimit, error_response, install_handlers
-from .inputs import parse_body
+from .errors import ApiError, BodyLimit, error_response, install_handlers, named
+from .inputs import parse_body, vqa_prompts
 from .logs import configure as configure_logging
 from .openai_api import ChatRequest, add_openai_routes
+from .openapi import ERRORS, add_docs, add_schemas, body_doc
 from .replies import event_stream, reply
 from .retrieval_api import add_retrieval_routes
 from .schemas import (
     CaptionRequest,
     CaptionResponse,
     EmbedRequest,
-    ErrorResponse,
     MatchRequest,
     VQARequest,
     VQAResponse,
@@ -42,20 +42,6 @@ from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
 T = TypeVar("T")
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 503, 504)}
-
-
-def _body_doc(model: type) -> dict:
-    """OpenAPI: the fields as JSON (image as base64), or as multipart form fields with file parts."""
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    properties = {
-        k: v for k, v in model.model_json_schema()["properties"].items() if k not in ("image", "images")
-    }
-    properties["image"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    form = {"type": "object", "properties": properties, "required": ["image"]}
-    content = {"application/json": {"schema": ref}, "multipart/form-data": {"schema": form}}
-    return {"requestBody": {"required": True, "content": content}}
 
 
 def create_app(
@@ -88,7 +74,8 @@ def create_app(
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
             await svc.shutdown()
 
-    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc come from add_docs, with their JavaScript and CSS served here (no CDN).
+    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(ApiKeyAuth, settings=settings)
@@ -99,7 +86,8 @@ def create_app(
     _add_routes(app)
     add_openai_routes(app, _run)
     add_retrieval_routes(app, _unless_disconnected)
-    _add_schemas(app)
+    add_schemas(app, [CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest])
+    add_docs(app)
     return app
 
 
@@ -185,7 +173,7 @@ ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
 
 def _add_routes(app: FastAPI) -> None:
     @app.post(
-        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=_body_doc(CaptionRequest)
+        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=body_doc(CaptionRequest)
     )
     async def caption(request: Request) -> JSONResponse:
         start = time.perf_counter()
@@ -193,8 +181,8 @@ def _add_routes(app: FastAPI) -> None:
         svc.require("caption", "/caption")
         parsed = await parse_body(request, CaptionRequest)
         check_candidates(svc, parsed.body)  # with candidates nothing is generated: no sampling params
-        params = None if parsed.body.candidates else svc.sampling_params(parsed.body)
-        images = await svc.prepare_images(parsed.images)
+        params = None if parsed.body.candidates else svc.sampling_params(parsed.body, names=parsed.names)
+        images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
         single = parsed.body.image is not None
         if parsed.body.candidates:
             pairs = [(im, parsed.body.prompt) for im in images]
@@ -202,13 +190,16 @@ def _add_routes(app: FastAPI) -> None:
                 request, svc, pairs, parsed.body.candidates, single, "caption", _unless_disconnected, start
             )
             return JSONResponse(scored)
-        jobs = [svc.make_request(im, parsed.body.prompt, params, parsed.body.priority) for im in images]
+        jobs = [
+            svc.make_request(im, parsed.body.prompt, params, parsed.names, parsed.body.priority)
+            for im in images
+        ]
         if parsed.body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
         return JSONResponse(reply(svc, outcomes, start, single, "caption"))
 
-    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=_body_doc(VQARequest))
+    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=body_doc(VQARequest))
     async def vqa(request: Request) -> JSONResponse:
         start = time.perf_counter()
         svc: Service = request.app.state.service
@@ -216,26 +207,29 @@ def _add_routes(app: FastAPI) -> None:
         parsed = await parse_body(request, VQARequest)
         body: VQARequest = parsed.body
         check_candidates(svc, body)
-        params = None if body.candidates else svc.sampling_params(body, "vqa")
-        questions = body.questions if body.questions is not None else [body.question]
-        blobs = parsed.images
-        if len(blobs) > 1 and len(questions) > 1 and len(blobs) != len(questions):
-            raise ApiError(422, f"questions: {len(questions)} given for {len(blobs)} images")
-        svc.limit_items(len(questions), "questions")
-        images = await svc.prepare_images(blobs)
-        n = max(len(images), len(questions))
+        params = None if body.candidates else svc.sampling_params(body, "vqa", parsed.names)
+        prompts = vqa_prompts(body, svc.vqa_template, parsed.names)  # (field as sent, prompt)
+        blobs, many = parsed.images, named("questions", parsed.names)
+        if len(blobs) > 1 and len(prompts) > 1 and len(blobs) != len(prompts):
+            raise ApiError(422, f"{many}: {len(prompts)} given for {len(blobs)} images", param=many)
+        svc.limit_items(len(prompts), many)
+        images = await svc.prepare_images(blobs, parsed.image_fields, parsed.names)
+        n = max(len(images), len(prompts))
         pairs = [
-            (images[i if len(images) > 1 else 0], questions[i if len(questions) > 1 else 0]) for i in range(n)
+            (images[i if len(images) > 1 else 0], prompts[i if len(prompts) > 1 else 0]) for i in range(n)
         ]
-        template = svc.vqa_template
-        prompts = [(im, template.format(question=q.strip())) for im, q in pairs]
-        single = body.image is not None and body.question is not None
+        names = parsed.names
+        single = body.image is not None and body.questions is None
         if body.candidates:
+            scored_pairs = [(im, text) for im, (_, text) in pairs]
             scored = await answer_candidates(
-                request, svc, prompts, body.candidates, single, "answer", _unless_disconnected, start
+                request, svc, scored_pairs, body.candidates, single, "answer", _unless_disconnected, start
             )
             return JSONResponse(scored)
-        jobs = [svc.make_request(im, prompt, params, body.priority) for im, prompt in prompts]
+        jobs = [
+            svc.make_request(im, text, params, {**names, "prompt": field}, body.priority)
+            for im, (field, text) in pairs
+        ]
         if body.stream:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
@@ -245,7 +239,7 @@ def _add_routes(app: FastAPI) -> None:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: ERRORS[503]})
     async def ready(request: Request) -> Response:
         svc: Service | None = getattr(request.app.state, "service", None)
         if svc is None or not svc.ready or not svc.healthy:
@@ -261,22 +255,3 @@ def _add_routes(app: FastAPI) -> None:
     async def models(request: Request) -> dict:
         svc: Service = request.app.state.service
         return {"object": "list", "data": [svc.describe()]}
-
-
-def _add_schemas(app: FastAPI) -> None:
-    """Put the request models into the OpenAPI components that the routes' request bodies reference."""
-    base = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = base()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest):
-            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(doc.pop("$defs", {}))
-            components[model.__name__] = doc
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,8 +88,33 @@ def error_response(
 
 
 def _field(error: dict) -> str:
-    """Where a pydantic error points, without FastAPI's leading 'body' ('' for the body itself)."""
-    return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
+    """Where a pydantic error points, without FastAPI's leading 'body' ('' for the body itself); list
+    items as JSON paths write them: `questions[1]`, `messages[0].content`."""
+    path = ""
+    for x in error.get("loc", ()):
+        if isinstance(x, int):
+            path += f"[{x}]"
+        elif x != "body":
+            path += f".{x}" if path else str(x)
+    return path
+
+
+# How a route's users name our fields, where their words differ: {our field: theirs} (e.g. the OpenAI
+# route's `max_tokens` for `max_new_tokens`, /vqa's `question` for the prompt). Errors use their words.
+Names = Mapping[str, str]
+
+
+def named(field: str, names: Names | None) -> str:
+    """`field` as the user sent it on this route."""
+    return (names or {}).get(field, field)
+
+
+def in_users_words(message: str, names: Names | None) -> str:
+    """A message that names our fields (the engine's, say) with the route's names for them."""
+    if not names:
+        return message
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    return pattern.sub(lambda m: names[m[1]], message)
 
 
 # Fields people send by mistake, and the one they meant.
@@ -124,8 +151,14 @@ def describe_validation(errors: list[dict]) -> str:
     return "; ".join(f"{_field(e) or 'body'}: {_message(e)}" for e in errors)
 
 
-def invalid(errors: list[dict], status: int = 422) -> ApiError:
-    """The error for a failed validation: every problem described, the first field named as `param`."""
+def invalid(errors: list[dict], status: int = 422, names: Names | None = None) -> ApiError:
+    """The error for a failed validation: every problem described, the first field named as `param`;
+    `names`: the route's names for the fields, where they differ from the model's."""
+    if names:
+        errors = [
+            {**e, "loc": tuple(named(x, names) if isinstance(x, str) else x for x in e.get("loc", ()))}
+            for e in errors
+        ]
     fields = [f for e in errors if (f := _field(e))]
     return ApiError(status, describe_validation(errors), param=fields[0] if fields else None)
 

@@ -2,8 +2,8 @@
 
 A chat turn maps onto the native endpoints: the last user message's image (a base64 `data:` URL, or an
 http(s) URL where URL fetching is on) and its text. Empty text captions the image; any other text is a
-question, put into the preset's VQA template. BLIP-2 has no chat history, so earlier turns only supply
-the image when the last one has none. Errors come in OpenAI's shape (see `server.errors`).
+question, put into the preset's VQA template unless it has the template's shape already (as on /vqa).
+BLIP-2 has no chat history, so earlier turns only supply the image when the last one has none. Errors come in OpenAI's shape (see `server.errors`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from model.decoding.generation import MAX_LOGPROBS, TokenLogprob
 from model.engine import GenerationRequest, GenerationResult
 
 from .errors import ApiError, invalid
-from .inputs import decode_base64, is_url
+from .inputs import decode_base64, is_url, load_json, vqa_prompt
+from .openapi import OPENAI_ERRORS
 from .schemas import PRIORITY, GenerationParams
 from .service import Outcome, Service
 from .streaming import EventStream, OutputStreams, sse
@@ -78,14 +79,29 @@ class ChatRequest(BaseModel):
         return value
 
 
-def generation_params(body: ChatRequest) -> GenerationParams:
+def openai_names(body: ChatRequest) -> dict[str, str]:
+    """Our fields in this route's words, for its errors: {our field: the field the user sent}."""
+    return {
+        "max_new_tokens": "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        "min_new_tokens": "min_tokens",
+        "logprobs": "top_logprobs",
+        "prompt": "messages",
+    }
+
+
+def generation_params(body: ChatRequest, default_beams: int = 1) -> GenerationParams:
     """OpenAI's sampling fields in ours. temperature 0 is greedy; without a temperature, the server's
-    default (greedy) unless n > 1 or top_p asks for samples, which then use temperature 1."""
+    default (greedy) unless n > 1 or top_p asks for samples, which then use temperature 1 (and one beam:
+    sampling is never beam search here). `default_beams`: the server's num_beams for greedy requests."""
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if (body.top_logprobs or 0) > MAX_LOGPROBS:
         raise ApiError(400, f"top_logprobs: at most {MAX_LOGPROBS} on this server", param="top_logprobs")
     sample = body.temperature > 0 if body.temperature is not None else body.n > 1 or body.top_p is not None
+    if body.n > 1 and not sample and default_beams < body.n:
+        raise ApiError(
+            400, f"n: {body.n} choices need sampling (temperature > 0); temperature 0 gives one", param="n"
+        )
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     fields: dict[str, Any] = {
         "max_new_tokens": body.max_completion_tokens or body.max_tokens,
@@ -96,10 +112,11 @@ def generation_params(body: ChatRequest) -> GenerationParams:
     }
     if sample:
         fields.update(do_sample=True, temperature=body.temperature or 1.0, top_p=body.top_p or 1.0, top_k=0)
+        fields.update(num_beams=1)
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:
-        raise invalid(exc.errors(), 400) from None
+        raise invalid(exc.errors(), 400, openai_names(body)) from None
 
 
 def image_and_text(messages: list[Message]) -> tuple[str, str]:
@@ -208,7 +225,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
     doc = {"$ref": "#/components/schemas/ChatRequest"}
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": doc}}}}
 
-    @app.post("/v1/chat/completions", openapi_extra=body_doc)
+    @app.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=body_doc)
     async def chat_completions(request: Request) -> Response:
         svc: Service = request.app.state.service
         body = await _parse(request)
@@ -226,11 +243,12 @@ def add_openai_routes(app: FastAPI, run) -> None:
                 code="unsupported_task",
             )
         svc.require(task, "/v1/chat/completions")
-        params = svc.sampling_params(generation_params(body), task)
+        names = openai_names(body)
+        params = svc.sampling_params(generation_params(body, svc.settings.default_num_beams), task, names)
         image = url if is_url(url) else decode_base64(url, "image_url")
-        prepared = (await svc.prepare_images([image]))[0]
-        prompt = svc.vqa_template.format(question=text) if text else None
-        job = svc.make_request(prepared, prompt, params, body.priority)
+        prepared = (await svc.prepare_images([image], ["image_url"], names))[0]
+        prompt = vqa_prompt(text, svc.vqa_template) if text else None
+        job = svc.make_request(prepared, prompt, params, names, body.priority)
         chat = Chat(svc, body, job)
         if body.stream:
             return EventStream(chat.chunks(await svc.stream(job)))
@@ -239,10 +257,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
 
 
 async def _parse(request: Request) -> ChatRequest:
-    try:
-        raw = await request.json()
-    except ValueError:
-        raise ApiError(400, "body is not valid JSON") from None
+    raw = load_json(await request.body(), escape=False)
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as exc:

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from model.runtime.plan import RetrievalOutput
 
 from .inputs import parse_body
+from .openapi import ERRORS, body_doc
 from .schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse
 from .service import Service, elapsed_ms
 
@@ -28,14 +29,14 @@ def _scores(out: RetrievalOutput) -> list[dict]:
 def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Awaitable[T]]) -> None:
     """`run(request, work)`: await the work, or cancel it (freeing its place) if the client goes away."""
 
-    @app.post("/match", response_model=MatchResponse)
+    @app.post("/match", response_model=MatchResponse, responses=ERRORS, openapi_extra=body_doc(MatchRequest))
     async def match(request: Request) -> dict:
         start = time.perf_counter()
         svc: Service = request.app.state.service
         svc.require("match", "/match")
         parsed = await parse_body(request, MatchRequest)
         body: MatchRequest = parsed.body
-        images = await svc.prepare_images(parsed.images)
+        images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
         jobs = [svc.retrieval_request("match", im, body.texts) for im in images]
         outs = await run(request, svc.retrieve(jobs))
         reply: dict = {"model": svc.engine.model_id}
@@ -46,7 +47,9 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         reply["timings"] = {"total_ms": elapsed_ms(start)}
         return reply
 
-    @app.post("/embed", response_model=EmbedResponse)
+    @app.post(
+        "/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=body_doc(EmbedRequest, False)
+    )
     async def embed(request: Request) -> dict:
         start = time.perf_counter()
         svc: Service = request.app.state.service
@@ -55,7 +58,11 @@ def add_retrieval_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Aw
         body: EmbedRequest = parsed.body
         texts = body.texts or []
         svc.limit_items(len(texts), "texts")
-        images = await svc.prepare_images(parsed.images) if parsed.images else []
+        images = (
+            await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
+            if parsed.images
+            else []
+        )
         jobs = [svc.retrieval_request("embed", im, []) for im in images]
         if texts:
             jobs.append(svc.retrieval_request("embed", None, texts))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from model.decoding.generation import MIN_DIVISOR
+
+# A question or text in a list: each item is checked, and an error names it (`questions[1]`).
+Text = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
 
 
 class GenerationParams(BaseModel):
@@ -79,15 +84,25 @@ class CaptionRequest(ImageInput):
 
 
 class VQARequest(ImageInput):
-    question: str | None = Field(None, min_length=1, max_length=4000)
-    questions: list[str] | None = Field(None, min_length=1)
+    question: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="put into the VQA template (see /v1/models), unless it is in the template's shape "
+        "already ('Question: ... Answer:')",
+    )
+    questions: list[Text] | None = Field(None, min_length=1, description="several questions, as 'question'")
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="raw form: the whole prompt, sent without the template",
+    )
 
     @model_validator(mode="after")
     def _one_question_field(self):
-        if (self.question is None) == (self.questions is None):
-            raise ValueError("give exactly one of 'question' or 'questions'")
-        if self.questions is not None and any(not q or len(q) > 4000 for q in self.questions):
-            raise ValueError("each question must be 1 to 4000 characters")
+        if sum(x is not None for x in (self.question, self.questions, self.prompt)) != 1:
+            raise ValueError("give exactly one of 'question', 'questions' or 'prompt'")
         return self
 
 
@@ -171,14 +186,12 @@ class MatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1, description="batch form: each image gets all texts")
-    texts: list[str] = Field(min_length=1, max_length=64, description="captions to score against the image")
+    texts: list[Text] = Field(min_length=1, max_length=64, description="captions to score against the image")
 
     @model_validator(mode="after")
     def _check(self):
         if (self.image is None) == (self.images is None):
             raise ValueError("give exactly one of 'image' or 'images'")
-        if any(not t or len(t) > 4000 for t in self.texts):
-            raise ValueError("each text must be 1 to 4000 characters")
         return self
 
 
@@ -186,9 +199,10 @@ class EmbedRequest(BaseModel):
     """Normalised embeddings of images and/or texts, in one shared space."""
 
     model_config = ConfigDict(extra="forbid")
+    image_optional: ClassVar[bool] = True  # texts alone are a request (a multipart form without a file too)
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1)
-    texts: list[str] | None = Field(None, min_length=1, max_length=64)
+    texts: list[Text] | None = Field(None, min_length=1, max_length=64)
 
     @model_validator(mode="after")
     def _check(self):
@@ -196,8 +210,6 @@ class EmbedRequest(BaseModel):
             raise ValueError("give at most one of 'image' or 'images'")
         if self.image is None and self.images is None and not self.texts:
             raise ValueError("give an image ('image' or 'images') and/or 'texts'")
-        if any(not t or len(t) > 4000 for t in self.texts or []):
-            raise ValueError("each text must be 1 to 4000 characters")
         return self
 
 

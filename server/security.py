@@ -7,10 +7,11 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import send_error
+from .openapi import DOCS_PATHS
 from .settings import Settings
 
-# Paths that never need a key: the API description carries no secret.
-ALWAYS_OPEN = ("/docs", "/redoc", "/openapi.json")
+# Paths that never need a key: the API description (and its pages' assets) carries no secret.
+ALWAYS_OPEN = DOCS_PATHS
 
 
 class ApiKeyAuth:

@@ -25,7 +25,7 @@ from model.runtime.runner import ModelRunner
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
-from .errors import ApiError
+from .errors import ApiError, Names, in_users_words, named
 from .fetch import fetch_image, is_public
 from .inputs import Prepared, prepare_image
 from .metrics import Metrics
@@ -159,23 +159,32 @@ class Service:
                 code="unsupported_task",
             )
 
-    def sampling_params(self, p: GenerationParams, task: str = "caption") -> SamplingParams:
+    def sampling_params(
+        self, p: GenerationParams, task: str = "caption", names: Names | None = None
+    ) -> SamplingParams:
+        """The request's generation settings within this server's limits; 422 naming the field as the
+        route's user sent it (`names`: {our field: theirs}, where they differ)."""
         s = self.settings
         default = s.vqa_max_new_tokens if task == "vqa" and s.vqa_max_new_tokens else None
         max_new = p.max_new_tokens or default or s.default_max_new_tokens
         beams = p.num_beams or s.default_num_beams
+
+        def refuse(field: str, problem: str) -> ApiError:
+            name = named(field, names)
+            return ApiError(422, f"{name}: {in_users_words(problem, names)}", param=name)
+
         if max_new > s.max_new_tokens_limit:
-            raise ApiError(422, f"max_new_tokens: at most {s.max_new_tokens_limit} on this server")
+            raise refuse("max_new_tokens", f"at most {s.max_new_tokens_limit} on this server")
         if beams > s.max_beams:
-            raise ApiError(422, f"num_beams: at most {s.max_beams} on this server")
+            raise refuse("num_beams", f"at most {s.max_beams} on this server")
         if p.min_new_tokens > max_new:
-            raise ApiError(422, f"min_new_tokens: must not exceed max_new_tokens ({max_new})")
+            raise refuse("min_new_tokens", f"must not exceed max_new_tokens ({max_new})")
         if p.do_sample and beams > 1:
-            raise ApiError(422, "do_sample: sampling with num_beams > 1 is not supported")
+            raise refuse("do_sample", "sampling with num_beams > 1 is not supported")
         if p.n > s.max_n:
-            raise ApiError(422, f"n: at most {s.max_n} on this server")
+            raise refuse("n", f"at most {s.max_n} on this server")
         if p.n > 1 and not p.do_sample and beams < p.n:
-            raise ApiError(422, f"n: {p.n} outputs need do_sample or num_beams >= n (num_beams is {beams})")
+            raise refuse("n", f"{p.n} outputs need do_sample or num_beams >= n (num_beams is {beams})")
         fields = p.model_dump(
             exclude={"max_new_tokens", "num_beams", "stream", "stop"},
             include=set(GenerationParams.model_fields),
@@ -199,10 +208,16 @@ class Service:
     def limit_items(self, count: int, field: str) -> None:
         """422 when a batch request carries more than `max_items_per_request` of `field`."""
         if count > self.settings.max_items_per_request:
-            raise ApiError(422, f"{field}: at most {self.settings.max_items_per_request} per request")
+            limit = self.settings.max_items_per_request
+            raise ApiError(422, f"{field}: at most {limit} per request", param=field)
 
-    async def prepare_images(self, items: list[bytes | str]) -> list[Prepared]:
-        self.limit_items(len(items), "images")
+    async def prepare_images(
+        self, items: list[bytes | str], fields: list[str] | None = None, names: Names | None = None
+    ) -> list[Prepared]:
+        """Fetch, decode and preprocess a request's images in the worker pool; `fields`: each image's
+        field as sent, `names`: the route's names for ours (for the errors)."""
+        self.limit_items(len(items), named("images", names))
+        fields = fields or [f"images[{i}]" if len(items) > 1 else "image" for i in range(len(items))]
         blobs = await asyncio.gather(*(self.fetch(item) for item in items))
         loop = asyncio.get_running_loop()
         jobs = [
@@ -212,26 +227,34 @@ class Service:
                 data,
                 self.engine.image_processor,
                 self.settings.max_image_pixels,
-                i,
+                field,
                 self.raw_pixels,
             )
-            for i, data in enumerate(blobs)
+            for field, data in zip(fields, blobs, strict=True)
         ]
         return list(await asyncio.gather(*jobs))
 
     def make_request(
-        self, image: Prepared, prompt: str | None, params: SamplingParams, priority: int = 0
+        self,
+        image: Prepared,
+        prompt: str | None,
+        params: SamplingParams,
+        names: Names | None = None,
+        priority: int = 0,
     ) -> GenerationRequest:
-        """The engine's request for a prepared image (422 for a prompt too long); `priority`: the
-        scheduler admits higher ones first (see `batching.scheduler`)."""
+        """The engine request; 422 when the prompt is too long, naming the fields as the route's user
+        sent them (`names`: e.g. {"prompt": "question"} on /vqa); `priority`: the scheduler admits
+        higher ones first (see `batching.scheduler`)."""
+        where = named("prompt", names)
         if prompt is not None and self.engine.tokenizer.count(prompt) > self.settings.max_prompt_tokens:
-            raise ApiError(422, f"prompt: longer than {self.settings.max_prompt_tokens} tokens")
+            raise ApiError(422, f"{where}: longer than {self.settings.max_prompt_tokens} tokens", param=where)
         try:
             request = self.engine.request(image.pixel_values, image.key, prompt, params)
-        except ValueError as exc:
-            raise ApiError(422, str(exc)) from None
+        except ValueError as exc:  # in the Python API's words ("prompt", "max_new_tokens")
+            raise ApiError(422, in_users_words(str(exc), names), param=where) from None
         if request.positions > self.max_len:
-            raise ApiError(422, f"prompt + max_new_tokens exceed this server's {self.max_len} positions")
+            problem = f"prompt + max_new_tokens exceed this server's {self.max_len} positions"
+            raise ApiError(422, in_users_words(problem, names), param=where)
         request.priority = priority
         return request
 

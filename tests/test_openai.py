@@ -136,10 +136,10 @@ def test_logprobs_n_seed_and_stop(client, live):
         ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
         ({"messages": [{"role": "user", "content": "no image here"}]}, openai.BadRequestError, "messages"),
         ({"top_logprobs": 9, "logprobs": True}, openai.BadRequestError, "top_logprobs"),
-        ({"n": 2, "temperature": 0}, openai.BadRequestError, None),
+        ({"n": 2, "temperature": 0}, openai.BadRequestError, "n"),
         ({"extra_body": {"tools": []}}, openai.BadRequestError, "tools"),
         ({"frequency_penalty": 0.5}, openai.BadRequestError, "frequency_penalty"),
-        ({"max_tokens": 100_000}, openai.BadRequestError, None),
+        ({"max_tokens": 100_000}, openai.BadRequestError, "max_tokens"),
         ({"temperature": 1e-300}, openai.BadRequestError, "temperature"),  # sampling overflowed (500)
     ],
 )

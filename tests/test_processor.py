@@ -25,8 +25,6 @@ def _gradient(mode: str, size=(173, 61)) -> Image.Image:
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
     image = Image.fromarray(rgba, "RGBA")
-    if mode == "I;16":
-        return Image.fromarray(rng.integers(0, 65535, (size[1], size[0])).astype(np.uint16)).convert("I;16")
     if mode == "P-transparent":
         p = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
         p.info["transparency"] = 3
@@ -34,10 +32,9 @@ def _gradient(mode: str, size=(173, 61)) -> Image.Image:
     return image.convert(mode)
 
 
-@pytest.mark.parametrize(
-    "mode", ["RGB", "RGBA", "LA", "L", "P", "P-transparent", "CMYK", "1", "I;16", "I", "F"]
-)
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "P-transparent", "CMYK", "1"])
 def test_pixels_match_blip_image_processor(mode):
+    """8-bit modes. (Deeper ones differ on purpose: transformers clips them; see test_high_bit_depth.)"""
     image = _gradient(mode)
     ours = ImageProcessor()([image])
     ref = torch.from_numpy(np.asarray(_hf_processor()(image, return_tensors="np")["pixel_values"]))

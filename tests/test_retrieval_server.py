@@ -119,3 +119,17 @@ def test_multipart_match(server):
     assert r.status_code == 200, r.text
     ref = httpx.post(url + "/match", json={"image": b64(data), "texts": TEXTS[:2]}).json()["scores"]
     assert flat(r.json()["scores"]) == pytest.approx(flat(ref), abs=1e-6)
+
+
+def test_multipart_embed_of_texts_alone(server):
+    """/embed takes texts without an image in a form too (as its schema says), as in JSON."""
+    _, url, _, _ = server
+    r = httpx.post(url + "/embed", files=[("texts", (None, t)) for t in TEXTS])  # form fields, no file
+    assert r.status_code == 200, r.text
+    ref = httpx.post(url + "/embed", json={"texts": TEXTS}).json()
+    assert r.json()["image_embeddings"] == [] and len(r.json()["text_embeddings"]) == len(TEXTS)
+    assert r.json()["text_embeddings"] == ref["text_embeddings"]
+    r = httpx.post(url + "/match", files=[("texts", (None, t)) for t in TEXTS])
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith(
+        "image: a file part named 'image'"
+    )

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from deep_images import deep_cases
 from live import b64, png_bytes, serve_in_process, serve_in_thread
 from oracle import hf_generate
 from PIL import Image
@@ -118,6 +119,23 @@ def test_batch_form_keeps_order(live, ckpt):
     assert [a["text"] for a in r.json()["answers"]] == [
         oracle_text(ckpt, blobs[0], TEMPLATE.format(question=q), max_new_tokens=6) for q in qs
     ]
+
+
+@pytest.mark.parametrize("name", ["png-grey16", "png-rgb16-key", "tiff-grey16-signed", "tiff-float"])
+def test_high_bit_depth_images_caption_as_their_8bit_picture(live, ckpt, name):
+    """PIL (and so transformers) clips 16-bit and float samples; the server scales them to 8 bits."""
+    deep, eight = deep_cases()[name]
+    want = {"caption": oracle_text(ckpt, eight, None, max_new_tokens=8)}
+    for data in (eight, deep):
+        r = httpx.post(live + "/caption", json={"image": b64(data), "max_new_tokens": 8, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        got = {k: r.json()[k] for k in ("caption", "choices")}
+        assert got["caption"] == want["caption"]
+        want = got  # the deep file's log-probabilities too are the 8-bit file's, to the last bit
+    r = httpx.post(
+        live + "/caption", files={"image": ("x", deep)}, data={"max_new_tokens": "8", "logprobs": "1"}
+    )
+    assert {k: r.json()[k] for k in ("caption", "choices")} == want
 
 
 def test_concurrent_burst_equals_solo_and_transformers(burst_server, ckpt):
