@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -15,14 +16,17 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette._utils import get_route_path
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
-from .errors import ApiError, BodyLimit, error_response, install_handlers
+from .errors import ApiError, BodyLimit, error_response, install_handlers, send_error
 from .inputs import parse_body
 from .logs import configure as configure_logging
-from .openai_api import ChatRequest, add_openai_routes
+from .metrics import Metrics
+from .openai_api import ChatRequest, add_openai_routes, served_names
 from .replies import event_stream, reply
 from .retrieval_api import add_retrieval_routes
 from .schemas import (
@@ -36,7 +40,7 @@ from .schemas import (
 )
 from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
-from .settings import Settings, read_worker_spec
+from .settings import VERSION, Settings, read_worker_spec
 from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
@@ -62,38 +66,41 @@ def create_app(
     service: Service | None = None,
     engine: EngineHandle | None = None,
     on_engine_death: Callable[[], None] | None = None,
+    on_start_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
     `engine` (started by the server's main process), else to one it starts itself (or, with
-    `engine: thread`, a model loaded in this process). `on_engine_death` runs if that process dies."""
+    `engine: thread`, a model loaded in this process). The service starts in the background: until it
+    has, only /health, /ready (503), /metrics, /version and the API docs answer, the rest is a 503.
+    `on_engine_death` runs if that process dies, `on_start_failure` if starting raised."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or await asyncio.to_thread(Service.build, settings, engine)
-        app.state.service = svc
-        if on_engine_death is not None and isinstance(svc.client, ProcessClient):
-            svc.client.on_engine_death = on_engine_death
+        # The model loads in the background: the port answers at once (/health 200, /ready 503).
+        built: list[Service] = []
+        starting = asyncio.create_task(_start(app, settings, service, engine, on_engine_death, built))
+        if on_start_failure is not None:
+            starting.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_start_failure())
         try:
-            try:
-                await svc.start()
-                await svc.warm_up()
-                log.info("ready: %s on %s", svc.engine.model_id, svc.device)
-            except EngineDied:
-                # Its own log line says why; the server stays up, not ready (the main process exits 1).
-                log.error("the engine process exited before it was ready")
             yield
         finally:
+            if not starting.done():
+                starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
-            await svc.shutdown()
+            if built:
+                await built[0].shutdown()
 
-    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, root_path=settings.root_path)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(UntilStarted)
     app.add_middleware(ApiKeyAuth, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
-    app.add_middleware(Observe)
+    app.add_middleware(Observe, exclude=settings.access_log_exclude)
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
@@ -110,12 +117,77 @@ def worker_app() -> FastAPI:
     return create_app(settings, engine=EngineHandle(**handle))
 
 
-class Observe:
-    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    a request id on every response and in the log, request counts and latency for the generation routes."""
+async def _start(
+    app: FastAPI,
+    settings: Settings,
+    service: Service | None,
+    engine: EngineHandle | None,
+    on_engine_death: Callable[[], None] | None,
+    built: list[Service],
+) -> None:
+    """Build and start the service, then warm it up; `app.state.service` is set once it has started."""
+    try:
+        svc = service or await asyncio.to_thread(Service.build, settings, engine)
+        built.append(svc)
+        if on_engine_death is not None and isinstance(svc.client, ProcessClient):
+            svc.client.on_engine_death = on_engine_death
+        await svc.start()
+        app.state.service = svc
+        await svc.warm_up()
+        log.info("ready: %s on %s", svc.engine.model_id, svc.device)
+    except EngineDied:
+        # Its own log line says why; the server stays up, not ready (the main process exits 1).
+        log.error("the engine process exited before it was ready")
+    except Exception as exc:
+        debug = settings.log_level.lower() == "debug"
+        log.error("start-up failed: %s: %s", type(exc).__name__, exc, exc_info=debug)
+        raise
+
+
+# What answers while the model loads (and the API description, wherever its assets live).
+OPEN_WHILE_STARTING = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/redoc")
+
+
+class UntilStarted:
+    """Pure ASGI middleware: a 503 (Retry-After) for the routes that need the model, until it is loaded."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = get_route_path(scope) if scope["type"] == "http" else ""
+        if (
+            scope["type"] != "http"
+            or getattr(scope["app"].state, "service", None) is not None
+            or path in OPEN_WHILE_STARTING
+            or path.startswith("/docs")
+        ):
+            await self.app(scope, receive, send)
+            return
+        await send_error(send, 503, "the model is loading; retry later", {"Retry-After": "5"}, path)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route `scope` asks for (`/v1/models/{model_id}`), or "unmatched": a
+    bounded label set for the metrics, whatever paths clients send."""
+    partial = None
+    for route in scope["app"].router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "unmatched")
+        if match == Match.PARTIAL and partial is None:  # the path, with another method (405)
+            partial = getattr(route, "path", None)
+    return partial or "unmatched"
+
+
+class Observe:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints): a
+    request id on every response and in the access log (but for `exclude`d paths), and every request
+    counted with its latency, by route template and status."""
+
+    def __init__(self, app: ASGIApp, exclude: list[str] | None = None):
+        self.app = app
+        self.exclude = frozenset(exclude or ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,15 +212,16 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            path = scope.get("path", "")
+            path = get_route_path(scope)
             svc: Service | None = getattr(scope["app"].state, "service", None)
-            if svc is not None and path in ROUTES_MEASURED:
-                svc.record_http(path, status, time.perf_counter() - start)
-            ms, method = elapsed_ms(start), scope.get("method")
-            client = (scope.get("client") or ("", 0))[0]
-            extra = {"request_id": request_id, "method": method, "path": path, "status": status}
-            extra.update(duration_ms=ms, client=client)
-            log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
+            if svc is not None:
+                svc.record_http(route_template(scope), status, time.perf_counter() - start)
+            if path not in self.exclude:
+                ms, method = elapsed_ms(start), scope.get("method")
+                client = (scope.get("client") or ("", 0))[0]
+                extra = {"request_id": request_id, "method": method, "path": path, "status": status}
+                extra.update(duration_ms=ms, client=client)
+                log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -177,9 +250,6 @@ async def _stream(svc: Service, jobs: list, single: bool, start: float) -> Event
     if not single:
         raise ApiError(422, "stream: only for the single form (one image, one question)")
     return EventStream(await event_stream(svc, jobs[0], start))
-
-
-ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -234,18 +304,34 @@ def _add_routes(app: FastAPI) -> None:
     async def ready(request: Request) -> Response:
         svc: Service | None = getattr(request.app.state, "service", None)
         if svc is None or not svc.ready or not svc.healthy:
-            return error_response(503, "not ready", {"Retry-After": "1"})
+            starting = svc is None or (not svc.ready and svc.healthy)
+            return error_response(503, "loading the model" if starting else "not ready", {"Retry-After": "1"})
         return JSONResponse({"status": "ready", "model": svc.engine.model_id})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        svc: Service = request.app.state.service
-        return Response(await svc.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         svc: Service = request.app.state.service
         return {"object": "list", "data": [svc.describe()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        svc: Service = request.app.state.service
+        if model_id not in served_names(svc):
+            raise ApiError(
+                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+            )
+        return svc.describe()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        svc: Service | None = getattr(request.app.state, "service", None)
+        # Before the engine is up: the same series, all at zero (blipserve_ready 0).
+        text = await svc.render_metrics() if svc is not None else Metrics().render()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_schemas(app: FastAPI) -> None:
