@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,6 +80,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The model loads in the background: the port answers at once (/health 200, /ready 503).
         built: list[Service] = []
+        app.state.started, app.state.engine_up = asyncio.Event(), False
+        # An engine process that listens has loaded its model (it binds once it has): this process's
+        # start-up is then a moment (connect, warm up; a restarted --api-workers process).
+        address = engine.address.removeprefix("ipc://") if engine is not None else None
+        app.state.engine_loaded = lambda: address is not None and os.path.exists(address)
         starting = asyncio.create_task(_start(app, settings, service, engine, on_engine_death, built))
         if on_start_failure is not None:
             starting.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_start_failure())
@@ -93,7 +99,7 @@ def create_app(
             if built:
                 await built[0].shutdown()
 
-    app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, root_path=settings.root_path)
+    app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(UntilStarted)
@@ -101,6 +107,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(Observe, exclude=settings.access_log_exclude)
+    if settings.root_path:
+        app.add_middleware(RootPath, root_path=settings.root_path.rstrip("/"))
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
@@ -125,15 +133,17 @@ async def _start(
     on_engine_death: Callable[[], None] | None,
     built: list[Service],
 ) -> None:
-    """Build and start the service, then warm it up; `app.state.service` is set once it has started."""
+    """Build and start the service, then warm it up; `app.state.service` is set once it is ready
+    (`engine_up` once the engine has answered, `started` at the end, whatever the outcome)."""
     try:
         svc = service or await asyncio.to_thread(Service.build, settings, engine)
         built.append(svc)
         if on_engine_death is not None and isinstance(svc.client, ProcessClient):
             svc.client.on_engine_death = on_engine_death
         await svc.start()
-        app.state.service = svc
+        app.state.engine_up = True
         await svc.warm_up()
+        app.state.service = svc
         log.info("ready: %s on %s", svc.engine.model_id, svc.device)
     except EngineDied:
         # Its own log line says why; the server stays up, not ready (the main process exits 1).
@@ -142,10 +152,13 @@ async def _start(
         debug = settings.log_level.lower() == "debug"
         log.error("start-up failed: %s: %s", type(exc).__name__, exc, exc_info=debug)
         raise
+    finally:
+        app.state.started.set()
 
 
 # What answers while the model loads (and the API description, wherever its assets live).
 OPEN_WHILE_STARTING = ("/health", "/ready", "/metrics", "/version", "/openapi.json", "/redoc")
+WARM_UP_WAIT_S = 30.0  # how long a request waits for a start-up with the model loaded, before a 503
 
 
 class UntilStarted:
@@ -156,15 +169,33 @@ class UntilStarted:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = get_route_path(scope) if scope["type"] == "http" else ""
-        if (
-            scope["type"] != "http"
-            or getattr(scope["app"].state, "service", None) is not None
-            or path in OPEN_WHILE_STARTING
-            or path.startswith("/docs")
-        ):
+        state = scope["app"].state if scope["type"] == "http" else None
+        if state is None or path in OPEN_WHILE_STARTING or path.startswith("/docs"):
+            await self.app(scope, receive, send)
+            return
+        started: asyncio.Event | None = getattr(state, "started", None)
+        soon = started is not None and (state.engine_up or state.engine_loaded())
+        if getattr(state, "service", None) is None and soon:  # ready in a moment: wait, not a 503
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started.wait(), WARM_UP_WAIT_S)
+        if getattr(state, "service", None) is not None:
             await self.app(scope, receive, send)
             return
         await send_error(send, 503, "the model is loading; retry later", {"Retry-After": "5"}, path)
+
+
+class RootPath:
+    """Pure ASGI middleware: the prefix a reverse proxy serves us under (--root-path), as the ASGI
+    `root_path`: routes match with or without it, the OpenAPI schema and /docs name it."""
+
+    def __init__(self, app: ASGIApp, root_path: str):
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            scope["root_path"] = self.root_path
+        await self.app(scope, receive, send)
 
 
 def route_template(scope: Scope) -> str:

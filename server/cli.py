@@ -114,18 +114,7 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
     listener = listener or bind(settings.host, settings.port)
     scheme = "https" if settings.ssl_certfile else "http"
     log.info("listening on %s://%s:%d (ready once the model is loaded)", scheme, *listener.getsockname()[:2])
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "ssl_keyfile": settings.ssl_keyfile,
-        "ssl_certfile": settings.ssl_certfile,
-        "log_level": settings.log_level,
-        "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
-        # Longer than clients' usual pool idle time, so the server rarely closes a connection being reused.
-        "timeout_keep_alive": 75,
-        "access_log": False,  # ours (server.app.Observe) carries the request id
-        "log_config": None,  # uvicorn's own lines go through our handler too (JSON when asked)
-    }
+    options = uvicorn_options(settings)
     if settings.engine == "thread":
         failed = threading.Event()
 
@@ -172,6 +161,22 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
         stopping.set()
         owner.stop(settings.graceful_timeout_s)  # the HTTP side has drained; now the engine
     return 1 if died.is_set() else 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config's keywords for `settings` (the app and the socket come apart)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ssl_keyfile": settings.ssl_keyfile,
+        "ssl_certfile": settings.ssl_certfile,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
+        # Longer than clients' usual pool idle time, so the server rarely closes a connection being reused.
+        "timeout_keep_alive": 75,
+        "access_log": False,  # ours (server.app.Observe) carries the request id
+        "log_config": None,  # uvicorn's own lines go through our handler too (JSON when asked)
+    }
 
 
 def _run(config: Any, listener: socket.socket) -> None:
