@@ -110,6 +110,8 @@ class Scheduler:
         self._ids = itertools.count()
         # Seconds between each decoding sequence's previous token and the one of the last step.
         self.token_gaps: list[float] = []
+        # Seconds from arrival to the first token of each sequence that had its first in the last step.
+        self.first_token_waits: list[float] = []
         # Seconds each request admitted since the last `take_queue_waits` waited in the queue.
         self.queue_waits: list[float] = []
 
@@ -233,7 +235,7 @@ class Scheduler:
         """Apply a step's results; return the sequences that finished (their slots are free again)."""
         now = time.monotonic() if now is None else now
         done = self._vision_done(out)
-        self.token_gaps = []
+        self.token_gaps, self.first_token_waits = [], []
         for seq in self.running:
             if seq.decoder is None:  # retrieval or scoring: answered in the step that admitted it
                 answers = out.scorings if isinstance(seq.request, ScoringRequest) else out.retrievals
@@ -246,6 +248,8 @@ class Scheduler:
                 continue
             if seq.last_token_at is not None:
                 self.token_gaps.append(now - seq.last_token_at)
+            else:
+                self.first_token_waits.append(now - seq.arrived)
             seq.last_token_at = now
             if step.done:
                 seq.finish_reason = seq.decoder.finish_reason or "length"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -15,14 +16,15 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
 from .errors import ApiError, BodyLimit, error_response, install_handlers, named
 from .inputs import parse_body, vqa_prompts
 from .logs import configure as configure_logging
-from .openai_api import ChatRequest, add_openai_routes
+from .metrics import Metrics
+from .middleware import Observe, RootPath, UntilStarted
+from .openai_api import ChatRequest, add_openai_routes, served_names
 from .openapi import ERRORS, add_docs, add_schemas, body_doc
 from .replies import event_stream, reply
 from .retrieval_api import add_retrieval_routes
@@ -36,8 +38,8 @@ from .schemas import (
 )
 from .scoring_api import answer_candidates, check_candidates
 from .security import ApiKeyAuth
-from .service import Outcome, Service, elapsed_ms
-from .settings import Settings, read_worker_spec
+from .service import Outcome, Service
+from .settings import VERSION, Settings, read_worker_spec
 from .streaming import EventStream
 
 log = logging.getLogger("blipserve")
@@ -49,39 +51,49 @@ def create_app(
     service: Service | None = None,
     engine: EngineHandle | None = None,
     on_engine_death: Callable[[], None] | None = None,
+    on_start_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
     `engine` (started by the server's main process), else to one it starts itself (or, with
-    `engine: thread`, a model loaded in this process). `on_engine_death` runs if that process dies."""
+    `engine: thread`, a model loaded in this process). The service starts in the background: until it
+    has, only /health, /ready (503), /metrics, /version and the API docs answer, the rest is a 503.
+    `on_engine_death` runs if that process dies, `on_start_failure` if starting raised."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or await asyncio.to_thread(Service.build, settings, engine)
-        app.state.service = svc
-        if on_engine_death is not None and isinstance(svc.client, ProcessClient):
-            svc.client.on_engine_death = on_engine_death
+        # The model loads in the background: the port answers at once (/health 200, /ready 503).
+        built: list[Service] = []
+        app.state.started, app.state.engine_up = asyncio.Event(), False
+        # An engine process that listens has loaded its model (it binds once it has): this process's
+        # start-up is then a moment (connect, warm up; a restarted --api-workers process).
+        address = engine.address.removeprefix("ipc://") if engine is not None else None
+        app.state.engine_loaded = lambda: address is not None and os.path.exists(address)
+        starting = asyncio.create_task(_start(app, settings, service, engine, on_engine_death, built))
+        if on_start_failure is not None:
+            starting.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_start_failure())
         try:
-            try:
-                await svc.start()
-                await svc.warm_up()
-                log.info("ready: %s on %s", svc.engine.model_id, svc.device)
-            except EngineDied:
-                # Its own log line says why; the server stays up, not ready (the main process exits 1).
-                log.error("the engine process exited before it was ready")
             yield
         finally:
+            if not starting.done():
+                starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
-            await svc.shutdown()
+            if built:
+                await built[0].shutdown()
 
     # /docs and /redoc come from add_docs, with their JavaScript and CSS served here (no CDN).
-    app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(UntilStarted)
     app.add_middleware(ApiKeyAuth, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
-    app.add_middleware(Observe)
+    app.add_middleware(Observe, exclude=settings.access_log_exclude)
+    if settings.root_path:
+        app.add_middleware(RootPath, root_path=settings.root_path.rstrip("/"))
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
@@ -99,45 +111,35 @@ def worker_app() -> FastAPI:
     return create_app(settings, engine=EngineHandle(**handle))
 
 
-class Observe:
-    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints):
-    a request id on every response and in the log, request counts and latency for the generation routes."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        start = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            path = scope.get("path", "")
-            svc: Service | None = getattr(scope["app"].state, "service", None)
-            if svc is not None and path in ROUTES_MEASURED:
-                svc.record_http(path, status, time.perf_counter() - start)
-            ms, method = elapsed_ms(start), scope.get("method")
-            client = (scope.get("client") or ("", 0))[0]
-            extra = {"request_id": request_id, "method": method, "path": path, "status": status}
-            extra.update(duration_ms=ms, client=client)
-            log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
+async def _start(
+    app: FastAPI,
+    settings: Settings,
+    service: Service | None,
+    engine: EngineHandle | None,
+    on_engine_death: Callable[[], None] | None,
+    built: list[Service],
+) -> None:
+    """Build and start the service, then warm it up; `app.state.service` is set once it is ready
+    (`engine_up` once the engine has answered, `started` at the end, whatever the outcome)."""
+    try:
+        svc = service or await asyncio.to_thread(Service.build, settings, engine)
+        built.append(svc)
+        if on_engine_death is not None and isinstance(svc.client, ProcessClient):
+            svc.client.on_engine_death = on_engine_death
+        await svc.start()
+        app.state.engine_up = True
+        await svc.warm_up()
+        app.state.service = svc
+        log.info("ready: %s on %s", svc.engine.model_id, svc.device)
+    except EngineDied:
+        # Its own log line says why; the server stays up, not ready (the main process exits 1).
+        log.error("the engine process exited before it was ready")
+    except Exception as exc:
+        debug = settings.log_level.lower() == "debug"
+        log.error("start-up failed: %s: %s", type(exc).__name__, exc, exc_info=debug)
+        raise
+    finally:
+        app.state.started.set()
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -166,9 +168,6 @@ async def _stream(svc: Service, jobs: list, single: bool, start: float) -> Event
     if not single:
         raise ApiError(422, "stream: only for the single form (one image, one question)")
     return EventStream(await event_stream(svc, jobs[0], start))
-
-
-ROUTES_MEASURED = ("/caption", "/vqa", "/match", "/embed")
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -243,15 +242,31 @@ def _add_routes(app: FastAPI) -> None:
     async def ready(request: Request) -> Response:
         svc: Service | None = getattr(request.app.state, "service", None)
         if svc is None or not svc.ready or not svc.healthy:
-            return error_response(503, "not ready", {"Retry-After": "1"})
+            starting = svc is None or (not svc.ready and svc.healthy)
+            return error_response(503, "loading the model" if starting else "not ready", {"Retry-After": "1"})
         return JSONResponse({"status": "ready", "model": svc.engine.model_id})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        svc: Service = request.app.state.service
-        return Response(await svc.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": VERSION}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         svc: Service = request.app.state.service
         return {"object": "list", "data": [svc.describe()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        svc: Service = request.app.state.service
+        if model_id not in served_names(svc):
+            raise ApiError(
+                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
+            )
+        return svc.describe()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        svc: Service | None = getattr(request.app.state, "service", None)
+        # Before the engine is up: the same series, all at zero (blipserve_ready 0).
+        text = await svc.render_metrics() if svc is not None else Metrics().render()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any, Literal, NoReturn, get_args, get_origin
 from pydantic import ValidationError
 
 from .logs import configure as configure_logging
-from .settings import WORKER_ENV, Settings, load_settings, worker_spec
-from .startup import StartupError, check, describe_settings_error
+from .settings import VERSION, WORKER_ENV, ConfigError, Settings, load_settings, worker_spec
+from .startup import StartupError, bind, check, describe_settings_error
 
 log = logging.getLogger("blipserve")
 
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--version", action="version", version=f"blipserve {VERSION}")
     ap.add_argument("--config", help="preset name in configs/ (e.g. blip2-opt-2.7b) or a YAML file")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -91,39 +93,42 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(ap.parse_args(argv))
     try:
         settings = load_settings(args.pop("config"), **args)
-    except FileNotFoundError as exc:  # an unknown --config preset
+    except (FileNotFoundError, ConfigError) as exc:  # an unknown --config preset, a file that is not one
         ap.error(str(exc))
     except ValidationError as exc:
         ap.error(describe_settings_error(exc))
     configure_logging(settings.log_level, settings.log_format)
     try:
+        listener = bind(settings.host, settings.port)  # first: a port in use is found in a second
         root = check(settings)
     except StartupError as exc:
         if settings.log_level.lower() == "debug":
             log.exception("start-up check failed")
         ap.error(str(exc))
-    sys.exit(serve(settings, root))
+    sys.exit(serve(settings, root, listener))
 
 
-def serve(settings: Settings, root: Path | None = None) -> int:
-    """Run the server until SIGTERM / Ctrl-C; the exit status is 1 if the engine process died."""
+def serve(settings: Settings, root: Path | None = None, listener: socket.socket | None = None) -> int:
+    """Run the server on `listener` (bound to --host/--port when not given) until SIGTERM / Ctrl-C: it
+    answers at once, /ready turning 200 once the model is loaded. The exit status is 1 if the engine
+    process died (or, with `engine: thread`, the model could not be loaded)."""
     import uvicorn
 
     from .app import create_app
 
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
-        # Longer than clients' usual pool idle time, so the server rarely closes a connection being reused.
-        "timeout_keep_alive": 75,
-        "access_log": False,  # ours (server.app.Observe) carries the request id
-        "log_config": None,  # uvicorn's own lines go through our handler too (JSON when asked)
-    }
+    listener = listener or bind(settings.host, settings.port)
+    scheme = "https" if settings.ssl_certfile else "http"
+    log.info("listening on %s://%s:%d (ready once the model is loaded)", scheme, *listener.getsockname()[:2])
+    options = uvicorn_options(settings)
     if settings.engine == "thread":
-        uvicorn.run(create_app(settings), **options)
-        return 0
+        failed = threading.Event()
+
+        def on_start_failure() -> None:
+            failed.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        _run(uvicorn.Config(create_app(settings, on_start_failure=on_start_failure), **options), listener)
+        return 1 if failed.is_set() else 0
     import torch
 
     from .engine_process import EngineProcess
@@ -152,14 +157,45 @@ def serve(settings: Settings, root: Path | None = None) -> int:
     owner.watch(on_exit)
     try:
         if settings.api_workers == 1:
-            uvicorn.run(create_app(settings, engine=handle), **options)
+            _run(uvicorn.Config(create_app(settings, engine=handle), **options), listener)
         else:
             os.environ[WORKER_ENV] = worker_spec(settings, handle)
-            uvicorn.run("server.app:worker_app", factory=True, workers=settings.api_workers, **options)
+            app = "server.app:worker_app"
+            _run(uvicorn.Config(app, factory=True, workers=settings.api_workers, **options), listener)
     finally:
         stopping.set()
         owner.stop(settings.graceful_timeout_s)  # the HTTP side has drained; now the engine
     return 1 if died.is_set() else 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config's keywords for `settings` (the app and the socket come apart)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ssl_keyfile": settings.ssl_keyfile,
+        "ssl_certfile": settings.ssl_certfile,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
+        # Longer than clients' usual pool idle time, so the server rarely closes a connection being reused.
+        "timeout_keep_alive": 75,
+        "access_log": False,  # ours (server.app.Observe) carries the request id
+        "log_config": None,  # uvicorn's own lines go through our handler too (JSON when asked)
+    }
+
+
+def _run(config: Any, listener: socket.socket) -> None:
+    """uvicorn on our bound socket: one server here, or `config.workers` processes sharing it."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[listener]).run()
+        else:
+            uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class ProcessClient(EngineClient):
 
     async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
         if self.dead:
-            raise EngineStopped("the engine process is gone")
+            raise EngineStopped("the engine process died; the server restarts")
         ticket = self._new_ticket(timeout_s, stream)
         ack = self._acks[ticket.req_id] = asyncio.get_running_loop().create_future()
         try:

@@ -71,16 +71,20 @@ def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> En
         settings.background_vision if settings.background_vision is not None else on_cuda,
     )
     overlap = settings.overlap if settings.overlap is not None else on_cuda
+    metrics.prompt_length = getattr(engine.model, "prompt_tokens", len)
     return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
 
 
 def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
-    """The model of `settings` (from `root`, its local directory, when the caller has resolved it)."""
+    """The model of `settings` (from `root`, its local directory, when the caller has resolved it),
+    served under `settings.model_name`."""
     device = resolve_device(settings.device)
-    if root is None:
+    if root is None and settings.model == TINY_RANDOM:
         engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype)
+        engine.model_id = settings.model_name
     else:
-        engine = Blip2Engine.load_dir(root, settings.model, device, settings.dtype)
+        root = root or resolve_checkpoint(settings.model, settings.revision)
+        engine = Blip2Engine.load_dir(root, settings.model_name, device, settings.dtype)
     if settings.qformer_precision != "auto":
         if not hasattr(engine.model, "set_qformer_precision"):
             raise ValueError(
@@ -133,7 +137,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # likewise `docker stop`: the owner sends Shutdown
-    _exit_with_parent()
+    _exit_with_parent(Path(address.removeprefix("ipc://")).parent)
     torch.set_num_threads(settings.engine_threads or max(1, (os.cpu_count() or 1) - settings.api_workers))
     try:
         engine = load_engine(settings, Path(root))
@@ -153,49 +157,89 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     loop.runner.prepare()
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
-    info = Info(settings.model, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
+    info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
     build = request_from_message(engine, loop.runner.max_len)
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
 
 
-def _exit_with_parent() -> None:
-    """If the server's main process is killed outright (no Shutdown), the engine must not live on."""
+def _exit_with_parent(workdir: Path) -> None:
+    """If the server's main process is killed outright (no Shutdown), the engine must not live on; it
+    removes the server's working directory (its socket, tiny-random's files) on its way out."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         log.error("the server process is gone; the engine exits")
+        shutil.rmtree(workdir, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="blipserve-parent-watch", daemon=True).start()
 
 
-class EngineProcess:
-    """Start, watch and stop an engine process (the server's main process owns it)."""
+# The server's working directory: <tmp>/blipserve-<pid of the server's main process>-<random>.
+WORKDIR_PREFIX = "blipserve-"
 
-    def __init__(self, settings: Settings, root: Path | None = None):
-        """`root`: the checkpoint's local directory, when the caller has resolved it already."""
+
+def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the working directories (engine socket, tiny-random's files) that servers killed outright
+    left behind in `tmp` (default: the system's temporary directory): those of processes that are gone.
+    Returns what it removed."""
+    tmp = Path(tmp or tempfile.gettempdir())
+    removed = []
+    for path in tmp.glob(WORKDIR_PREFIX + "*-*"):
+        pid = path.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        try:
+            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class EngineProcess:
+    """Start, watch and stop an engine process (the server's main process owns it). One thread reaps
+    it (`_reap`); everything else waits on that thread's event, never on the process itself (two
+    threads joining one process race: the loser sees it 'still running' after it has exited)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        root: Path | None = None,
+        target: Callable[[Settings, str, str], None] | None = None,
+    ):
+        """`root`: the checkpoint's local directory, when the caller has resolved it already. `target`:
+        what the process runs, `run_engine` (tests stand an engine in with the same arguments)."""
         self.settings = settings
-        self._dir = tempfile.mkdtemp(prefix="blipserve-")
+        self.target = target or run_engine
+        for stale in remove_stale_workdirs():
+            log.info("removed %s, left by a server that is gone", stale)
+        self._dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
         self.address = f"ipc://{self._dir}/engine.sock"
-        self.model_id = settings.model
+        self.model_id = settings.model_name
         if settings.model == TINY_RANDOM:
             from model.checkpoint.tiny import write_tiny_checkpoint
 
             self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
-        else:
-            self.root = root or resolve_checkpoint(settings.model)  # a hub id is fetched once, here
+        else:  # a hub id is fetched once, here
+            self.root = root or resolve_checkpoint(settings.model, settings.revision)
         self.proc: multiprocessing.process.BaseProcess | None = None
+        self.exited = threading.Event()  # set by the reaper once the process is gone
+        self.exitcode: int | None = None
+        self._on_exit: list[Callable[[int | None], None]] = []
+        self._lock = threading.Lock()
 
     def start(self) -> EngineHandle:
         ctx = multiprocessing.get_context("spawn")
         args = (self.settings, str(self.root), self.address)
-        self.proc = ctx.Process(target=run_engine, args=args, name="blipserve-engine")
+        self.proc = ctx.Process(target=self.target, args=args, name="blipserve-engine")
         self.proc.start()
         log.info("engine process started (pid %d)", self.proc.pid)
+        threading.Thread(target=self._reap, name="blipserve-engine-reap", daemon=True).start()
         return self.handle
 
     @property
@@ -203,34 +247,43 @@ class EngineProcess:
         return EngineHandle(self.address, self.proc.pid, str(self.root), self.model_id)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.is_alive()
+        return self.proc is not None and not self.exited.is_set()
 
-    def watch(self, on_exit: Callable[[int | None], None]) -> threading.Thread:
-        """Call `on_exit(exitcode)` from a thread when the process ends (reaping it at once)."""
+    def _reap(self) -> None:
+        self.proc.join()
+        with self._lock:
+            self.exitcode = self.proc.exitcode
+            self.exited.set()
+            callbacks = list(self._on_exit)
+        for on_exit in callbacks:
+            on_exit(self.exitcode)
 
-        def run() -> None:
-            self.proc.join()
-            on_exit(self.proc.exitcode)
-
-        thread = threading.Thread(target=run, name="blipserve-engine-watch", daemon=True)
-        thread.start()
-        return thread
+    def watch(self, on_exit: Callable[[int | None], None]) -> None:
+        """Call `on_exit(exitcode)` from the reaper thread when the process ends (at once if it has)."""
+        with self._lock:
+            if not self.exited.is_set():
+                self._on_exit.append(on_exit)
+                return
+        on_exit(self.exitcode)
 
     def stop(self, timeout_s: float) -> None:
-        """Ask the engine to finish what it accepted and exit; kill it if it has not within the time."""
-        if self.alive():
-            ctx = zmq.Context.instance()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(self.address)
-            sock.send(encode(Shutdown()))
-            self.proc.join(timeout_s)
-            sock.close()
-            if self.proc.is_alive():
-                log.warning("engine process did not stop within %.0fs; killing it", timeout_s)
-                self.proc.kill()
-                self.proc.join(5)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        """Ask the engine to finish what it accepted and exit; kill it if it has not within the time.
+        The working directory (socket, tiny-random's files) goes either way."""
+        try:
+            if self.alive():
+                ctx = zmq.Context.instance()
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(self.address)
+                sock.send(encode(Shutdown()))
+                stopped = self.exited.wait(timeout_s)
+                sock.close()
+                if not stopped:
+                    log.warning("engine process did not stop within %.0fs; killing it", timeout_s)
+                    self.proc.kill()
+                    self.exited.wait(5)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

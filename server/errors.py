@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -166,7 +167,9 @@ def invalid(errors: list[dict], status: int = 422, names: Names | None = None) -
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.headers, request.url.path, exc.param, exc.code)
+        return error_response(
+            exc.status, exc.message, exc.headers, get_route_path(request.scope), exc.param, exc.code
+        )
 
     async def _validation(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
         return await _api(request, invalid(list(exc.errors())))
@@ -177,13 +180,13 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = getattr(exc, "headers", None)
-        return error_response(exc.status_code, str(exc.detail), headers, request.url.path)
+        return error_response(exc.status_code, str(exc.detail), headers, get_route_path(request.scope))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         # Never a stack trace in a response; it goes to the log.
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal error", None, request.url.path)
+        return error_response(500, "internal error", None, get_route_path(request.scope))
 
 
 class BodyLimit:
@@ -200,7 +203,7 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        path = scope.get("path", "")
+        path = get_route_path(scope)
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes", path=path)
             return

@@ -1,6 +1,12 @@
-"""Prometheus metrics, in a registry owned by the app (no module-level globals)."""
+"""Prometheus metrics, in a registry owned by the app (no module-level globals).
+
+With the engine in a process of its own, the registry lives there: the HTTP processes send each
+request's route, status and latency to it (`observe_http`), and /metrics on any of them shows the sums.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -15,13 +21,27 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, prompt_length: Callable[[Sequence[int]], int] = len) -> None:
+        """`prompt_length(text_ids)`: the positions a prompt takes in the language model (the model's
+        `prompt_tokens`: image queries included, as in a response's usage.prompt_tokens)."""
+        self.prompt_length = prompt_length
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("blipserve_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "blipserve_requests",
+            "HTTP requests, by route template ('unmatched' for paths no route serves) and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.latency = Histogram(
             "blipserve_request_latency_seconds",
-            "End-to-end latency",
+            "End-to-end latency, by route template",
             ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "blipserve_time_to_first_token_seconds",
+            "From the engine accepting a generation request to its first token (queue, vision, prefill)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -56,6 +76,11 @@ class Metrics:
             "blipserve_decode_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS, registry=r
         )
         self.tokens = Counter("blipserve_generated_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter(
+            "blipserve_prompt_tokens",
+            "Prompt positions prefilled (image queries and text, as usage.prompt_tokens)",
+            registry=r,
+        )
         self.queue_depth = Gauge("blipserve_queue_depth", "Requests waiting", registry=r)
         self.active = Gauge("blipserve_active_sequences", "Sequences in the decode batch", registry=r)
         self.free_slots = Gauge("blipserve_free_kv_slots", "Free KV-cache slots", registry=r)
@@ -75,12 +100,15 @@ class Metrics:
         self.cache_misses.inc(out.vision_images)
         if plan.prefills:
             self.prefill.observe(out.prefill_s)
+            self.prompt_tokens.inc(sum(self.prompt_length(w.text_ids) for w in plan.prefills))
         if plan.decodes:
             self.decode.observe(out.decode_s)
             self.decode_batch.observe(out.decode_rows)
         self.tokens.inc(len(out.steps))  # every sequence in a step gains one token
         for gap in scheduler.token_gaps:
             self.token_gap.observe(gap)
+        for wait in scheduler.first_token_waits:
+            self.first_token.observe(wait)
         for wait in scheduler.take_queue_waits():
             self.queue_wait.observe(wait)
         self.queue_depth.set(len(scheduler.waiting))

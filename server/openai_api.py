@@ -70,6 +70,10 @@ class ChatRequest(BaseModel):
     presence_penalty: float = 0.0
     user: str | None = None  # accepted for compatibility; not used
     priority: int = PRIORITY  # an extra field (as vLLM's): admission order, lower runs later
+    # vLLM's extra sampling fields (the openai client sends them through `extra_body`).
+    top_k: int | None = Field(None, ge=-1, description="sampling only; -1 or 0: off (vLLM's convention)")
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0, description="tokens generated before an end token may end the text")
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -109,10 +113,18 @@ def generation_params(body: ChatRequest, default_beams: int = 1) -> GenerationPa
         "seed": body.seed,
         "stop": stop,
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+        "min_new_tokens": body.min_tokens,
+        "repetition_penalty": body.repetition_penalty or 1.0,
     }
     if sample:
-        fields.update(do_sample=True, temperature=body.temperature or 1.0, top_p=body.top_p or 1.0, top_k=0)
-        fields.update(num_beams=1)
+        top_k = max(body.top_k or 0, 0)
+        fields.update(
+            do_sample=True,
+            temperature=body.temperature or 1.0,
+            top_p=body.top_p or 1.0,
+            top_k=top_k,
+            num_beams=1,
+        )
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:
@@ -229,7 +241,7 @@ def add_openai_routes(app: FastAPI, run) -> None:
     async def chat_completions(request: Request) -> Response:
         svc: Service = request.app.state.service
         body = await _parse(request)
-        if body.model != svc.engine.model_id:
+        if body.model not in served_names(svc):
             raise ApiError(
                 404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
             )
@@ -254,6 +266,11 @@ def add_openai_routes(app: FastAPI, run) -> None:
             return EventStream(chat.chunks(await svc.stream(job)))
         outcome = (await run(request, svc, [job]))[0]
         return JSONResponse(chat.completion(outcome))
+
+
+def served_names(svc: Service) -> set[str]:
+    """The names a request's `model` may give: --served-model-name's, else the model's id."""
+    return set(svc.settings.served_model_name) | {svc.engine.model_id}
 
 
 async def _parse(request: Request) -> ChatRequest:

@@ -130,9 +130,9 @@ class Service:
         self.ready = False
         timeout = self.settings.graceful_timeout_s
         if isinstance(self.client, ProcessClient):
+            await self.client.close()  # first: the engine's exit below is no death to report
             if self.owner is not None:
                 await asyncio.to_thread(self.owner.stop, timeout)
-            await self.client.close()
         else:
             await asyncio.to_thread(self.client.shutdown, timeout)
         self.images.shutdown(wait=False, cancel_futures=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
@@ -17,6 +19,10 @@ from pydantic_settings import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+try:
+    VERSION = importlib.metadata.version("blipserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "0.0.0+source"
 
 
 class Settings(BaseSettings):
@@ -24,6 +30,14 @@ class Settings(BaseSettings):
 
     # Model
     model: str = Field("tiny-random", description="hub id, local directory, or 'tiny-random'")
+    revision: str | None = Field(
+        None, description="hub revision of --model (branch, tag or commit hash); unset: the main branch"
+    )
+    served_model_name: list[str] = Field(
+        default_factory=list,
+        description="names the model is served under: the first is the id in /v1/models and in responses, "
+        "any is accepted as a chat request's `model`; none: --model",
+    )
     device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when present)")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto",
@@ -52,6 +66,18 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    root_path: str = Field(
+        "",
+        description="path prefix under which a reverse proxy serves this server, stripping it from requests "
+        "(e.g. /blip): the OpenAPI schema and /docs name it",
+    )
+    ssl_keyfile: str | None = Field(None, description="TLS private key (PEM): serve HTTPS")
+    ssl_certfile: str | None = Field(None, description="TLS certificate chain (PEM) for --ssl-keyfile")
+    access_log_exclude: list[str] = Field(
+        default_factory=list,
+        description="paths whose requests get no access-log line (still counted in /metrics), e.g. "
+        "/health,/ready,/metrics for probes and scrapes",
+    )
     log_level: str = Field("info", description="debug, info, warning or error (debug: tracebacks too)")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
@@ -91,7 +117,11 @@ class Settings(BaseSettings):
     max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one)")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     embedding_cache_mb: int = Field(256, ge=0, description="LRU of image query embeddings")
-    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (CUDA only)")
+    cuda_graphs: bool = Field(
+        True,
+        description="capture decode steps, prefills and vision batches as CUDA graphs at start-up and "
+        "replay them (one launch per step); CUDA only, ignored on the CPU and with --quantize llm.int8",
+    )
     decode_kv_step: int = Field(
         32, ge=1, description="decode reads keys up to the next multiple of this (one graph per multiple)"
     )
@@ -112,6 +142,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' (or x-api-key)")
     auth_health: bool = Field(False, description="also require the key on /health and /ready")
     auth_metrics: bool = Field(False, description="also require the key on /metrics")
+    auth_docs: bool = Field(
+        True,
+        description="with --api-key, also require it on /docs, /redoc and /openapi.json (a browser cannot "
+        "send it: --no-auth-docs keeps them open)",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; none = CORS off")
     allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (SSRF-checked)")
     image_url_allowlist: list[str] = Field(
@@ -145,6 +180,11 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     @property
+    def model_name(self) -> str:
+        """The id the model is served under: the first --served-model-name, else --model."""
+        return self.served_model_name[0] if self.served_model_name else self.model
+
+    @property
     def max_len(self) -> int:
         """Cache positions per sequence: the image queries, the prompt, and the answer."""
         return 64 + self.max_prompt_tokens + self.max_new_tokens_limit
@@ -162,16 +202,39 @@ def preset_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"no config file {name_or_path!r}; presets: {known}")
 
 
+class ConfigError(ValueError):
+    """A --config file that is not YAML, or not a mapping of settings."""
+
+
+def check_config_file(path: Path) -> None:
+    """ConfigError (one line: the file, the line, the problem) unless `path` holds a YAML mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {exc.problem or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"--config {path}: expected a mapping of settings (e.g. 'max_queue: 512'), "
+            f"got a {type(data).__name__}"
+        )
+
+
 def load_settings(config: str | None = None, **overrides: Any) -> Settings:
-    """Flags (`overrides`, None = not given) > BLIPSERVE_* environment > preset file > defaults."""
+    """Flags (`overrides`, None = not given) > BLIPSERVE_* environment > preset file > defaults.
+    Raises FileNotFoundError for an unknown preset, ConfigError for a file that is not a YAML mapping,
+    pydantic's ValidationError for invalid values."""
     flags = {k: v for k, v in overrides.items() if v is not None}
     if not config:
         return Settings(**flags)
+    path = preset_path(config)
+    check_config_file(path)
 
     class FileSettings(Settings):
-        model_config = SettingsConfigDict(
-            env_prefix="BLIPSERVE_", extra="forbid", yaml_file=preset_path(config)
-        )
+        model_config = SettingsConfigDict(env_prefix="BLIPSERVE_", extra="forbid", yaml_file=path)
 
     return Settings(**FileSettings(**flags).model_dump())
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
+import ssl
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -52,7 +55,7 @@ def check_device(device: str) -> None:
         raise StartupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
-def check_model(model: str) -> Path | None:
+def check_model(model: str, revision: str | None = None) -> Path | None:
     """The checkpoint's local directory (a hub id is fetched here); None for 'tiny-random'."""
     from model.checkpoint.loader import resolve_checkpoint, weight_files
     from model.engine import TINY_RANDOM
@@ -72,7 +75,7 @@ def check_model(model: str) -> Path | None:
         )
     else:
         try:
-            root = resolve_checkpoint(model)
+            root = resolve_checkpoint(model, revision)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StartupError(
@@ -89,7 +92,43 @@ def check_model(model: str) -> Path | None:
     return root
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound (not yet listening: uvicorn listens once it serves). Done
+    first, so that a port in use is told in a line before any model is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = "; another process listens there: stop it or choose another --port"
+        why = exc.strerror or str(exc)
+        raise StartupError(
+            f"--port {port}: cannot listen on {host}:{port} ({why}"
+            f"{hint if exc.errno == errno.EADDRINUSE else ''})"
+        ) from None
+    sock.set_inheritable(True)  # --api-workers N: the HTTP processes serve on this same socket
+    return sock
+
+
+def check_tls(keyfile: str | None, certfile: str | None) -> None:
+    """--ssl-keyfile / --ssl-certfile: both readable PEM files that make a key pair."""
+    if keyfile is None and certfile is None:
+        return
+    if certfile is None:
+        raise StartupError("--ssl-keyfile needs --ssl-certfile (the certificate of that key)")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"--ssl-certfile {certfile}: cannot load it with its key ({exc})") from None
+
+
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
-    return check_model(settings.model)
+    check_tls(settings.ssl_keyfile, settings.ssl_certfile)
+    return check_model(settings.model, settings.revision)

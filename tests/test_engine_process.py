@@ -218,11 +218,35 @@ def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
         responses = asyncio.run(burst())
         assert {r.status_code for r in responses} == {200}
         assert len({r.json()["caption"] for r in responses}) == 1  # same image, same greedy caption
+        chat = {
+            "model": httpx.get(url + "/v1/models").json()["data"][0]["id"],
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _url(3)}}]}],
+            "max_tokens": 4,
+        }
+        before = metric_values(url)  # after both processes' warm-up requests
+        for _ in range(3):
+            assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
         # Both workers answered (each has its own warm-up); each counts into the engine's registry.
         values = metric_values(url)
         assert values[(("blipserve_requests_total"), (("endpoint", "/caption"), ("status", "200")))] == 12
+        chats = (("endpoint", "/v1/chat/completions"), ("status", "200"))
+        assert values[("blipserve_requests_total", chats)] == 3
+        assert (
+            values[("blipserve_request_latency_seconds_count", (("endpoint", "/v1/chat/completions"),))] == 3
+        )
+
+        def grew(name: str) -> float:
+            return values[(name, ())] - before[(name, ())]
+
+        assert grew("blipserve_time_to_first_token_seconds_count") == 3  # the engine counts each once
+        prompt = responses[0].json()["usage"]["prompt_tokens"]  # a caption's, as a chat's without text
+        assert grew("blipserve_prompt_tokens_total") == 3 * prompt
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def _url(seed: int) -> str:
+    return "data:image/png;base64," + b64(png_bytes(seed))
 
 
 def _spawned_children(pid: int) -> list[int]:

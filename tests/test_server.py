@@ -200,11 +200,13 @@ def test_metrics_parse_and_counters_add_up(ckpt):
     got = {
         (dict(labels)["endpoint"], dict(labels)["status"]): v
         for (name, labels), v in values.items()
-        if name == "blipserve_requests_total"
+        if name == "blipserve_requests_total" and dict(labels)["endpoint"] in ("/caption", "/vqa")
     }
     assert got == sent
-    count = sum(v for (name, _), v in values.items() if name == "blipserve_request_latency_seconds_count")
+    routes = {"endpoint": "/caption"}, {"endpoint": "/vqa"}
+    count = sum(values[("blipserve_request_latency_seconds_count", tuple(r.items()))] for r in routes)
     assert count == sum(sent.values())
+    assert values[("blipserve_requests_total", (("endpoint", "/ready"), ("status", "200")))] >= 1
     assert values[("blipserve_generated_tokens_total", ())] >= 5 * 3
     assert values[("blipserve_ready", ())] == 1
     assert values[("blipserve_free_kv_slots", ())] == settings.max_running_seqs

@@ -52,3 +52,32 @@ def test_openapi_documents_both_body_types():
         assert content["application/json"]["schema"]["$ref"].endswith(model)
         assert content["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
         assert model in schema["components"]["schemas"]
+
+
+def test_revision_reaches_the_hub_and_the_served_name_the_engine(monkeypatch, checkpoints):
+    import huggingface_hub
+
+    from server.engine_process import load_engine
+    from server.startup import check
+
+    root = checkpoints("pre_ln")[0]
+    calls = []
+
+    def snapshot_download(repo_id: str, revision: str | None = None, allow_patterns=None) -> str:
+        calls.append((repo_id, revision))
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    settings = load_settings(
+        None, model="org/blip", revision="0123abc", device="cpu", served_model_name=["b"]
+    )
+    assert check(settings) == root and calls == [("org/blip", "0123abc")]
+    engine = load_engine(settings)  # the thread engine resolves it again, at the same revision
+    assert calls == [("org/blip", "0123abc")] * 2 and engine.model_id == "b"
+    assert load_settings(None, model="org/blip").model_name == "org/blip"
+
+
+def test_cuda_graphs_help_says_what_it_does_and_its_default():
+    help_text = " ".join(_parser().format_help().split())
+    entry = help_text.split("--cuda-graphs, --no-cuda-graphs", 1)[1].split(" --decode-kv-step", 1)[0]
+    assert "prefills and vision batches as CUDA graphs" in entry and "(default: true)" in entry

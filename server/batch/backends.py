@@ -140,7 +140,11 @@ class LocalBackend:
             return self._prepare_array(image)
         data = read_file(image) if isinstance(image, Path) else image
         return prepare_image(
-            data, self.svc.engine.image_processor, self.settings.max_image_pixels, "image", self.svc.raw_pixels
+            data,
+            self.svc.engine.image_processor,
+            self.settings.max_image_pixels,
+            "image",
+            self.svc.raw_pixels,
         )
 
     def _prepare_array(self, array: np.ndarray) -> Prepared:
