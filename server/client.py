@@ -116,7 +116,7 @@ def _at_least_one(value: str) -> int:
         number = int(value)
     except ValueError:
         number = 0
-    if number < 1 or str(number) != value.strip().lstrip("+"):
+    if number < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
     return number
 

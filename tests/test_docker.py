@@ -124,11 +124,12 @@ def base_image(docker) -> str:
     if sh("docker", "image", "inspect", BASE).returncode == 0:
         return BASE
     CACHE.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE / "bookworm-python3.11.tar"
+    tarball, start = CACHE / "bookworm-python3.11.tar", time.monotonic()
     if not tarball.exists():
         _debootstrap(tarball)
     made = sh("docker", "import", "--change", 'CMD ["python3"]', str(tarball), BASE, timeout=600)
     assert made.returncode == 0, made.stderr
+    print(f"stand-in base image (debootstrap + docker import): {time.monotonic() - start:.0f} s")
     return BASE
 
 
