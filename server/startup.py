@@ -127,8 +127,22 @@ def check_tls(keyfile: str | None, certfile: str | None) -> None:
         raise StartupError(f"--ssl-certfile {certfile}: cannot load it with its key ({exc})") from None
 
 
+def check_quantize(quantize: str) -> None:
+    """--quantize llm.int8 needs bitsandbytes, an optional extra (`pip install "blipserve[llm-int8]"`)."""
+    if quantize != "llm.int8":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise StartupError(
+            f"--quantize llm.int8: needs bitsandbytes, which cannot be imported ({exc}); "
+            'install it with pip install "blipserve[llm-int8]" (or bitsandbytes>=0.43)'
+        ) from None
+
+
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
     check_tls(settings.ssl_keyfile, settings.ssl_certfile)
+    check_quantize(settings.quantize)
     return check_model(settings.model, settings.revision)
