@@ -225,3 +225,25 @@ def test_offline_generate_with_overlap_equals_without(root, monkeypatch):
             else:  # beams, penalties, logprobs, n samples: read before the next launch while they run
                 assert ahead < calls.count("launch") - 2
         assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
+
+
+def test_a_step_launched_behind_the_last_request_is_read_when_it_ends(root):
+    """The last running request ends by a stop string while the step after it is in flight: that step
+    is read at once (its token dropped), not left pending until the next request arrives."""
+    engine = Blip2Engine.from_pretrained(root)
+    request = stop_string_requests(engine, 7)[0]
+    settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=2, overlap=True)
+    svc = Service.build(settings)
+
+    async def run():
+        await svc.start()
+        await svc.warm_up()
+        try:
+            return await svc.generate([request])
+        finally:
+            await svc.shutdown()
+
+    (outcome,) = asyncio.run(run())
+    assert outcome.result.finish_reason == "stop" and svc.loop.launched_ahead > 0
+    assert svc.loop._inflight is None
+    assert len(outcome.result.token_ids) < request.params.max_new_tokens
