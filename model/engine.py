@@ -50,8 +50,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stop_check: StopCheck | None = None  # set when params.stop has stop strings
-    # Cache positions the request needs: its prompt and answer (Flan-T5: the longer of the encoder's
-    # input and the decoder's start token + answer).
+    # Cache positions the request needs: its prompt and answer but the answer's last token (Flan-T5:
+    # the longer of the encoder's input and the decoder's start token + answer; `needed_positions`).
     positions: int = 0
 
 
@@ -85,6 +85,13 @@ class GenerationResult:
     @property
     def completion_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+def needed_positions(prompt: int, max_new_tokens: int) -> int:
+    """Positions a sequence of `prompt` tokens takes in the decoder's cache (and position embeddings)
+    to generate `max_new_tokens`: each new token but the last is fed back (as in transformers, whose
+    `generate` never runs the model on its final token), so prompt + max_new_tokens - 1."""
+    return prompt + max_new_tokens - 1
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -214,11 +221,11 @@ class Blip2Engine:
         text_ids = self.text_ids(prompt)
         prompt_ids = self.prompt_ids(text_ids)
         encoder = self.model.prompt_tokens(text_ids)
-        positions = max(len(prompt_ids) + params.max_new_tokens, encoder)
+        positions = max(needed_positions(len(prompt_ids), params.max_new_tokens), encoder)
         if positions > self.max_positions:
             raise ValueError(
-                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the model's {self.max_positions} positions"
+                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) - 1 "
+                f"exceeds the model's {self.max_positions} positions (the last new token takes none)"
             )
         check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
         return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
