@@ -227,18 +227,20 @@ class Blip2Engine:
                 f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) - 1 "
                 f"exceeds the model's {self.max_positions} positions (the last new token takes none)"
             )
-        check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
+        check = stop_checker(self.tokenizer.continuation(prompt_ids), params.stop) if params.stop else None
         return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
 
-    def completion(self, out: TokenOutput, params: SamplingParams) -> Completion:
-        """Text of one output; a stop string (seen in a beam hypothesis too) cuts it and means "stop"."""
-        text, stopped = cut_at_stop(self.tokenizer.decode(out.tokens), params.stop)
+    def completion(self, out: TokenOutput, request: GenerationRequest) -> Completion:
+        """Text of one output, decoded after the request's prompt (`TextTokenizer.decode`); a stop
+        string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        text = self.tokenizer.decode(out.tokens, request.prompt_ids)
+        text, stopped = cut_at_stop(text, request.params.stop)
         reason = "stop" if stopped else out.finish_reason or "length"
         return Completion(text, out.tokens, reason, out.logprobs)
 
     def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
         """Texts of a finished request's token outputs."""
-        completions = [self.completion(out, request.params) for out in outputs]
+        completions = [self.completion(out, request) for out in outputs]
         return GenerationResult(completions, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(
