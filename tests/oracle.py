@@ -146,6 +146,12 @@ def write_t5_tokenizer(root: Path) -> Path:
         vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    # The trainer's scores differ in their last digits from process to process, and the ids with their
+    # order: the same vocabulary in every process, ordered by rounded score (specials first, as trained).
+    pieces = json.loads(tok.to_str())["model"]["vocab"]
+    specials, learned = pieces[:3], sorted((p, round(s, 9)) for p, s in pieces[3:])
+    vocab = [tuple(x) for x in specials] + sorted(learned, key=lambda x: (-x[1], x[0]))
+    tok.model = models.Unigram(vocab, unk_id=2)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )

@@ -12,10 +12,15 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 
 TRAIN = """
-import json, sys
+import json, sys, tempfile
+from pathlib import Path
+from oracle import write_t5_tokenizer
 from oracle_blip import bert_tokenizer
 from model.checkpoint.tiny import train_tokenizer
-print(json.dumps({"wordpiece": bert_tokenizer().get_vocab(), "bpe": train_tokenizer().get_vocab()}))
+with tempfile.TemporaryDirectory() as tmp:
+    unigram = json.loads((write_t5_tokenizer(Path(tmp)) / "tokenizer.json").read_text())["model"]["vocab"]
+vocabs = {"wordpiece": bert_tokenizer().get_vocab(), "bpe": train_tokenizer().get_vocab(), "unigram": unigram}
+print(json.dumps(vocabs))
 """
 
 
@@ -32,10 +37,11 @@ def trained_in_a_new_process(seed: str) -> dict[str, dict[str, int]]:
     return json.loads(out.stdout)
 
 
-def test_wordpiece_and_bpe_vocabularies_are_the_same_in_two_processes():
+def test_wordpiece_bpe_and_unigram_vocabularies_are_the_same_in_two_processes():
     first, second = trained_in_a_new_process("1"), trained_in_a_new_process("2")
     assert first["wordpiece"] == second["wordpiece"]
     assert first["bpe"] == second["bpe"]
+    assert first["unigram"] == second["unigram"]  # Flan-T5's kind: pieces with their scores, in order
     # A real WordPiece vocabulary: word-initial pieces, `##` continuations, BLIP's added tokens.
     vocab = first["wordpiece"]
     assert {"[CLS]", "[SEP]", "[DEC]", "a", "##a", "photo"} <= vocab.keys()
