@@ -50,8 +50,8 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF = _byte_level_alphabet()
 
 # Tokens of context that `TextTokenizer.decode` reads before generated ones: what a token's text adds
-# depends on the token before it (a WordPiece `##`, a split character) and on a few more at most
-# (clean-ups such as " do not" -> " don't"); vLLM's incremental detokenizer reads 5.
+# depends on the tokens just before it (a WordPiece `##` joins a word, a SentencePiece `▁` is dropped
+# only at the start, byte-level tokens may split a character); vLLM's incremental detokenizer reads 5.
 CONTEXT_TOKENS = 8
 
 
@@ -117,19 +117,19 @@ class TextTokenizer:
         """Text of `ids` without special tokens, stripped (OPT's stop token is a newline).
 
         With `context`, the token ids before `ids` (the decoder's prompt), the text that `ids` add to
-        it: decode(context + ids) minus decode(context), as transformers' `TextStreamer` and vLLM's
-        incremental detokenizer take it. A token's text can depend on the ones before it (WordPiece's
-        `##` joins the previous word, SentencePiece's `▁` is dropped at the start, a byte-level BPE
-        token may finish a character), so generated tokens decoded alone can begin with `##`. Only
-        the context's last `CONTEXT_TOKENS` are decoded: what a token adds depends on its neighbours
-        alone, and the cost stays the same whatever the prompt's length."""
+        it: decode(context + ids) minus decode(context), as vLLM's incremental detokenizer takes it.
+        A token's text can depend on the ones before it (WordPiece's `##` joins the previous word,
+        SentencePiece's `▁` is dropped at the start, a byte-level BPE token may finish a character),
+        so generated tokens decoded alone can begin with `##`. Only the context's last
+        `CONTEXT_TOKENS` are decoded: what a token adds depends on its neighbours alone, and the cost
+        stays the same whatever the prompt's length."""
         if not context:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         near = list(context[-CONTEXT_TOKENS:])
         before = self.tokenizer.decode(near, skip_special_tokens=True)
         text = self.tokenizer.decode(near + list(ids), skip_special_tokens=True)
-        # What follows can change the end of the context's text (a clean-up of spaces at the seam,
-        # such as WordPiece's " ' " -> "'"): the continuation then starts after the common part.
+        # Should a decoder rewrite the end of the context's text once more follows (a clean-up of
+        # spaces across tokens), the continuation starts after the part the two texts share.
         start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
         return text[start:].strip()
 
