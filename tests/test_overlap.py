@@ -247,3 +247,22 @@ def test_a_step_launched_behind_the_last_request_is_read_when_it_ends(root):
     assert outcome.result.finish_reason == "stop" and svc.loop.launched_ahead > 0
     assert svc.loop._inflight is None
     assert len(outcome.result.token_ids) < request.params.max_new_tokens
+
+
+def test_a_sequence_cancelled_while_a_step_runs_ahead_gains_no_token(root):
+    """Cancelled after step n+1 was launched: step n's token counts (it was read as the sequence ran),
+    step n+1's is dropped, as for a stop: the same tokens as without overlap, whenever the cancel comes."""
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = torch.randn(3, side, side, generator=torch.Generator().manual_seed(5))
+    runner = engine.new_runner(2, 32, 0)
+    scheduler = Scheduler(2, 4, 4, engine.eos_ids, background_vision=False)
+    seq = scheduler.add(engine.request(pixels, "k", None, SamplingParams(max_new_tokens=8)))
+    prefill = runner.launch(scheduler.schedule()[0])  # step n: the prefill picks the first token
+    ahead = runner.launch(scheduler.schedule()[0])  # step n+1, launched before step n is read
+    assert seq.seq_id in runner.collect(prefill).steps
+    seq.cancelled = True
+    plan, dropped = scheduler.schedule()  # step n+2 is planned before step n+1 is read
+    assert dropped == [seq] and plan.is_empty()
+    assert seq.seq_id not in runner.collect(ahead).steps and seq.decoder.pending == 0
+    assert len(seq.decoder.tokens) == 1
