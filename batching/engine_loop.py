@@ -160,9 +160,12 @@ class EngineLoop:
             self._inflight = None
         if launched is None:
             return
-        if self.overlap and plan.chainable and plan.runs_model:
+        if self.overlap and plan.chainable and plan.runs_model and self.scheduler.has_work:
             self._inflight = (plan, launched)
         else:
+            # Without overlap, or when the step just read ended every request (nothing will be
+            # launched behind this one, which only runs tokens to drop): read it now, not when the
+            # next request comes.
             self._complete(plan, launched)
 
     def _complete(self, plan: StepPlan, launched: Any) -> None:
@@ -179,12 +182,14 @@ class EngineLoop:
         with self._cond:
             finished = self.scheduler.postprocess(plan, out)
         self.steps += 1
-        # Progress first: its events reach the client before the result that ends the stream.
+        # The step's metrics before anything of it is reported: a client that has its result and then
+        # reads /metrics finds its tokens counted (the other order raced the client's read).
+        if self.on_step is not None:
+            self.on_step(plan, out, self.scheduler)
+        # Progress next: its events reach the client before the result that ends the stream.
         if streaming:
             self.on_progress(streaming)
         self._finish(finished)
-        if self.on_step is not None:
-            self.on_step(plan, out, self.scheduler)
 
     def _failed(self, plan: StepPlan) -> None:
         """A step raised (called inside the except, so the log has the traceback): its sequences

@@ -226,6 +226,11 @@ class Scheduler:
             return s.finish_reason is not None
 
         dropped = [s for s in self.waiting if dead(s)] + [s for s in self.running if dead(s)]
+        for seq in dropped:
+            # Its decoder ends too: a step launched ahead of this one (EngineLoop's overlap) drops the
+            # token it ran for the sequence, as for one that stopped, rather than count it.
+            if seq.decoder is not None and seq.decoder.finish_reason is None:
+                seq.decoder.finish_reason = seq.finish_reason
         if dropped:
             self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
             self._release([s for s in dropped if s.slots])

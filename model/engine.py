@@ -61,8 +61,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stop_check: StopCheck | None = None  # set when params.stop has stop strings
-    # Cache positions the request needs: its prompt and answer (Flan-T5: the longer of the encoder's
-    # input and the decoder's start token + answer).
+    # Cache positions the request needs: its prompt and answer but the answer's last token (Flan-T5:
+    # the longer of the encoder's input and the decoder's start token + answer; `needed_positions`).
     positions: int = 0
     # Admission order among waiting requests: higher first, FIFO within one (`batching.scheduler`).
     priority: int = 0
@@ -98,6 +98,13 @@ class GenerationResult:
     @property
     def completion_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+def needed_positions(prompt: int, max_new_tokens: int) -> int:
+    """Positions a sequence of `prompt` tokens takes in the decoder's cache (and position embeddings)
+    to generate `max_new_tokens`: each new token but the last is fed back (as in transformers, whose
+    `generate` never runs the model on its final token), so prompt + max_new_tokens - 1."""
+    return prompt + max_new_tokens - 1
 
 
 class Blip2Engine:
@@ -282,24 +289,26 @@ class Blip2Engine:
         text_ids = self.text_ids(prompt)
         prompt_ids = self.prompt_ids(text_ids)
         encoder = self.model.prompt_tokens(text_ids)
-        positions = max(len(prompt_ids) + params.max_new_tokens, encoder)
+        positions = max(needed_positions(len(prompt_ids), params.max_new_tokens), encoder)
         if positions > self.max_positions:
             raise ValueError(
-                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the model's {self.max_positions} positions"
+                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) - 1 "
+                f"exceeds the model's {self.max_positions} positions (the last new token takes none)"
             )
-        check = stop_checker(self.tokenizer.decode, params.stop) if params.stop else None
+        check = stop_checker(self.tokenizer.continuation(prompt_ids), params.stop) if params.stop else None
         return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
 
-    def completion(self, out: TokenOutput, params: SamplingParams) -> Completion:
-        """Text of one output; a stop string (seen in a beam hypothesis too) cuts it and means "stop"."""
-        text, stopped = cut_at_stop(self.tokenizer.decode(out.tokens), params.stop)
+    def completion(self, out: TokenOutput, request: GenerationRequest) -> Completion:
+        """Text of one output, decoded after the request's prompt (`TextTokenizer.decode`); a stop
+        string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        text = self.tokenizer.decode(out.tokens, request.prompt_ids)
+        text, stopped = cut_at_stop(text, request.params.stop)
         reason = "stop" if stopped else out.finish_reason or "length"
         return Completion(text, out.tokens, reason, out.logprobs)
 
     def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
         """Texts of a finished request's token outputs."""
-        completions = [self.completion(out, request.params) for out in outputs]
+        completions = [self.completion(out, request) for out in outputs]
         return GenerationResult(completions, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(

@@ -113,7 +113,7 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
         if msg.params is None or msg.positions > max_len:
             raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
         stop = msg.params.stop
-        check = stop_checker(engine.tokenizer.decode, stop) if stop else None
+        check = stop_checker(engine.tokenizer.continuation(msg.prompt_ids), stop) if stop else None
         return GenerationRequest(
             pixels,
             msg.image_key,

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from model.decoding.generation import MIN_DIVISOR
+from model.decoding.generation import MAX_NO_REPEAT_NGRAM, MIN_DIVISOR
 
 # A question or text in a list: each item is checked, and an error names it (`questions[1]`).
 Text = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
@@ -26,6 +26,9 @@ class GenerationParams(BaseModel):
     top_k: int = Field(50, ge=0, le=10_000)
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.0, ge=MIN_DIVISOR, le=10)
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, le=MAX_NO_REPEAT_NGRAM, description="no n-gram of this many tokens twice (0: off)"
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, description="outputs per image: the n best beams (num_beams >= n) or n samples")
     logprobs: int | None = Field(

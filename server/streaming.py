@@ -65,7 +65,8 @@ class OutputStreams:
     """Deltas of each of a request's outputs, from engine progress snapshots and then the final result."""
 
     def __init__(self, engine: Blip2Engine, request: GenerationRequest):
-        self.decode = engine.tokenizer.decode
+        # Each output's text so far, decoded after the prompt (a first token may be a word's `##` end).
+        self.decode = engine.tokenizer.continuation(request.prompt_ids)
         self.stop = request.params.stop
         self.texts: dict[int, TextStream] = {}
         self.sent_tokens: dict[int, int] = {}

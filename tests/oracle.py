@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.checkpoint.tiny import IMAGE_TOKEN, NEWLINE, train_tokenizer
+from model.checkpoint.tiny import CORPUS, IMAGE_TOKEN, NEWLINE, train_tokenizer
 
 # Architecture variants checked against transformers. Keys are merged into the config.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -116,6 +116,54 @@ def write_tokenizer_files(root: Path, add_bos_token: bool | None = None) -> None
     if add_bos_token is not None:
         cfg["add_bos_token"] = add_bos_token
     (root / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
+def hf_continuation(hf_tokenizer: Any, context: list[int], new: list[int]) -> str:
+    """The text of generated ids `new` after the decoder's prompt `context`, by transformers' tokenizer:
+    decode(context + new) minus decode(context), stripped (as blipserve's texts)."""
+    before = hf_tokenizer.decode(context, skip_special_tokens=True)
+    after = hf_tokenizer.decode(context + new, skip_special_tokens=True)
+    if not after.startswith(before):
+        raise AssertionError(
+            f"decoding {new} after {context} changed the prompt's text: {before!r}, {after!r}"
+        )
+    return after[len(before) :].strip()
+
+
+def write_t5_tokenizer(root: Path) -> Path:
+    """Flan-T5's tokenizer kind (SentencePiece Unigram with Metaspace, `</s>` appended), trained on the
+    tiny corpus, saved in `root` as tokenizer.json + tokenizer_config.json; returns `root`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    # As the hub's Flan-T5 tokenizer.json: whitespace split, then Metaspace. (Its normaliser is a
+    # precompiled SentencePiece charmap, which transformers 5's T5Tokenizer drops; none here.)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    # The trainer's scores differ in their last digits from process to process, and the ids with their
+    # order: the same vocabulary in every process, ordered by rounded score (specials first, as trained).
+    pieces = json.loads(tok.to_str())["model"]["vocab"]
+    specials, learned = pieces[:3], sorted((p, round(s, 9)) for p, s in pieces[3:])
+    vocab = [tuple(x) for x in specials] + sorted(learned, key=lambda x: (-x[1], x[0]))
+    tok.model = models.Unigram(vocab, unk_id=2)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok.save(str(root / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+    }
+    (root / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return root
 
 
 def make_checkpoint(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from oracle import hf_config, scale_weights
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from model.checkpoint.tiny import CORPUS
 
@@ -24,16 +25,44 @@ BLIP_ARCHS = {
 }
 
 
+def wordpiece_vocab(lines: list[str], vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary learned as `tokenizers`' WordPieceTrainer learns it (BERT's normaliser and
+    pre-tokeniser, pieces after a word's first character prefixed `##`, then merges of the most frequent
+    adjacent pair), with ties broken by the pieces' text. The library's trainer numbers the `##`
+    alphabet in hash-map order, so its ties, and thus its vocabulary, differ from process to process.
+    Returns token -> id: the specials, the alphabet (sorted), then the merges in order."""
+    normalize = normalizers.BertNormalizer(lowercase=True).normalize_str
+    split = pre_tokenizers.BertPreTokenizer().pre_tokenize_str
+    counts = Counter(word for line in lines for word, _ in split(normalize(line)))
+    words = [[w[0], *(f"##{c}" for c in w[1:])] for w in counts]
+    vocab = dict.fromkeys([*specials, *sorted({p for pieces in words for p in pieces})])
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for pieces, count in zip(words, counts.values(), strict=True):
+            for pair in zip(pieces, pieces[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        vocab[a + b.removeprefix("##")] = None
+        for pieces in words:
+            i = 0
+            while i < len(pieces) - 1:
+                if (pieces[i], pieces[i + 1]) == (a, b):
+                    pieces[i : i + 2] = [a + b.removeprefix("##")]
+                i += 1
+    return {token: i for i, token in enumerate(vocab)}
+
+
 def bert_tokenizer(vocab_size: int = 300) -> Tokenizer:
-    """WordPiece laid out as BLIP's: BERT specials, `[CLS] text [SEP]`, then `[DEC]` and `[ENC]` added."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """WordPiece laid out as BLIP's: BERT specials, `[CLS] text [SEP]`, then `[DEC]` and `[ENC]` added.
+    The same vocabulary in every process (`wordpiece_vocab`)."""
+    vocab = wordpiece_vocab(CORPUS.splitlines(), vocab_size, BERT_SPECIALS)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False
-    )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok.add_special_tokens(BERT_SPECIALS)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

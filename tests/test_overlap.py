@@ -40,17 +40,24 @@ def mixed_params() -> list[SamplingParams]:
     ]
 
 
-def serve(root: str, requests, overlap: bool, slots: int = 6, metrics: list | None = None):
+def serve(root: str, requests, overlap: bool, slots: int = 6, metrics: list | None = None, on_finished=None):
     """The requests through an in-process engine; their outcomes and how many steps ran ahead (and,
-    into `metrics`, the Prometheus text once they are done)."""
+    into `metrics`, the Prometheus texts after the warm-up and once the requests are done). With
+    `on_finished`, it is called on the engine thread as each batch of finished sequences is reported
+    (with them and the service), before the clients hear of them."""
     settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=slots, overlap=overlap)
     svc = Service.build(settings)
     assert svc.loop.overlap is overlap
+    if on_finished is not None:
+        report = svc.loop.on_finished
+        svc.loop.on_finished = lambda seqs: (on_finished(seqs, svc), report(seqs))
 
     async def run():
         await svc.start()
         await svc.warm_up()
         try:
+            if metrics is not None:
+                metrics.append((await svc.render_metrics()).decode())
             outcomes = await svc.generate(requests)
             if metrics is not None:
                 metrics.append((await svc.render_metrics()).decode())
@@ -90,33 +97,62 @@ def _sample(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_metrics_count_each_token_and_queue_wait_once_with_overlap(root):
-    """Dropped tokens are not counted, and no queue wait is lost to a step planned ahead."""
-    engine = Blip2Engine.from_pretrained(root)
+def stop_string_requests(engine: Blip2Engine, seed: int) -> list:
+    """8 greedy requests; the first ends by a stop string well before its max_new_tokens (with overlap,
+    the step after it drops its token)."""
     side = engine.cfg.vision.image_size
-    pixels = list(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(7)))
+    pixels = list(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(seed)))
     text = engine.tokenizer.decode(
         engine.generate([pixels[0]], None, SamplingParams(max_new_tokens=3))[0].token_ids
     )
-    # Request 0 ends by a stop string well before max_new_tokens: the step after it drops its token.
     params = [
         SamplingParams(max_new_tokens=9 if i == 0 else 3 + i % 4, stop=(text[-2:],) if i == 0 else ())
         for i in range(8)
     ]
-    requests = [
+    return [
         engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
     ]
+
+
+def test_metrics_count_each_token_and_queue_wait_once_with_overlap(root):
+    """Dropped tokens are not counted, and no queue wait is lost to a step planned ahead: the counters
+    after the requests are exactly theirs, with and without overlap. Several rounds (request timing,
+    hence how they share steps, differs from round to round)."""
+    engine = Blip2Engine.from_pretrained(root)
+    for seed in (7, 8, 9):
+        requests = stop_string_requests(engine, seed)
+        for overlap in (True, False):
+            texts: list[str] = []
+            outcomes, ahead = serve(root, requests, overlap=overlap, slots=3, metrics=texts)
+            assert (ahead > 0) is overlap
+            (warm, done), generated = texts, sum(len(o.result.token_ids) for o in outcomes)
+            assert outcomes[0].result.finish_reason == "stop" and len(outcomes[0].result.token_ids) <= 3
+            waits = "blipserve_queue_wait_seconds_count"
+            assert _sample(done, waits) - _sample(warm, waits) == len(requests)
+            tokens = "blipserve_generated_tokens_total"
+            assert _sample(done, tokens) - _sample(warm, tokens) == generated, (seed, overlap)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_request_is_counted_in_the_metrics_before_it_is_reported(root, overlap):
+    """Forced timing for the race behind the test above: /metrics read the moment a request is
+    reported finished (here: on the engine thread, as the report is made) already counts its tokens."""
+    engine = Blip2Engine.from_pretrained(root)
+    requests = stop_string_requests(engine, 7)
+    seen: list[tuple[float, int]] = []  # (tokens counted, tokens of the requests finished so far)
+    finished: list[int] = []
+
+    def on_finished(seqs, svc) -> None:
+        finished.extend(len(s.decoder.tokens) for s in seqs if s.request.image_key != "warmup")
+        seen.append((svc.client.metrics.tokens._value.get(), sum(finished)))
+
     texts: list[str] = []
-    outcomes, ahead = serve(root, requests, overlap=True, slots=3, metrics=texts)
-    serve(root, requests, overlap=False, slots=3, metrics=texts)
-    assert ahead > 0
-    on, off = texts
-    generated = sum(len(o.result.token_ids) for o in outcomes)
-    assert outcomes[0].result.finish_reason == "stop" and len(outcomes[0].result.token_ids) <= 3
-    assert _sample(on, "blipserve_queue_wait_seconds_count") == len(requests) + 1  # + the warm-up
-    # The same count as without overlap (the warm-up's steps included): no dropped token counted.
-    assert _sample(on, "blipserve_generated_tokens_total") == _sample(off, "blipserve_generated_tokens_total")
-    assert generated < _sample(on, "blipserve_generated_tokens_total") <= generated + 2
+    serve(root, requests, overlap=overlap, slots=3, metrics=texts, on_finished=on_finished)
+    assert len(finished) == len(requests)
+    total = _sample(texts[-1], "blipserve_generated_tokens_total")
+    warm_up = total - sum(finished)  # the warm-up request's tokens
+    assert all(counted >= warm_up + done for counted, done in seen[1:]), (warm_up, seen)
+    assert seen[-1][0] == total
 
 
 def test_overlap_off_never_launches_ahead_and_agrees(root):
@@ -189,3 +225,44 @@ def test_offline_generate_with_overlap_equals_without(root, monkeypatch):
             else:  # beams, penalties, logprobs, n samples: read before the next launch while they run
                 assert ahead < calls.count("launch") - 2
         assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
+
+
+def test_a_step_launched_behind_the_last_request_is_read_when_it_ends(root):
+    """The last running request ends by a stop string while the step after it is in flight: that step
+    is read at once (its token dropped), not left pending until the next request arrives."""
+    engine = Blip2Engine.from_pretrained(root)
+    request = stop_string_requests(engine, 7)[0]
+    settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=2, overlap=True)
+    svc = Service.build(settings)
+
+    async def run():
+        await svc.start()
+        await svc.warm_up()
+        try:
+            return await svc.generate([request])
+        finally:
+            await svc.shutdown()
+
+    (outcome,) = asyncio.run(run())
+    assert outcome.result.finish_reason == "stop" and svc.loop.launched_ahead > 0
+    assert svc.loop._inflight is None
+    assert len(outcome.result.token_ids) < request.params.max_new_tokens
+
+
+def test_a_sequence_cancelled_while_a_step_runs_ahead_gains_no_token(root):
+    """Cancelled after step n+1 was launched: step n's token counts (it was read as the sequence ran),
+    step n+1's is dropped, as for a stop: the same tokens as without overlap, whenever the cancel comes."""
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = torch.randn(3, side, side, generator=torch.Generator().manual_seed(5))
+    runner = engine.new_runner(2, 32, 0)
+    scheduler = Scheduler(2, 4, 4, engine.eos_ids, background_vision=False)
+    seq = scheduler.add(engine.request(pixels, "k", None, SamplingParams(max_new_tokens=8)))
+    prefill = runner.launch(scheduler.schedule()[0])  # step n: the prefill picks the first token
+    ahead = runner.launch(scheduler.schedule()[0])  # step n+1, launched before step n is read
+    assert seq.seq_id in runner.collect(prefill).steps
+    seq.cancelled = True
+    plan, dropped = scheduler.schedule()  # step n+2 is planned before step n+1 is read
+    assert dropped == [seq] and plan.is_empty()
+    assert seq.seq_id not in runner.collect(ahead).steps and seq.decoder.pending == 0
+    assert len(seq.decoder.tokens) == 1

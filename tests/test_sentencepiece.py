@@ -3,12 +3,9 @@ tokenizer.json: our ids and text equal transformers' T5 tokenizer."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from oracle import write_t5_tokenizer
 
-from model.checkpoint.tiny import CORPUS
 from model.data.tokenizer import TextTokenizer
 
 SAMPLES = [
@@ -22,30 +19,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("t5-tokenizer")
-    tok = Tokenizer(models.Unigram())
-    # As the hub's Flan-T5 tokenizer.json: whitespace split, then Metaspace. (Its normaliser is a
-    # precompiled SentencePiece charmap, which transformers 5's T5Tokenizer drops; none here.)
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    tok.save(str(root / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "T5Tokenizer",
-        "eos_token": "</s>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-    }
-    (root / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return root
+    return write_t5_tokenizer(tmp_path_factory.mktemp("t5-tokenizer"))
 
 
 def test_ids_and_text_match_transformers(t5_dir):

@@ -1,8 +1,10 @@
 """Text of a growing token list: stop strings, and deltas for streaming.
 
-Streaming sends the text as it grows, and the deltas must add up to exactly the final text. So a delta
-never ends inside a multi-byte character (byte-level BPE decodes half a character as U+FFFD), and the
-last `len(longest stop string) - 1` characters wait until it is clear they do not begin a stop string.
+The text is what the generated tokens add to the decoder's prompt (`TextTokenizer.continuation`), so a
+first token that continues a prompt's word (WordPiece `##`) is never shown on its own. Streaming sends
+the text as it grows, and the deltas must add up to exactly the final text. So a delta never ends
+inside a multi-byte character (byte-level BPE decodes half a character as U+FFFD), and the last
+`len(longest stop string) - 1` characters wait until it is clear they do not begin a stop string.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def stop_checker(decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> Callable[[list[int]], bool]:
-    """For the decoders: True once the generated tokens' text contains a stop string."""
+    """For the decoders: True once the generated tokens' text (`decode`: the tokenizer's
+    `continuation` of the request's prompt) contains a stop string."""
 
     def check(tokens: list[int]) -> bool:
         return cut_at_stop(decode(tokens), stop)[1]

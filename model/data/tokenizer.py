@@ -8,6 +8,8 @@ OPT's), `add_bos_token` / `add_eos_token` from `tokenizer_config.json` build it,
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,15 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 _BYTE_OF = _byte_level_alphabet()
 
+# Tokens of context that `TextTokenizer.decode` reads before generated ones: what a token's text adds
+# depends on the tokens just before it (a WordPiece `##` joins a word, a SentencePiece `▁` is dropped
+# only at the start, byte-level tokens may split a character); vLLM's incremental detokenizer reads 5.
+CONTEXT_TOKENS = 8
+
 
 class TextTokenizer:
+    """The checkpoint's tokenizer: prompt ids, and the text of generated ids."""
+
     def __init__(self, tokenizer: Tokenizer, bos_token: str | None = None):
         self.tokenizer = tokenizer
         self.bos_token = bos_token
@@ -104,6 +113,27 @@ class TextTokenizer:
             return bytes(_BYTE_OF.get(ch, 0x3F) for ch in piece)
         return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
-    def decode(self, ids: list[int]) -> str:
-        """Text without special tokens, stripped (OPT's stop token is a newline)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    def decode(self, ids: list[int], context: Sequence[int] = ()) -> str:
+        """Text of `ids` without special tokens, stripped (OPT's stop token is a newline).
+
+        With `context`, the token ids before `ids` (the decoder's prompt), the text that `ids` add to
+        it: decode(context + ids) minus decode(context), as vLLM's incremental detokenizer takes it.
+        A token's text can depend on the ones before it (WordPiece's `##` joins the previous word,
+        SentencePiece's `▁` is dropped at the start, a byte-level BPE token may finish a character),
+        so generated tokens decoded alone can begin with `##`. Only the context's last
+        `CONTEXT_TOKENS` are decoded: what a token adds depends on its neighbours alone, and the cost
+        stays the same whatever the prompt's length."""
+        if not context:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        near = list(context[-CONTEXT_TOKENS:])
+        before = self.tokenizer.decode(near, skip_special_tokens=True)
+        text = self.tokenizer.decode(near + list(ids), skip_special_tokens=True)
+        # Should a decoder rewrite the end of the context's text once more follows (a clean-up of
+        # spaces across tokens), the continuation starts after the part the two texts share.
+        start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
+        return text[start:].strip()
+
+    def continuation(self, context: Sequence[int]) -> Callable[[list[int]], str]:
+        """`decode` of generated ids after the decoder's prompt `context` (stop strings, streaming)."""
+        context = list(context[-CONTEXT_TOKENS:])
+        return lambda ids: self.decode(ids, context)

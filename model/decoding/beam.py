@@ -39,9 +39,10 @@ class BeamDecoder:
         self.is_finished = torch.zeros(n, dtype=torch.bool)
         self.improvable = True
         self.finish_reason: str | None = None
-        # The runner scores this request's beams together with others' (`model.decoding.choice`) unless it has a
-        # repetition penalty to apply or logprobs to keep; it then moves with `advance_beams`.
-        self.batched = "beam" if params.repetition_penalty == 1.0 and params.logprobs is None else None
+        # The runner scores this request's beams together with others' (`model.decoding.choice`) unless a
+        # processor reads its history (repetition penalty, no-repeat n-grams) or it keeps logprobs; it
+        # then moves with `advance_beams`.
+        self.batched = "beam" if not params.reads_history and params.logprobs is None else None
 
     @property
     def num_rows(self) -> int:

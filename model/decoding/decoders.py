@@ -61,9 +61,9 @@ class TokenDecoder:
     def __post_init__(self) -> None:
         p = self.params
         # Which of the runner's batched token choices serves this row (`model.decoding.choice`), fixed per
-        # request: the argmax (plain greedy), the seeded draw (sampling with no penalty and no
-        # logprobs), or none (it steps on its own row).
-        plain = p.repetition_penalty == 1.0 and p.logprobs is None
+        # request: the argmax (plain greedy), the seeded draw (sampling with no processor that reads
+        # the history and no logprobs), or none (it steps on its own row).
+        plain = not p.reads_history and p.logprobs is None
         self.batched = "argmax" if p.is_plain_greedy else "sample" if p.do_sample and plain else None
         self.noise_key = noise_key(p.seed, self.seed_offset) if p.do_sample else 0
 

@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: int | None = None
     # Generation ends when the text contains one of these; the text is cut before it.
     stop: tuple[str, ...] = ()
+    # No n-gram of this many tokens occurs twice in the decoder's token history (0: off), as
+    # transformers' `no_repeat_ngram_size`: the history holds the prompt for decoder-only models.
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -49,6 +52,7 @@ class SamplingParams:
             "n": self.n >= 1,
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "stop": all(isinstance(s, str) and s for s in self.stop),
+            "no_repeat_ngram_size": 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM,
         }
         for name, ok in checks.items():
             if not ok:
@@ -59,18 +63,27 @@ class SamplingParams:
             raise ValueError(f"n={self.n} needs sampling (do_sample) or num_beams >= n")
 
     @property
+    def reads_history(self) -> bool:
+        """A logits processor reads the row's token history (repetition penalty, no-repeat n-grams):
+        the row's token is chosen on the host, not in a batched choice on the device."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    @property
     def is_plain_greedy(self) -> bool:
         """Greedy with no logits processing: the row's argmax is its token (batched fast path)."""
         return (
             not self.do_sample
             and self.num_beams == 1
             and self.n == 1
-            and self.repetition_penalty == 1.0
+            and not self.reads_history
             and self.logprobs is None
         )
 
 
 MAX_LOGPROBS = 5
+# Largest no_repeat_ngram_size: longer n-grams hardly repeat (transformers' examples use 2 or 3), and
+# the cost per step grows with it.
+MAX_NO_REPEAT_NGRAM = 32
 
 
 @dataclass(frozen=True)
@@ -118,14 +131,34 @@ class Step:
 StopCheck = Callable[[list[int]], bool]  # True once the tokens' text holds a stop string
 
 
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, size: int) -> torch.Tensor:
+    """`scores` [rows, vocab] with -inf at each token that would complete an n-gram of `size` tokens
+    already in its row of `history` [rows, length] (token ids). A port of transformers'
+    vectorised `NoRepeatNGramLogitsProcessor`: the last size - 1 tokens are matched against every
+    window of the history, and each matching window bans its own last token."""
+    length, vocab = history.shape[-1], scores.shape[-1]
+    if length < size:
+        return scores  # no complete n-gram yet
+    prefix = history[:, length + 1 - size :]
+    windows = history.unfold(1, size, 1)  # [rows, length - size + 1, size]
+    matches = (windows[..., :-1] == prefix[:, None]).all(dim=-1)
+    # Windows that do not match ban a spare column past the vocabulary.
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
 def process_logits(
     logits: torch.Tensor, history: torch.Tensor, params: SamplingParams, generated: int, eos: torch.Tensor
 ) -> torch.Tensor:
-    """Repetition penalty and min_new_tokens, as `transformers`' processors (same order)."""
+    """Repetition penalty, no-repeat n-grams and min_new_tokens, as `transformers`' processors (same
+    order). `history` [rows, length]: each row's token history (prompt_ids + generated)."""
     if params.repetition_penalty != 1.0:
         seen = torch.gather(logits, 1, history)
         seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
         logits = logits.scatter(1, history, seen)
+    if params.no_repeat_ngram_size:
+        logits = ban_repeated_ngrams(logits, history, params.no_repeat_ngram_size)
     if generated < params.min_new_tokens:
         logits = logits.clone()
         logits[:, eos] = -float("inf")
