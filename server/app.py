@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .embeddings_api import add_embeddings_routes
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
 from .errors import ApiError, BodyLimit, error_response, install_handlers
@@ -98,6 +99,7 @@ def create_app(
     _add_routes(app)
     add_openai_routes(app, _run)
     add_retrieval_routes(app, _unless_disconnected)
+    add_embeddings_routes(app, _unless_disconnected)
     _add_schemas(app)
     return app
 
