@@ -96,7 +96,10 @@ class EngineClient:
         return await self.wait(await self.add(request, timeout_s))
 
     # The engine-specific part.
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
+        """Queue `request`; `stream`: deliver its progress; `trace`: its `Done` carries timestamps."""
         raise NotImplementedError
 
     def cancel(self, ticket: Ticket) -> None:
@@ -110,7 +113,8 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
     ok = reason in ("stop", "length")
     outputs = seq.decoder.outputs() if ok and seq.decoder is not None else []
     req = seq.seq_id if req_id is None else req_id
-    return Done(req, reason, queue_s, outputs, seq.output if ok else None)
+    stamps = seq.timestamps() if seq.trace else {}
+    return Done(req, reason, queue_s, outputs, seq.output if ok else None, stamps)
 
 
 class InprocClient(EngineClient):
@@ -129,11 +133,13 @@ class InprocClient(EngineClient):
     def healthy(self) -> bool:
         return self.loop.healthy
 
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
         """Queue now; raises QueueFull, EngineStopped or ValueError."""
         ticket = self._new_ticket(timeout_s, stream)
         try:
-            seq = self.loop.add(request, timeout_s, stream)
+            seq = self.loop.add(request, timeout_s, stream, trace)
         except Exception:
             self._tickets.pop(ticket.req_id)
             raise

@@ -43,6 +43,8 @@ class Add(msgspec.Struct, tag=True):
     # Retrieval ("match" or "embed", with each text's ids); "" for generation.
     task: str = ""
     texts: list[list[int]] = []
+    # Send the request's stage timestamps back with its `Done` (the HTTP process traces it).
+    trace: bool = False
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -107,6 +109,10 @@ class Done(msgspec.Struct, tag=True):
     queue_s: float
     outputs: list[TokenOutput] = []
     retrieval: RetrievalOutput | None = None
+    # Only when the `Add` asked for `trace`: when each stage began and ended, in seconds since the Unix
+    # epoch (the engine's clock): "arrived", "admitted", "vision_start"/"vision_end", "prefill_start"/
+    # "prefill_end" (generation) or "retrieval_start", and "finished" (see `Sequence.timestamps`).
+    timestamps: dict[str, float] = {}
 
     @property
     def ok(self) -> bool:
@@ -133,8 +139,11 @@ def decode_from_engine(data: bytes | memoryview) -> FromEngine:
     return _from_engine.decode(data)
 
 
-def add_message(req_id: int, request: object, timeout_s: float | None, stream: bool) -> list:
-    """`Add` and its pixel frame for a GenerationRequest or RetrievalRequest."""
+def add_message(
+    req_id: int, request: object, timeout_s: float | None, stream: bool, trace: bool = False
+) -> list:
+    """`Add` and its pixel frame for a GenerationRequest or RetrievalRequest; `trace`: the engine
+    reports the request's stage timestamps with its `Done`."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None
     if pixels is not None and pixels.dtype != torch.uint8:
@@ -144,7 +153,7 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
         fields = {"task": request.task, "texts": request.texts}
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
-    msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)
+    msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, trace=trace, **fields)
     frames: list = [encode(msg)]
     if pixels is not None:
         frames.append(memoryview(pixels.contiguous().numpy()).cast("B"))

@@ -39,6 +39,7 @@ from .security import ApiKeyAuth
 from .service import Outcome, Service, elapsed_ms
 from .settings import Settings, read_worker_spec
 from .streaming import EventStream
+from .tracing import TraceRequests, Tracing
 
 log = logging.getLogger("blipserve")
 T = TypeVar("T")
@@ -63,16 +64,21 @@ def create_app(
     service: Service | None = None,
     engine: EngineHandle | None = None,
     on_engine_death: Callable[[], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
     `engine` (started by the server's main process), else to one it starts itself (or, with
-    `engine: thread`, a model loaded in this process). `on_engine_death` runs if that process dies."""
+    `engine: thread`, a model loaded in this process). `on_engine_death` runs if that process dies.
+    `tracing`: trace requests with it; default: as `settings.otlp_traces_endpoint` says (off if unset)."""
     settings = settings or Settings()
+    owns_tracing = tracing is None
+    tracing = tracing or Tracing.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service or await asyncio.to_thread(Service.build, settings, engine)
         app.state.service = svc
+        svc.tracing = tracing
         if on_engine_death is not None and isinstance(svc.client, ProcessClient):
             svc.client.on_engine_death = on_engine_death
         try:
@@ -87,6 +93,8 @@ def create_app(
         finally:
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
             await svc.shutdown()
+            if tracing is not None and owns_tracing:
+                await asyncio.to_thread(tracing.shutdown)  # the last spans go out
 
     app = FastAPI(title="blipserve", version="0.1.0", lifespan=lifespan)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
@@ -95,6 +103,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(Observe)
+    if tracing is not None:
+        app.add_middleware(TraceRequests, tracing=tracing)  # outermost: Observe logs its trace id
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
@@ -150,7 +160,11 @@ class Observe:
             client = (scope.get("client") or ("", 0))[0]
             extra = {"request_id": request_id, "method": method, "path": path, "status": status}
             extra.update(duration_ms=ms, client=client)
-            log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
+            trace_id = scope["state"].get("trace_id")  # set by TraceRequests when tracing is on
+            if trace_id:
+                extra["trace_id"] = trace_id
+            trace = f" trace={trace_id}" if trace_id else ""
+            log.info("%s %s %s %.1fms id=%s%s", method, path, status, ms, request_id, trace, extra=extra)
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .settings import Settings
+from .tracing import MISSING_SDK, sdk_available
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHECKPOINT_FILES = "config.json, model*.safetensors, tokenizer.json, preprocessor_config.json"
@@ -92,4 +93,6 @@ def check_model(model: str) -> Path | None:
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
+    if settings.otlp_traces_endpoint and not sdk_available():
+        raise StartupError(MISSING_SDK)
     return check_model(settings.model)
