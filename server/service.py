@@ -246,7 +246,7 @@ class Service:
         if not self.ready:
             raise ApiError(503, "model is not ready", {"Retry-After": "1"})
         try:
-            trace = self.tracing is not None
+            trace = self.tracing is not None and self.tracing.recording()
             return await self.client.add(request, self.settings.request_timeout_s, stream, trace)
         except QueueFull as exc:
             raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None

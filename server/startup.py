@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .settings import Settings
-from .tracing import MISSING_SDK, sdk_available
+from .tracing import MISSING_SDK, endpoint_problem, sdk_available
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHECKPOINT_FILES = "config.json, model*.safetensors, tokenizer.json, preprocessor_config.json"
@@ -93,6 +93,8 @@ def check_model(model: str) -> Path | None:
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
-    if settings.otlp_traces_endpoint and not sdk_available():
-        raise StartupError(MISSING_SDK)
+    if settings.otlp_traces_endpoint:
+        problem = endpoint_problem(settings.otlp_traces_endpoint)
+        if problem or not sdk_available():
+            raise StartupError(problem or MISSING_SDK)
     return check_model(settings.model)

@@ -67,6 +67,14 @@ def sdk_available() -> bool:
     return True
 
 
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be an OTLP/HTTP URL (None when it can)."""
+    url = urlsplit(endpoint.strip())
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return f"--otlp-traces-endpoint {endpoint}: expected an http(s) URL, e.g. http://collector:4318/v1/traces"
+    return None
+
+
 def traces_url(endpoint: str) -> str:
     """The URL spans are POSTed to: `endpoint` as given, or with /v1/traces when it has no path."""
     url = endpoint.strip()
@@ -113,6 +121,11 @@ class Tracing:
         """A child span of the current one (the request's), current inside the block."""
         with self.tracer.start_as_current_span(name) as span:
             yield span
+
+    def recording(self) -> bool:
+        """Whether the current span records (False when the sampler dropped the trace: then the engine
+        is not asked for its timestamps)."""
+        return _current_span() is not None
 
     def start_span(self, name: str) -> Span:
         """A child span of the current one, not made current: the caller ends it (`Span.end`)."""
@@ -209,5 +222,8 @@ class TraceRequests:
                 await self.app(scope, receive, send_status)
             finally:
                 span.set_attribute("http.response.status_code", status)
+                request_id = scope["state"].get("request_id")  # set by Observe, inside
+                if request_id:
+                    span.set_attribute("blipserve.request_id", request_id)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))

@@ -201,6 +201,7 @@ def test_a_caption_trace_has_its_stages_in_order(in_memory, caplog):
         60,
     )
     assert req.attributes["http.response.status_code"] == 200
+    assert req.attributes["blipserve.request_id"] == r.headers["x-request-id"]
     (line,) = [rec for rec in caplog.records if getattr(rec, "path", "") == "/caption"]
     assert line.trace_id == f"{TRACE_ID:032x}" and f"trace={TRACE_ID:032x}" in line.getMessage()
     assert json.loads(JsonFormatter().format(line))["trace_id"] == f"{TRACE_ID:032x}"
@@ -218,6 +219,12 @@ def test_a_streamed_caption_and_a_new_trace(in_memory):
     r = client.post("/caption", json={"image": b64(png_bytes(2)), "max_new_tokens": 2})  # no traceparent
     (req,) = [from_sdk(s) for s in exporter.get_finished_spans() if s.name == "POST /caption"]
     assert req.parent is None and req.trace_id != TRACE_ID
+    exporter.clear()
+    unsampled = TRACEPARENT[:-2] + "00"  # the caller's sampler dropped this trace: so do we
+    r = client.post(
+        "/caption", json={"image": b64(png_bytes(2)), "max_new_tokens": 2}, headers={"traceparent": unsampled}
+    )
+    assert r.status_code == 200 and exporter.get_finished_spans() == ()
 
 
 def test_a_retrieval_trace(checkpoints):
@@ -261,6 +268,11 @@ def test_without_the_sdk_the_flag_is_a_one_line_error(monkeypatch, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == f"blipserve: error: {MISSING_SDK}" and "Traceback" not in err
+
+
+def test_the_endpoint_must_be_an_http_url():
+    with pytest.raises(StartupError, match="--otlp-traces-endpoint collector:4318: expected an http"):
+        check(Settings(otlp_traces_endpoint="collector:4318"))
 
 
 def test_traces_url():
