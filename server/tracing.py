@@ -55,6 +55,8 @@ ENGINE_STAGES = (
     ("retrieval", "retrieval_start", "finished"),
 )
 INPUT_TOKENS, OUTPUT_TOKENS = "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"
+# Probes and scrapes, every few seconds: no trace of their own.
+UNTRACED = frozenset({"/health", "/ready", "/metrics"})
 
 
 def sdk_available() -> bool:
@@ -180,7 +182,8 @@ def _current_span() -> Any:
 
 class TraceRequests:
     """Pure ASGI middleware (outside `Observe`): one SERVER span per HTTP request, continuing an incoming
-    W3C `traceparent` / `tracestate`; its trace id goes into the scope's state for the access log."""
+    W3C `traceparent` / `tracestate`; its trace id goes into the scope's state for the access log.
+    Health probes and metric scrapes (`UNTRACED`) pass through untraced."""
 
     def __init__(self, app: ASGIApp, tracing: Tracing):
         self.app = app
@@ -188,7 +191,7 @@ class TraceRequests:
         self._routes: set[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in UNTRACED:
             await self.app(scope, receive, send)
             return
         from opentelemetry.trace import SpanKind, Status, StatusCode

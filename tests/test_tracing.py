@@ -225,6 +225,8 @@ def test_a_streamed_caption_and_a_new_trace(in_memory):
         "/caption", json={"image": b64(png_bytes(2)), "max_new_tokens": 2}, headers={"traceparent": unsampled}
     )
     assert r.status_code == 200 and exporter.get_finished_spans() == ()
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+    assert exporter.get_finished_spans() == ()  # probes and scrapes are not traced
 
 
 def test_a_retrieval_trace(checkpoints):
