@@ -98,7 +98,10 @@ class EngineClient:
         return await self.wait(await self.add(request, timeout_s))
 
     # The engine-specific part.
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
+        """Queue `request`; `stream`: deliver its progress; `trace`: its `Done` carries timestamps."""
         raise NotImplementedError
 
     def cancel(self, ticket: Ticket) -> None:
@@ -113,9 +116,10 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
     outputs = seq.decoder.outputs() if ok and seq.decoder is not None else []
     req = seq.seq_id if req_id is None else req_id
     answer = seq.output if ok else None
+    stamps = seq.timestamps() if seq.trace else {}
     if isinstance(answer, ScoringOutput):
-        return Done(req, reason, queue_s, outputs, scores=answer)
-    return Done(req, reason, queue_s, outputs, answer)
+        return Done(req, reason, queue_s, outputs, scores=answer, timestamps=stamps)
+    return Done(req, reason, queue_s, outputs, answer, timestamps=stamps)
 
 
 class InprocClient(EngineClient):
@@ -134,11 +138,13 @@ class InprocClient(EngineClient):
     def healthy(self) -> bool:
         return self.loop.healthy
 
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
         """Queue now; raises QueueFull, EngineStopped or ValueError."""
         ticket = self._new_ticket(timeout_s, stream)
         try:
-            seq = self.loop.add(request, timeout_s, stream)
+            seq = self.loop.add(request, timeout_s, stream, trace)
         except Exception:
             self._tickets.pop(ticket.req_id)
             raise

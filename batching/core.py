@@ -152,7 +152,7 @@ class EngineCore:
         try:
             request = self.build_request(msg, pixels_of(msg, frame))
             with self._lock:  # held over add: the loop may finish the sequence before we record it
-                seq = self.loop.add(request, msg.timeout_s, msg.stream)
+                seq = self.loop.add(request, msg.timeout_s, msg.stream, msg.trace)
                 self._owners[seq.seq_id] = (who, msg.req_id)
                 self._seqs[(who, msg.req_id)] = seq
         except QueueFull as exc:

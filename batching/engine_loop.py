@@ -67,8 +67,8 @@ class EngineLoop:
         self.on_finished = on_finished
         self.on_progress = on_progress
         self.overlap = overlap
-        # (plan, launched) of a step whose tokens are not read back yet: only with overlap.
-        self._inflight: tuple[StepPlan, Any] | None = None
+        # (plan, launched, when launched) of a step whose tokens are not read back yet: only with overlap.
+        self._inflight: tuple[StepPlan, Any, float] | None = None
         self.launched_ahead = 0  # steps launched while the last one's tokens were still unread
         self._cond = threading.Condition()
         self._accepting = True
@@ -92,15 +92,18 @@ class EngineLoop:
         """Run the loop on its own thread (in-process serving); the engine process calls `run` itself."""
         self._thread.start()
 
-    def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Sequence:
+    def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Sequence:
         """Queue a request from any thread; raises QueueFull, EngineStopped or ValueError at once.
-        With `stream`, `on_progress` reports the sequence after every step that gave it tokens."""
+        With `stream`, `on_progress` reports the sequence after every step that gave it tokens; with
+        `trace`, its result carries its stage timestamps (`Sequence.timestamps`)."""
         deadline = time.monotonic() + timeout_s if timeout_s else None
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("server is shutting down")
             seq = self.scheduler.add(request, deadline)
-            seq.stream = stream
+            seq.stream, seq.trace = stream, trace
             self._cond.notify()
         return seq
 
@@ -149,6 +152,7 @@ class EngineLoop:
             self._complete(*self._inflight)  # this step may wait for vision: read the last one first
             self._inflight = None
         launched = None
+        started = time.monotonic()
         if not plan.is_empty():
             self.launched_ahead += self._inflight is not None
             try:
@@ -161,15 +165,16 @@ class EngineLoop:
         if launched is None:
             return
         if self.overlap and plan.chainable and plan.runs_model and self.scheduler.has_work:
-            self._inflight = (plan, launched)
+            self._inflight = (plan, launched, started)
         else:
             # Without overlap, or when the step just read ended every request (nothing will be
             # launched behind this one, which only runs tokens to drop): read it now, not when the
             # next request comes.
-            self._complete(plan, launched)
+            self._complete(plan, launched, started)
 
-    def _complete(self, plan: StepPlan, launched: Any) -> None:
-        """Read a launched step's tokens back and hand its results to the hooks."""
+    def _complete(self, plan: StepPlan, launched: Any, started: float) -> None:
+        """Read a launched step's tokens back and hand its results to the hooks (`started`: when it
+        was launched, time.monotonic(), for the requests' stage times)."""
         try:
             out = self.runner.collect(launched)
         except Exception:
@@ -180,7 +185,7 @@ class EngineLoop:
         stepped = {w.seq_id for w in plan.prefills + plan.decodes}
         streaming = [s for s in self.scheduler.running if s.stream and s.seq_id in stepped]
         with self._cond:
-            finished = self.scheduler.postprocess(plan, out)
+            finished = self.scheduler.postprocess(plan, out, started=started)
         self.steps += 1
         # The step's metrics before anything of it is reported: a client that has its result and then
         # reads /metrics finds its tokens counted (the other order raced the client's read).

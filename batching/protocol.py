@@ -47,6 +47,8 @@ class Add(msgspec.Struct, tag=True):
     candidates: list[list[int]] = []
     # Admission order among waiting requests: higher first, FIFO within one (lower runs later).
     priority: int = 0
+    # Send the request's stage timestamps back with its `Done` (the HTTP process traces it).
+    trace: bool = False
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -112,6 +114,10 @@ class Done(msgspec.Struct, tag=True):
     outputs: list[TokenOutput] = []
     retrieval: RetrievalOutput | None = None
     scores: ScoringOutput | None = None
+    # Only when the `Add` asked for `trace`: when each stage began and ended, in seconds since the Unix
+    # epoch (the engine's clock): "arrived", "admitted", "vision_start"/"vision_end", "prefill_start"/
+    # "prefill_end" (generation) or "retrieval_start", and "finished" (see `Sequence.timestamps`).
+    timestamps: dict[str, float] = {}
 
     @property
     def ok(self) -> bool:
@@ -138,8 +144,12 @@ def decode_from_engine(data: bytes | memoryview) -> FromEngine:
     return _from_engine.decode(data)
 
 
-def add_message(req_id: int, request: object, timeout_s: float | None, stream: bool) -> list:
-    """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or ScoringRequest."""
+def add_message(
+    req_id: int, request: object, timeout_s: float | None, stream: bool, trace: bool = False
+) -> list:
+    """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or
+    ScoringRequest; `trace`: the engine
+    reports the request's stage timestamps with its `Done`."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None
     if pixels is not None and pixels.dtype != torch.uint8:
@@ -152,7 +162,7 @@ def add_message(req_id: int, request: object, timeout_s: float | None, stream: b
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
     fields["priority"] = getattr(request, "priority", 0)
-    msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, **fields)
+    msg = Add(req_id, timeout_s, stream, shape, request.image_key, pixel_dtype=dtype, trace=trace, **fields)
     frames: list = [encode(msg)]
     if pixels is not None:
         frames.append(memoryview(pixels.contiguous().numpy()).cast("B"))

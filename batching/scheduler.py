@@ -58,6 +58,13 @@ class Sequence:
     last_token_at: float | None = None  # when its last token came (the gap to the next is a metric)
     output: RetrievalOutput | ScoringOutput | None = None  # a retrieval or scoring request's answer
     priority: int = 0  # admission order: higher first, FIFO within one
+    # Tracing: report the stage times below with the result. They are recorded either way (once per
+    # request each, time.monotonic()): its vision stage and its own work in its first model step (the
+    # prefill, or the retrieval heads), as (start, end), and when it left.
+    trace: bool = False
+    vision_span: tuple[float, float] | None = None
+    work_span: tuple[float, float] | None = None
+    finished_at: float | None = None
 
     @property
     def rows(self) -> int:
@@ -74,6 +81,36 @@ class Sequence:
     def scoring(self) -> ScoringWork:
         r = self.request
         return ScoringWork(self.seq_id, r.image_key, r.text_ids, r.candidates)
+
+    def timestamps(self) -> dict[str, float]:
+        """Its stage boundaries in seconds since the Unix epoch (for `Done.timestamps`): "arrived",
+        "admitted" (the queue wait between), "vision_start"/"vision_end", "prefill_start"/"prefill_end"
+        (generation; the decode steps follow until "finished") or "retrieval_start", and "finished".
+        Stages it did not reach are left out."""
+        offset = time.time() - time.monotonic()
+        stamps = {"arrived": self.arrived + offset}
+        if self.admitted is not None:
+            stamps["admitted"] = self.admitted + offset
+        if self.vision_span is not None:
+            stamps["vision_start"], stamps["vision_end"] = (t + offset for t in self.vision_span)
+        if self.work_span is not None and self.decoder is not None:
+            stamps["prefill_start"], stamps["prefill_end"] = (t + offset for t in self.work_span)
+        elif self.work_span is not None:
+            stamps["retrieval_start"] = self.work_span[0] + offset
+        stamps["finished"] = (self.finished_at or time.monotonic()) + offset
+        return stamps
+
+    def first_step(self, started: float, out: StepOutput, now: float) -> None:
+        """Record its first model step, launched at `started` (monotonic seconds): the step ran the
+        vision stage inside it (when it did), the prefills, the decode step, then the retrieval heads
+        (`ModelRunner.launch`); the runner's stage seconds place each in time."""
+        vision_end = started + (out.vision_s if out.vision_in_step else 0.0)
+        if self.vision_span is None and vision_end > started and self.request.image_key:
+            self.vision_span = (started, vision_end)
+        if self.decoder is not None:
+            self.work_span = (vision_end, vision_end + out.prefill_s)
+        else:
+            self.work_span = (vision_end + out.prefill_s + out.decode_s, now)
 
 
 READY_IMAGES = 4096  # image keys remembered as encoded (the runner re-encodes any it has evicted)
@@ -232,20 +269,27 @@ class Scheduler:
             if seq.decoder is not None and seq.decoder.finish_reason is None:
                 seq.decoder.finish_reason = seq.finish_reason
         if dropped:
+            for seq in dropped:
+                seq.finished_at = now
             self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
             self._release([s for s in dropped if s.slots])
         return dropped
 
-    def postprocess(self, plan: StepPlan, out: StepOutput, now: float | None = None) -> list[Sequence]:
-        """Apply a step's results; return the sequences that finished (their slots are free again)."""
+    def postprocess(
+        self, plan: StepPlan, out: StepOutput, now: float | None = None, started: float | None = None
+    ) -> list[Sequence]:
+        """Apply a step's results; return the sequences that finished (their slots are free again).
+        `started`: when the step was launched (time.monotonic(); default `now`), for the stage times."""
         now = time.monotonic() if now is None else now
-        done = self._vision_done(out)
+        started = now if started is None else started
+        done = self._vision_done(out, now)
         self.token_gaps, self.first_token_waits = [], []
         for seq in self.running:
             if seq.decoder is None:  # retrieval or scoring: answered in the step that admitted it
                 answers = out.scorings if isinstance(seq.request, ScoringRequest) else out.retrievals
                 seq.output = answers.get(seq.seq_id)
                 seq.finish_reason = "stop" if seq.output is not None else "error"
+                seq.first_step(started, out, now)
                 done.append(seq)
                 continue
             step = out.steps.get(seq.seq_id)
@@ -255,19 +299,23 @@ class Scheduler:
                 self.token_gaps.append(now - seq.last_token_at)
             else:
                 self.first_token_waits.append(now - seq.arrived)
+                seq.first_step(started, out, now)
             seq.last_token_at = now
             if step.done:
                 seq.finish_reason = seq.decoder.finish_reason or "length"
                 done.append(seq)
+        for seq in done:
+            seq.finished_at = now
         self._release(done)
         return done
 
-    def _vision_done(self, out: StepOutput) -> list[Sequence]:
+    def _vision_done(self, out: StepOutput, now: float) -> list[Sequence]:
         """Requests whose image is encoded prefill next step; those whose vision batch failed fail."""
         for key in out.encoded:
             for seq in self.encoding.pop(key, []):
                 if seq.finish_reason is None:
                     seq.stage = "prefill"
+                    seq.vision_span = (seq.admitted or now, now)
             self.ready_images[key] = None
             self.ready_images.move_to_end(key)
         while len(self.ready_images) > READY_IMAGES:

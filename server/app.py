@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .embeddings_api import add_embeddings_routes
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
 from .errors import ApiError, BodyLimit, error_response, install_handlers, named
@@ -41,6 +42,7 @@ from .security import ApiKeyAuth
 from .service import Outcome, Service
 from .settings import VERSION, Settings, read_worker_spec
 from .streaming import EventStream
+from .tracing import TraceRequests, Tracing
 
 log = logging.getLogger("blipserve")
 T = TypeVar("T")
@@ -52,13 +54,17 @@ def create_app(
     engine: EngineHandle | None = None,
     on_engine_death: Callable[[], None] | None = None,
     on_start_failure: Callable[[], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
     `engine` (started by the server's main process), else to one it starts itself (or, with
     `engine: thread`, a model loaded in this process). The service starts in the background: until it
     has, only /health, /ready (503), /metrics, /version and the API docs answer, the rest is a 503.
-    `on_engine_death` runs if that process dies, `on_start_failure` if starting raised."""
+    `on_engine_death` runs if that process dies, `on_start_failure` if starting raised.
+    `tracing`: trace requests with it; default: as `settings.otlp_traces_endpoint` says (off if unset)."""
     settings = settings or Settings()
+    owns_tracing = tracing is None
+    tracing = tracing or Tracing.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,7 +75,9 @@ def create_app(
         # start-up is then a moment (connect, warm up; a restarted --api-workers process).
         address = engine.address.removeprefix("ipc://") if engine is not None else None
         app.state.engine_loaded = lambda: address is not None and os.path.exists(address)
-        starting = asyncio.create_task(_start(app, settings, service, engine, on_engine_death, built))
+        starting = asyncio.create_task(
+            _start(app, settings, service, engine, on_engine_death, built, tracing)
+        )
         if on_start_failure is not None:
             starting.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_start_failure())
         try:
@@ -82,6 +90,8 @@ def create_app(
             # Uvicorn has stopped accepting and drained open requests; finish what the engine holds.
             if built:
                 await built[0].shutdown()
+            if tracing is not None and owns_tracing:
+                await asyncio.to_thread(tracing.shutdown)  # the last spans go out
 
     # /docs and /redoc come from add_docs, with their JavaScript and CSS served here (no CDN).
     app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -94,10 +104,13 @@ def create_app(
     app.add_middleware(Observe, exclude=settings.access_log_exclude)
     if settings.root_path:
         app.add_middleware(RootPath, root_path=settings.root_path.rstrip("/"))
+    if tracing is not None:
+        app.add_middleware(TraceRequests, tracing=tracing)  # outermost: Observe logs its trace id
     install_handlers(app)
     _add_routes(app)
     add_openai_routes(app, _run)
     add_retrieval_routes(app, _unless_disconnected)
+    add_embeddings_routes(app, _unless_disconnected)
     add_schemas(app, [CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest])
     add_docs(app)
     return app
@@ -118,12 +131,14 @@ async def _start(
     engine: EngineHandle | None,
     on_engine_death: Callable[[], None] | None,
     built: list[Service],
+    tracing: Tracing | None = None,
 ) -> None:
     """Build and start the service, then warm it up; `app.state.service` is set once it is ready
     (`engine_up` once the engine has answered, `started` at the end, whatever the outcome)."""
     try:
         svc = service or await asyncio.to_thread(Service.build, settings, engine)
         built.append(svc)
+        svc.tracing = tracing
         if on_engine_death is not None and isinstance(svc.client, ProcessClient):
             svc.client.on_engine_death = on_engine_death
         await svc.start()

@@ -77,14 +77,16 @@ class ProcessClient(EngineClient):
         self.info = await self._info
         return self.info
 
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
         if self.dead:
             raise EngineStopped("the engine process died; the server restarts")
         ticket = self._new_ticket(timeout_s, stream)
         ack = self._acks[ticket.req_id] = asyncio.get_running_loop().create_future()
         try:
             await self._sock.send_multipart(
-                add_message(ticket.req_id, request, timeout_s, stream), copy=False
+                add_message(ticket.req_id, request, timeout_s, stream, trace), copy=False
             )
             reply = await ack
         except BaseException:

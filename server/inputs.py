@@ -191,6 +191,7 @@ def _form_fields(
 class Prepared:
     pixel_values: Any  # torch.Tensor [3, H, W] float32, or with `raw` [H, W, 3] uint8 (not normalised)
     key: str  # content hash of the raw bytes: the embedding cache key
+    size: tuple[int, int] = (0, 0)  # (width, height) of the decoded image, before resizing
 
 
 def prepare_image(
@@ -206,7 +207,7 @@ def prepare_image(
         pixels = processor.rgb(image) if raw else processor.preprocess(image)
     except Exception:
         raise ApiError(400, f"{where}: the image could not be converted to RGB pixels") from None
-    return Prepared(pixels, hashlib.sha256(data).hexdigest())
+    return Prepared(pixels, hashlib.sha256(data).hexdigest(), image.size)
 
 
 def carries_template(question: str, template: str) -> bool:

@@ -7,7 +7,7 @@ import logging
 import time
 
 # Fields the access log passes with `extra=` and the JSON formatter writes out.
-ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client")
+ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client", "trace_id")
 
 
 class JsonFormatter(logging.Formatter):

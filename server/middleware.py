@@ -116,4 +116,8 @@ class Observe:
                 client = (scope.get("client") or ("", 0))[0]
                 extra = {"request_id": request_id, "method": method, "path": path, "status": status}
                 extra.update(duration_ms=ms, client=client)
-                log.info("%s %s %s %.1fms id=%s", method, path, status, ms, request_id, extra=extra)
+                trace_id = scope["state"].get("trace_id")  # set by TraceRequests when tracing is on
+                if trace_id:
+                    extra["trace_id"] = trace_id
+                trace = f" trace={trace_id}" if trace_id else ""
+                log.info("%s %s %s %.1fms id=%s%s", method, path, status, ms, request_id, trace, extra=extra)

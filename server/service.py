@@ -31,6 +31,7 @@ from .inputs import Prepared, prepare_image
 from .metrics import Metrics
 from .schemas import GenerationParams
 from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Service:
         self.raw_pixels = False  # set by `start` from the engine's device
         self.created = int(time.time())  # /v1/models: when this model was loaded
         self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
+        self.tracing: Tracing | None = None  # set by the app when tracing is on
 
     @classmethod
     def build(cls, settings: Settings, handle: EngineHandle | None = None) -> Service:
@@ -215,7 +217,17 @@ class Service:
         self, items: list[bytes | str], fields: list[str] | None = None, names: Names | None = None
     ) -> list[Prepared]:
         """Fetch, decode and preprocess a request's images in the worker pool; `fields`: each image's
-        field as sent, `names`: the route's names for ours (for the errors)."""
+        field as sent, `names`: the route's names for ours (for the errors). Traced as "preprocess"."""
+        if self.tracing is None:
+            return await self._prepare_images(items, fields, names)
+        with self.tracing.span("preprocess"):
+            prepared = await self._prepare_images(items, fields, names)
+        self.tracing.record_images([p.size for p in prepared])
+        return prepared
+
+    async def _prepare_images(
+        self, items: list[bytes | str], fields: list[str] | None, names: Names | None
+    ) -> list[Prepared]:
         self.limit_items(len(items), named("images", names))
         fields = fields or [f"images[{i}]" if len(items) > 1 else "image" for i in range(len(items))]
         blobs = await asyncio.gather(*(self.fetch(item) for item in items))
@@ -263,7 +275,8 @@ class Service:
         if not self.ready:
             raise ApiError(503, "model is not ready", {"Retry-After": "1"})
         try:
-            return await self.client.add(request, self.settings.request_timeout_s, stream)
+            trace = self.tracing is not None and self.tracing.recording()
+            return await self.client.add(request, self.settings.request_timeout_s, stream, trace)
         except QueueFull as exc:
             raise ApiError(429, f"{exc}; retry later", {"Retry-After": "1"}) from None
         except (EngineStopped, EngineDied) as exc:
@@ -295,10 +308,16 @@ class Service:
             raise
 
     async def finished(self, ticket: Ticket) -> Done:
-        """The request's result once done; a timeout is a 504, a dead engine a 503, else a 500."""
+        """The request's result once done; a timeout is a 504, a dead engine a 503, else a 500. Traced:
+        its engine stages become spans."""
         try:
-            return await self.client.wait(ticket)
+            done = await self.client.wait(ticket)
+            if self.tracing is not None:
+                self.tracing.engine_spans(done)
+            return done
         except SequenceFailed as exc:
+            if self.tracing is not None:
+                self.tracing.engine_spans(exc.done)
             if exc.reason == "timeout":
                 raise ApiError(
                     504, f"request did not finish within {self.settings.request_timeout_s}s"
@@ -311,7 +330,12 @@ class Service:
 
     async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
         done = await self.finished(ticket)
-        return Outcome(self.engine.result(request, done.outputs), done.queue_s)
+        if self.tracing is None:
+            return Outcome(self.engine.result(request, done.outputs), done.queue_s)
+        with self.tracing.span("detokenize"):
+            result = self.engine.result(request, done.outputs)
+        self.tracing.record_usage(result.prompt_tokens, result.completion_tokens)
+        return Outcome(result, done.queue_s)
 
     def retrieval_request(self, task: str, image: Prepared | None, texts: list[str]) -> RetrievalRequest:
         for i, text in enumerate(texts):
@@ -344,6 +368,7 @@ class Service:
     ) -> AsyncIterator[list[TokenOutput] | Outcome]:
         events = ticket.progress
         done = asyncio.ensure_future(self.outcome(request, ticket))
+        span = self.tracing.start_span("stream") if self.tracing is not None else None
         try:
             while not done.done() or not events.empty():
                 if events.empty():
@@ -357,6 +382,8 @@ class Service:
                     yield events.get_nowait()
             yield done.result()
         finally:
+            if span is not None:
+                span.end()
             if not done.done():
                 done.cancel()
                 self.client.cancel(ticket)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error (debug: tracebacks too)")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="trace requests with OpenTelemetry: spans go over OTLP/HTTP to this URL (e.g. "
+        "http://collector:4318/v1/traces; a URL without a path gets /v1/traces); the OTEL_EXPORTER_OTLP_* "
+        "(headers, timeout, compression, certificates) and OTEL_SERVICE_NAME variables apply; unset: no "
+        "tracing. Needs pip install 'blipserve[otel]'",
+    )
     # Batching
     max_batch_images: int = Field(32, ge=1, description="new images per vision batch")
     background_vision: bool | None = Field(

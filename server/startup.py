@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .settings import Settings
+from .tracing import MISSING_SDK, endpoint_problem, sdk_available
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 CHECKPOINT_FILES = "config.json, model*.safetensors, tokenizer.json, preprocessor_config.json"
@@ -143,6 +144,10 @@ def check_quantize(quantize: str) -> None:
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
+    if settings.otlp_traces_endpoint:
+        problem = endpoint_problem(settings.otlp_traces_endpoint)
+        if problem or not sdk_available():
+            raise StartupError(problem or MISSING_SDK)
     check_tls(settings.ssl_keyfile, settings.ssl_certfile)
     check_quantize(settings.quantize)
     return check_model(settings.model, settings.revision)
