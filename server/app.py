@@ -37,7 +37,7 @@ from .schemas import (
     VQARequest,
     VQAResponse,
 )
-from .scoring_api import answer_candidates, check_candidates
+from .scoring_api import ScoringJob, answer_candidates, check_candidates
 from .security import ApiKeyAuth
 from .service import Outcome, Service
 from .settings import VERSION, Settings, read_worker_spec
@@ -199,9 +199,17 @@ def _add_routes(app: FastAPI) -> None:
         images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
         single = parsed.body.image is not None
         if parsed.body.candidates:
-            pairs = [(im, parsed.body.prompt) for im in images]
+            job = ScoringJob(named("prompt", parsed.names), parsed.body.prompt)
             scored = await answer_candidates(
-                request, svc, pairs, parsed.body.candidates, single, "caption", _unless_disconnected, start
+                request,
+                svc,
+                [(im, job) for im in images],
+                parsed.body.candidates,
+                single,
+                "caption",
+                _unless_disconnected,
+                start,
+                parsed.body.priority,
             )
             return JSONResponse(scored)
         jobs = [
@@ -235,9 +243,17 @@ def _add_routes(app: FastAPI) -> None:
         names = parsed.names
         single = body.image is not None and body.questions is None
         if body.candidates:
-            scored_pairs = [(im, text) for im, (_, text) in pairs]
+            scored_pairs = [(im, ScoringJob(field, text)) for im, (field, text) in pairs]
             scored = await answer_candidates(
-                request, svc, scored_pairs, body.candidates, single, "answer", _unless_disconnected, start
+                request,
+                svc,
+                scored_pairs,
+                body.candidates,
+                single,
+                "answer",
+                _unless_disconnected,
+                start,
+                body.priority,
             )
             return JSONResponse(scored)
         jobs = [

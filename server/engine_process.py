@@ -109,7 +109,7 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
         if msg.candidates:
             if pixels is None or not all(msg.candidates):
                 raise ValueError("a scoring request needs an image and candidates of one token or more")
-            return ScoringRequest(pixels, msg.image_key, msg.text_ids, msg.candidates)
+            return ScoringRequest(pixels, msg.image_key, msg.text_ids, msg.candidates, msg.priority)
         if msg.params is None or msg.positions > max_len:
             raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
         stop = msg.params.stop

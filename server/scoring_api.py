@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
@@ -25,6 +26,14 @@ from .service import Service, elapsed_ms
 
 T = TypeVar("T")
 FINISH_REASON = "candidates"
+
+
+@dataclass
+class ScoringJob:
+    """One image's prompt to score the candidates after: `field` names it as the user sent it."""
+
+    field: str  # "prompt", "question", "questions[1]"...
+    prompt: str | None  # None: no prompt (a caption)
 
 
 def check_candidates(svc: Service, body: ImageInput) -> None:
@@ -43,21 +52,26 @@ def check_candidates(svc: Service, body: ImageInput) -> None:
 
 
 def scoring_request(
-    svc: Service, image: Prepared, prompt: str | None, candidates: list[str]
+    svc: Service, image: Prepared, job: ScoringJob, candidates: list[str], priority: int = 0
 ) -> ScoringRequest:
-    """The engine's request for one image and prompt; 422 for a prompt or candidate that is too long."""
+    """The engine's request for one image and prompt, admitted at `priority` (higher first); 422 naming
+    the field as sent (`job.field`: "question", "questions[1]", "prompt") for a prompt that is too long,
+    and `candidates[i]` for a candidate that is."""
     s = svc.settings
-    if prompt is not None and svc.engine.tokenizer.count(prompt) > s.max_prompt_tokens:
-        raise ApiError(422, f"prompt: longer than {s.max_prompt_tokens} tokens")
+    if job.prompt is not None and svc.engine.tokenizer.count(job.prompt) > s.max_prompt_tokens:
+        raise ApiError(422, f"{job.field}: longer than {s.max_prompt_tokens} tokens", param=job.field)
     try:
-        request = svc.engine.scoring_request(image.pixel_values, image.key, prompt, candidates)
+        request = svc.engine.scoring_request(image.pixel_values, image.key, job.prompt, candidates)
     except ValueError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, str(exc), param="candidates") from None
     for i, ids in enumerate(request.candidates):
         if len(ids) > s.max_new_tokens_limit:
             raise ApiError(
-                422, f"candidates[{i}]: {len(ids)} tokens, more than this server's {s.max_new_tokens_limit}"
+                422,
+                f"candidates[{i}]: {len(ids)} tokens, more than this server's {s.max_new_tokens_limit}",
+                param="candidates",
             )
+    request.priority = priority
     return request
 
 
@@ -72,13 +86,18 @@ async def _score(
         for t in tickets:
             svc.client.cancel(t)
         raise
-    return [
+    scored = [
         (svc.engine.scoring_result(r, texts, d.scores), d.queue_s)
         for r, d in zip(requests, dones, strict=True)
     ]
+    if svc.tracing is not None:
+        for result, _ in scored:
+            svc.tracing.record_usage(result.prompt_tokens, 0)
+    return scored
 
 
 def _ranked(result: ScoringResult) -> list[dict]:
+    """The reply's `candidates`: best first, each with its place in the request's list."""
     return [
         {
             "index": c.index,
@@ -92,24 +111,26 @@ def _ranked(result: ScoringResult) -> list[dict]:
 
 
 def _usage(results: list[ScoringResult]) -> dict:
+    """OpenAI-style usage: the prompts' positions (image queries included); nothing is generated."""
     return {"prompt_tokens": sum(r.prompt_tokens for r in results), "completion_tokens": 0}
 
 
 async def answer_candidates(
     request: Request,
     svc: Service,
-    jobs: list[tuple[Prepared, str | None]],
+    jobs: list[tuple[Prepared, ScoringJob]],
     candidates: list[str],
     single: bool,
     key: str,
     run: Callable[[Request, Awaitable[T]], Awaitable[T]],
     start: float,
+    priority: int = 0,
 ) -> dict:
     """The reply to /caption (`key` "caption") or /vqa ("answer") with candidates: `{key: best,
     "candidates": ranked}` for the single form, `{key + "s": [{"text", "candidates", ...}]}` for the
     batch form. `run(request, work)` cancels the work if the client goes away; `start`: when the
-    request came (time.perf_counter())."""
-    requests = [scoring_request(svc, image, prompt, candidates) for image, prompt in jobs]
+    request came (time.perf_counter()); `priority`: the body's (admission order, higher first)."""
+    requests = [scoring_request(svc, image, job, candidates, priority) for image, job in jobs]
     scored = await run(request, _score(svc, requests, candidates))
     results = [r for r, _ in scored]
     body: dict = {"model": svc.engine.model_id}

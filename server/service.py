@@ -383,6 +383,8 @@ class Service:
             yield done.result()
         finally:
             if span is not None:
+                if not done.done():  # the client went away: the request is cancelled
+                    span.set_attribute("blipserve.finish_reason", "cancelled")
                 span.end()
             if not done.done():
                 done.cancel()

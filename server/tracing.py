@@ -9,7 +9,8 @@ One trace per HTTP request, its spans exported over OTLP/HTTP by the OpenTelemet
     │   ├── vision       ViT + Q-Former of its image (in the background, or inside its first step)
     │   ├── prefill      its prompt's forward pass, up to its first token
     │   ├── decode       one token per step, first token to the last
-    │   └── retrieval    /match, /embed, /v1/embeddings: the ITM / ITC heads
+    │   ├── retrieval    /match, /embed, /v1/embeddings: the ITM / ITC heads
+    │   └── scoring      `candidates`: their prompt's prefill and the candidates' forward
     └── detokenize       token ids to text (or `stream`: the Server-Sent Events, first to last)
 
 The engine process exports nothing: with `trace` in its `Add`, it sends each request's stage timestamps
@@ -152,6 +153,8 @@ class Tracing:
             if start in ns and end in ns and ns[end] >= ns[start]:
                 if name == "decode" and ns[end] == ns[start]:
                     continue  # its first token was its last: no decode step
+                if name == "retrieval" and done.scores is not None:
+                    name = "scoring"  # candidates: the prefill and the candidates' forward
                 stage = self.tracer.start_span(name, context=inside, start_time=ns[start])
                 stage.end(end_time=ns[end])
         engine.end(end_time=ns["finished"])

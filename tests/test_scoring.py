@@ -19,6 +19,7 @@ from batching.protocol import Done, add_message, decode_from_engine, decode_to_e
 from model import Blip2Engine
 from model.runtime.plan import ScoringOutput, ScoringRequest, ScoringWork, StepPlan
 from server.engine_process import request_from_message
+from server.service import Service
 from server.settings import Settings
 
 CANDIDATES = ["a cat", "two dogs playing in the snow", "red", "on the street", "a"]
@@ -172,13 +173,14 @@ def test_ranked_best_first_with_sum_and_mean(checkpoints):
 
 def test_scoring_requests_cross_the_process_boundary():
     pixels = torch.randn(3, 4, 4)
-    request = ScoringRequest(pixels, "key", [2, 5], [[7, 8], [9]])
+    request = ScoringRequest(pixels, "key", [2, 5], [[7, 8], [9]], priority=-10)
     frames = add_message(3, request, None, False)
     msg = decode_to_engine(frames[0])
     assert (msg.text_ids, msg.candidates, msg.task, msg.params) == ([2, 5], [[7, 8], [9]], "", None)
     build = request_from_message(None, 64)  # what the engine process makes of it
     got = build(msg, pixels_of(msg, bytearray(frames[1])))
     assert isinstance(got, ScoringRequest) and (got.text_ids, got.candidates) == ([2, 5], [[7, 8], [9]])
+    assert got.priority == -10
     assert torch.equal(got.pixel_values, pixels)
     msg.candidates = [[7], []]
     with pytest.raises(ValueError, match="candidates"):
@@ -270,6 +272,8 @@ def test_vqa_and_caption_with_candidates_over_http(opt_server):
         ({"candidates": ["a"], "n": 2, "do_sample": True}, "n"),
         ({"candidates": ["a"], "num_beams": 3}, "num_beams"),
         ({"candidates": ["a"], "logprobs": 2}, "logprobs"),
+        ({"candidates": ["a"], "question": "cat " * 200}, "question: longer than 128"),  # as sent
+        ({"candidates": ["a"], "question": None, "prompt": "cat " * 200}, "prompt: longer than 128"),
     ],
 )
 def test_bad_candidates_are_a_422_naming_the_field(opt_server, extra, field):
@@ -277,6 +281,46 @@ def test_bad_candidates_are_a_422_naming_the_field(opt_server, extra, field):
     r = httpx.post(url + "/vqa", json={"image": b64(png_bytes(1)), "question": "what?", **extra})
     assert r.status_code == 422, r.text
     assert field in r.json()["error"]["message"]
+
+
+def test_candidates_are_admitted_by_their_priority(checkpoints):
+    """One KV slot, taken by a long caption; two captions wait at the default priority. Candidates sent
+    after them at priority 5 are admitted first (scored before the waiting captions start); without
+    `priority` they would wait their turn."""
+    settings = Settings(
+        model=str(checkpoints("pre_ln")[0]),
+        device="cpu",
+        dtype="float32",
+        engine="thread",
+        max_wait_ms=0,
+        max_running_seqs=1,
+    )
+    svc = Service.build(settings)
+    data = png_bytes(3)
+
+    async def go(url: str) -> list[str]:
+        finished: list[str] = []
+
+        async def one(client: httpx.AsyncClient, name: str, body: dict) -> None:
+            r = await client.post("/caption", json={"image": b64(data), **body})
+            assert r.status_code == 200, r.text
+            finished.append(name)
+
+        long = {"max_new_tokens": 20, "min_new_tokens": 20}
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            waiting = [asyncio.ensure_future(one(client, f"caption{i}", long)) for i in range(3)]
+            for _ in range(1000):  # one running, two waiting
+                if len(svc.scheduler.waiting) == 2 or finished:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(svc.scheduler.waiting) == 2 and not finished
+            scored = one(client, "scored", {"candidates": CANDIDATES, "priority": 5})
+            await asyncio.gather(*waiting, scored)
+        return finished
+
+    with serve_in_thread(settings, svc) as url:
+        finished = asyncio.run(go(url))
+    assert finished.index("scored") <= 1, finished  # beside or right after the running caption
 
 
 @pytest.mark.slow  # ~25 s on 2 CPU cores: an engine process starts and warms up

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_batching import EOS, FakeRunner, request
+from test_server import gated_service
 
 from batching import Scheduler
 from batching.client import done_of
@@ -172,6 +173,19 @@ def check_request_trace(spans: list[S], path: str, tail: list[str], stages: list
     return req
 
 
+@contextmanager
+def ready_client(settings: Settings, tracing: Tracing | None = None) -> Iterator[TestClient]:
+    """A TestClient of the app once its model is loaded (it loads in the background: /ready is 503 until
+    then, and so are the model routes)."""
+    with TestClient(create_app(settings, tracing=tracing)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the app did not get ready in 120 s")
+            time.sleep(0.05)
+        yield client
+
+
 @pytest.fixture(scope="module")
 def in_memory(checkpoints):
     """A BLIP-2 OPT server (engine thread) tracing into an in-memory exporter."""
@@ -180,7 +194,7 @@ def in_memory(checkpoints):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
-    with TestClient(create_app(settings, tracing=Tracing(provider))) as client:
+    with ready_client(settings, Tracing(provider)) as client:
         yield client, exporter, str(root)
 
 
@@ -229,13 +243,27 @@ def test_a_streamed_caption_and_a_new_trace(in_memory):
     assert exporter.get_finished_spans() == ()  # probes and scrapes are not traced
 
 
+def test_a_candidates_trace(in_memory):
+    """Candidates: the engine's stage is "scoring" (the prompt's prefill and the candidates' forward), and
+    the request span counts the prompt's tokens (nothing is generated)."""
+    client, exporter, _ = in_memory
+    exporter.clear()
+    body = {"image": b64(png_bytes(6)), "question": "what?", "candidates": ["a cat", "a dog"]}
+    r = client.post("/vqa", json=body, headers={"traceparent": TRACEPARENT})
+    assert r.status_code == 200, r.text
+    spans = [from_sdk(s) for s in exporter.get_finished_spans()]
+    req = check_request_trace(spans, "/vqa", [], ["queue", "vision", "scoring"])
+    assert req.attributes["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"] > 0
+    assert req.attributes["gen_ai.usage.output_tokens"] == 0
+
+
 def test_a_retrieval_trace(checkpoints):
     root, _ = checkpoints("blip2_itm")
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
-    with TestClient(create_app(settings, tracing=Tracing(provider))) as client:
+    with ready_client(settings, Tracing(provider)) as client:
         body = {"image": b64(png_bytes(4)), "texts": ["a cat"]}
         r = client.post("/match", json=body, headers={"traceparent": TRACEPARENT})
     assert r.status_code == 200, r.text
@@ -247,7 +275,7 @@ def test_tracing_is_off_by_default(checkpoints, caplog):
     assert Settings().otlp_traces_endpoint is None and Tracing.from_settings(Settings()) is None
     root, _ = checkpoints("pre_ln")
     settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
-    with TestClient(create_app(settings)) as client, caplog.at_level(logging.INFO, logger="blipserve"):
+    with ready_client(settings) as client, caplog.at_level(logging.INFO, logger="blipserve"):
         assert client.app.state.service.tracing is None
         assert (
             client.post("/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 2}).status_code == 200
@@ -368,6 +396,28 @@ def test_traces_reach_an_otlp_receiver_across_the_engine_process(checkpoints, mo
     assert {r["service.name"] for r in server.resources} == {"blipserve-test"}
     (line,) = [rec for rec in caplog.records if getattr(rec, "path", "") == "/caption"]
     assert json.loads(JsonFormatter().format(line))["trace_id"] == f"{TRACE_ID:032x}"
+
+
+def test_an_abandoned_stream_is_traced_as_cancelled(checkpoints, monkeypatch):
+    """A client that leaves a stream: its request span is exported, its stream span says "cancelled", and
+    the server keeps serving."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    with receiver() as (endpoint, server):
+        svc, gated = gated_service(checkpoints("pre_ln"), otlp_traces_endpoint=endpoint)
+        gated.delay = 0.05  # 120 tokens would take 6 s: the client leaves long before
+        with serve_in_thread(svc.settings, svc) as url:
+            body = {"image": b64(png_bytes(7)), "max_new_tokens": 120, "min_new_tokens": 120, "stream": True}
+            headers = {"traceparent": TRACEPARENT}
+            with httpx.stream("POST", url + "/caption", json=body, headers=headers, timeout=60) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # the first event, then away
+            spans = [s for s in _wait_for(server, "POST /caption") if s.trace_id == TRACE_ID]
+            gated.delay = 0
+            ok = httpx.post(url + "/caption", json={"image": body["image"], "max_new_tokens": 3}, timeout=60)
+            assert ok.status_code == 200
+    (req,) = [s for s in spans if s.server]
+    (stream,) = children(spans, req)[1:]
+    assert stream.name == "stream" and stream.attributes["blipserve.finish_reason"] == "cancelled"
 
 
 @pytest.mark.slow

@@ -77,6 +77,7 @@ class ScoringRequest:
     image_key: str  # content hash of pixel_values
     text_ids: list[int]  # prompt ids after the image placeholders, as for generation
     candidates: list[list[int]]  # token ids of each candidate (`scoring.candidate_ids`), none empty
+    priority: int = 0  # admission order among waiting requests: higher first (`batching.scheduler`)
 
 
 @dataclass
