@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
 from .errors import ApiError, invalid
-from .inputs import decode_base64, is_url
+from .inputs import Prepared, decode_base64, is_url
 from .openai_api import ContentPart
 from .service import Service
 
@@ -66,7 +66,7 @@ def input_items(value: str | list[Any] | dict[str, Any]) -> list[tuple[str, str]
             items.append(_part(item, where))
         elif isinstance(item, str):
             items.append(("text", item))
-        elif isinstance(item, int | list):
+        elif isinstance(item, int | list) and not isinstance(item, bool):
             raise ApiError(400, f"{where}: token ids are not supported; send the text", param="input")
         else:
             raise ApiError(400, f"{where}: expected a string or a content part", param="input")
@@ -152,9 +152,7 @@ def add_embeddings_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], A
         items = input_items(body.input)
         texts = [(i, v) for i, (kind, v) in enumerate(items) if kind == "text"]
         urls = [(i, v) for i, (kind, v) in enumerate(items) if kind == "image"]
-        svc.limit_items(len(urls), "input (images)")
-        blobs = [url if is_url(url) else decode_base64(url, f"input[{i}]") for i, url in urls]
-        images = await svc.prepare_images(blobs) if blobs else []
+        images = await _images(svc, urls) if urls else []
         jobs = [svc.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
         outs: list[RetrievalOutput] = await run(request, svc.retrieve(jobs))
         vectors: list[list[float]] = [[] for _ in items]
@@ -172,7 +170,31 @@ def add_embeddings_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], A
         return {"object": "list", "data": data, "model": svc.engine.model_id, "usage": usage}
 
 
+async def _images(svc: Service, urls: list[tuple[int, str]]) -> list[Prepared]:
+    """The image parts' pixels (`urls`: (index in `input`, URL or data URL)); 400 naming the item
+    (`input[i]`, param "input") for too many, a URL this server does not fetch, bad base64, or bytes
+    that are not an image."""
+    limit = svc.settings.max_items_per_request
+    if len(urls) > limit:
+        raise ApiError(400, f"input: at most {limit} images per request", param="input")
+    try:
+        blobs: list[bytes | str] = []
+        for i, url in urls:
+            if is_url(url) and not svc.settings.allow_image_urls:
+                raise ApiError(
+                    400,
+                    f"input[{i}]: image URLs are not fetched by this server (--allow-image-urls is off); "
+                    "send a data: URL",
+                )
+            blobs.append(url if is_url(url) else decode_base64(url, f"input[{i}]"))
+        return await svc.prepare_images(blobs, [f"input[{i}]" for i, _ in urls])
+    except ApiError as exc:
+        exc.param = exc.param or "input"
+        raise
+
+
 async def _parse(request: Request) -> EmbeddingRequest:
+    """The body as an `EmbeddingRequest`; 400 naming the field (OpenAI's shape) when it is not one."""
     try:
         raw = await request.json()
     except ValueError:
@@ -180,4 +202,9 @@ async def _parse(request: Request) -> EmbeddingRequest:
     try:
         return EmbeddingRequest.model_validate(raw)
     except ValidationError as exc:
+        if any(e["loc"][:1] == ("input",) and len(e["loc"]) > 1 for e in exc.errors()):
+            # Not one of the union's shapes: say which shapes, not each one's complaint.
+            raise ApiError(
+                400, "input: expected a string or a list of strings and content parts", param="input"
+            ) from None
         raise invalid(exc.errors(), 400) from None

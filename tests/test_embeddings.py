@@ -115,27 +115,56 @@ def test_dimensions(client, live):
     assert err.value.body["param"] == "dimensions" and str(n) in err.value.body["message"]
 
 
+def image_url(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def test_bad_requests_get_openai_errors(live):
+    """Each mistake is a 400 (404 for the model) in OpenAI's shape, whose message names the item as sent
+    and whose `param` is the field."""
     _, url, model = live
+    png = "data:image/png;base64,"
     cases = [
-        ({"model": "gpt-4", "input": "x"}, 404, "model"),
-        ({"model": model, "input": []}, 400, "input"),
-        ({"model": model, "input": ["ok", ""]}, 400, "input"),
-        ({"model": model, "input": [[1, 2, 3]]}, 400, "input"),
-        ({"model": model, "input": [{"type": "audio", "audio": "x"}]}, 400, "input"),
-        ({"model": model, "input": [{"type": "image_url"}]}, 400, "input"),
-        ({"model": model, "input": [{"type": "image_url", "image_url": {"url": "data:,abc"}}]}, 400, None),
-        ({"model": model, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-        ({"model": model, "input": "x", "bogus": 1}, 400, "bogus"),
+        ({"model": "gpt-4", "input": "x"}, 404, "model", "gpt-4"),
+        ({"model": model, "input": []}, 400, "input", "input: must not be empty"),
+        ({"model": model, "input": ["ok", ""]}, 400, "input", "input[1]"),
+        ({"model": model, "input": ["fine", 7]}, 400, "input", "input[1]: token ids"),
+        ({"model": model, "input": [[1, 2, 3]]}, 400, "input", "input[0]: token ids"),
+        ({"model": model, "input": ["a", True]}, 400, "input", "input[1]: expected a string"),
+        ({"model": model, "input": None}, 400, "input", "input: expected a string or a list"),
+        ({"model": model, "input": 1.5}, 400, "input", "input: expected a string or a list"),
+        ({"model": model, "input": [{"type": "audio", "audio": "x"}]}, 400, "input", "input[0].type"),
+        ({"model": model, "input": [{"type": "image_url"}]}, 400, "input", "input[0].image_url"),
+        ({"model": model, "input": ["a", image_url("data:,abc")]}, 400, "input", "input[1]: data URL"),
+        (
+            {"model": model, "input": ["a", image_url(png + "abc!")]},
+            400,
+            "input",
+            "input[1]: not valid base64",
+        ),
+        ({"model": model, "input": ["a", image_url(png + "AAAA")]}, 400, "input", "input[1]: not an image"),
+        (
+            {"model": model, "input": [image_url("http://127.0.0.1:9/a.png")]},
+            400,
+            "input",
+            "input[0]: image URLs",
+        ),
+        ({"model": model, "input": [image_url(png + "AAAA")] * 17}, 400, "input", "at most 16 images"),
+        (
+            {"model": model, "input": "x", "encoding_format": "int8"},
+            400,
+            "encoding_format",
+            "'float' or 'base64'",
+        ),
+        ({"model": model, "input": "x", "bogus": 1}, 400, "bogus", "bogus: unknown field"),
     ]
-    for body, status, param in cases:
+    for body, status, param, message in cases:
         r = httpx.post(url + "/v1/embeddings", json=body)
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
-        assert error["message"] and error["type"] == "invalid_request_error", error
-        assert param is None or error["param"] == param, (body, error)
-    r = httpx.post(url + "/v1/embeddings", json={"model": model, "input": ["fine", 7]})
-    assert "input[1]" in r.json()["error"]["message"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+        assert message in error["message"], (body, error)
+    assert httpx.post(url + "/v1/embeddings", json={"model": model, "input": "fine"}).status_code == 200
 
 
 def test_generative_model_is_unsupported_task(checkpoints):
