@@ -116,6 +116,7 @@ def _engine_us(n: int, trace: bool) -> float:
 
 
 def main() -> None:
+    """Parse the flags, run the rounds, print the table (see the module's docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", type=Path, help="a tree of the code before tracing (required)")
     ap.add_argument("--rounds", type=int, default=7)

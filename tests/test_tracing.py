@@ -7,24 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from live import b64, free_port, png_bytes, serve_in_process, serve_in_thread
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from live import b64, png_bytes, serve_in_process, serve_in_thread
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otlp_spans import TOLERANCE_NS, S, children, from_sdk, receiver, wait_for, within
 from test_batching import EOS, FakeRunner, request
 from test_server import gated_service
 
@@ -39,7 +33,6 @@ from server.tracing import MISSING_SDK, Tracing, traces_url
 
 TRACE_ID, PARENT_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
-TOLERANCE_NS = 2_000_000  # the engine's clock (monotonic + offset) against the HTTP process's time_ns
 
 
 # The engine's stage times, on the scheduler with known clocks.
@@ -99,59 +92,6 @@ def test_stage_times_of_a_retrieval():
 # The span tree.
 
 
-@dataclass
-class S:
-    """A span as both exporters give it: ids as ints, times in ns since the epoch."""
-
-    name: str
-    trace_id: int
-    span_id: int
-    parent: int | None
-    start: int
-    end: int
-    attributes: dict = field(default_factory=dict)
-    server: bool = False
-
-
-def from_sdk(span) -> S:
-    parent = span.parent.span_id if span.parent is not None else None
-    c = span.context
-    attrs = dict(span.attributes or {})
-    return S(
-        span.name, c.trace_id, c.span_id, parent, span.start_time, span.end_time, attrs, span.kind.value == 1
-    )
-
-
-def _any(value):
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return tuple(_any(v) for v in value.array_value.values)
-    return getattr(value, kind)
-
-
-def from_proto(span) -> S:
-    parent = int.from_bytes(span.parent_span_id, "big") if span.parent_span_id else None
-    attrs = {a.key: _any(a.value) for a in span.attributes}
-    return S(
-        span.name,
-        int.from_bytes(span.trace_id, "big"),
-        int.from_bytes(span.span_id, "big"),
-        parent,
-        span.start_time_unix_nano,
-        span.end_time_unix_nano,
-        attrs,
-        span.kind == 2,  # SPAN_KIND_SERVER
-    )
-
-
-def children(spans: list[S], parent: S) -> list[S]:
-    return sorted((s for s in spans if s.parent == parent.span_id), key=lambda s: s.start)
-
-
-def within(inner: S, outer: S) -> bool:
-    return outer.start - TOLERANCE_NS <= inner.start <= inner.end <= outer.end + TOLERANCE_NS
-
-
 def check_request_trace(spans: list[S], path: str, tail: list[str], stages: list[str]) -> S:
     """The request's SERVER span continues TRACEPARENT; under it preprocess, engine (with `stages` in this
     order, one after the other), then the `tail` spans, in time order. Returns the request span."""
@@ -186,16 +126,23 @@ def ready_client(settings: Settings, tracing: Tracing | None = None) -> Iterator
         yield client
 
 
-@pytest.fixture(scope="module")
-def in_memory(checkpoints):
-    """A BLIP-2 OPT server (engine thread) tracing into an in-memory exporter."""
-    root, _ = checkpoints("pre_ln")
+@contextmanager
+def in_memory_client(root: str) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    """A server of `root` (engine thread) tracing into an in-memory exporter, once ready."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
+    settings = Settings(model=root, device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
     with ready_client(settings, Tracing(provider)) as client:
-        yield client, exporter, str(root)
+        yield client, exporter
+
+
+@pytest.fixture(scope="module")
+def in_memory(checkpoints):
+    """A BLIP-2 OPT server (engine thread) tracing into an in-memory exporter."""
+    root = str(checkpoints("pre_ln")[0])
+    with in_memory_client(root) as (client, exporter):
+        yield client, exporter, root
 
 
 def test_a_caption_trace_has_its_stages_in_order(in_memory, caplog):
@@ -258,12 +205,7 @@ def test_a_candidates_trace(in_memory):
 
 
 def test_a_retrieval_trace(checkpoints):
-    root, _ = checkpoints("blip2_itm")
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", max_wait_ms=0)
-    with ready_client(settings, Tracing(provider)) as client:
+    with in_memory_client(str(checkpoints("blip2_itm")[0])) as (client, exporter):
         body = {"image": b64(png_bytes(4)), "texts": ["a cat"]}
         r = client.post("/match", json=body, headers={"traceparent": TRACEPARENT})
     assert r.status_code == 200, r.text
@@ -314,65 +256,6 @@ def test_traces_url():
 # Across processes, through a real OTLP/HTTP receiver.
 
 
-class Receiver(ThreadingHTTPServer):
-    """Accepts OTLP/HTTP protobuf exports on POST /v1/traces and keeps their spans."""
-
-    def __init__(self, port: int):
-        self.spans: list[S] = []
-        self.resources: list[dict] = []
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["content-length"]))
-        if self.path != "/v1/traces" or self.headers["content-type"] != "application/x-protobuf":
-            self.send_response(404)
-            self.end_headers()
-            return
-        export = ExportTraceServiceRequest.FromString(body)
-        with self.server.lock:
-            for rs in export.resource_spans:
-                self.server.resources.append({a.key: _any(a.value) for a in rs.resource.attributes})
-                self.server.spans += [from_proto(s) for ss in rs.scope_spans for s in ss.spans]
-        reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextmanager
-def receiver() -> Iterator[tuple[str, Receiver]]:
-    port = free_port()
-    server = Receiver(port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _wait_for(server: Receiver, name: str, timeout: float = 20.0) -> list[S]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with server.lock:
-            spans = list(server.spans)
-        if any(s.server and s.name == name for s in spans):
-            return spans
-        time.sleep(0.05)
-    raise TimeoutError(f"no {name!r} span exported")
-
-
 def check_exported(spans: list[S], response: httpx.Response) -> None:
     spans = [s for s in spans if s.trace_id == TRACE_ID]
     req = check_request_trace(spans, "/caption", ["detokenize"], ["queue", "vision", "prefill", "decode"])
@@ -391,7 +274,7 @@ def test_traces_reach_an_otlp_receiver_across_the_engine_process(checkpoints, mo
             body = {"image": b64(png_bytes(5)), "max_new_tokens": 4, "min_new_tokens": 3}
             r = httpx.post(url + "/caption", json=body, headers={"traceparent": TRACEPARENT}, timeout=60)
             assert r.status_code == 200, r.text
-            spans = _wait_for(server, "POST /caption")
+            spans = wait_for(server, "POST /caption")
     check_exported(spans, r)
     assert {r["service.name"] for r in server.resources} == {"blipserve-test"}
     (line,) = [rec for rec in caplog.records if getattr(rec, "path", "") == "/caption"]
@@ -411,7 +294,7 @@ def test_an_abandoned_stream_is_traced_as_cancelled(checkpoints, monkeypatch):
             with httpx.stream("POST", url + "/caption", json=body, headers=headers, timeout=60) as r:
                 assert r.status_code == 200
                 next(r.iter_lines())  # the first event, then away
-            spans = [s for s in _wait_for(server, "POST /caption") if s.trace_id == TRACE_ID]
+            spans = [s for s in wait_for(server, "POST /caption") if s.trace_id == TRACE_ID]
             gated.delay = 0
             ok = httpx.post(url + "/caption", json={"image": body["image"], "max_new_tokens": 3}, timeout=60)
             assert ok.status_code == 200
@@ -432,7 +315,7 @@ def test_the_cli_flag_traces_across_the_engine_process(checkpoints, monkeypatch)
             body = {"image": b64(png_bytes(5)), "max_new_tokens": 4, "min_new_tokens": 3}
             r = httpx.post(url + "/caption", json=body, headers={"traceparent": TRACEPARENT}, timeout=60)
             assert r.status_code == 200, r.text
-            spans = _wait_for(server, "POST /caption")
+            spans = wait_for(server, "POST /caption")
         log = proc.stdout.read()
     check_exported(spans, r)
     assert {r["service.name"] for r in server.resources} == {"blipserve-test"}
