@@ -96,8 +96,9 @@ def create_app(
     # /docs and /redoc come from add_docs, with their JavaScript and CSS served here (no CDN).
     app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(UntilStarted)
+    # Outside UntilStarted: a body over the limit is a 413 whether or not the model has loaded.
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(ApiKeyAuth, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])

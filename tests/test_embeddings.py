@@ -178,3 +178,16 @@ def test_generative_model_is_unsupported_task(checkpoints):
         client.embeddings.create(model=str(root), input="a cat")
     assert err.value.body["code"] == "unsupported_task"
     assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_the_readme_embeddings_snippet_runs(client, live):
+    """The README's `client.embeddings.create` block, as written, with its `client`, `model` and `url`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [b for b in readme.split("```python\n")[1:] if "client.embeddings.create(" in b.split("```")[0]]
+    url = "data:image/png;base64," + b64(png_bytes(3))
+    scope = {"client": client, "model": live[2], "url": url}
+    exec(code.split("```")[0], scope)
+    text_vec, image_vec = np.array(scope["text_vec"]), np.array(scope["image_vec"])
+    ref = native(live, image=b64(png_bytes(3)), texts=["a photo of a cat"])
+    np.testing.assert_allclose(text_vec, ref["text_embeddings"][0], atol=1e-6)
+    np.testing.assert_allclose(image_vec, normalised_mean(ref["image_embeddings"][0]), atol=1e-6)

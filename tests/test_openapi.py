@@ -21,7 +21,7 @@ ERROR_STATUSES = {"400", "413", "415", "422", "429", "503", "504"}
 @pytest.fixture(scope="module")
 def client():
     # Not entered as a context manager: the lifespan (which loads the model) does not run.
-    return TestClient(create_app(Settings(api_key="k", max_body_mb=0.001)))
+    return TestClient(create_app(Settings(api_key="k", auth_docs=False, max_body_mb=0.001)))  # --no-auth-docs
 
 
 @pytest.fixture(scope="module")
