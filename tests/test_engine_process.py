@@ -223,7 +223,14 @@ def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _url(3)}}]}],
             "max_tokens": 4,
         }
-        before = metric_values(url)  # after both processes' warm-up requests
+        # Both processes' warm-up requests (one each) are counted before the baseline is taken: a worker
+        # that the burst did not reach may still be warming up (its first token counted late otherwise).
+        ttft = ("blipserve_time_to_first_token_seconds_count", ())
+        deadline = time.monotonic() + 60
+        while metric_values(url)[ttft] < len(responses) + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before = metric_values(url)
+        assert before[ttft] == len(responses) + 2
         for _ in range(3):
             assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
         # Both workers answered (each has its own warm-up); each counts into the engine's registry.
