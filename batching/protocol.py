@@ -73,8 +73,19 @@ class Shutdown(msgspec.Struct, tag=True):
     """Stop taking requests, finish the accepted ones, exit."""
 
 
+class Load(msgspec.Struct, array_like=True):
+    """An engine's load as it answers (piggybacked on acks and results, for the data-parallel router):
+    requests waiting, sequences running, free KV-cache slots, and its queue's bound."""
+
+    waiting: int
+    running: int
+    free_slots: int
+    max_queue: int
+
+
 class Accepted(msgspec.Struct, tag=True):
     req_id: int
+    load: Load | None = None
 
 
 class Rejected(msgspec.Struct, tag=True):
@@ -82,6 +93,7 @@ class Rejected(msgspec.Struct, tag=True):
     # "queue_full" (429), "stopped" (503) or "invalid" (422).
     reason: str
     message: str
+    load: Load | None = None
 
 
 class Info(msgspec.Struct, tag=True):
@@ -112,6 +124,7 @@ class Done(msgspec.Struct, tag=True):
     outputs: list[TokenOutput] = []
     retrieval: RetrievalOutput | None = None
     scores: ScoringOutput | None = None
+    load: Load | None = None
 
     @property
     def ok(self) -> bool:

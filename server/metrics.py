@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from batching import Scheduler
 from model.runtime.plan import StepOutput, StepPlan
 
+# The series the HTTP processes count (one registry holds them: summed over engines with --dp).
+HTTP_FAMILIES = ("blipserve_requests", "blipserve_request_latency_seconds")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 # Fine enough to read a p99 against the decode step's own time.
@@ -129,3 +134,41 @@ class Metrics:
     def render(self) -> bytes:
         self.observe_gpu()
         return generate_latest(self.registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_engine_metrics(texts: dict[int, bytes], engines_ready: int, engines: int) -> bytes:
+    """One exposition from --dp engines' registries (`texts`: engine index -> its text): each engine
+    series gains an `engine` label, the HTTP series (`HTTP_FAMILIES`) are summed over engines (each
+    HTTP request is counted by one engine), `_created` series are dropped, and
+    `blipserve_engines_ready` / `blipserve_engines` count the engines up and configured."""
+    families: dict[str, Metric] = {}
+    sums: dict[tuple[str, tuple], float] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name.endswith("_created"):
+                continue
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                if family.name in HTTP_FAMILIES:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+                else:
+                    merged.add_sample(sample.name, {"engine": str(index), **sample.labels}, sample.value)
+    for (name, labels), value in sums.items():
+        family = next(f for f in HTTP_FAMILIES if name.startswith(f))
+        families[family].add_sample(name, dict(labels), value)
+    ready = GaugeMetricFamily("blipserve_engines_ready", "Engine processes up and serving (--dp)")
+    ready.add_metric([], engines_ready)
+    total = GaugeMetricFamily("blipserve_engines", "Engine processes configured (--dp)")
+    total.add_metric([], engines)
+    registry = CollectorRegistry()
+    registry.register(_Families([*families.values(), ready, total]))
+    return generate_latest(registry)
