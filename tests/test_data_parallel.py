@@ -4,20 +4,27 @@ with N engine processes: same outputs as one engine, balance, a killed engine, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from live import b64, png_bytes, serve_in_process
 from test_batching import EOS
-from test_engine_process import Engine, _req
+from test_engine_process import Engine, _req, _spawned_children
+from test_server import metric_values
 
 from batching import QueueFull, SequenceFailed
 from server.dp_client import DataParallelClient, rendezvous
 from server.engine_group import engine_settings, plan_devices
-from server.engine_process import EngineHandle
+from server.engine_process import TEST_STEP_DELAY_ENV, EngineHandle
 from server.metrics import Metrics, merge_engine_metrics
 from server.settings import Settings
 
@@ -221,3 +228,140 @@ def test_metrics_label_engines_and_sum_the_http_series():
     assert 'blipserve_queue_depth{engine="0"} 3.0' in lines
     assert {"blipserve_engines_ready 1.0", "blipserve_engines 2.0"} <= lines
     assert "_created" not in text
+
+
+# The real server: N engine processes (tiny checkpoint, CPU).
+def _dp_flags(checkpoints, dp: int, *more: str) -> list[str]:
+    flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--engine-threads", "1"]
+    return [*flags, "--dp", str(dp), *more]
+
+
+BODIES = [
+    {"max_new_tokens": 6},
+    {"max_new_tokens": 6, "num_beams": 2},
+    {"max_new_tokens": 6, "do_sample": True, "seed": 7, "temperature": 0.9},
+]
+
+
+async def _post_all(url: str, bodies: list[dict], path: str = "/caption") -> list:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post(path, json=b) for b in bodies), return_exceptions=True)
+
+
+def _served(url: str) -> dict[str, float]:
+    """Requests admitted by each engine (its queue-wait count), by engine label."""
+    values = metric_values(url)
+    return {dict(labels)["engine"]: v for (name, labels), v in values.items() if name == QUEUE_COUNT}
+
+
+QUEUE_COUNT = "blipserve_queue_wait_seconds_count"
+
+
+@pytest.mark.slow
+def test_two_engines_answer_as_one_greedy_beams_and_seeded_sampling(checkpoints):
+    bodies = [{"image": b64(png_bytes(i % 3)), **BODIES[i % 3]} for i in range(12)]
+    answers = {}
+    for dp in (1, 2):
+        with serve_in_process(*_dp_flags(checkpoints, dp)) as (url, proc):
+            responses = asyncio.run(_post_all(url, bodies))
+            assert [r.status_code for r in responses] == [200] * 12
+            answers[dp] = [r.json()["caption"] for r in responses]
+            if dp == 2:
+                served = _served(url)
+                assert min(served.values()) >= 3, served  # both engines answered some of them
+                models = httpx.get(url + "/v1/models").json()["data"][0]
+                assert [(e["engine"], e["device"], e["state"]) for e in models["engines"]] == [
+                    (0, "cpu", "ready"),
+                    (1, "cpu", "ready"),
+                ]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    assert answers[2] == answers[1]
+
+
+@pytest.mark.slow
+def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints, monkeypatch):
+    bodies = [{"image": b64(png_bytes(i % 5)), "max_new_tokens": 4} for i in range(200)]
+    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "1:0.05")  # test-only: engine 1 sleeps 50 ms per step
+    with serve_in_process(*_dp_flags(checkpoints, 2)) as (url, proc):
+        before = _served(url)
+        responses = asyncio.run(_post_all(url, bodies[:100]))
+        assert {r.status_code for r in responses} == {200}
+        served = {k: v - before.get(k, 0) for k, v in _served(url).items()}
+        assert served["0"] > 2 * served["1"], served
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    monkeypatch.delenv(TEST_STEP_DELAY_ENV)
+    with serve_in_process(*_dp_flags(checkpoints, 2, "--api-workers", "2")) as (url, proc):
+        before = _served(url)
+        responses = asyncio.run(_post_all(url, bodies))
+        assert {r.status_code for r in responses} == {200}
+        served = {k: v - before.get(k, 0) for k, v in _served(url).items()}
+        assert min(served.values()) > 200 / 3, served
+        if shutil.which("promtool"):
+            text = httpx.get(url + "/metrics").text
+            check = subprocess.run(
+                ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def _watch_ready(url: str, stop: threading.Event, codes: list[int]) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(httpx.HTTPError):
+            codes.append(httpx.get(url + "/ready", timeout=2).status_code)
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_ends_the_server(checkpoints):
+    flags = _dp_flags(checkpoints, 2, "--max-running-seqs", "2", "--engine-restart-limit", "2")
+    with serve_in_process(*flags) as (url, proc):
+        engines = _spawned_children(proc.pid)
+        assert len(engines) == 2
+        body = {"max_new_tokens": 60, "min_new_tokens": 60}
+        bodies = [{"image": b64(png_bytes(i)), **body} for i in range(16)]
+        stop, codes = threading.Event(), []
+        watcher = threading.Thread(target=_watch_ready, args=(url, stop, codes), daemon=True)
+        watcher.start()
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                tasks = [asyncio.ensure_future(client.post("/caption", json=b)) for b in bodies]
+                await asyncio.sleep(0.5)
+                os.kill(engines[1], signal.SIGKILL)
+                killed = time.monotonic()
+                ends = []
+                for task in asyncio.as_completed(tasks):
+                    r = await task
+                    ends.append((r.status_code, time.monotonic() - killed, r))
+                return ends
+
+        ends = asyncio.run(burst())
+        failed = [(code, t, r) for code, t, r in ends if code != 200]
+        assert failed and len(failed) < len(ends), [c for c, _, _ in ends]
+        for code, t, r in failed:
+            assert code == 503 and t < 1.5 and "engine process died" in r.json()["error"]["message"]
+        # Engine 1 is restarted on its device and serves again; /ready never turned 503.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = [e["state"] for e in httpx.get(url + "/v1/models").json()["data"][0]["engines"]]
+            if states == ["ready", "ready"]:
+                break
+            time.sleep(0.2)
+        assert states == ["ready", "ready"]
+        before = _served(url)
+        responses = asyncio.run(
+            _post_all(url, [{"image": b64(png_bytes(i)), "max_new_tokens": 3} for i in range(8)])
+        )
+        assert {r.status_code for r in responses} == {200}
+        assert _served(url)["1"] > before.get("1", 0)
+        stop.set()
+        watcher.join(5)
+        assert codes and set(codes) == {200}, codes
+        # A second death within the window: a restart loop (--engine-restart-limit 2), the server ends.
+        restarted = [p for p in _spawned_children(proc.pid) if p != engines[0]]
+        os.kill(restarted[0], signal.SIGKILL)
+        assert proc.wait(60) == 1
