@@ -243,9 +243,16 @@ BODIES = [
 ]
 
 
-async def _post_all(url: str, bodies: list[dict], path: str = "/caption") -> list:
+async def _post_all(url: str, bodies: list[dict], concurrency: int = 0) -> list:
+    """POST every body to /caption (`concurrency` at a time: clients sending their next as one ends)."""
+    gate = asyncio.Semaphore(concurrency or len(bodies))
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        return await asyncio.gather(*(client.post(path, json=b) for b in bodies), return_exceptions=True)
+
+        async def one(body: dict) -> httpx.Response:
+            async with gate:
+                return await client.post("/caption", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies), return_exceptions=True)
 
 
 def _served(url: str) -> dict[str, float]:
@@ -257,18 +264,32 @@ def _served(url: str) -> dict[str, float]:
 QUEUE_COUNT = "blipserve_queue_wait_seconds_count"
 
 
+def _engine_states(url: str) -> list[str]:
+    return [e["state"] for e in httpx.get(url + "/v1/models").json()["data"][0].get("engines", [])]
+
+
+def _all_engines_ready(url: str, count: int = 2, timeout_s: float = 120) -> None:
+    """/ready is 200 once one engine serves (--min-ready-engines 1); the others may still be loading."""
+    deadline = time.monotonic() + timeout_s
+    while _engine_states(url) != ["ready"] * count:
+        assert time.monotonic() < deadline, _engine_states(url)
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_two_engines_answer_as_one_greedy_beams_and_seeded_sampling(checkpoints):
     bodies = [{"image": b64(png_bytes(i % 3)), **BODIES[i % 3]} for i in range(12)]
     answers = {}
     for dp in (1, 2):
         with serve_in_process(*_dp_flags(checkpoints, dp)) as (url, proc):
+            if dp == 2:
+                _all_engines_ready(url)
             responses = asyncio.run(_post_all(url, bodies))
             assert [r.status_code for r in responses] == [200] * 12
             answers[dp] = [r.json()["caption"] for r in responses]
             if dp == 2:
                 served = _served(url)
-                assert min(served.values()) >= 3, served  # both engines answered some of them
+                assert len(served) == 2 and min(served.values()) >= 3, served  # both answered some
                 models = httpx.get(url + "/v1/models").json()["data"][0]
                 assert [(e["engine"], e["device"], e["state"]) for e in models["engines"]] == [
                     (0, "cpu", "ready"),
@@ -284,8 +305,9 @@ def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints
     bodies = [{"image": b64(png_bytes(i % 5)), "max_new_tokens": 4} for i in range(200)]
     monkeypatch.setenv(TEST_STEP_DELAY_ENV, "1:0.05")  # test-only: engine 1 sleeps 50 ms per step
     with serve_in_process(*_dp_flags(checkpoints, 2)) as (url, proc):
+        _all_engines_ready(url)
         before = _served(url)
-        responses = asyncio.run(_post_all(url, bodies[:100]))
+        responses = asyncio.run(_post_all(url, bodies[:100], concurrency=8))
         assert {r.status_code for r in responses} == {200}
         served = {k: v - before.get(k, 0) for k, v in _served(url).items()}
         assert served["0"] > 2 * served["1"], served
@@ -293,11 +315,12 @@ def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints
         assert proc.wait(60) == 0
     monkeypatch.delenv(TEST_STEP_DELAY_ENV)
     with serve_in_process(*_dp_flags(checkpoints, 2, "--api-workers", "2")) as (url, proc):
+        _all_engines_ready(url)
         before = _served(url)
-        responses = asyncio.run(_post_all(url, bodies))
+        responses = asyncio.run(_post_all(url, bodies, concurrency=16))
         assert {r.status_code for r in responses} == {200}
         served = {k: v - before.get(k, 0) for k, v in _served(url).items()}
-        assert min(served.values()) > 200 / 3, served
+        assert len(served) == 2 and min(served.values()) > 200 / 3, served
         if shutil.which("promtool"):
             text = httpx.get(url + "/metrics").text
             check = subprocess.run(
@@ -319,6 +342,7 @@ def _watch_ready(url: str, stop: threading.Event, codes: list[int]) -> None:
 def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_ends_the_server(checkpoints):
     flags = _dp_flags(checkpoints, 2, "--max-running-seqs", "2", "--engine-restart-limit", "2")
     with serve_in_process(*flags) as (url, proc):
+        _all_engines_ready(url)
         engines = _spawned_children(proc.pid)
         assert len(engines) == 2
         body = {"max_new_tokens": 60, "min_new_tokens": 60}
@@ -345,13 +369,7 @@ def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_e
         for code, t, r in failed:
             assert code == 503 and t < 1.5 and "engine process died" in r.json()["error"]["message"]
         # Engine 1 is restarted on its device and serves again; /ready never turned 503.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            states = [e["state"] for e in httpx.get(url + "/v1/models").json()["data"][0]["engines"]]
-            if states == ["ready", "ready"]:
-                break
-            time.sleep(0.2)
-        assert states == ["ready", "ready"]
+        _all_engines_ready(url, timeout_s=60)
         before = _served(url)
         responses = asyncio.run(
             _post_all(url, [{"image": b64(png_bytes(i)), "max_new_tokens": 3} for i in range(8)])
