@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         listener = bind(settings.host, settings.port)  # first: a port in use is found in a second
         root = check(settings)
+        if settings.data_parallel_size > 1 and settings.engine == "process":
+            from .engine_group import plan_devices
+
+            plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts
+    except ValueError as exc:
+        ap.error(str(exc))
     except StartupError as exc:
         if settings.log_level.lower() == "debug":
             log.exception("start-up check failed")

@@ -383,3 +383,12 @@ def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_e
         restarted = [p for p in _spawned_children(proc.pid) if p != engines[0]]
         os.kill(restarted[0], signal.SIGKILL)
         assert proc.wait(60) == 1
+
+
+def test_devices_that_do_not_fit_are_a_usage_error(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dp", "3", "--devices", "cuda:0", "--host", "127.0.0.1", "--port", "0"])
+    assert exit_info.value.code == 2
+    assert "--devices names 1 devices for --dp 3" in capsys.readouterr().err
