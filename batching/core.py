@@ -26,6 +26,7 @@ from .protocol import (
     Hello,
     HttpObservation,
     Info,
+    Load,
     MetricsQuery,
     MetricsText,
     Progress,
@@ -156,12 +157,18 @@ class EngineCore:
                 self._owners[seq.seq_id] = (who, msg.req_id)
                 self._seqs[(who, msg.req_id)] = seq
         except QueueFull as exc:
-            return Rejected(msg.req_id, "queue_full", str(exc))
+            return Rejected(msg.req_id, "queue_full", str(exc), self.load())
         except EngineStopped as exc:
-            return Rejected(msg.req_id, "stopped", str(exc))
+            return Rejected(msg.req_id, "stopped", str(exc), self.load())
         except ValueError as exc:
-            return Rejected(msg.req_id, "invalid", str(exc))
-        return Accepted(msg.req_id)
+            return Rejected(msg.req_id, "invalid", str(exc), self.load())
+        return Accepted(msg.req_id, self.load())
+
+    def load(self) -> Load:
+        """The scheduler's counts now (read from any thread: lengths of lists the loop thread changes,
+        a moment's staleness is all a router needs)."""
+        s = self.loop.scheduler
+        return Load(len(s.waiting), len(s.running), len(s.free_slots), s.max_queue)
 
     # The engine thread.
     def _pipe(self) -> zmq.Socket:
@@ -180,7 +187,9 @@ class EngineCore:
                 if owner is not None:
                     self._seqs.pop(owner, None)
             if owner is not None:
-                pipe.send_multipart([owner[0], encode(done_of(seq, owner[1]))])
+                done = done_of(seq, owner[1])
+                done.load = self.load()
+                pipe.send_multipart([owner[0], encode(done)])
 
     def _progress(self, seqs: list[Sequence]) -> None:
         pipe = self._pipe()

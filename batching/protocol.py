@@ -75,8 +75,19 @@ class Shutdown(msgspec.Struct, tag=True):
     """Stop taking requests, finish the accepted ones, exit."""
 
 
+class Load(msgspec.Struct, array_like=True):
+    """An engine's load as it answers (piggybacked on acks and results, for the data-parallel router):
+    requests waiting, sequences running, free KV-cache slots, and its queue's bound."""
+
+    waiting: int
+    running: int
+    free_slots: int
+    max_queue: int
+
+
 class Accepted(msgspec.Struct, tag=True):
     req_id: int
+    load: Load | None = None
 
 
 class Rejected(msgspec.Struct, tag=True):
@@ -84,6 +95,7 @@ class Rejected(msgspec.Struct, tag=True):
     # "queue_full" (429), "stopped" (503) or "invalid" (422).
     reason: str
     message: str
+    load: Load | None = None
 
 
 class Info(msgspec.Struct, tag=True):
@@ -118,6 +130,7 @@ class Done(msgspec.Struct, tag=True):
     # epoch (the engine's clock): "arrived", "admitted", "vision_start"/"vision_end", "prefill_start"/
     # "prefill_end" (generation) or "retrieval_start", and "finished" (see `Sequence.timestamps`).
     timestamps: dict[str, float] = {}
+    load: Load | None = None
 
     @property
     def ok(self) -> bool:

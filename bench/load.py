@@ -4,6 +4,7 @@ the server's CPU per request (HTTP and engine processes), the load generator's o
     python bench/load.py                                   # starts the servers itself (tiny checkpoint)
     python bench/load.py --engines thread,process          # baseline (engine in the HTTP process) beside
     python bench/load.py --hf                              # + transformers' offline batched generate
+    python bench/load.py --dp 1,2                          # one engine process beside two (--dp)
     python bench/load.py --url http://127.0.0.1:8000       # an already running server (loopback only)
 
 The clients send pre-encoded requests over plain asyncio streams (no HTTP library on the hot path), so
@@ -126,14 +127,16 @@ def level(url: str, concurrency: int, raws: list[bytes], clients: int, max_s: fl
 
 
 def histograms(url: str) -> dict[str, list[tuple[float, float]]]:
-    """Cumulative (le, count) buckets of the engine's step histograms, from /metrics."""
-    out: dict[str, list[tuple[float, float]]] = {}
+    """Cumulative (le, count) buckets of the engine's step histograms, from /metrics (summed over the
+    engines of --dp)."""
+    sums: dict[str, dict[float, float]] = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
         for name in ("blipserve_inter_token_seconds", "blipserve_decode_step_seconds"):
             if line.startswith(name + "_bucket"):
-                le = line.split('le="')[1].split('"')[0]
-                out.setdefault(name, []).append((float(le), float(line.rsplit(" ", 1)[1])))
-    return out
+                le = float(line.split('le="')[1].split('"')[0])
+                buckets = sums.setdefault(name, {})
+                buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return {name: sorted(buckets.items()) for name, buckets in sums.items()}
 
 
 def quantile(before: list, after: list, q: float) -> float:
@@ -158,7 +161,10 @@ def start_server(model: str, port: int, engine: str, extra: list[str]) -> subpro
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
+                # --dp: /ready is 200 once one engine serves; measure with all of them.
+                info = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
+                if all(e["state"] == "ready" for e in info.get("engines", [])):
+                    return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -192,6 +198,17 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
     return len(pics) / (time.perf_counter() - start)
 
 
+def side_by_side(table: list[tuple[str, int, dict]]) -> None:
+    """req/s and p99 of every server at each concurrency, in one table (e.g. --dp 1 beside --dp 2)."""
+    names = list(dict.fromkeys(name for name, _, _ in table))
+    print("\nside by side: req/s (p99 ms)")
+    print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
+    for c in sorted({c for _, c, _ in table}):
+        cells = {n: r for n, cc, r in table if cc == c}
+        row = [f"{cells[n]['rps']:.1f} ({cells[n]['p99'] * 1e3:.0f})" if n in cells else "-" for n in names]
+        print(f"{c:>5} " + " ".join(f"{x:>20}" for x in row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
@@ -199,6 +216,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--engines", default="process", help="comma list of thread,process (servers started)")
     ap.add_argument("--server-args", default="", help="extra flags for the started servers")
+    ap.add_argument("--dp", default="1", help="comma list of --data-parallel-size values (servers started)")
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
     ap.add_argument("--requests", type=int, default=400)
@@ -219,20 +237,29 @@ def main() -> None:
     n = args.max_new_tokens
     # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
     bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
-    targets = [("given", args.url)] if args.url else [(e, None) for e in args.engines.split(",")]
+    dps = [int(d) for d in args.dp.split(",")]
+    targets = (
+        [("given", args.url, 0)]
+        if args.url
+        else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
+    )
+    table: list[tuple[str, int, dict]] = []
     print(
         f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client processes"
     )
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-        for engine, given in targets:
+        for engine, given, dp in targets:
             url = given or f"http://127.0.0.1:{args.port}"
             if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
                 raise SystemExit("load is only sent to loopback addresses")
-            proc = None if given else start_server(model, args.port, engine, args.server_args.split())
+            extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
+            proc = None if given else start_server(model, args.port, engine, extra)
             try:
                 raws = [http_request(urlparse(url).netloc, b) for b in bodies]
                 info = httpx.get(url + "/v1/models").json()["data"][0]
-                print(f"\nengine: {engine}; model {info['id']} on {info['device']} ({info['dtype']})")
+                print(
+                    f"\nengine: {engine}, --dp {dp or '?'}; model {info['id']} on {info['device']} ({info['dtype']})"
+                )
                 print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15} "
                       f"{'client cpu ms/req':>18} {'step p50 ms':>12} {'gap p99 ms':>11}  errors")  # fmt: skip
                 for c in [int(x) for x in args.concurrency.split(",")]:
@@ -249,10 +276,13 @@ def main() -> None:
                     print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
                           f"{cpu:>15} {1e3 * r['client_cpu'] / ok:>18.2f} {step * 1e3:>12.1f} {gap * 1e3:>11.1f}"
                           f"  {r['errors'] or '-'}")  # fmt: skip
+                    table.append((f"{engine} dp{dp}", c, r))
             finally:
                 if proc is not None:
                     proc.terminate()
                     proc.wait(60)
+    if len(targets) > 1:
+        side_by_side(table)
     if args.hf:
         rate = hf_offline(Path(model), pics, n, args.hf_batch)
         print(f"\ntransformers generate, offline, batch {args.hf_batch}: {rate:.1f} images/s")

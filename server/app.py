@@ -51,14 +51,14 @@ T = TypeVar("T")
 def create_app(
     settings: Settings | None = None,
     service: Service | None = None,
-    engine: EngineHandle | None = None,
+    engine: EngineHandle | list[EngineHandle] | None = None,
     on_engine_death: Callable[[], None] | None = None,
     on_start_failure: Callable[[], None] | None = None,
     tracing: Tracing | None = None,
 ) -> FastAPI:
     """The app. Its service is `service`, or built in the lifespan: connected to the engine process of
     `engine` (started by the server's main process), else to one it starts itself (or, with
-    `engine: thread`, a model loaded in this process). The service starts in the background: until it
+    `engine: thread`, a model loaded in this process; a list of handles: --dp engines). The service starts in the background: until it
     has, only /health, /ready (503), /metrics, /version and the API docs answer, the rest is a 503.
     `on_engine_death` runs if that process dies, `on_start_failure` if starting raised.
     `tracing`: trace requests with it; default: as `settings.otlp_traces_endpoint` says (off if unset)."""
@@ -73,8 +73,9 @@ def create_app(
         app.state.started, app.state.engine_up = asyncio.Event(), False
         # An engine process that listens has loaded its model (it binds once it has): this process's
         # start-up is then a moment (connect, warm up; a restarted --api-workers process).
-        address = engine.address.removeprefix("ipc://") if engine is not None else None
-        app.state.engine_loaded = lambda: address is not None and os.path.exists(address)
+        handles = engine if isinstance(engine, list) else [engine] if engine is not None else []
+        addresses = [h.address.removeprefix("ipc://") for h in handles]
+        app.state.engine_loaded = lambda: any(os.path.exists(a) for a in addresses)
         starting = asyncio.create_task(
             _start(app, settings, service, engine, on_engine_death, built, tracing)
         )
@@ -122,14 +123,15 @@ def worker_app() -> FastAPI:
     settings, handle = read_worker_spec()
     configure_logging(settings.log_level, settings.log_format)
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
-    return create_app(settings, engine=EngineHandle(**handle))
+    engine = [EngineHandle(**h) for h in handle] if isinstance(handle, list) else EngineHandle(**handle)
+    return create_app(settings, engine=engine)
 
 
 async def _start(
     app: FastAPI,
     settings: Settings,
     service: Service | None,
-    engine: EngineHandle | None,
+    engine: EngineHandle | list[EngineHandle] | None,
     on_engine_death: Callable[[], None] | None,
     built: list[Service],
     tracing: Tracing | None = None,

@@ -35,6 +35,9 @@ Every option is also an environment variable BLIPSERVE_<NAME> (e.g. BLIPSERVE_MA
 --config file; flags win over the environment, which wins over the file."""
 
 
+SHORT_FLAGS = {"data_parallel_size": ("--dp",)}
+
+
 def _comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -74,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
             kwargs["type"] = annotation
         elif str(annotation).startswith("list"):
             kwargs["type"], kwargs["metavar"] = _comma_list, "A,B"
-        ap.add_argument(flag, **kwargs)
+        ap.add_argument(flag, *SHORT_FLAGS.get(name, ()), **kwargs)
     return ap
 
 
@@ -104,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         listener = bind(settings.host, settings.port)  # first: a port in use is found in a second
         root = check(settings)
+        if settings.data_parallel_size > 1 and settings.engine == "process":
+            from .engine_group import plan_devices
+
+            plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts
+    except ValueError as exc:
+        ap.error(str(exc))
     except StartupError as exc:
         if settings.log_level.lower() == "debug":
             log.exception("start-up check failed")
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
 def serve(settings: Settings, root: Path | None = None, listener: socket.socket | None = None) -> int:
     """Run the server on `listener` (bound to --host/--port when not given) until SIGTERM / Ctrl-C: it
     answers at once, /ready turning 200 once the model is loaded. The exit status is 1 if the engine
-    process died (or, with `engine: thread`, the model could not be loaded)."""
+    process died (with --dp: one engine died --engine-restart-limit times within the window; or, with
+    `engine: thread`, the model could not be loaded)."""
     import uvicorn
 
     from .app import create_app
@@ -134,11 +144,10 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
         return 1 if failed.is_set() else 0
     import torch
 
+    from .engine_group import EngineGroup
     from .engine_process import EngineProcess
 
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
-    owner = EngineProcess(settings, root)
-    handle = owner.start()
     died = threading.Event()
     stopping = threading.Event()
 
@@ -149,6 +158,13 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
         died.set()
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: stop accepting, answer what is open
 
+    if settings.data_parallel_size > 1:  # a dead engine is restarted; only a restart loop ends the server
+        owner = EngineGroup(settings, root, on_fatal=lambda index, code: on_exit(code))
+        handle = owner.start()
+    else:
+        owner = EngineProcess(settings, root)
+        handle = owner.start()
+
     def on_signal(sig: int, frame: object) -> None:
         # uvicorn re-raises the SIGTERM / SIGINT it has handled once its drain is over; it must not end
         # this process before the engine's own drain below. A signal during that drain ends it at once.
@@ -157,7 +173,8 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    owner.watch(on_exit)
+    if isinstance(owner, EngineProcess):
+        owner.watch(on_exit)
     try:
         if settings.api_workers == 1:
             _run(uvicorn.Config(create_app(settings, engine=handle), **options), listener)

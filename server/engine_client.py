@@ -3,7 +3,9 @@
 Requests go out as `Add` + pixel frame; `add` returns once the engine has accepted (or refused: queue
 full -> QueueFull, shutting down -> EngineStopped, invalid -> ValueError). Results come back as
 `Progress` / `Done` on the same socket. If the engine process dies, every open request fails at once
-(`engine_died`), `healthy` turns False and `on_engine_death` runs.
+(`engine_died`), `healthy` turns False and `on_engine_death` runs. With `rejoin` (one engine of --dp,
+which the main process restarts), it then says Hello every half second until the engine answers again.
+Acks and results carry the engine's `Load`, kept in `load` for the data-parallel router.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from batching.protocol import (
     Hello,
     HttpObservation,
     Info,
+    Load,
     MetricsQuery,
     MetricsText,
     Progress,
@@ -36,6 +39,8 @@ from batching.protocol import (
     encode,
 )
 
+from .engine_process import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -43,14 +48,32 @@ class EngineDied(Exception):
     """The engine process is gone."""
 
 
+REJOIN_HELLO_S = 0.5
+
+
 class ProcessClient(EngineClient):
-    def __init__(self, address: str, alive: Callable[[], bool], poll_s: float = 0.2):
+    def __init__(
+        self,
+        address: str,
+        alive: Callable[[], bool] | None = None,
+        poll_s: float = 0.2,
+        pid: int = 0,
+        rejoin: bool = False,
+    ):
+        """`alive()`: is the engine process still running? None: is process `pid` (updated from each
+        `Info`, so a restarted engine's new one) running. `rejoin`: wait for a restarted engine after a
+        death instead of staying dead."""
         super().__init__()
         self.address = address
-        self.alive = alive  # is the engine process still running?
+        self.pid = pid
+        self.alive = alive or (lambda: pid_alive(self.pid))
         self.poll_s = poll_s
+        self.rejoin = rejoin
         self.info: Info | None = None
         self.dead = False
+        self.deaths = 0
+        self.load: Load | None = None  # the engine's, as of its last ack or result
+        self.unacked = 0  # requests sent and not yet acknowledged
         self.on_engine_death: Callable[[], None] = lambda: None
         self._acks: dict[int, asyncio.Future] = {}
         self._metrics: deque[asyncio.Future] = deque()
@@ -65,6 +88,12 @@ class ProcessClient(EngineClient):
 
     async def connect(self) -> Info:
         """Connect and wait until the engine has loaded its model (or died trying)."""
+        await self.open()
+        self.info = await self._info
+        return self.info
+
+    async def open(self) -> None:
+        """Connect and say Hello; the engine's `Info` settles `joined()` once it has loaded its model."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -74,8 +103,10 @@ class ProcessClient(EngineClient):
         self._info = asyncio.get_running_loop().create_future()
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
         await self._sock.send(encode(Hello()))
-        self.info = await self._info
-        return self.info
+
+    async def joined(self) -> Info:
+        """The engine's `Info` once it has answered (EngineDied if it died first)."""
+        return await asyncio.shield(self._info)
 
     async def add(
         self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
@@ -84,6 +115,7 @@ class ProcessClient(EngineClient):
             raise EngineStopped("the engine process died; the server restarts")
         ticket = self._new_ticket(timeout_s, stream)
         ack = self._acks[ticket.req_id] = asyncio.get_running_loop().create_future()
+        self.unacked += 1
         try:
             await self._sock.send_multipart(
                 add_message(ticket.req_id, request, timeout_s, stream, trace), copy=False
@@ -93,6 +125,8 @@ class ProcessClient(EngineClient):
             self._tickets.pop(ticket.req_id, None)
             self._acks.pop(ticket.req_id, None)
             raise
+        finally:
+            self.unacked -= 1
         if isinstance(reply, Rejected):
             self._tickets.pop(ticket.req_id, None)
             error = {"queue_full": QueueFull, "stopped": EngineStopped}.get(reply.reason, ValueError)
@@ -128,13 +162,15 @@ class ProcessClient(EngineClient):
             if isinstance(msg, Progress):
                 self._deliver_progress(msg.req_id, msg.outputs)
             elif isinstance(msg, Done):
+                self.load = msg.load or self.load
                 self._deliver_done(msg)
             elif isinstance(msg, Accepted | Rejected):
+                self.load = msg.load or self.load
                 ack = self._acks.pop(msg.req_id, None)
                 if ack is not None and not ack.done():
                     ack.set_result(msg)
             elif isinstance(msg, Info):
-                if not self._info.done():
+                if self._info is not None and not self._info.done():
                     self._info.set_result(msg)
             elif isinstance(msg, MetricsText) and self._metrics:
                 future = self._metrics.popleft()
@@ -142,20 +178,47 @@ class ProcessClient(EngineClient):
                     future.set_result(msg.text)
 
     async def _watch(self) -> None:
-        while self.alive():
-            await asyncio.sleep(self.poll_s)
-        self._died()
+        if self.rejoin:  # a Hello sent before the engine bound its socket may be lost: say it until answered
+            await self._rejoin()
+        while True:
+            while self.alive():
+                if self.info is None and self._info.done() and self._info.exception() is None:
+                    self._joined(self._info.result())
+                await asyncio.sleep(self.poll_s)
+            self._died()
+            if not self.rejoin:
+                return
+            await self._rejoin()
+
+    def _joined(self, info: Info) -> None:
+        self.info, self.pid, self.dead, self.load = info, info.pid, False, None
+
+    async def _rejoin(self) -> None:
+        """Say Hello until a live engine answers (the main process restarts a dead one)."""
+        while True:
+            self._info = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(zmq.ZMQError):
+                await self._sock.send(encode(Hello()))
+            with contextlib.suppress(TimeoutError):
+                info = await asyncio.wait_for(asyncio.shield(self._info), REJOIN_HELLO_S)
+                if pid_alive(info.pid):
+                    self._joined(info)
+                    log.info("engine on %s is back (pid %d)", info.device, info.pid)
+                    return
 
     def _died(self) -> None:
         if self.dead:
             return
         self.dead = True
+        self.deaths += 1
         log.error("the engine process died; failing %d open requests", self.pending)
         error = EngineDied("the engine process died")
         for future in [*self._acks.values(), *self._metrics, self._info]:
             if future is not None and not future.done():
                 future.set_exception(error)
+                future.exception()  # retrieved: no "never retrieved" warning when no one awaits it
         self._acks.clear()
+        self._metrics.clear()
         self.fail_all("engine_died")
         self.on_engine_death()
 

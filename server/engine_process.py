@@ -51,6 +51,8 @@ class EngineHandle:
     pid: int
     root: str  # the checkpoint's local directory (tokenizer, processor and config for the HTTP side)
     model_id: str
+    index: int = 0  # which engine of --dp
+    device: str = ""  # the device it was given (--devices), as the user named it
 
 
 def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> EngineLoop:
@@ -155,6 +157,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
         "on" if loop.overlap else "off",
     )
     loop.runner.prepare()
+    _test_step_delay(loop)
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
     info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
@@ -162,6 +165,36 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
+
+
+# Test-only: "INDEX:SECONDS[,INDEX:SECONDS]" makes engine INDEX (of --dp) sleep SECONDS after every step,
+# so tests can show that a slower engine gets fewer requests. Not a setting: no server should run with it.
+TEST_STEP_DELAY_ENV = "BLIPSERVE_TEST_STEP_DELAY"
+# Which engine of --dp this process is (set by `EngineProcess` for the child).
+ENGINE_INDEX_ENV = "BLIPSERVE_ENGINE_INDEX"
+
+
+def _test_step_delay(loop: EngineLoop) -> None:
+    index = os.environ.get(ENGINE_INDEX_ENV, "0")
+    delays = dict(p.split(":", 1) for p in os.environ.get(TEST_STEP_DELAY_ENV, "").split(",") if ":" in p)
+    if index not in delays:
+        return
+    delay, hook = float(delays[index]), loop.on_step
+    log.warning("test-only %s: %.3fs after every step of engine %s", TEST_STEP_DELAY_ENV, delay, index)
+
+    def slow(*args: object) -> None:
+        if hook is not None:
+            hook(*args)
+        time.sleep(delay)
+
+    loop.on_step = slow
+
+
+def _child(target: Callable[[Settings, str, str], None], env: dict[str, str], *args: object) -> None:
+    """The spawned process: its own environment first (CUDA_VISIBLE_DEVICES, before CUDA initialises,
+    as vLLM's CoreEngineProcManager gives each engine its GPU), then `target`."""
+    os.environ.update(env)
+    target(*args)
 
 
 def _exit_with_parent(workdir: Path) -> None:
@@ -211,17 +244,32 @@ class EngineProcess:
         settings: Settings,
         root: Path | None = None,
         target: Callable[[Settings, str, str], None] | None = None,
+        index: int = 0,
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+        device: str = "",
     ):
         """`root`: the checkpoint's local directory, when the caller has resolved it already. `target`:
-        what the process runs, `run_engine` (tests stand an engine in with the same arguments)."""
+        what the process runs, `run_engine` (tests stand an engine in with the same arguments). With
+        --dp (`server.engine_group`): `index` of the engine, the group's `workdir` (its socket goes
+        there, `engine-INDEX.sock`), the child's extra environment `env`, and its `device` as named."""
         self.settings = settings
         self.target = target or run_engine
-        for stale in remove_stale_workdirs():
-            log.info("removed %s, left by a server that is gone", stale)
-        self._dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-        self.address = f"ipc://{self._dir}/engine.sock"
+        self.index, self.device = index, device
+        self.env = {**(env or {}), ENGINE_INDEX_ENV: str(index)}
+        self._own_dir = workdir is None
+        if workdir is None:
+            for stale in remove_stale_workdirs():
+                log.info("removed %s, left by a server that is gone", stale)
+            self._dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+            self.address = f"ipc://{self._dir}/engine.sock"
+        else:
+            self._dir = workdir
+            self.address = f"ipc://{workdir}/engine-{index}.sock"
         self.model_id = settings.model_name
-        if settings.model == TINY_RANDOM:
+        if root is not None and workdir is not None:
+            self.root = root
+        elif settings.model == TINY_RANDOM:
             from model.checkpoint.tiny import write_tiny_checkpoint
 
             self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
@@ -234,35 +282,45 @@ class EngineProcess:
         self._lock = threading.Lock()
 
     def start(self) -> EngineHandle:
+        """Start the process (again, after it has exited: same address, same device)."""
         ctx = multiprocessing.get_context("spawn")
-        args = (self.settings, str(self.root), self.address)
-        self.proc = ctx.Process(target=self.target, args=args, name="blipserve-engine")
-        self.proc.start()
-        log.info("engine process started (pid %d)", self.proc.pid)
-        threading.Thread(target=self._reap, name="blipserve-engine-reap", daemon=True).start()
+        args = (self.target, self.env, self.settings, str(self.root), self.address)
+        with self._lock:
+            self.exited = threading.Event()
+            self.exitcode = None
+            self.proc = ctx.Process(target=_child, args=args, name=f"blipserve-engine-{self.index}")
+            self.proc.start()
+        log.info("engine process %d started (pid %d)", self.index, self.proc.pid)
+        proc, exited = self.proc, self.exited
+        threading.Thread(
+            target=self._reap, args=(proc, exited), name="blipserve-engine-reap", daemon=True
+        ).start()
         return self.handle
 
     @property
     def handle(self) -> EngineHandle:
-        return EngineHandle(self.address, self.proc.pid, str(self.root), self.model_id)
+        return EngineHandle(
+            self.address, self.proc.pid, str(self.root), self.model_id, self.index, self.device
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and not self.exited.is_set()
 
-    def _reap(self) -> None:
-        self.proc.join()
+    def _reap(self, proc: multiprocessing.process.BaseProcess, exited: threading.Event) -> None:
+        proc.join()
         with self._lock:
-            self.exitcode = self.proc.exitcode
-            self.exited.set()
+            self.exitcode = proc.exitcode
+            exited.set()
             callbacks = list(self._on_exit)
         for on_exit in callbacks:
             on_exit(self.exitcode)
 
     def watch(self, on_exit: Callable[[int | None], None]) -> None:
-        """Call `on_exit(exitcode)` from the reaper thread when the process ends (at once if it has)."""
+        """Call `on_exit(exitcode)` from the reaper thread whenever the process ends (at once if it has;
+        again after each restart)."""
         with self._lock:
+            self._on_exit.append(on_exit)
             if not self.exited.is_set():
-                self._on_exit.append(on_exit)
                 return
         on_exit(self.exitcode)
 
@@ -283,7 +341,8 @@ class EngineProcess:
                     self.proc.kill()
                     self.exited.wait(5)
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._own_dir:
+                shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

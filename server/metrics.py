@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from batching import Scheduler
 from model.runtime.plan import StepOutput, StepPlan
 
+# The series the HTTP processes count (one registry holds them: summed over engines with --dp).
+HTTP_FAMILIES = ("blipserve_requests", "blipserve_request_latency_seconds")
+ENGINE_COUNTS = ("blipserve_engines_ready", "blipserve_engines")
+ENGINES_READY_HELP = "Engine processes up and serving (--dp)"
+ENGINES_HELP = "Engine processes configured (--dp)"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 # Fine enough to read a p99 against the decode step's own time.
@@ -90,6 +98,10 @@ class Metrics:
         )
         self.gpu_memory = Gauge("blipserve_gpu_memory_bytes", "CUDA memory allocated", registry=r)
         self.ready = Gauge("blipserve_ready", "1 when the model is loaded and warmed", registry=r)
+        # One engine here; with --dp the HTTP side counts (`merge_engine_metrics`).
+        self.engines_ready = Gauge("blipserve_engines_ready", ENGINES_READY_HELP, registry=r)
+        self.engines = Gauge("blipserve_engines", ENGINES_HELP, registry=r)
+        self.engines.set(1)
 
     def on_step(self, plan: StepPlan, out: StepOutput, scheduler: Scheduler) -> None:
         """Called by the engine thread after every step."""
@@ -128,4 +140,43 @@ class Metrics:
 
     def render(self) -> bytes:
         self.observe_gpu()
+        self.engines_ready.set(self.registry.get_sample_value("blipserve_ready") or 0)
         return generate_latest(self.registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_engine_metrics(texts: dict[int, bytes], engines_ready: int, engines: int) -> bytes:
+    """One exposition from --dp engines' registries (`texts`: engine index -> its text): each engine
+    series gains an `engine` label, the HTTP series (`HTTP_FAMILIES`) are summed over engines (each
+    HTTP request is counted by one engine), `_created` series are dropped, and
+    `blipserve_engines_ready` / `blipserve_engines` count the engines up and configured."""
+    families: dict[str, Metric] = {}
+    sums: dict[tuple[str, tuple], float] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name.endswith("_created") or family.name in ENGINE_COUNTS:
+                continue
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                if family.name in HTTP_FAMILIES:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+                else:
+                    merged.add_sample(sample.name, {"engine": str(index), **sample.labels}, sample.value)
+    for (name, labels), value in sums.items():
+        family = next(f for f in HTTP_FAMILIES if name.startswith(f))
+        families[family].add_sample(name, dict(labels), value)
+    ready = GaugeMetricFamily("blipserve_engines_ready", ENGINES_READY_HELP)
+    ready.add_metric([], engines_ready)
+    total = GaugeMetricFamily("blipserve_engines", ENGINES_HELP)
+    total.add_metric([], engines)
+    registry = CollectorRegistry()
+    registry.register(_Families([*families.values(), ready, total]))
+    return generate_latest(registry)

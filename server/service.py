@@ -23,6 +23,7 @@ from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
 
+from .dp_client import DataParallelClient
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
 from .errors import ApiError, Names, in_users_words, named
@@ -67,8 +68,9 @@ class Service:
         self.tracing: Tracing | None = None  # set by the app when tracing is on
 
     @classmethod
-    def build(cls, settings: Settings, handle: EngineHandle | None = None) -> Service:
-        """Load the model here (`engine: thread`), or start an engine process (or use `handle`'s)."""
+    def build(cls, settings: Settings, handle: EngineHandle | list[EngineHandle] | None = None) -> Service:
+        """Load the model here (`engine: thread`), or start an engine process (or use `handle`'s; a list
+        of handles: --dp engines, each request to the least loaded)."""
         # PIL's own decompression-bomb limit as an error, never just a warning (our pixel cap comes first).
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         if settings.engine == "thread" and handle is None:
@@ -76,6 +78,17 @@ class Service:
             metrics = Metrics()
             return cls(settings, engine, InprocClient(engine_loop(settings, engine, metrics), metrics))
         owner = None
+        if handle is None and settings.data_parallel_size > 1:
+            from .engine_group import EngineGroup
+
+            owner = EngineGroup(settings)
+            handle = owner.start()
+        if isinstance(handle, list) and len(handle) > 1:
+            frontend = Blip2Engine.frontend(Path(handle[0].root), handle[0].model_id)
+            client = DataParallelClient(handle, settings.dp_routing, settings.min_ready_engines)
+            return cls(settings, frontend, client, owner)
+        if isinstance(handle, list):
+            handle = handle[0]
         if handle is None:
             owner = EngineProcess(settings)
             handle = owner.start()
@@ -101,8 +114,8 @@ class Service:
         return self.client.healthy
 
     async def start(self) -> None:
-        """Capture the decode graphs and start the engine thread, or wait for the engine process."""
-        if isinstance(self.client, ProcessClient):
+        """Capture the decode graphs and start the engine thread, or wait for the engine process(es)."""
+        if isinstance(self.client, ProcessClient | DataParallelClient):
             info = await self.client.connect()
             self.device, self.dtype, self.weight_bytes = info.device, info.dtype, info.weight_bytes
         else:
@@ -131,7 +144,7 @@ class Service:
         """Finish every accepted request, then stop the engine (thread, or the process we started)."""
         self.ready = False
         timeout = self.settings.graceful_timeout_s
-        if isinstance(self.client, ProcessClient):
+        if isinstance(self.client, ProcessClient | DataParallelClient):
             await self.client.close()  # first: the engine's exit below is no death to report
             if self.owner is not None:
                 await asyncio.to_thread(self.owner.stop, timeout)
@@ -419,7 +432,14 @@ class Service:
             },
             "tasks": list(e.tasks),
             "vqa_template": self.vqa_template if "vqa" in e.tasks else None,
+            **self._engines(),
         }
+
+    def _engines(self) -> dict:
+        """--dp: each engine's device and state (`engines`), and how many serve."""
+        if not isinstance(self.client, DataParallelClient):
+            return {}
+        return {"engines": self.client.describe_engines(), "engines_ready": self.client.ready_engines}
 
 
 def elapsed_ms(start: float) -> float:

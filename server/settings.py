@@ -63,6 +63,36 @@ class Settings(BaseSettings):
         description="torch CPU threads of the engine process; 0: the cores the HTTP processes leave (the "
         "HTTP processes take one torch thread each: more would only spin against the engine's)",
     )
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="engine processes (--dp), each with its own model, KV cache, scheduler and queue, on "
+        "--devices; --max-running-seqs and --max-queue are per engine. The HTTP processes send each request "
+        "to the least loaded engine; one that dies is restarted while the others serve",
+    )
+    devices: list[str] = Field(
+        default_factory=list,
+        description="one device per engine (--dp), e.g. cuda:0,cuda:1 (the same one twice: two engines on "
+        "it); none: cuda:0..N-1 when CUDA is present (or --device cuda), else the CPU, N engines sharing "
+        "its cores",
+    )
+    dp_routing: Literal["load", "image-affinity"] = Field(
+        "load",
+        description="how the HTTP processes pick an engine (--dp > 1): load: the least loaded (ties rotate); "
+        "image-affinity: the engine an image's key hashes to (rendezvous hashing, so /vqa follow-ups hit its "
+        "vision cache) unless that one is clearly busier than the least loaded",
+    )
+    min_ready_engines: int = Field(
+        1, ge=1, description="/ready is 200 while at least this many engines are up (--dp > 1)"
+    )
+    engine_restart_limit: int = Field(
+        3,
+        ge=1,
+        description="with --dp > 1 a dead engine is restarted; this many deaths of one engine within "
+        "--engine-restart-window-s end the server (exit status 1) for its supervisor",
+    )
+    engine_restart_window_s: float = Field(60.0, gt=0, description="see --engine-restart-limit")
     # HTTP
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -121,8 +151,10 @@ class Settings(BaseSettings):
         description="an idle engine waits this long for more requests to fill a vision batch (0: starts at "
         "once; measured: 5 ms added 5-6 ms to the p50 of a lone request and nothing to throughput at 16-64)",
     )
-    max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one)")
-    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_running_seqs: int = Field(64, ge=1, description="KV-cache slots (a beam takes one), per engine")
+    max_queue: int = Field(
+        256, ge=1, description="waiting requests before 429, per engine (--dp: 429 once every one is full)"
+    )
     embedding_cache_mb: int = Field(256, ge=0, description="LRU of image query embeddings")
     cuda_graphs: bool = Field(
         True,
@@ -252,12 +284,17 @@ WORKER_ENV = "BLIPSERVE_WORKER_SPEC_JSON"
 
 
 def worker_spec(settings: Settings, handle: Any) -> str:
+    """The JSON for `WORKER_ENV`: the settings and the engine's handle (or, with --dp, a list of them)."""
     values = settings.model_dump(mode="json")
     if settings.api_key is not None:
         values["api_key"] = settings.api_key.get_secret_value()
-    return json.dumps({"settings": values, "engine": dataclasses.asdict(handle)})
+    engine = (
+        [dataclasses.asdict(h) for h in handle] if isinstance(handle, list) else dataclasses.asdict(handle)
+    )
+    return json.dumps({"settings": values, "engine": engine})
 
 
-def read_worker_spec() -> tuple[Settings, dict]:
+def read_worker_spec() -> tuple[Settings, dict | list[dict]]:
+    """What `worker_spec` wrote: the settings and the engine handle's fields (a list of them with --dp)."""
     spec = json.loads(os.environ[WORKER_ENV])
     return Settings(**spec["settings"]), spec["engine"]
