@@ -175,9 +175,9 @@ def test_an_engine_reaped_elsewhere_first_is_seen_as_stopped(tmp_path, caplog, m
         other.start()  # already waiting when the process exits: it often collects the exit status first
         time.sleep(0.2)
         start = time.monotonic()
-        owner.stop(3)
+        owner.stop(10)  # the child imports server.engine_process (torch) first: about 2 s here
         other.join(5)
-        assert time.monotonic() - start < 2 and not owner.alive()
+        assert time.monotonic() - start < 8 and not owner.alive()  # not the 10 s of a missed exit
     assert "did not stop" not in caplog.text
 
 
