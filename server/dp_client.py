@@ -110,13 +110,16 @@ class DataParallelClient(EngineClient):
                 ranked.insert(0, home)
         return ranked
 
-    async def add(self, request: Any, timeout_s: float | None = None, stream: bool = False) -> Ticket:
+    async def add(
+        self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
+    ) -> Ticket:
         """Queue on the least loaded engine that takes it; QueueFull only when every engine's queue is
-        full, EngineStopped when none is up; ValueError as the engine's."""
+        full, EngineStopped when none is up; ValueError as the engine's. `stream`, `trace`: as
+        `ProcessClient.add`'s."""
         full = False
         for i in self.order(getattr(request, "image_key", "") or ""):
             try:
-                ticket = await self.links[i].add(request, timeout_s, stream)
+                ticket = await self.links[i].add(request, timeout_s, stream, trace)
             except QueueFull:
                 full = True
                 continue

@@ -103,14 +103,15 @@ def openai_output(row: Row, status: int | None, body: Any, request_id: str | Non
 
 
 class LocalBackend:
-    """The model in this process (`Service` with `engine: thread`)."""
+    """The model in this process (`Service` with `engine: thread`), or with `--dp N` in N engine
+    processes that this job starts and stops (`server.batch.engines`)."""
 
     def __init__(self, settings: Settings, spec: JobSpec):
-        from ..service import Service
+        from .engines import build_service
 
         self.settings = settings
         self.spec = spec
-        self.svc = Service.build(settings.model_copy(update={"engine": "thread"}))
+        self.svc = build_service(settings)
         self.http: httpx.AsyncClient | None = None
 
     @property
@@ -119,8 +120,9 @@ class LocalBackend:
 
     async def start(self) -> None:
         from ..app import create_app
+        from .engines import start_service
 
-        await self.svc.start()
+        await start_service(self.svc)
         await self.svc.warm_up()
         app = create_app(self.settings, self.svc)
         app.state.service = self.svc  # the lifespan that would set it does not run in process
@@ -131,7 +133,9 @@ class LocalBackend:
     async def close(self) -> None:
         if self.http is not None:
             await self.http.aclose()
-        await self.svc.shutdown()
+        from .engines import stop_service
+
+        await stop_service(self.svc)
 
     def _prepare(self, image: bytes | Path | np.ndarray) -> Prepared:
         """Read (a file) and decode one image: runs in the service's image pool. A uint8 [H, W, 3] array

@@ -37,8 +37,9 @@ SETTINGS = (
     "cuda_graphs", "decode_kv_step", "max_new_tokens_limit", "default_max_new_tokens", "max_prompt_tokens",
     "max_beams", "max_n", "max_image_pixels", "max_body_mb", "request_timeout_s", "allow_image_urls",
     "image_url_allowlist", "image_url_timeout_s", "vqa_template", "default_num_beams", "vqa_max_new_tokens",
-    "api_key", "log_level",
+    "api_key", "log_level", "data_parallel_size", "devices", "dp_routing",
 )  # fmt: skip
+SHORT_FLAGS = {"data_parallel_size": ("--dp",)}  # as the server's
 BATCH_TIMEOUT_S = 3600.0  # request_timeout_s unless given: a row may wait behind a whole engine's batch
 
 EXAMPLES = """examples:
@@ -48,6 +49,7 @@ EXAMPLES = """examples:
   blipserve batch images/ -o out/ --task vqa --question "what is in the picture?"
   blipserve batch requests.jsonl -o results.jsonl              # an OpenAI batch file
   blipserve batch shards/ -o out/ --url http://gpu-host:8000 --concurrency 32
+  blipserve batch shards/ -o out/ --dp 4                         # 4 engine processes, one per GPU
   blipserve batch shards/ -o out/ --ray auto                    # a Ray Data pipeline, one engine per GPU
 
 """ + (__doc__ or "").split("\n\n", 1)[1]
@@ -76,7 +78,7 @@ def _add_model_flags(ap: argparse.ArgumentParser, fields: dict[str, Any], names:
             kwargs["type"] = lambda v: [s.strip() for s in v.split(",") if s.strip()]
         elif annotation in (int, float, int | None, float | None):
             kwargs["type"] = int if "int" in str(annotation) else float
-        ap.add_argument("--" + name.replace("_", "-"), **kwargs)
+        ap.add_argument("--" + name.replace("_", "-"), *SHORT_FLAGS.get(name, ()), **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -142,6 +144,17 @@ def spec_and_settings(args: argparse.Namespace, ap: argparse.ArgumentParser) -> 
         ap.error(describe_settings_error(exc))
     names = [n for n in GenerationParams.model_fields if n != "stream"]
     params = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if settings.data_parallel_size > 1 and (args.url or args.ray):
+        ap.error("--dp is for the model in this process (--url: the server's own --dp; --ray: --ray-actors)")
+    if settings.data_parallel_size > 1:
+        from ..engine_group import plan_devices
+
+        try:
+            plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts
+        except ValueError as exc:
+            ap.error(str(exc))
+    elif settings.devices:
+        ap.error("--devices names the devices of --dp N engines (one engine: --device)")
     if args.task == "vqa" and not (args.question or args.question_column):
         ap.error("--task vqa needs --question or --question-column")
     if args.task == "caption" and (args.question or args.question_column):
@@ -162,7 +175,8 @@ def run_batch(argv: list[str]) -> int:
     # Warnings and errors only, unless asked: no start-up chatter, no access line per row.
     configure_logging(settings.log_level if args.log_level else "warning", "text")
     columns = Columns(args.image_column, args.key_column, args.question_column)
-    concurrency = args.concurrency or (16 if args.url else 2 * settings.max_running_seqs)
+    engines = settings.data_parallel_size  # --max-running-seqs is per engine
+    concurrency = args.concurrency or (16 if args.url else 2 * settings.max_running_seqs * engines)
     settings = settings.model_copy(update={"max_queue": max(settings.max_queue, concurrency)})
     progress = "none" if args.quiet else args.progress
     opts = Options(args.output, args.format, columns, concurrency, args.retry_errors, progress)
@@ -195,13 +209,13 @@ async def _run_here(url: str | None, retries: int, settings: Settings, spec: Job
     """The job with the model in this process, or against the server at `url`."""
     from .backends import LocalBackend, RemoteBackend
 
+    stop = asyncio.Event()
+    _on_signals(stop)  # first: a signal while --dp engines start stops the job, which stops them
     if url:
         backend: Any = RemoteBackend(url, settings, spec, retries)
     else:
         check(settings)
         backend = await asyncio.to_thread(LocalBackend, settings, spec)
-    stop = asyncio.Event()
-    _on_signals(stop)
     try:
         await backend.start()
         return await run(backend, spec, opts, states, summary, stop)
