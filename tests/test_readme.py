@@ -44,6 +44,9 @@ NOT_RUN = {
     "docker build": "needs Docker and a GPU (the Docker tests build and run the image)",
     "HF_HUB_OFFLINE=1": "needs the Hugging Face hub, a real checkpoint and a GPU",
     "HTTP processes (FastAPI": "a diagram",
+    "blipserve batch 'shards/": "a real model, data set and cluster (tests/test_batch_*.py run each mode on tiny ones)",
+    "from server.batch.ray_job import Captioner": "a Ray cluster, GPUs and a real model (tests/test_batch_ray.py)",
+    '"finish_reason": "candidates"': "an example reply, with made-up numbers (tests/test_scoring.py checks the shape)",
 }
 
 
@@ -146,8 +149,10 @@ def test_readme_python_api_runs(quick_start, monkeypatch):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
-    captions, texts = (ast.literal_eval(line) for line in printed.getvalue().splitlines())
+    first, second, ranked = printed.getvalue().splitlines()
+    captions, texts = ast.literal_eval(first), ast.literal_eval(second)
     assert len(captions) == 1 and len(texts) == 2 and all(isinstance(t, str) for t in captions + texts)
+    assert ranked.count("text='a cat'") == 1 and ranked.count("text='a dog'") == 1, ranked  # both, ranked
 
 
 def test_readme_preset_comment_says_what_the_preset_sets(monkeypatch):
