@@ -98,7 +98,7 @@ def create_app(
     app = FastAPI(title="blipserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     # Added last = outermost: Observe sees every response, auth runs before any body is read.
     app.add_middleware(UntilStarted)
-    # Outside UntilStarted: a body over the limit is a 413 whether or not the model has loaded.
+    # A body over the limit is a 413 while the model loads too: retrying after a 503 would not help.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
     app.add_middleware(ApiKeyAuth, settings=settings)
     if settings.cors_origins:
@@ -189,6 +189,12 @@ async def _stream(svc: Service, jobs: list, single: bool, start: float) -> Event
 
 
 def _add_routes(app: FastAPI) -> None:
+    """The native generation routes (/caption, /vqa) and the status routes."""
+    _add_generation_routes(app)
+    _add_status_routes(app)
+
+
+def _add_generation_routes(app: FastAPI) -> None:
     @app.post(
         "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=body_doc(CaptionRequest)
     )
@@ -267,6 +273,11 @@ def _add_routes(app: FastAPI) -> None:
             return await _stream(svc, jobs, single, start)
         outcomes = await _run(request, svc, jobs)
         return JSONResponse(reply(svc, outcomes, start, single, "answer"))
+
+
+def _add_status_routes(app: FastAPI) -> None:
+    """/health, /ready, /version and /metrics answer while the model loads; /v1/models[/{id}] once the
+    service exists (`UntilStarted` holds them until then)."""
 
     @app.get("/health")
     async def health() -> dict:

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,31 +19,35 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-TYPES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_parameter",
-    429: "queue_full",
-    499: "client_closed",
-    500: "internal_error",
-    503: "unavailable",
-    504: "timeout",
-}
+TYPES = MappingProxyType(
+    {
+        400: "invalid_request",
+        401: "unauthorized",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+        422: "invalid_parameter",
+        429: "queue_full",
+        499: "client_closed",
+        500: "internal_error",
+        503: "unavailable",
+        504: "timeout",
+    }
+)
 
 
-OPENAI_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    504: "timeout_error",
-}
+OPENAI_TYPES = MappingProxyType(
+    {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
+        429: "rate_limit_error",
+        504: "timeout_error",
+    }
+)
 
 
 class ApiError(Exception):
@@ -119,18 +124,20 @@ def in_users_words(message: str, names: Names | None) -> str:
 
 
 # Fields people send by mistake, and the one they meant.
-MIX_UPS = {
-    "img": "image",
-    "file": "image",
-    "picture": "image",
-    "photo": "image",
-    "image_url": "image",
-    "imgs": "images",
-    "files": "images",
-    "text": "prompt or question",
-    "max_tokens": "max_new_tokens",
-    "beams": "num_beams",
-}
+MIX_UPS = MappingProxyType(
+    {
+        "img": "image",
+        "file": "image",
+        "picture": "image",
+        "photo": "image",
+        "image_url": "image",
+        "imgs": "images",
+        "files": "images",
+        "text": "prompt or question",
+        "max_tokens": "max_new_tokens",
+        "beams": "num_beams",
+    }
+)
 
 
 def _message(error: dict) -> str:

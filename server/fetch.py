@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from .errors import ApiError
+from .settings import Settings
 
 
 def is_public(address: str) -> bool:
@@ -85,3 +86,21 @@ async def fetch_image(
         raise ApiError(400, f"image URL did not answer within {timeout_s}s") from None
     except httpx.HTTPError as exc:
         raise ApiError(400, f"image URL could not be fetched ({type(exc).__name__})") from None
+
+
+async def fetch_field(url: str, field: str, settings: Settings, public_only=is_public) -> bytes:
+    """The image at `url`, sent in the request's `field`, as the settings allow: a 400 naming the field
+    and --allow-image-urls where URLs are off, and every refusal of `fetch_image` named by the field."""
+    if not settings.allow_image_urls:
+        raise ApiError(
+            400,
+            f"{field}: image URLs are not fetched by this server (started without --allow-image-urls); "
+            "send the image's bytes (base64)",
+            param=field,
+        )
+    max_bytes = int(settings.max_body_mb * (1 << 20))
+    allowlist, timeout_s = settings.image_url_allowlist, settings.image_url_timeout_s
+    try:
+        return await fetch_image(url.strip(), allowlist, max_bytes, timeout_s, public_only)
+    except ApiError as exc:
+        raise ApiError(exc.status, f"{field}: {exc.message}", exc.headers, field, exc.code) from None

@@ -34,7 +34,7 @@ def decode_base64(value: str, field: str) -> bytes:
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
-            raise ApiError(400, f"{field}: data URL must be base64-encoded")
+            raise ApiError(400, f"{field}: data URL must be base64-encoded", param=field)
     try:
         return base64.b64decode(
             data + "=" * (-len(data) % 4),
@@ -42,7 +42,7 @@ def decode_base64(value: str, field: str) -> bytes:
             validate=True,
         )
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"{field}: not valid base64") from None
+        raise ApiError(400, f"{field}: not valid base64", param=field) from None
 
 
 # Bytes that were not UTF-8, as `surrogateescape` decoding keeps them.
@@ -202,11 +202,12 @@ def prepare_image(
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
-        raise ApiError(413 if isinstance(exc, ImageTooLarge) else 400, f"{where}: {exc}") from None
+        status = 413 if isinstance(exc, ImageTooLarge) else 400
+        raise ApiError(status, f"{where}: {exc}", param=where) from None
     try:
         pixels = processor.rgb(image) if raw else processor.preprocess(image)
     except Exception:
-        raise ApiError(400, f"{where}: the image could not be converted to RGB pixels") from None
+        raise ApiError(400, f"{where}: the image could not be converted to RGB pixels", param=where) from None
     return Prepared(pixels, hashlib.sha256(data).hexdigest(), image.size)
 
 

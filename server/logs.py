@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 import time
+from typing import NoReturn
 
 # Fields the access log passes with `extra=` and the JSON formatter writes out.
 ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client", "trace_id")
@@ -34,3 +38,15 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` once its logs and stdio are flushed, skipping the interpreter's
+    finalisation: its last garbage collection walks every object torch and the app created (seconds of
+    CPU on a loaded host, while `docker stop` counts down to SIGKILL), and nothing is left to finalise
+    once the caller has drained and closed what it owns."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or None (pythonw)
+            stream.flush()
+    os._exit(code)

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from model.data.tokenizer import TextTokenizer
 from model.decoding.generation import MAX_LOGPROBS, TokenLogprob
@@ -40,10 +48,30 @@ class ContentPart(BaseModel):
     image_url: ImageURL | None = None
 
 
+def text_or_list(value: Any, handler: ValidatorFunctionWrapHandler, items: TypeAdapter, what: str) -> Any:
+    """A `str | list[...]` field validated as the form that was sent: a list's errors point into it
+    (`messages[0].content[1].image_url.url: Field required`), where pydantic's union would report each
+    form's failure under its type's name (`content.str: ...; content.list[ContentPart]...`)."""
+    if value is None or isinstance(value, str):
+        return handler(value)
+    if isinstance(value, list):
+        return items.validate_python(value)
+    raise ValueError(f"expected a string or a list of {what}")
+
+
+CONTENT_PARTS = TypeAdapter(list[ContentPart])
+STRINGS = TypeAdapter(list[str])
+
+
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return text_or_list(value, handler, CONTENT_PARTS, "content parts ({'type': 'text' | 'image_url'})")
 
 
 class StreamOptions(BaseModel):
@@ -51,7 +79,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -74,6 +102,11 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1, description="sampling only; -1 or 0: off (vLLM's convention)")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0, description="tokens generated before an end token may end the text")
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return text_or_list(value, handler, STRINGS, "strings")
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from types import MappingProxyType
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -14,17 +15,20 @@ from pydantic import BaseModel, Field
 from .schemas import ErrorResponse
 
 # What each error status means on this server (the message names the field at fault).
-_MEANING = {
-    400: "undecodable image, bad base64, or a model that does not serve this task",
-    401: "missing or invalid API key (with --api-key)",
-    404: "no such model (`model` is not the served id)",
-    413: "request body or image pixel count too large",
-    415: "content type other than application/json or multipart/form-data",
-    422: "invalid, unknown or repeated field",
-    429: "queue full; retry after Retry-After seconds",
-    503: "not ready (loading or shutting down); retry after Retry-After seconds",
-    504: "request not finished within the server's deadline",
-}
+_MEANING = MappingProxyType(
+    {
+        400: "undecodable image, bad base64, or a model that does not serve this task",
+        401: "missing or invalid API key (with --api-key)",
+        404: "no such model (`model` is not the served id)",
+        413: "request body or image pixel count too large",
+        415: "content type other than application/json or multipart/form-data",
+        422: "invalid, unknown or repeated field",
+        429: "queue full; retry after Retry-After seconds",
+        503: "not ready (loading or shutting down); retry after Retry-After seconds",
+        504: "request not finished within the server's deadline",
+    }
+)
+
 NATIVE_STATUSES = (400, 401, 413, 415, 422, 429, 503, 504)
 OPENAI_STATUSES = (400, 401, 404, 413, 429, 503, 504)
 
@@ -87,12 +91,15 @@ def add_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
 
 
 # The docs' assets, from the fastapi-offline package (Swagger UI 5 and ReDoc 2, as FastAPI's CDN links).
-_ASSETS = {
-    "swagger-ui-bundle.js": "text/javascript",
-    "swagger-ui.css": "text/css",
-    "redoc.standalone.js": "text/javascript",
-    "favicon.png": "image/png",
-}
+_ASSETS = MappingProxyType(
+    {
+        "swagger-ui-bundle.js": "text/javascript",
+        "swagger-ui.css": "text/css",
+        "redoc.standalone.js": "text/javascript",
+        "favicon.png": "image/png",
+    }
+)
+
 ASSET_PREFIX = "/docs/assets/"
 # Served without an API key: the API's description carries no secret.
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json") + tuple(

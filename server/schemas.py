@@ -15,7 +15,7 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
 class GenerationParams(BaseModel):
     """Generation settings; every one optional, bounded by the server's limits (see /v1/models)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(None, ge=1, description="default: the server's (30)")
     min_new_tokens: int = Field(0, ge=0)
@@ -186,7 +186,7 @@ class ErrorResponse(BaseModel):
 class MatchRequest(BaseModel):
     """Score texts against an image (or each of a batch of images)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1, description="batch form: each image gets all texts")
     texts: list[Text] = Field(min_length=1, max_length=64, description="captions to score against the image")
@@ -201,7 +201,7 @@ class MatchRequest(BaseModel):
 class EmbedRequest(BaseModel):
     """Normalised embeddings of images and/or texts, in one shared space."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image_optional: ClassVar[bool] = True  # texts alone are a request (a multipart form without a file too)
     image: str | None = Field(None, description="base64 image bytes, or a data: URL")
     images: list[str] | None = Field(None, min_length=1)

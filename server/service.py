@@ -27,7 +27,7 @@ from .dp_client import DataParallelClient
 from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
 from .errors import ApiError, Names, in_users_words, named
-from .fetch import fetch_image, is_public
+from .fetch import fetch_field, is_public
 from .inputs import Prepared, prepare_image
 from .metrics import Metrics
 from .schemas import GenerationParams
@@ -207,17 +207,10 @@ class Service:
         stop = tuple(p.stop or ())
         return SamplingParams(max_new_tokens=max_new, num_beams=beams, stop=stop, **fields)
 
-    async def fetch(self, item: bytes | str) -> bytes:
-        if isinstance(item, bytes):
-            return item
-        s = self.settings
-        if not s.allow_image_urls:
-            raise ApiError(
-                400, "image URLs are not fetched by this server (allow_image_urls is off); send the bytes"
-            )
-        max_bytes = int(s.max_body_mb * (1 << 20))
-        return await fetch_image(
-            item.strip(), s.image_url_allowlist, max_bytes, s.image_url_timeout_s, self.is_public
+    async def fetch(self, item: bytes | str, field: str = "image") -> bytes:
+        """The image's bytes: `item` itself, or fetched from its URL (`field`: where the user sent it)."""
+        return (
+            item if isinstance(item, bytes) else await fetch_field(item, field, self.settings, self.is_public)
         )
 
     def limit_items(self, count: int, field: str) -> None:
@@ -243,7 +236,9 @@ class Service:
     ) -> list[Prepared]:
         self.limit_items(len(items), named("images", names))
         fields = fields or [f"images[{i}]" if len(items) > 1 else "image" for i in range(len(items))]
-        blobs = await asyncio.gather(*(self.fetch(item) for item in items))
+        blobs = await asyncio.gather(
+            *(self.fetch(item, field) for item, field in zip(items, fields, strict=True))
+        )
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(

@@ -6,11 +6,12 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,7 +27,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that i
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BLIPSERVE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="BLIPSERVE_", extra="forbid", allow_inf_nan=False)
 
     # Model
     model: str = Field("tiny-random", description="hub id, local directory, or 'tiny-random'")
@@ -108,7 +109,9 @@ class Settings(BaseSettings):
         description="paths whose requests get no access-log line (still counted in /metrics), e.g. "
         "/health,/ready,/metrics for probes and scrapes",
     )
-    log_level: str = Field("info", description="debug, info, warning or error (debug: tracebacks too)")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="debug: tracebacks too"
+    )
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
     graceful_timeout_s: float = Field(30.0, gt=0, description="drain time on SIGTERM")
     otlp_traces_endpoint: str | None = Field(
@@ -203,6 +206,67 @@ class Settings(BaseSettings):
         None, ge=1, description="/vqa's default max_new_tokens (short answers); unset: default_max_new_tokens"
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: Any) -> Any:
+        """BLIPSERVE_LOG_LEVEL=DEBUG works as debug (the logging module's names are upper case)."""
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path_is_a_path(cls, value: str) -> str:
+        """'' or '/prefix' (a trailing slash dropped): a prefix without its '/' would match no request."""
+        if value and not value.startswith("/"):
+            raise ValueError("expected a path that starts with '/' (e.g. /blip), or nothing")
+        return value.rstrip("/")
+
+    @field_validator("access_log_exclude")
+    @classmethod
+    def _paths_start_with_a_slash(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r}: expected request paths that start with '/' (e.g. /health)")
+        return value
+
+    @field_validator("vqa_template")
+    @classmethod
+    def _template_has_the_question(cls, value: str | None) -> str | None:
+        """A template is text with `{question}` in it and no other field (a stray brace or another field
+        would fail every /vqa request; one without the question would answer without it)."""
+        if value is None:
+            return value
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a template ({exc}); write a literal brace as {{{{ or }}}}") from None
+        if fields != {"question"}:
+            others = ", ".join(sorted(f"{{{f}}}" for f in fields - {"question"}))
+            raise ValueError(
+                "expected {question} where the question goes"
+                + (f", and no other field ({others})" if others else "")
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        """A default a request could not ask for itself would make every request that leaves it out a 422
+        naming a field it never sent: refused when given, lowered to the limit when left at its own
+        default (--max-new-tokens-limit 20 alone serves 20 tokens by default)."""
+        pairs = [
+            ("default_max_new_tokens", self.default_max_new_tokens, "max_new_tokens_limit"),
+            ("vqa_max_new_tokens", self.vqa_max_new_tokens, "max_new_tokens_limit"),
+            ("default_num_beams", self.default_num_beams, "max_beams"),
+        ]
+        for name, value, limit in pairs:
+            if value is None or value <= getattr(self, limit):
+                continue
+            if value == type(self).model_fields[name].default:  # not chosen: within a lower limit
+                setattr(self, name, getattr(self, limit))
+                continue
+            flag, limit_flag = (f"--{n.replace('_', '-')}" for n in (name, limit))
+            raise ValueError(f"{flag} {value}: more than {limit_flag} ({getattr(self, limit)})")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -273,7 +337,9 @@ def load_settings(config: str | None = None, **overrides: Any) -> Settings:
     check_config_file(path)
 
     class FileSettings(Settings):
-        model_config = SettingsConfigDict(env_prefix="BLIPSERVE_", extra="forbid", yaml_file=path)
+        model_config = SettingsConfigDict(
+            env_prefix="BLIPSERVE_", extra="forbid", allow_inf_nan=False, yaml_file=path
+        )
 
     return Settings(**FileSettings(**flags).model_dump())
 

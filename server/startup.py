@@ -25,16 +25,21 @@ def describe_settings_error(exc: ValidationError) -> str:
     """pydantic's errors as the flags that caused them ('--dtype fp16: expected one of ...')."""
     lines = []
     for error in exc.errors():
-        name = "--" + "-".join(str(x) for x in error.get("loc", ())).replace("_", "-")
+        loc = [str(x) for x in error.get("loc", ()) if not isinstance(x, int)]  # list items: the flag
+        name = "--" + "-".join(loc).replace("_", "-")
         given = error.get("input")
         ctx = error.get("ctx") or {}
-        if error.get("type") == "literal_error":
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if not loc:  # a rule across settings: its message names them
+            lines.append(message)
+        elif error.get("type") == "literal_error":
             expected = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
             lines.append(f"{name} {given}: expected one of {expected}")
         elif error.get("type") == "extra_forbidden":
             lines.append(f"{name}: no such setting")
         else:
-            lines.append(f"{name} {given}: {str(error.get('msg', 'invalid')).removeprefix('Value error, ')}")
+            shown = ",".join(map(str, given)) if isinstance(given, list) else given
+            lines.append(f"{name} {shown}: {message}")
     return "; ".join(lines)
 
 

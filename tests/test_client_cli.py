@@ -79,7 +79,7 @@ def test_help_is_a_command():
     assert (
         main.returncode == 0 and "blipserve caption IMAGE..." in main.stdout and "--max-queue" in main.stdout
     )
-    for command in ("caption", "vqa"):
+    for command in ("caption", "vqa", "batch"):  # batch: the main help before
         sub = blipserve("help", command)
         assert sub.returncode == 0 and sub.stdout.startswith(f"usage: blipserve {command}"), sub.stderr
 

@@ -167,5 +167,5 @@ def test_auth_and_url_fetching_errors(live):
                 "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
             }
         ]
-        with pytest.raises(openai.BadRequestError, match="allow_image_urls"):
+        with pytest.raises(openai.BadRequestError, match="--allow-image-urls"):
             c.chat.completions.create(model=model, messages=messages)

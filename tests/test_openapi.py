@@ -81,7 +81,7 @@ def test_listed_error_models_are_the_bodies_sent(client):
 
 @pytest.mark.parametrize(("page", "assets"), [("/docs", 3), ("/redoc", 2)])
 def test_docs_pages_load_only_local_assets_without_an_api_key(client, page, assets):
-    r = client.get(page)  # no key: the docs stay open with --api-key
+    r = client.get(page)  # no key: the docs stay open with --api-key --no-auth-docs
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", r.text)
     urls += re.findall(r"""url: ?['"]([^'"]+)['"]""", r.text)

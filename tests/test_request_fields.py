@@ -254,3 +254,63 @@ def test_openai_image_and_repeated_key_errors(url):
         httpx.post(url + "/v1/chat/completions", content=text, headers=headers), 400, "max_tokens: given"
     )
     assert error["param"] == "max_tokens"
+
+
+# Review of issue 21: every mistake is named as sent, for each kind of value.
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_numbers_that_are_not_finite_are_refused_as_such(url, number):
+    """Python's JSON reads NaN and Infinity; they failed a bound's check ('less than or equal to 10')."""
+    headers = {"content-type": "application/json"}
+    image = b64(png_bytes(32))
+    body = f'{{"image": "{image}", "question": "a?", "do_sample": true, "temperature": {number}}}'
+    r = httpx.post(url + "/vqa", content=body, headers=headers)
+    refused(r, 422, "temperature: Input should be a finite number")
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]
+    chat = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]})
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        text = chat[:-1] + f', "{field}": {number}}}'
+        r = httpx.post(url + "/v1/chat/completions", content=text, headers=headers)
+        assert refused(r, 400, f"{field}: Input should be a finite number")["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("message", "extra", "starts"),
+    [
+        (
+            {"content": [{"type": "image_url", "image_url": {}}]},
+            {},
+            "messages[0].content[0].image_url.url: Field",
+        ),
+        ({"content": [{"type": "audio"}]}, {}, "messages[0].content[0].type: Input should be 'text' or"),
+        ({"content": 5}, {}, "messages[0].content: expected a string or a list of content parts"),
+        ({"content": "a?"}, {"stop": 5}, "stop: expected a string or a list of strings"),
+        ({"content": "a?"}, {"stop": ["a", 5]}, "stop[1]: Input should be a valid string"),
+    ],
+)
+def test_openai_text_or_list_fields_are_checked_as_the_form_sent(url, message, extra, starts):
+    """`content` and `stop` take a string or a list: an error points into the form that was sent, not
+    into each form pydantic tried (`content.str: ...; content.list[ContentPart][0]...`)."""
+    body = {"model": "tiny", "messages": [{"role": "user", **message}], **extra}
+    error = refused(httpx.post(url + "/v1/chat/completions", json=body), 400, starts)
+    assert error["message"] == starts or ";" not in error["message"], error
+    assert error["param"] == starts.split(":")[0]
+
+
+def test_image_url_errors_name_the_field_and_the_flag(url):
+    """URLs where the server fetches none: the field as sent, the flag that would allow them."""
+    words = "image URLs are not fetched by this server (started without --allow-image-urls)"
+    good = b64(png_bytes(33))
+    r = httpx.post(url + "/caption", json={"images": [good, "https://example.com/cat.jpg"]})
+    refused(r, 400, f"images[1]: {words}")
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    content = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    error = refused(httpx.post(url + "/v1/chat/completions", json=body), 400, f"image_url: {words}")
+    assert error["param"] == "image_url"
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]
+    body["messages"][0]["content"] = content
+    error = refused(httpx.post(url + "/v1/chat/completions", json=body), 400, "image_url: not valid base64")
+    assert error["param"] == "image_url"

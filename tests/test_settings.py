@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.cli import _parser
+from server.cli import _parser, main
 from server.settings import CONFIG_DIR, Settings, load_settings
 
 
@@ -81,3 +81,43 @@ def test_cuda_graphs_help_says_what_it_does_and_its_default():
     help_text = " ".join(_parser().format_help().split())
     entry = help_text.split("--cuda-graphs, --no-cuda-graphs", 1)[1].split(" --decode-kv-step", 1)[0]
     assert "prefills and vision batches as CUDA graphs" in entry and "(default: true)" in entry
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--log-level", "verbose"], "argument --log-level: invalid choice: 'verbose'"),
+        (["--root-path", "blip"], "--root-path blip: expected a path that starts with '/'"),
+        (["--access-log-exclude", "/health,ready"], "--access-log-exclude /health,ready: 'ready': expected"),
+        (["--vqa-template", "Q: A:"], "--vqa-template Q: A:: expected {question} where the question goes"),
+        (["--vqa-template", "{question} {x}"], "and no other field ({x})"),
+        (["--vqa-template", "{question} {"], "not a template (Single '{' encountered in format string)"),
+        (
+            ["--default-max-new-tokens", "500"],
+            "--default-max-new-tokens 500: more than --max-new-tokens-limit",
+        ),
+        (["--max-new-tokens-limit", "9", "--vqa-max-new-tokens", "10"], "--vqa-max-new-tokens 10: more than"),
+        (["--default-num-beams", "9"], "--default-num-beams 9: more than --max-beams (8)"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms nan: Input should be a finite number"),
+        (["--request-timeout-s", "inf"], "--request-timeout-s inf: Input should be a finite number"),
+    ],
+)
+def test_settings_that_would_fail_at_the_first_request_stop_the_start(capsys, flags, line):
+    """Each was accepted, then failed at run time: a template with another field was a 500 on every
+    /vqa, one without {question} dropped the question, a default above its limit made each request
+    that left the field out a 422 naming a field it never sent, --log-level verbose a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and line in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 2, err
+
+
+def test_log_level_is_read_in_any_case_and_the_root_path_without_its_trailing_slash(monkeypatch):
+    monkeypatch.setenv("BLIPSERVE_LOG_LEVEL", "WARNING")
+    assert load_settings(None, root_path="/blip/").log_level == "warning"
+    assert load_settings(None, root_path="/blip/").root_path == "/blip"
+    assert load_settings(None, vqa_template="{question}").vqa_template == "{question}"
+    assert (
+        load_settings(None, max_new_tokens_limit=20).default_max_new_tokens == 20
+    )  # its default, 30, lowered
