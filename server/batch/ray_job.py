@@ -50,10 +50,18 @@ class Captioner:
     JSON: usage, choices when asked) and the input's other columns (`shard`, `index`, ...) as given.
 
     `settings`: the server's settings (a dict: model, device, dtype, limits...); keyword arguments
-    are merged into it. `spec`: the task (`task`, `prompt`, `question`, `params`, `priority`).
+    are merged into it. `spec`: the task (`task`, `prompt`, `question`, `params`, `priority`), checked
+    against the model when the actor starts unless `check_spec` is False (rows that are OpenAI batch
+    lines carry their own).
     """
 
-    def __init__(self, settings: dict | None = None, spec: dict | None = None, **settings_kwargs: Any):
+    def __init__(
+        self,
+        settings: dict | None = None,
+        spec: dict | None = None,
+        check_spec: bool = True,
+        **settings_kwargs: Any,
+    ):
         from .backends import LocalBackend
 
         merged = {**(settings or {}), **settings_kwargs}
@@ -62,7 +70,7 @@ class Captioner:
         self._thread = threading.Thread(target=self._loop.run_forever, name="captioner-loop", daemon=True)
         self._thread.start()
         self.backend = LocalBackend(Settings(**merged), self.spec)
-        self._run(self.backend.start())
+        self._run(self.backend.start(check=check_spec))
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -186,6 +194,7 @@ def run_ray(
         "settings": settings.model_copy(update={"device": device}).model_dump(mode="json"),
         "spec": {"task": spec.task, "prompt": spec.prompt, "question": spec.question, "params": spec.params,
                  "priority": spec.priority},
+        "check_spec": any(s.shard.kind != "openai" for s in states),
     }  # fmt: skip
     if settings.api_key is not None:
         kwargs["settings"]["api_key"] = settings.api_key.get_secret_value()
