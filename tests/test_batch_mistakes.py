@@ -216,3 +216,13 @@ def test_error_rows_have_every_field(tmp_path, root) -> None:
     assert run_batch(flags(root, str(tmp_path / "imgs"), "-o", str(out), "--format", "jsonl")) == 1
     good, bad = sorted(read_rows(out / "images-00000.jsonl"), key=lambda r: r["error"] is not None)
     assert set(good) == set(bad) and bad["prompt_tokens"] is None and bad["error"]
+
+
+def test_progress_is_plain_lines_in_a_log(tmp_path, root, capsys) -> None:
+    """Without --progress, stderr that is not a terminal (a log file, a pipe) gets lines, not a bar
+    redrawn with carriage returns."""
+    image_folder(tmp_path / "imgs", 2)
+    argv = ["--model", str(root), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4"]
+    assert run_batch([*argv, str(tmp_path / "imgs"), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.startswith("done: 1/1 shards, 2 rows (0 errors)")

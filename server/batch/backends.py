@@ -299,7 +299,7 @@ class RemoteBackend:
             except httpx.TransportError as exc:
                 wait, why = delay, f"{type(exc).__name__}: {exc}"
             if attempt == retries:
-                raise Unreachable(f"--url {self.http.base_url}: {why} after {retries} retries")
+                raise Unreachable(f"--url {self.http.base_url}: no answer after {retries} retries ({why})")
             await asyncio.sleep(min(wait, 30.0) * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")

@@ -146,7 +146,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--retry-errors", action="store_true", help="redo the rows that failed in earlier runs")
     ap.add_argument(
-        "--progress", choices=("bar", "plain", "none"), default="bar", help="plain: a line every 5 s"
+        "--progress",
+        choices=("bar", "plain", "none"),
+        help="bar (default on a terminal), plain (a line every 5 s; default when stderr is a file or pipe)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress, no summary (= --progress none)")
     ap.add_argument(
@@ -216,7 +218,7 @@ def _run_batch(argv: list[str]) -> int:
     columns = Columns(args.image_column, args.key_column, args.question_column)
     concurrency = args.concurrency or (16 if args.url else 2 * settings.max_running_seqs)
     settings = settings.model_copy(update={"max_queue": max(settings.max_queue, concurrency)})
-    progress = "none" if args.quiet else args.progress
+    progress = "none" if args.quiet else args.progress or ("bar" if sys.stderr.isatty() else "plain")
     opts = Options(args.output, args.format, columns, concurrency, args.retry_errors, progress)
     try:
         shards = find_shards(args.input, args.shard_size)
