@@ -226,3 +226,15 @@ def test_progress_is_plain_lines_in_a_log(tmp_path, root, capsys) -> None:
     assert run_batch([*argv, str(tmp_path / "imgs"), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and err.startswith("done: 1/1 shards, 2 rows (0 errors)")
+
+
+def test_several_inputs_are_the_shards_of_one_job(tmp_path, root, capsys) -> None:
+    """`shards/*.tar` or an unquoted brace pattern, as the shell expands it: each file a shard."""
+    webdataset(tmp_path / "shards")
+    tars = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    assert run_batch(flags(root, *tars, "-o", str(tmp_path / "several"))) == 1
+    assert run_batch(flags(root, str(tmp_path / "shards"), "-o", str(tmp_path / "folder"))) == 1
+    for name in ("00000.parquet", "00001.parquet"):
+        assert read_rows(tmp_path / "several" / name) == read_rows(tmp_path / "folder" / name)
+    line = usage_error(flags(root, *tars, str(tmp_path / "nope.tar"), "-o", str(tmp_path / "o")), capsys)
+    assert "nope.tar: no such file" in line

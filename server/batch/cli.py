@@ -119,7 +119,10 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "input", help="image folder, .tar shard(s) or brace pattern, .parquet file(s), OpenAI .jsonl"
+        "input",
+        nargs="+",
+        help="image folder, .tar shard(s) or brace pattern, .parquet file(s), OpenAI .jsonl; several files "
+        "(shards/*.tar, as the shell expands it) are the shards of one job",
     )
     ap.add_argument(
         "-o", "--output", required=True, type=Path, help="output folder (or .jsonl for one OpenAI batch file)"
@@ -221,11 +224,12 @@ def _run_batch(argv: list[str]) -> int:
     progress = "none" if args.quiet else args.progress or ("bar" if sys.stderr.isatty() else "plain")
     opts = Options(args.output, args.format, columns, concurrency, args.retry_errors, progress)
     try:
-        shards = find_shards(args.input, args.shard_size)
+        shards = find_shards(args.input if len(args.input) > 1 else args.input[0], args.shard_size)
         check_columns(shards, columns)
         check_output(shards, opts)
         job = {"task": spec.task, "prompt": spec.prompt, "question": spec.question, "params": spec.params}
-        job.update(columns=vars(columns), format=args.format, input=os.path.abspath(args.input))
+        inputs = [os.path.abspath(p) for p in args.input]
+        job.update(columns=vars(columns), format=args.format, input=inputs if len(inputs) > 1 else inputs[0])
         check_job_file(shards, opts, spec, job)
         states, summary = plan(shards, opts, spec)
     except (InputError, ValueError, OSError) as exc:

@@ -172,9 +172,12 @@ def check_job_file(shards: list[Shard], opts: Options, spec: JobSpec, job: dict[
             return
         if started:
             changed = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
+            diff = "; ".join(
+                f"{k}: {json.dumps(before.get(k))} then, {json.dumps(job.get(k))} now" for k in changed
+            )
             raise ValueError(
-                f"{path.parent} holds a job with other settings ({', '.join(changed)}): rerun it as it was, "
-                "or use another --output"
+                f"{path.parent} holds a job with other settings ({diff}): rerun it as it was, or use "
+                "another --output"
             )
     path.write_text(json.dumps(job, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -155,8 +155,16 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(head + item + tail)]
 
 
-def find_shards(source: str, shard_size: int = 10_000) -> list[Shard]:
-    """The shards of `source` (see the module docstring); InputError if it is none of the kinds."""
+def find_shards(source: str | list[str], shard_size: int = 10_000) -> list[Shard]:
+    """The shards of `source` (see the module docstring), or of several files (each a shard: what the
+    shell makes of `shards/*.tar` or an unquoted brace pattern); InputError if it is none of the kinds."""
+    if isinstance(source, list):
+        missing = [p for p in source if not Path(p).is_file()]
+        if missing:
+            raise InputError(
+                f"{missing[0]}: no such file (several inputs must each be a .tar, .parquet or .jsonl)"
+            )
+        return _named([_file_shard(Path(p)) for p in source])
     if "{" in source:
         paths = [Path(p) for p in expand_braces(source)]
         missing = [str(p) for p in paths if not p.is_file()]
