@@ -26,6 +26,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from model.data.image import to_rgb
+from model.decoding.generation import SamplingParams
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
@@ -134,6 +135,7 @@ class LocalBackend:
         self.spec = spec
         self.svc = Service.build(settings.model_copy(update={"engine": "thread"}))
         self.http: httpx.AsyncClient | None = None
+        self._job_options: tuple[str | None, SamplingParams, int] | None = None
 
     @property
     def model_id(self) -> str:
@@ -197,22 +199,38 @@ class LocalBackend:
         """text, finish_reason, error, usage (and choices) of one dataset row."""
         svc = self.svc
         try:
-            body = self.spec.body(row.question)
-            task = self.spec.task
-            svc.require(task, f"/{task}")
-            params = svc.sampling_params(body, task)
+            prompt, params, priority = self._options(row.question)
             image = (
                 await fetch_url(row.image, self.settings, svc.is_public)
                 if isinstance(row.image, str)
                 else row.image
             )
             prepared = await asyncio.get_running_loop().run_in_executor(svc.images, self._prepare, image)
-            prompt = svc.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
-            request = svc.make_request(prepared, prompt, params, priority=body.priority)
-            outcome = (await svc.generate([request]))[0]
+            request = svc.make_request(prepared, prompt, params, priority=priority)
+            ticket = await svc.enqueue(request)  # Service.generate for one request, without its gather
+            try:
+                outcome = await svc.outcome(request, ticket)
+            except BaseException:
+                svc.client.cancel(ticket)
+                raise
         except ApiError as exc:
             return error_row(error_text(exc))
         return self._result(outcome.result)
+
+    def _options(self, question: str | None) -> tuple[str | None, SamplingParams, int]:
+        """(prompt, sampling parameters, priority) of a row: validated as the HTTP API validates a
+        request; computed once for the rows without a question of their own (ApiError)."""
+        if question is None and self._job_options is not None:
+            return self._job_options
+        svc, task = self.svc, self.spec.task
+        body = self.spec.body(question)
+        svc.require(task, f"/{task}")
+        params = svc.sampling_params(body, task)
+        prompt = svc.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
+        options = (prompt, params, body.priority)
+        if question is None:
+            self._job_options = options
+        return options
 
     def _result(self, result: GenerationResult) -> dict[str, Any]:
         out: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason, "error": None}

@@ -273,6 +273,7 @@ async def run(
             finishing.append(asyncio.ensure_future(finish(state)))
 
     reader = _chunks(states, opts.columns)
+    opener = asyncio.ensure_future(_open_on_stop(gate, stop, opts.concurrency))
     try:
         while not stop.is_set():
             item = await asyncio.to_thread(next, reader, None)
@@ -288,7 +289,7 @@ async def run(
                 maybe_finish(state)
                 continue
             for row in chunk:
-                await _acquire(gate, stop)
+                await gate.acquire()  # `opener` lets it through once `stop` is set
                 if stop.is_set():
                     break
                 state.in_flight += 1
@@ -296,6 +297,7 @@ async def run(
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
     finally:  # also on an error (a full disk): what is in flight is still journaled
+        opener.cancel()
         if tasks:
             await asyncio.gather(*tasks)
         await asyncio.gather(*finishing)
@@ -308,20 +310,12 @@ async def run(
     return summary
 
 
-async def _acquire(gate: asyncio.Semaphore, stop: asyncio.Event) -> None:
-    """Take a slot, or return as soon as `stop` is set."""
-    if gate.locked():
-        waiter = asyncio.ensure_future(gate.acquire())
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            return
-        if stop.is_set():
-            gate.release()
-        return
-    await gate.acquire()
+async def _open_on_stop(gate: asyncio.Semaphore, stop: asyncio.Event, slots: int) -> None:
+    """Once `stop` is set, let every waiter on the gate through (each then sees `stop` and stops taking
+    rows): one task for the job, not a second waiter per row."""
+    await stop.wait()
+    for _ in range(slots + 1):
+        gate.release()
 
 
 def _finished(state: ShardState) -> bool:
