@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from batch_data import expected, image_folder, openai_file, parquet_bytes, read_rows, webdataset
-from live import free_port, png_bytes
+from live import free_port, png_bytes, serve_in_thread
 
 from model.engine import Blip2Engine
 from server.batch import backends
 from server.batch.cli import run_batch
 from server.batch.sources import Columns, Shard, ShardError, find_shards
+from server.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,25 @@ def test_several_inputs_are_the_shards_of_one_job(tmp_path, root, capsys) -> Non
         assert read_rows(tmp_path / "several" / name) == read_rows(tmp_path / "folder" / name)
     line = usage_error(flags(root, *tars, str(tmp_path / "nope.tar"), "-o", str(tmp_path / "o")), capsys)
     assert "nope.tar: no such file" in line
+
+
+def test_the_input_folder_is_not_an_output(tmp_path, root, capsys) -> None:
+    """Outputs beside the input files would overwrite them (NAME.parquet) or be read as input next time."""
+    (tmp_path / "pq").mkdir()
+    parquet_bytes(tmp_path / "pq" / "data.parquet")
+    image_folder(tmp_path / "imgs", 1)
+    openai_file(tmp_path / "requests.jsonl", str(root))
+    for source, out in (("pq", "pq"), ("imgs", "imgs"), ("requests.jsonl", "requests.jsonl")):
+        line = usage_error(flags(root, str(tmp_path / source), "-o", str(tmp_path / out)), capsys)
+        assert "--output" in line and "input" in line, line
+    assert (tmp_path / "pq" / "data.parquet").read_bytes()[:4] == b"PAR1"
+
+
+def test_a_server_wanting_a_key_says_so(tmp_path, root, capsys) -> None:
+    image_folder(tmp_path / "imgs", 1)
+    settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread", api_key="sekrit")
+    with serve_in_thread(settings) as url:
+        base = [str(tmp_path / "imgs"), "-o", str(tmp_path / "o"), "--url", url, "--quiet"]
+        assert "the server wants an API key" in usage_error(base, capsys)
+        assert "refused the API key given" in usage_error([*base, "--api-key", "wrong"], capsys)
+        assert run_batch([*base, "--api-key", "sekrit"]) == 0

@@ -285,7 +285,10 @@ class RemoteBackend:
         except httpx.HTTPError as exc:
             raise ApiError(503, f"{where}: {type(exc).__name__}: {exc}") from None
         if r.status_code == 401:
-            raise ApiError(401, f"{where}: the server wants an API key (--api-key)")
+            given = (
+                "refused the API key given" if "authorization" in self.http.headers else "wants an API key"
+            )
+            raise ApiError(401, f"{where}: the server {given} (--api-key, or BLIPSERVE_API_KEY)")
         try:
             model = r.json()["data"][0] if r.status_code == 200 else None
             self.model_id = model["id"]

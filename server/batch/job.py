@@ -142,15 +142,23 @@ def plan(shards: list[Shard], opts: Options, spec: JobSpec) -> tuple[list[ShardS
 
 def check_output(shards: list[Shard], opts: Options) -> None:
     """ValueError naming --output when it cannot hold the outputs: a file where the outputs' folder
-    should be, or a folder where an OpenAI batch output file should be; creates the folder."""
+    should be, a folder where an OpenAI batch output file should be, or the input's own folder (or
+    file); creates the folder."""
     out = opts.output
     if single_file(shards, opts):
         if out.is_dir():
             raise ValueError(f"--output {out}: a folder; an OpenAI batch file's output is a .jsonl file")
+        if out.resolve() == shards[0].path.resolve():
+            raise ValueError(f"--output {out}: the input file itself")
         folder = out.parent
     else:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output {out}: a file, not a folder (the outputs are one file per shard)")
+        inputs = {(s.path if s.kind == "images" else s.path.parent).resolve() for s in shards}
+        if out.resolve() in inputs:  # outputs would overwrite input files, or be read as input next time
+            raise ValueError(
+                f"--output {out}: the input's own folder; give the outputs a folder of their own"
+            )
         folder = out
     try:
         folder.mkdir(parents=True, exist_ok=True)
