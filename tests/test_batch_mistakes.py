@@ -261,3 +261,13 @@ def test_a_server_wanting_a_key_says_so(tmp_path, root, capsys) -> None:
         assert "the server wants an API key" in usage_error(base, capsys)
         assert "refused the API key given" in usage_error([*base, "--api-key", "wrong"], capsys)
         assert run_batch([*base, "--api-key", "sekrit"]) == 0
+
+
+def test_another_shard_size_is_another_job(tmp_path, root, capsys) -> None:
+    """An image folder's shards are its files cut every --shard-size: resuming with another size would
+    skip or repeat files."""
+    image_folder(tmp_path / "imgs", 3)
+    argv = flags(root, str(tmp_path / "imgs"), "-o", str(tmp_path / "out"), "--shard-size", "2")
+    assert run_batch(argv) == 0
+    line = usage_error([*argv, "--shard-size", "1"], capsys)
+    assert "shard_size: 2 then, 1 now" in line

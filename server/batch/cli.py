@@ -230,6 +230,8 @@ def _run_batch(argv: list[str]) -> int:
         job = {"task": spec.task, "prompt": spec.prompt, "question": spec.question, "params": spec.params}
         inputs = [os.path.abspath(p) for p in args.input]
         job.update(columns=vars(columns), format=args.format, input=inputs if len(inputs) > 1 else inputs[0])
+        if shards[0].kind == "images":  # which files make up each shard
+            job["shard_size"] = args.shard_size
         check_job_file(shards, opts, spec, job)
         states, summary = plan(shards, opts, spec)
     except (InputError, ValueError, OSError) as exc:
