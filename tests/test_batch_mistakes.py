@@ -8,10 +8,16 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from batch_data import expected, image_folder, openai_file, parquet_bytes, read_rows, webdataset
+from batch_data import (
+    corrupt_second_row_group,
+    expected,
+    image_folder,
+    openai_file,
+    parquet_bytes,
+    read_rows,
+    webdataset,
+)
 from live import free_port, png_bytes, serve_in_thread
 
 from model.engine import Blip2Engine
@@ -157,18 +163,6 @@ def test_an_unreadable_shard_fails_alone(tmp_path, root, engine, capsys) -> None
     # A rerun skips the good shards without loading the model, and tries the damaged ones again.
     assert run_batch(flags(tmp_path / "no-model", str(tmp_path / "shards"), "-o", str(out))) == 1
     assert "00002.tar: cannot be read" in capsys.readouterr().err
-
-
-def corrupt_second_row_group(path: Path, first: int) -> None:
-    """A parquet file whose footer is sound (it counts its rows) but whose second row group is not:
-    `first` rows without an image (answered without the model), then 3 that cannot be read."""
-    keys = [f"k{i}" for i in range(first + 3)]
-    table = pa.table({"key": keys, "jpg": [b""] * first + [png_bytes(i) for i in range(3)]})
-    pq.write_table(table, path, row_group_size=first, compression="none")
-    column = pq.ParquetFile(path).metadata.row_group(1).column(1)
-    data = bytearray(path.read_bytes())
-    data[column.data_page_offset : column.data_page_offset + 20] = b"\xff" * 20
-    path.write_bytes(bytes(data))
 
 
 def test_a_shard_unreadable_midway_keeps_its_first_rows(tmp_path, root, capsys) -> None:

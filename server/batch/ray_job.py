@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..settings import Settings
 from .backends import JobSpec
 from .job import Options, ShardState, Summary, answer
 from .progress import Progress
-from .sources import Columns, Row, Shard
+from .sources import Columns, Row, Shard, ShardError
 from .store import failed
 
 RAY_BATCH = 32
@@ -131,29 +132,34 @@ def read_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     """A shard's pending rows as Ray rows (runs in a Ray task: files are read there)."""
     shard = Shard(task["name"], task["kind"], Path(task["path"]), [Path(f) for f in task["files"]])
     done = {int(k): v for k, v in json.loads(task["done"]).items()}
-    out = []
-    for row in shard.rows(Columns(**task["columns"]), done):
-        image = row.image
-        if isinstance(image, Path):  # read here, on the node of this task
-            try:
-                image = image.read_bytes()
-            except OSError as exc:
-                row.error = f"image file {str(image)!r} could not be read: {exc.strerror or exc}"
-                image = None
-        request = json.dumps(row.request) if row.request is not None else None
-        out.append(
-            {
-                "shard": task["shard"],
-                "index": row.index,
-                "key": row.key,
-                "image": image if isinstance(image, bytes) else None,
-                "url": image if isinstance(image, str) else None,
-                "question": row.question,
-                "request": request,
-                "error": row.error,
-            }
-        )
+    out: list[dict[str, Any]] = []
+    try:
+        for row in shard.rows(Columns(**task["columns"]), done):
+            out.append(_ray_row(task["shard"], row))
+    except ShardError as exc:  # the rows read so far go on; the driver counts the shard unfinished
+        print(f"blipserve batch: warning: {exc}; the shard is left unfinished", file=sys.stderr, flush=True)
     return out
+
+
+def _ray_row(shard: int, row: Row) -> dict[str, Any]:
+    """A Row as a Ray row (a path read here, on the node of the task)."""
+    image = row.image
+    if isinstance(image, Path):
+        try:
+            image = image.read_bytes()
+        except OSError as exc:
+            row.error = f"image file {str(image)!r} could not be read: {exc.strerror or exc}"
+            image = None
+    return {
+        "shard": shard,
+        "index": row.index,
+        "key": row.key,
+        "image": image if isinstance(image, bytes) else None,
+        "url": image if isinstance(image, str) else None,
+        "question": row.question,
+        "request": json.dumps(row.request) if row.request is not None else None,
+        "error": row.error,
+    }
 
 
 def _tasks(states: list[ShardState], columns: Columns) -> list[dict[str, Any]]:
@@ -248,7 +254,12 @@ def _consume(ds: Any, pending: list[ShardState], summary: Summary, progress: Pro
             if left[int(shard)] == 0:
                 _write(state, summary, *job)
         if stop.is_set():
-            break
+            return
+    for state, rows in zip(pending, left, strict=True):  # a shard that could not be read to its end
+        if rows > 0:
+            summary.unreadable.append(
+                f"{state.shard.path}: {rows} rows not read (the warning above says why)"
+            )
 
 
 def _write(state: ShardState, summary: Summary, spec: JobSpec, model: str) -> None:
