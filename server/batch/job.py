@@ -231,6 +231,65 @@ def _chunks(states: list[ShardState], columns: Columns) -> Iterator[tuple[ShardS
         yield state, [], None
 
 
+class _InFlight:
+    """The rows being answered, at most `opts.concurrency` at a time (`gate`): each journaled as it
+    comes back, and its shard written once its last row is in."""
+
+    def __init__(self, backend: Backend, spec: JobSpec, opts: Options, summary: Summary, stop: asyncio.Event):
+        self.backend, self.spec, self.summary, self.stop = backend, spec, summary, stop
+        self.progress = Progress(opts.progress, summary.rows, summary.skipped)
+        self.gate = asyncio.Semaphore(opts.concurrency)
+        self.tasks: set[asyncio.Task] = set()
+        self.finishing: list[asyncio.Task] = []
+
+    def submit(self, state: ShardState, row: Row) -> None:
+        """Answer `row` (its gate slot taken) in a task of its own."""
+        state.in_flight += 1
+        task = asyncio.ensure_future(self._one(state, row))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _one(self, state: ShardState, row: Row) -> None:
+        try:
+            result = await answer(self.backend, self.spec, row)
+        except Unreachable as exc:  # not the row's fault: stop; a rerun sends it again
+            self.gate.release()
+            state.in_flight -= 1
+            if self.summary.unreachable is None:
+                self.summary.unreachable = str(exc)
+                self.progress.note(
+                    f"blipserve batch: error: {exc}; stopping (rerun the same command to resume)"
+                )
+            self.stop.set()
+            return
+        except Exception as exc:  # a bug must not lose the row: it is an error, redone by --retry-errors
+            result = {"index": row.index, "key": row.key, **error_row(f"internal_error: {exc!r}")}
+        self.gate.release()
+        state.rows[row.index] = result
+        state.store.append(result)
+        state.in_flight -= 1
+        self.summary.answered += 1
+        self.progress.update(not failed(result))
+        self.maybe_finish(state)
+
+    def maybe_finish(self, state: ShardState) -> None:
+        """Write the shard if it is read to its end and every row is in."""
+        if state.read_all and state.in_flight == 0 and len(state.rows) >= state.total:
+            self.finishing.append(asyncio.ensure_future(self._finish(state)))
+
+    async def _finish(self, state: ShardState) -> None:
+        info = {"input": str(state.shard.path), "model": self.backend.model_id, "task": self.spec.task}
+        stats = await asyncio.to_thread(state.store.finish, state.rows, state.total, info)
+        self.summary.shards_done += 1
+        self.summary.errors += stats["errors"]
+
+    async def drain(self) -> None:
+        """Wait for the rows in flight and the shards being written."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
+        await asyncio.gather(*self.finishing)
+
+
 async def run(
     backend: Backend,
     spec: JobSpec,
@@ -241,47 +300,9 @@ async def run(
 ) -> Summary:
     """Answer every pending row; write each shard once complete. Returns the summary (also on `stop`)."""
     start = time.monotonic()
-    progress = Progress(opts.progress, summary.rows, summary.skipped)
-    gate = asyncio.Semaphore(opts.concurrency)
-    tasks: set[asyncio.Task] = set()
-    finishing: list[asyncio.Task] = []
-
-    async def one(state: ShardState, row: Row) -> None:
-        try:
-            result = await answer(backend, spec, row)
-        except Unreachable as exc:  # not the row's fault: stop; a rerun sends it again
-            gate.release()
-            state.in_flight -= 1
-            if summary.unreachable is None:
-                summary.unreachable = str(exc)
-                progress.note(f"blipserve batch: error: {exc}; stopping (rerun the same command to resume)")
-            stop.set()
-            return
-        except Exception as exc:  # a bug must not lose the row: it is an error, redone by --retry-errors
-            result = {"index": row.index, "key": row.key, **error_row(f"internal_error: {exc!r}")}
-            gate.release()
-        else:
-            gate.release()
-        state.rows[row.index] = result
-        state.store.append(result)
-        state.in_flight -= 1
-        bad = failed(result)
-        summary.answered += 1
-        progress.update(not bad)
-        maybe_finish(state)
-
-    async def finish(state: ShardState) -> None:
-        info = {"input": str(state.shard.path), "model": backend.model_id, "task": spec.task}
-        stats = await asyncio.to_thread(state.store.finish, state.rows, state.total, info)
-        summary.shards_done += 1
-        summary.errors += stats["errors"]
-
-    def maybe_finish(state: ShardState) -> None:
-        if state.read_all and state.in_flight == 0 and len(state.rows) >= state.total:
-            finishing.append(asyncio.ensure_future(finish(state)))
-
+    rows = _InFlight(backend, spec, opts, summary, stop)
     reader = _chunks(states, opts.columns)
-    opener = asyncio.ensure_future(_open_on_stop(gate, stop, opts.concurrency))
+    opener = asyncio.ensure_future(_open_on_stop(rows.gate, stop, opts.concurrency))
     try:
         while not stop.is_set():
             item = await asyncio.to_thread(next, reader, None)
@@ -290,31 +311,26 @@ async def run(
             state, chunk, unreadable = item
             if unreadable is not None:
                 summary.unreadable.append(unreadable)
-                progress.note(f"blipserve batch: warning: {unreadable}; the shard is left unfinished")
+                rows.progress.note(f"blipserve batch: warning: {unreadable}; the shard is left unfinished")
                 continue
             if not chunk:
                 state.read_all = True
-                maybe_finish(state)
+                rows.maybe_finish(state)
                 continue
             for row in chunk:
-                await gate.acquire()  # `opener` lets it through once `stop` is set
+                await rows.gate.acquire()  # `opener` lets it through once `stop` is set
                 if stop.is_set():
                     break
-                state.in_flight += 1
-                task = asyncio.ensure_future(one(state, row))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                rows.submit(state, row)
     finally:  # also on an error (a full disk): what is in flight is still journaled
         opener.cancel()
-        if tasks:
-            await asyncio.gather(*tasks)
-        await asyncio.gather(*finishing)
+        await rows.drain()
         for state in states:
             state.store.close()
     summary.interrupted = stop.is_set() and summary.shards_done < summary.shards
     summary.seconds = time.monotonic() - start
     summary.errors += sum(failed(r) for s in states if not _finished(s) for r in s.rows.values())
-    progress.close(summary.line(opts.output))
+    rows.progress.close(summary.line(opts.output))
     return summary
 
 
