@@ -129,3 +129,15 @@ def read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def corrupt_second_row_group(path: Path, first: int) -> None:
+    """A parquet file whose footer is sound (it counts its rows) but whose second row group is not:
+    `first` rows without an image (answered without the model), then 3 that cannot be read."""
+    keys = [f"k{i}" for i in range(first + 3)]
+    table = pa.table({"key": keys, "jpg": [b""] * first + [png_bytes(i) for i in range(3)]})
+    pq.write_table(table, path, row_group_size=first, compression="none")
+    column = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 20] = b"\xff" * 20
+    path.write_bytes(bytes(data))

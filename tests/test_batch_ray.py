@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from batch_data import CORRUPT, expected, parquet_paths, read_rows, webdataset
+from batch_data import CORRUPT, corrupt_second_row_group, expected, parquet_paths, read_rows, webdataset
 from live import png_bytes
 from PIL import Image
 
 from model.engine import Blip2Engine
 from server.batch.cli import run_batch
-from server.batch.ray_job import Captioner
+from server.batch.ray_job import Captioner, read_task
 
 ray = pytest.importorskip("ray")
 
@@ -86,3 +86,15 @@ def test_ray_mode_equals_local_mode_and_resumes(tmp_path, root) -> None:
                 rows_b[1]["text"] = rows_a[1]["text"]
             assert rows_a == rows_b, a.name
     assert not list((tmp_path / "ray-wds").glob("*.progress.jsonl"))
+
+
+def test_a_read_task_keeps_the_rows_before_a_damaged_part(tmp_path, capsys) -> None:
+    """A parquet file unreadable midway: the Ray read task gives the rows before it and a warning; the
+    driver then counts the shard unfinished (its rows are short)."""
+    path = tmp_path / "data.parquet"
+    corrupt_second_row_group(path, 256)
+    task = {"shard": 0, "name": "data", "kind": "parquet", "path": str(path), "files": [], "done": "{}",
+            "columns": {"image": None, "key": None, "question": None}}  # fmt: skip
+    rows = read_task(task)
+    assert [r["index"] for r in rows] == list(range(256))
+    assert "cannot be read after row 255" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,8 +13,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from batch_data import openai_file, parquet_paths, read_rows, webdataset
-from live import b64, png_bytes, serve_in_thread
+from batch_data import image_folder, openai_file, parquet_paths, read_rows, webdataset
+from live import b64, png_bytes, serve_in_process, serve_in_thread
 from test_batching import FakeRequest, FakeRunner, drive
 
 from batching import Scheduler
@@ -166,3 +168,41 @@ def essence(line: dict) -> tuple:
         or [c["message"]["content"] for c in body.get("choices", [])]
     )
     return line["custom_id"], response.get("status_code"), str(texts or body.get("error")), line["error"]
+
+
+def kill_after_a_shard(proc, out: Path, timeout: float = 180) -> threading.Thread:
+    """Kill the server once the job has written its first shard (others are left)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not list(out.glob("*.stats.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow  # two server processes (10-20 s each to start on a busy 2-core machine)
+def test_server_gone_mid_job_stops_with_3_and_a_rerun_completes(tmp_path, root, capsys) -> None:
+    """A server that goes away is not the rows' fault: the job stops (exit 3) without recording them as
+    errors, and the same command against a server again finishes it as an uninterrupted run would."""
+    image_folder(tmp_path / "imgs", 24)
+    job = [str(tmp_path / "imgs"), "--max-new-tokens", "30", "--shard-size", "8", "--quiet"]
+    assert run_batch([*job, "-o", str(tmp_path / "local"), *model_flags(root)]) == 0
+    server = ["--model", str(root), "--device", "cpu", "--dtype", "float32", "--max-running-seqs", "2"]
+    out = tmp_path / "url"
+    remote = [*job, "-o", str(out), "--concurrency", "2", "--retries", "0"]
+    with serve_in_process(*server) as (url, proc):
+        watcher = kill_after_a_shard(proc, out)
+        assert run_batch([*remote, "--url", url]) == 3
+        watcher.join()
+    assert "no answer after 0 retries" in capsys.readouterr().err  # one line says why it stopped
+    written = [r for p in out.glob("*.progress.jsonl") for r in read_rows(p)]
+    written += [r for p in out.glob("*.parquet") for r in read_rows(p)]
+    assert 8 <= len(written) < 24 and all(r["error"] is None for r in written)
+    with serve_in_process(*server) as (url, _):
+        assert run_batch([*remote, "--url", url]) == 0
+    for local in sorted((tmp_path / "local").glob("*.parquet")):
+        assert read_rows(local) == read_rows(out / local.name), local.name

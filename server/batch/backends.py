@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
 from model.data.image import to_rgb
+from model.decoding.generation import SamplingParams
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
@@ -34,7 +37,13 @@ from ..schemas import CaptionRequest, VQARequest
 from ..settings import Settings
 from .sources import Row
 
+RETRY_STATUS = (429, 502, 503)  # queue full; a load balancer's server restarting; server not ready
 BATCH_PRIORITY = -10  # below the default 0 of online traffic: a batch job fills idle capacity
+
+
+class Unreachable(Exception):
+    """The server (--url) could not be reached, or stayed full or unavailable, through every retry: not
+    the row's fault. The job stops as on SIGTERM, without recording the row (a rerun sends it again)."""
 
 
 @dataclass
@@ -67,12 +76,26 @@ class JobSpec:
             raise invalid(exc.errors()) from None
 
 
+def torch_threads(settings: Settings) -> int:
+    """torch CPU threads for a job with the model in this process: `engine_threads`, else the cores less
+    one (the image pool decodes on it), as the engine process takes the cores its HTTP processes leave.
+    torch's own default (every core) makes the engine's OpenMP team spin against the image threads."""
+    return settings.engine_threads or max(1, (os.cpu_count() or 1) - 1)
+
+
 def error_text(exc: ApiError) -> str:
     return f"{TYPES.get(exc.status, 'error')}: {exc.message}"
 
 
 def error_row(message: str) -> dict[str, Any]:
-    return {"text": None, "finish_reason": None, "error": message}
+    """A failed row: the same fields as an answered one (null), and why."""
+    return {
+        "text": None,
+        "finish_reason": None,
+        "error": message,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+    }
 
 
 def read_file(path: Path) -> bytes:
@@ -113,17 +136,21 @@ class LocalBackend:
         self.spec = spec
         self.svc = build_service(settings)
         self.http: httpx.AsyncClient | None = None
+        self._job_options: tuple[str | None, SamplingParams, int] | None = None
 
     @property
     def model_id(self) -> str:
         return self.svc.engine.model_id
 
-    async def start(self) -> None:
+    async def start(self, check: bool = True) -> None:
+        """Start the engine; with `check`, the job's options against the model (ApiError: see `check`)."""
         from ..app import create_app
         from .engines import start_service
 
         await start_service(self.svc)
         await self.svc.warm_up()
+        if check:
+            self.check()
         app = create_app(self.settings, self.svc)
         app.state.service = self.svc  # the lifespan that would set it does not run in process
         self.http = httpx.AsyncClient(
@@ -136,6 +163,20 @@ class LocalBackend:
         from .engines import stop_service
 
         await stop_service(self.svc)
+
+    def check(self) -> None:
+        """The task, generation options and prompt as every row meets them (the question: --question, or
+        "?" when rows carry theirs): a model that does not serve the task, an option past this server's
+        limits or a prompt too long is one ApiError here, not the same error on every row."""
+        svc, spec = self.svc, self.spec
+        body = spec.body(spec.question or "?")
+        svc.require(spec.task, f"--task {spec.task}")
+        params = svc.sampling_params(body, spec.task)
+        prompt = (
+            svc.vqa_template.format(question=body.question.strip()) if spec.task == "vqa" else body.prompt
+        )
+        side = svc.engine.image_processor
+        svc.make_request(Prepared(torch.zeros(3, side.height, side.width), "check"), prompt, params)
 
     def _prepare(self, image: bytes | Path | np.ndarray) -> Prepared:
         """Read (a file) and decode one image: runs in the service's image pool. A uint8 [H, W, 3] array
@@ -166,22 +207,38 @@ class LocalBackend:
         """text, finish_reason, error, usage (and choices) of one dataset row."""
         svc = self.svc
         try:
-            body = self.spec.body(row.question)
-            task = self.spec.task
-            svc.require(task, f"/{task}")
-            params = svc.sampling_params(body, task)
+            prompt, params, priority = self._options(row.question)
             image = (
                 await fetch_url(row.image, self.settings, svc.is_public)
                 if isinstance(row.image, str)
                 else row.image
             )
             prepared = await asyncio.get_running_loop().run_in_executor(svc.images, self._prepare, image)
-            prompt = svc.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
-            request = svc.make_request(prepared, prompt, params, priority=body.priority)
-            outcome = (await svc.generate([request]))[0]
+            request = svc.make_request(prepared, prompt, params, priority=priority)
+            ticket = await svc.enqueue(request)  # Service.generate for one request, without its gather
+            try:
+                outcome = await svc.outcome(request, ticket)
+            except BaseException:
+                svc.client.cancel(ticket)
+                raise
         except ApiError as exc:
             return error_row(error_text(exc))
         return self._result(outcome.result)
+
+    def _options(self, question: str | None) -> tuple[str | None, SamplingParams, int]:
+        """(prompt, sampling parameters, priority) of a row: validated as the HTTP API validates a
+        request; computed once for the rows without a question of their own (ApiError)."""
+        if question is None and self._job_options is not None:
+            return self._job_options
+        svc, task = self.svc, self.spec.task
+        body = self.spec.body(question)
+        svc.require(task, f"/{task}")
+        params = svc.sampling_params(body, task)
+        prompt = svc.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
+        options = (prompt, params, body.priority)
+        if question is None:
+            self._job_options = options
+        return options
 
     def _result(self, result: GenerationResult) -> dict[str, Any]:
         out: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason, "error": None}
@@ -196,9 +253,24 @@ class LocalBackend:
         return r.status_code, r.json(), r.headers.get("x-request-id")
 
 
+def check_limits(model: dict[str, Any], spec: JobSpec, where: str) -> None:
+    """The job's task and options against what a server's `/v1/models` entry reports (`tasks`,
+    `limits`); ApiError naming the option. The server checks each request again."""
+    tasks = model.get("tasks") or []
+    if tasks and spec.task not in tasks:
+        raise ApiError(
+            400, f"--task {spec.task}: {where} serves {model['id']}, which does {', '.join(tasks)}"
+        )
+    limits = model.get("limits") or {}
+    for option, limit in (("max_new_tokens", "max_new_tokens"), ("num_beams", "max_beams"), ("n", "max_n")):
+        value, cap = spec.params.get(option), limits.get(limit)
+        if value is not None and cap is not None and value > cap:
+            raise ApiError(422, f"{option}: at most {cap} on {where}")
+
+
 class RemoteBackend:
-    """A running server at `url`: `concurrency` requests in flight, 429 / 503 / connection errors
-    retried up to `retries` times with exponential backoff (honouring Retry-After)."""
+    """A running server at `url`: `concurrency` requests in flight, 429 / 502 / 503 / connection errors
+    retried up to `retries` times with exponential backoff (honouring Retry-After), then Unreachable."""
 
     def __init__(self, url: str, settings: Settings, spec: JobSpec, retries: int = 8, timeout_s: float = 600):
         self.settings = settings
@@ -209,28 +281,54 @@ class RemoteBackend:
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.model_id = url
 
-    async def start(self) -> None:
-        r = await self._send("GET", "/v1/models")
-        if r.status_code != 200:
-            raise ApiError(503, f"{self.http.base_url}: /v1/models answered HTTP {r.status_code}")
-        self.model_id = r.json()["data"][0]["id"]
+    async def start(self, check: bool = True) -> None:
+        """Reach the server (a few retries); with `check`, the job's task and options against the limits
+        it reports. ApiError, in one line, when it cannot be reached, is not a blipserve server or
+        refuses the options."""
+        where = f"--url {self.http.base_url}"
+        try:
+            r = await self._send("GET", "/v1/models", retries=min(self.retries, 2))
+        except Unreachable as exc:
+            raise ApiError(503, f"cannot reach the server: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"{where}: {type(exc).__name__}: {exc}") from None
+        if r.status_code == 401:
+            given = (
+                "refused the API key given" if "authorization" in self.http.headers else "wants an API key"
+            )
+            raise ApiError(401, f"{where}: the server {given} (--api-key, or BLIPSERVE_API_KEY)")
+        try:
+            model = r.json()["data"][0] if r.status_code == 200 else None
+            self.model_id = model["id"]
+        except (ValueError, LookupError, TypeError):
+            raise ApiError(
+                502, f"{where}: GET /v1/models answered HTTP {r.status_code}, not a blipserve model list"
+            ) from None
+        if check:
+            check_limits(model, self.spec, where)
 
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, retries: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """The response; Unreachable once `retries` retries of a lost connection or a 429 / 502 / 503
+        (honouring Retry-After; else 0.5 s doubling up to 30 s) have failed."""
+        retries = self.retries if retries is None else retries
         delay = 0.5
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 r = await self.http.request(method, path, **kwargs)
-                if r.status_code not in (429, 503) or attempt == self.retries:
+                if r.status_code not in RETRY_STATUS:
                     return r
                 after = r.headers.get("retry-after", "")
                 wait = float(after) if after.replace(".", "", 1).isdigit() else delay
-            except httpx.TransportError:
-                if attempt == self.retries:
-                    raise
-                wait = delay
+                why = f"HTTP {r.status_code}"
+            except httpx.TransportError as exc:
+                wait, why = delay, f"{type(exc).__name__}: {exc}"
+            if attempt == retries:
+                raise Unreachable(f"--url {self.http.base_url}: no answer after {retries} retries ({why})")
             await asyncio.sleep(min(wait, 30.0) * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
@@ -252,9 +350,12 @@ class RemoteBackend:
             r = await self._send("POST", f"/{self.spec.task}", files={"image": ("image", data)}, data=form)
         except ApiError as exc:
             return error_row(error_text(exc))
-        except httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:  # not a transport error (those are retried): e.g. a bad redirect
             return error_row(f"unavailable: {type(exc).__name__}: {exc}")
-        reply = r.json()
+        try:
+            reply = r.json()
+        except ValueError:  # not the server's JSON (a proxy's error page)
+            return error_row(f"{TYPES.get(r.status_code, r.status_code)}: HTTP {r.status_code}, not JSON")
         if r.status_code != 200:
             error = reply.get("error", {}) if isinstance(reply, dict) else {}
             return error_row(f"{error.get('type', r.status_code)}: {error.get('message', reply)}")
@@ -271,4 +372,8 @@ class RemoteBackend:
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any, str | None]:
         r = await self._send("POST", url, json=body)
-        return r.status_code, r.json(), r.headers.get("x-request-id")
+        try:
+            reply = r.json()
+        except ValueError:  # not the server's JSON (a proxy's error page)
+            reply = {"error": {"type": TYPES.get(r.status_code, "error"), "message": f"HTTP {r.status_code}"}}
+        return r.status_code, reply, r.headers.get("x-request-id")

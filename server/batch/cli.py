@@ -2,8 +2,10 @@
 
 Exit status: 0 every row answered (or stopped by SIGTERM / Ctrl-C after writing the rows in flight: rerun
 the same command to resume); 1 the job finished and some rows failed (their `error` says why;
-`--retry-errors` redoes them); 2 the command line, the input, the output folder or the model is wrong
-(nothing was answered).
+`--retry-errors` redoes them) or some shard files could not be read (named on stderr; a rerun tries them
+again); 2 the command line, the input, the output folder or the model is wrong (nothing was answered),
+or the outputs could not be written; 3 the server of `--url` could not be reached through every retry
+(the job stopped as on SIGTERM: rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -25,8 +30,8 @@ from ..schemas import GenerationParams
 from ..settings import Settings, load_settings
 from ..startup import StartupError, check, describe_settings_error
 from .backends import BATCH_PRIORITY, JobSpec
-from .job import Options, Summary, check_job_file, plan, run
-from .sources import Columns, InputError, find_shards
+from .job import Options, Summary, check_job_file, check_output, plan, run
+from .sources import Columns, InputError, check_columns, find_shards
 
 log = logging.getLogger("blipserve")
 
@@ -40,6 +45,7 @@ SETTINGS = (
     "api_key", "log_level", "data_parallel_size", "devices", "dp_routing",
 )  # fmt: skip
 SHORT_FLAGS = {"data_parallel_size": ("--dp",)}  # as the server's
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BATCH_TIMEOUT_S = 3600.0  # request_timeout_s unless given: a row may wait behind a whole engine's batch
 
 EXAMPLES = """examples:
@@ -58,6 +64,31 @@ EXAMPLES = """examples:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(blipserve batch --help lists every option)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low` (argparse turns the ValueError into one usage line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    return parse
+
+
+def _http_url(text: str) -> str:
+    """argparse type: an http(s)://host[:port] base URL."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected http://HOST:PORT or https://HOST (a server's URL)"
+        )
+    return text
 
 
 def _add_model_flags(ap: argparse.ArgumentParser, fields: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -90,7 +121,10 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "input", help="image folder, .tar shard(s) or brace pattern, .parquet file(s), OpenAI .jsonl"
+        "input",
+        nargs="+",
+        help="image folder, .tar shard(s) or brace pattern, .parquet file(s), OpenAI .jsonl; several files "
+        "(shards/*.tar, as the shell expands it) are the shards of one job",
     )
     ap.add_argument(
         "-o", "--output", required=True, type=Path, help="output folder (or .jsonl for one OpenAI batch file)"
@@ -109,22 +143,32 @@ def parser() -> argparse.ArgumentParser:
         "--key-column", help="parquet: the rows' key (default: 'key' if present, else the row number)"
     )
     ap.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="dataset output files")
-    ap.add_argument("--shard-size", type=int, default=10_000, help="image folders: images per output shard")
     ap.add_argument(
-        "--concurrency", type=int, help="rows in flight (default: 2 x --max-running-seqs; --url: 16)"
+        "--shard-size", type=_at_least(1), default=10_000, help="image folders: images per output shard"
+    )
+    ap.add_argument(
+        "--concurrency", type=_at_least(1), help="rows in flight (default: 2 x --max-running-seqs; --url: 16)"
     )
     ap.add_argument("--retry-errors", action="store_true", help="redo the rows that failed in earlier runs")
     ap.add_argument(
-        "--progress", choices=("bar", "plain", "none"), default="bar", help="plain: a line every 5 s"
+        "--progress",
+        choices=("bar", "plain", "none"),
+        help="bar (default on a terminal), plain (a line every 5 s; default when stderr is a file or pipe)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress, no summary (= --progress none)")
-    ap.add_argument("--url", help="send the rows to a running server instead of loading the model here")
-    ap.add_argument("--retries", type=int, default=8, help="--url: retries of a 429 / 503 / lost connection")
+    ap.add_argument(
+        "--url", type=_http_url, help="send the rows to a running server instead of loading the model here"
+    )
+    ap.add_argument(
+        "--retries", type=_at_least(0), default=8, help="--url: retries of a 429 / 503 / lost connection"
+    )
     ap.add_argument(
         "--priority", type=int, default=BATCH_PRIORITY, help="request priority (lower runs later)"
     )
     ap.add_argument("--ray", metavar="auto|ADDRESS", help="run as a Ray Data pipeline on this Ray cluster")
-    ap.add_argument("--ray-actors", type=int, help="--ray: engines (default: the cluster's GPUs, else 1)")
+    ap.add_argument(
+        "--ray-actors", type=_at_least(1), help="--ray: engines (default: the cluster's GPUs, else 1)"
+    )
     ap.add_argument("--config", help="preset name in configs/ (e.g. blip2-opt-2.7b) or a YAML file")
     _add_model_flags(ap, Settings.model_fields, SETTINGS)
     params = tuple(n for n in GenerationParams.model_fields if n not in ("stream", "stop"))
@@ -158,7 +202,7 @@ def spec_and_settings(args: argparse.Namespace, ap: argparse.ArgumentParser) -> 
     if args.task == "vqa" and not (args.question or args.question_column):
         ap.error("--task vqa needs --question or --question-column")
     if args.task == "caption" and (args.question or args.question_column):
-        ap.error("--question is for --task vqa")
+        ap.error(f"{'--question' if args.question else '--question-column'} is for --task vqa")
     spec = JobSpec(args.task, args.prompt, args.question, params, args.priority)
     try:
         spec.body(args.question or "?")  # the generation options, checked as the HTTP API checks them
@@ -168,7 +212,20 @@ def spec_and_settings(args: argparse.Namespace, ap: argparse.ArgumentParser) -> 
 
 
 def run_batch(argv: list[str]) -> int:
-    """`blipserve batch ...`; returns the exit status (see the module docstring)."""
+    """`blipserve batch ...`; returns the exit status (see the module docstring). Until the job runs
+    (and after), SIGTERM / SIGINT exit 0 at once, in one line: there is nothing to save."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _run_batch(argv)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    _stop_at_once()
+    try:
+        return _run_batch(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_batch(argv: list[str]) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     spec, settings = spec_and_settings(args, ap)
@@ -178,48 +235,89 @@ def run_batch(argv: list[str]) -> int:
     engines = settings.data_parallel_size  # --max-running-seqs is per engine
     concurrency = args.concurrency or (16 if args.url else 2 * settings.max_running_seqs * engines)
     settings = settings.model_copy(update={"max_queue": max(settings.max_queue, concurrency)})
-    progress = "none" if args.quiet else args.progress
+    progress = "none" if args.quiet else args.progress or ("bar" if sys.stderr.isatty() else "plain")
     opts = Options(args.output, args.format, columns, concurrency, args.retry_errors, progress)
     try:
-        shards = find_shards(args.input, args.shard_size)
+        shards = find_shards(args.input if len(args.input) > 1 else args.input[0], args.shard_size)
+        check_columns(shards, columns)
+        check_output(shards, opts)
         job = {"task": spec.task, "prompt": spec.prompt, "question": spec.question, "params": spec.params}
-        job.update(columns=vars(columns), format=args.format, input=os.path.abspath(args.input))
-        single = opts.output.suffix == ".jsonl" and len(shards) == 1 and shards[0].kind == "openai"
-        check_job_file(opts.output.parent if single else opts.output, job)
+        inputs = [os.path.abspath(p) for p in args.input]
+        job.update(columns=vars(columns), format=args.format, input=inputs if len(inputs) > 1 else inputs[0])
+        if shards[0].kind == "images":  # which files make up each shard
+            job["shard_size"] = args.shard_size
+        check_job_file(shards, opts, spec, job)
         states, summary = plan(shards, opts, spec)
     except (InputError, ValueError, OSError) as exc:
         ap.error(str(exc))
-    if args.ray:
-        from .ray_job import run_ray
+    if not states:  # every shard finished (or unreadable): no model to load
+        if progress != "none":
+            print(summary.line(opts.output), file=sys.stderr)
+        return summary.status
+    try:
+        if args.ray:
+            from .ray_job import run_ray
 
-        summary = run_ray(args.ray, args.ray_actors, settings, spec, opts, states, summary)
-    else:
-        try:
+            summary = run_ray(args.ray, args.ray_actors, settings, spec, opts, states, summary)
+        else:
             summary = asyncio.run(_run_here(args.url, args.retries, settings, spec, opts, states, summary))
-        except (StartupError, ApiError) as exc:
-            ap.error(str(exc))
-        except InputError as exc:
-            print(f"blipserve batch: error: {exc}", file=sys.stderr)
-            return 2
-    return 0 if summary.interrupted or summary.errors == 0 else 1
+    except (StartupError, ApiError) as exc:
+        ap.error(str(exc))
+    except (InputError, OSError) as exc:  # a shard changed under the job, or the outputs cannot be written
+        print(f"blipserve batch: error: {exc}", file=sys.stderr)
+        return 2
+    return summary.status
+
+
+def _stop_at_once() -> None:
+    """SIGTERM / SIGINT outside the job (loading, starting, stopping): exit 0 at once, in one line."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(sig: int, frame: Any) -> None:
+        name = signal.Signals(sig).name
+        print(f"blipserve batch: {name}: stopped (no row in flight; rerun the same command)", file=sys.stderr)
+        os._exit(0)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handle)
 
 
 async def _run_here(url: str | None, retries: int, settings: Settings, spec: JobSpec, opts: Options,
                     states: list, summary: Summary) -> Summary:  # fmt: skip
     """The job with the model in this process, or against the server at `url`."""
-    from .backends import LocalBackend, RemoteBackend
+    from .backends import LocalBackend, RemoteBackend, torch_threads
 
     stop = asyncio.Event()
-    _on_signals(stop)  # first: a signal while --dp engines start stops the job, which stops them
+    main = threading.current_thread() is threading.main_thread()
+    # With --dp, first: a signal while the engines start stops the job, which stops them.
+    early = main and not url and settings.data_parallel_size > 1
+    if early:
+        _on_signals(stop)
     if url:
         backend: Any = RemoteBackend(url, settings, spec, retries)
     else:
+        import torch
+
         check(settings)
-        backend = await asyncio.to_thread(LocalBackend, settings, spec)
+        torch.set_num_threads(torch_threads(settings))
+        try:
+            backend = await asyncio.to_thread(LocalBackend, settings, spec)
+        except Exception as exc:  # the model would not load: one line, as the server says it
+            raise StartupError(f"cannot load {settings.model}: {type(exc).__name__}: {exc}") from None
     try:
-        await backend.start()
+        # The task and generation options against the model and its limits (an OpenAI batch file's
+        # lines carry their own, checked each by the routes).
+        await backend.start(check=any(state.shard.kind != "openai" for state in states))
+        if main and not early:
+            _on_signals(stop)
         return await run(backend, spec, opts, states, summary, stop)
     finally:
+        if main:
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:  # else asyncio.run's end would put back Python's KeyboardInterrupt
+                loop.remove_signal_handler(sig)
+            _stop_at_once()
         await backend.close()
 
 
@@ -233,5 +331,5 @@ def _on_signals(stop: asyncio.Event) -> None:
         print(f"blipserve batch: {signal.Signals(sig).name}: finishing the rows in flight", file=sys.stderr)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, handle, sig)

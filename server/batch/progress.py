@@ -54,6 +54,13 @@ class Progress:
             self._last_line = time.monotonic()
             self._line()
 
+    def note(self, message: str) -> None:
+        """A line on the stream in every mode (above the bar, which tqdm redraws below it)."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
     def _line(self) -> None:
         rate = self.rate
         left = (self.total - self.done) / rate if rate > 0 else 0.0

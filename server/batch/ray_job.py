@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..settings import Settings
 from .backends import JobSpec
 from .job import Options, ShardState, Summary, answer
 from .progress import Progress
-from .sources import Columns, Row, Shard
+from .sources import Columns, Row, Shard, ShardError
 from .store import failed
 
 RAY_BATCH = 32
@@ -50,10 +51,18 @@ class Captioner:
     JSON: usage, choices when asked) and the input's other columns (`shard`, `index`, ...) as given.
 
     `settings`: the server's settings (a dict: model, device, dtype, limits...); keyword arguments
-    are merged into it. `spec`: the task (`task`, `prompt`, `question`, `params`, `priority`).
+    are merged into it. `spec`: the task (`task`, `prompt`, `question`, `params`, `priority`), checked
+    against the model when the actor starts unless `check_spec` is False (rows that are OpenAI batch
+    lines carry their own).
     """
 
-    def __init__(self, settings: dict | None = None, spec: dict | None = None, **settings_kwargs: Any):
+    def __init__(
+        self,
+        settings: dict | None = None,
+        spec: dict | None = None,
+        check_spec: bool = True,
+        **settings_kwargs: Any,
+    ):
         from .backends import LocalBackend
 
         merged = {**(settings or {}), **settings_kwargs}
@@ -62,7 +71,7 @@ class Captioner:
         self._thread = threading.Thread(target=self._loop.run_forever, name="captioner-loop", daemon=True)
         self._thread.start()
         self.backend = LocalBackend(Settings(**merged), self.spec)
-        self._run(self.backend.start())
+        self._run(self.backend.start(check=check_spec))
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -123,29 +132,34 @@ def read_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     """A shard's pending rows as Ray rows (runs in a Ray task: files are read there)."""
     shard = Shard(task["name"], task["kind"], Path(task["path"]), [Path(f) for f in task["files"]])
     done = {int(k): v for k, v in json.loads(task["done"]).items()}
-    out = []
-    for row in shard.rows(Columns(**task["columns"]), done):
-        image = row.image
-        if isinstance(image, Path):  # read here, on the node of this task
-            try:
-                image = image.read_bytes()
-            except OSError as exc:
-                row.error = f"image file {str(image)!r} could not be read: {exc.strerror or exc}"
-                image = None
-        request = json.dumps(row.request) if row.request is not None else None
-        out.append(
-            {
-                "shard": task["shard"],
-                "index": row.index,
-                "key": row.key,
-                "image": image if isinstance(image, bytes) else None,
-                "url": image if isinstance(image, str) else None,
-                "question": row.question,
-                "request": request,
-                "error": row.error,
-            }
-        )
+    out: list[dict[str, Any]] = []
+    try:
+        for row in shard.rows(Columns(**task["columns"]), done):
+            out.append(_ray_row(task["shard"], row))
+    except ShardError as exc:  # the rows read so far go on; the driver counts the shard unfinished
+        print(f"blipserve batch: warning: {exc}; the shard is left unfinished", file=sys.stderr, flush=True)
     return out
+
+
+def _ray_row(shard: int, row: Row) -> dict[str, Any]:
+    """A Row as a Ray row (a path read here, on the node of the task)."""
+    image = row.image
+    if isinstance(image, Path):
+        try:
+            image = image.read_bytes()
+        except OSError as exc:
+            row.error = f"image file {str(image)!r} could not be read: {exc.strerror or exc}"
+            image = None
+    return {
+        "shard": shard,
+        "index": row.index,
+        "key": row.key,
+        "image": image if isinstance(image, bytes) else None,
+        "url": image if isinstance(image, str) else None,
+        "question": row.question,
+        "request": json.dumps(row.request) if row.request is not None else None,
+        "error": row.error,
+    }
 
 
 def _tasks(states: list[ShardState], columns: Columns) -> list[dict[str, Any]]:
@@ -186,6 +200,7 @@ def run_ray(
         "settings": settings.model_copy(update={"device": device}).model_dump(mode="json"),
         "spec": {"task": spec.task, "prompt": spec.prompt, "question": spec.question, "params": spec.params,
                  "priority": spec.priority},
+        "check_spec": any(s.shard.kind != "openai" for s in states),
     }  # fmt: skip
     if settings.api_key is not None:
         kwargs["settings"]["api_key"] = settings.api_key.get_secret_value()
@@ -239,7 +254,12 @@ def _consume(ds: Any, pending: list[ShardState], summary: Summary, progress: Pro
             if left[int(shard)] == 0:
                 _write(state, summary, *job)
         if stop.is_set():
-            break
+            return
+    for state, rows in zip(pending, left, strict=True):  # a shard that could not be read to its end
+        if rows > 0:
+            summary.unreadable.append(
+                f"{state.shard.path}: {rows} rows not read (the warning above says why)"
+            )
 
 
 def _write(state: ShardState, summary: Summary, spec: JobSpec, model: str) -> None:

@@ -9,7 +9,10 @@
   Hugging Face image struct `{bytes, path}`) or a path / URL column;
 - an OpenAI batch JSONL file: `{"custom_id", "method", "url", "body"}` per line.
 
-A row is identified by its shard and its index in it (`Row.index`); its key is what the output names.
+Hidden files and folders (a name starting with "."; macOS's `._photo.jpg` companions among them) are
+not input. A row is identified by its shard and its index in it (`Row.index`); its key is what the
+output names. A shard file that cannot be read (truncated, corrupt) is a `ShardError`: that shard fails,
+the others go on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ OPENAI_URLS = ("/v1/chat/completions", "/caption", "/vqa")
 
 class InputError(ValueError):
     """The input cannot be read as any of the supported kinds (the message says why)."""
+
+
+class ShardError(Exception):
+    """One shard file cannot be read (truncated, corrupt, unreadable, or changed since the last run):
+    that shard is left unfinished (a rerun tries it again) and the job goes on with the others."""
+
+
+# What reading a damaged tar, parquet or JSONL file raises (pyarrow's: OSError, ValueError such as
+# ArrowInvalid, NotImplementedError for an encoding it does not read).
+_READ_ERRORS = (OSError, EOFError, ValueError, NotImplementedError, tarfile.TarError)
 
 
 @dataclass
@@ -65,33 +78,65 @@ class Shard:
     path: Path  # the tar / parquet / JSONL file, or the image folder
     files: list[Path] = field(default_factory=list)  # kind images: this shard's files
 
-    def count(self) -> int:
-        """Rows in the shard (reads only headers / metadata)."""
+    def count(self, columns: Columns | None = None) -> int:
+        """Rows in the shard (reads only headers / metadata). InputError when a parquet file lacks
+        the columns asked for (`columns`); ShardError when the file cannot be read."""
         if self.kind == "images":
             return len(self.files)
-        if self.kind == "tar":
-            return len(_tar_samples(self.path))
-        if self.kind == "parquet":
-            import pyarrow.parquet as pq
+        try:
+            if self.kind == "tar":
+                return len(_tar_samples(self.path))
+            if self.kind == "parquet":
+                import pyarrow.parquet as pq
 
-            return pq.ParquetFile(self.path).metadata.num_rows
-        with self.path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
+                pf = pq.ParquetFile(self.path)
+                parquet_columns(pf.schema_arrow.names, columns or Columns(), self.path)
+                return pf.metadata.num_rows
+            with self.path.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+        except InputError:
+            raise
+        except _READ_ERRORS as exc:
+            raise ShardError(f"{self.path}: cannot be read: {_reason(exc)}") from None
 
     def rows(self, columns: Columns, done: dict[int, str] | None = None) -> Iterator[Row]:
-        """The rows not in `done` (index -> key of a row already answered), in order. InputError when a
-        done row's key is not the one at its index now (the input changed since the last run)."""
+        """The rows not in `done` (index -> key of a row already answered), in order. ShardError when
+        the file cannot be read on, or a done row's key is not the one at its index now (the input
+        changed since the last run)."""
         done = done or {}
         readers = {"images": _image_rows, "tar": _tar_rows, "parquet": _parquet_rows, "openai": _openai_rows}
-        for row in readers[self.kind](self, columns, done):
-            expected = done.get(row.index)
-            if expected is None:
-                yield row
-            elif expected != row.key:
-                raise InputError(
-                    f"{self.path}: row {row.index} is {row.key!r} now, {expected!r} in the last run: the "
-                    "input changed (start again with an empty --output)"
-                )
+        index = -1
+        try:
+            for row in readers[self.kind](self, columns, done):
+                index = row.index
+                expected = done.get(row.index)
+                if expected is None:
+                    yield row
+                elif expected != row.key:
+                    raise ShardError(
+                        f"{self.path}: row {row.index} is {row.key!r} now, {expected!r} in the last run: "
+                        "the input changed (start again with an empty --output)"
+                    )
+        except (ShardError, InputError):
+            raise
+        except _READ_ERRORS as exc:
+            raise ShardError(f"{self.path}: cannot be read after row {index}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line (tarfile's errors span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
+
+
+def check_columns(shards: list[Shard], columns: Columns) -> None:
+    """InputError when a column option does not apply to the input's kind (parquet columns for image
+    folders, ...); parquet files are checked for the named columns by `Shard.count`."""
+    kinds = {s.kind for s in shards}
+    if (columns.image or columns.key) and kinds != {"parquet"}:
+        raise InputError("--image-column and --key-column are for parquet input (this input is not)")
+    if columns.question and not kinds <= {"parquet", "tar"}:
+        raise InputError("--question-column is for parquet or webdataset input (this input is neither)")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -110,8 +155,16 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(head + item + tail)]
 
 
-def find_shards(source: str, shard_size: int = 10_000) -> list[Shard]:
-    """The shards of `source` (see the module docstring); InputError if it is none of the kinds."""
+def find_shards(source: str | list[str], shard_size: int = 10_000) -> list[Shard]:
+    """The shards of `source` (see the module docstring), or of several files (each a shard: what the
+    shell makes of `shards/*.tar` or an unquoted brace pattern); InputError if it is none of the kinds."""
+    if isinstance(source, list):
+        missing = [p for p in source if not Path(p).is_file()]
+        if missing:
+            raise InputError(
+                f"{missing[0]}: no such file (several inputs must each be a .tar, .parquet or .jsonl)"
+            )
+        return _named([_file_shard(Path(p)) for p in source])
     if "{" in source:
         paths = [Path(p) for p in expand_braces(source)]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -124,14 +177,27 @@ def find_shards(source: str, shard_size: int = 10_000) -> list[Shard]:
     if not path.is_dir():
         raise InputError(f"{source}: no such file or folder")
     for suffixes in ((".tar",), (".parquet",)):
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes) and not _hidden(p.name)
+        )
         if files:
             return _named([_file_shard(p) for p in files])
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(_hidden(part) for part in p.relative_to(path).parts)
+        and p.is_file()
+    )
     if not images:
-        raise InputError(f"{source}: no images, .tar or .parquet files in this folder")
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InputError(f"{source}: no images ({suffixes}), .tar or .parquet files in this folder")
     chunks = [images[i : i + shard_size] for i in range(0, len(images), shard_size)]
     return [Shard(f"images-{i:05d}", "images", path, chunk) for i, chunk in enumerate(chunks)]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
 
 
 def _file_shard(path: Path) -> Shard:
@@ -204,14 +270,7 @@ def _parquet_rows(shard: Shard, columns: Columns, done: dict[int, str]) -> Itera
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(shard.path)
-    names = pf.schema_arrow.names
-    image_col = columns.image or next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
-    if image_col not in names:
-        raise InputError(f"{shard.path}: no image column (--image-column; columns: {names})")
-    key_col = columns.key or ("key" if "key" in names else None)
-    for name in (key_col, columns.question):
-        if name is not None and name not in names:
-            raise InputError(f"{shard.path}: no column {name!r} (columns: {names})")
+    image_col, key_col = parquet_columns(pf.schema_arrow.names, columns, shard.path)
     wanted = [c for c in dict.fromkeys([image_col, key_col, columns.question]) if c]
     index = 0
     for batch in pf.iter_batches(batch_size=256, columns=wanted):
@@ -229,6 +288,22 @@ def _parquet_rows(shard: Shard, columns: Columns, done: dict[int, str]) -> Itera
                 row.image, row.error = _parquet_image(data[image_col][j], shard.path.parent)
                 yield row
             index += 1
+
+
+def parquet_columns(names: list[str], columns: Columns, path: Path) -> tuple[str, str | None]:
+    """(image column, key column or None) of a parquet file with columns `names`; InputError naming the
+    option when a column asked for, or any image column, is not there."""
+    for option, name in (("--image-column", columns.image), ("--key-column", columns.key),
+                         ("--question-column", columns.question)):  # fmt: skip
+        if name is not None and name not in names:
+            raise InputError(f"{path}: {option} {name!r}: no such column (columns: {', '.join(names)})")
+    image_col = columns.image or next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
+    if image_col is None:
+        raise InputError(
+            f"{path}: no image column ({', '.join(PARQUET_IMAGE_COLUMNS)}): name it with --image-column "
+            f"(columns: {', '.join(names)})"
+        )
+    return image_col, columns.key or ("key" if "key" in names else None)
 
 
 def _parquet_image(value: Any, folder: Path) -> tuple[bytes | Path | str | None, str | None]:
