@@ -189,7 +189,7 @@ async def _images(svc: Service, urls: list[tuple[int, str]]) -> list[Prepared]:
             blobs.append(url if is_url(url) else decode_base64(url, f"input[{i}]"))
         return await svc.prepare_images(blobs, [f"input[{i}]" for i, _ in urls])
     except ApiError as exc:
-        exc.param = exc.param or "input"
+        exc.param = "input"  # OpenAI's `param` is the request's field; the message names the item
         raise
 
 

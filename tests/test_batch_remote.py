@@ -54,13 +54,25 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
     after all of them is the next one admitted."""
     settings = Settings(model=str(root), device="cpu", dtype="float32", max_running_seqs=1, engine="thread")
     svc = Service.build(settings)
+    launch = svc.runner.launch
+
+    def slow_launch(plan):  # each step 20 ms longer: the running request outlasts the sending of the rest
+        time.sleep(0.02)
+        return launch(plan)
+
+    svc.runner.launch = slow_launch
     with serve_in_thread(settings, svc) as url:
 
         async def go() -> list[str]:
             finished: list[str] = []
 
             async def one(client: httpx.AsyncClient, name: str, priority: int) -> None:
-                body = {"image": b64(png_bytes(3)), "max_new_tokens": 16, "priority": priority}
+                body = {
+                    "image": b64(png_bytes(3)),
+                    "max_new_tokens": 16,
+                    "min_new_tokens": 16,
+                    "priority": priority,
+                }
                 r = await client.post("/caption", json=body)
                 assert r.status_code == 200, r.text
                 finished.append(name)

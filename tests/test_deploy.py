@@ -98,7 +98,7 @@ def test_promtool_checks_metrics_and_rules(live):
     rules = subprocess.run(
         ["promtool", "check", "rules", str(DEPLOY / "prometheus/alerts.yml")], capture_output=True, text=True
     )
-    assert rules.returncode == 0 and "SUCCESS: 3 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 4 rules found" in rules.stdout, rules.stdout + rules.stderr
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus cannot be installed here")
@@ -135,6 +135,7 @@ def test_real_prometheus_scrapes_blipserve(live, tmp_path):
             "BlipserveHighP99Latency",
             "BlipserveQueueSaturated",
             "BlipserveNotReady",
+            "BlipserveEngineDown",
         }
     finally:
         proc.terminate()

@@ -36,6 +36,7 @@ RUN = {
     "from server.client import BlipClient": "test_readme_python_client_runs",
     "from model import Blip2Engine": "test_readme_python_api_runs",
     "blipserve --config blip2-opt-2.7b": "test_readme_preset_comment_says_what_the_preset_sets",
+    "blipserve batch photos/ -o captions/": "test_readme_batch_example_runs",
 }
 # Blocks that are not run here, and why.
 NOT_RUN = {
@@ -128,6 +129,19 @@ def test_readme_client_commands_run(quick_start):
     assert out.returncode == 0 and len(replies) == 3, out.stdout + out.stderr
     assert [Path(r["image"]).name for r in replies] == ["p0.png", "p1.png", "cat.jpg"]
     assert all(isinstance(r["text"], str) for r in replies)
+
+
+def test_readme_batch_example_runs(tmp_path):
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    (tmp_path / "photos" / "a" / "cat.jpg").write_bytes(png_bytes(3))  # PNG bytes: read by content
+    (tmp_path / "photos" / "dog.png").write_bytes(png_bytes(4))
+    script = _block("blipserve batch photos/ -o captions/")
+    script = re.sub(r"^blipserve ", f"{shlex.quote(sys.executable)} -m server.cli ", script, flags=re.M)
+    out = _bash(script, tmp_path)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert out.returncode == 0 and len(rows) == 2, out.stdout + out.stderr
+    assert sorted(r["key"] for r in rows) == ["a/cat.jpg", "dog.png"]
+    assert all(isinstance(r["text"], str) and r["error"] is None for r in rows)
 
 
 def test_readme_python_client_runs(quick_start, monkeypatch):
