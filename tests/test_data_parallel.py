@@ -24,7 +24,7 @@ from test_server import metric_values
 from batching import QueueFull, SequenceFailed
 from server.dp_client import DataParallelClient, rendezvous
 from server.engine_group import engine_settings, plan_devices
-from server.engine_process import TEST_STEP_DELAY_ENV, EngineHandle
+from server.engine_process import TEST_STEP_DELAY_ENV, EngineHandle, pid_alive
 from server.metrics import Metrics, merge_engine_metrics
 from server.settings import Settings
 
@@ -329,6 +329,35 @@ def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints
             assert check.returncode == 0, check.stdout + check.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_requests_in_flight_on_every_engine(checkpoints, monkeypatch):
+    """Long requests on both engines when SIGTERM comes: each is answered (200), then the server and
+    both engines exit 0."""
+    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "0:0.02,1:0.02")  # test-only: 60 steps take over a second
+    with serve_in_process(*_dp_flags(checkpoints, 2, "--max-running-seqs", "2")) as (url, proc):
+        _all_engines_ready(url)
+        engines = _spawned_children(proc.pid)
+        body = {"max_new_tokens": 60, "min_new_tokens": 60}
+        bodies = [{"image": b64(png_bytes(i)), **body} for i in range(8)]
+
+        async def burst() -> list:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                tasks = [asyncio.ensure_future(client.post("/caption", json=b)) for b in bodies]
+                await asyncio.sleep(1.0)  # every request sent, the first ones decoding
+                assert not all(t.done() for t in tasks)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
+        assert all(r.json()["usage"]["completion_tokens"] == 60 for r in responses)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while any(pid_alive(pid) for pid in engines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(engines) == 2 and not any(pid_alive(pid) for pid in engines), engines
 
 
 def _watch_ready(url: str, stop: threading.Event, codes: list[int]) -> None:
