@@ -368,7 +368,10 @@ def _watch_ready(url: str, stop: threading.Event, codes: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_ends_the_server(checkpoints):
+def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_ends_the_server(
+    checkpoints, monkeypatch
+):
+    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "0:0.02,1:0.02")  # test-only: requests still run at the kill
     flags = _dp_flags(checkpoints, 2, "--max-running-seqs", "2", "--engine-restart-limit", "2")
     with serve_in_process(*flags) as (url, proc):
         _all_engines_ready(url)
