@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
 from .errors import ApiError, invalid
-from .inputs import Prepared, decode_base64, is_url
+from .inputs import Prepared, decode_base64, is_url, load_json
 from .openai_api import ContentPart
 from .service import Service
 
@@ -195,10 +195,7 @@ async def _images(svc: Service, urls: list[tuple[int, str]]) -> list[Prepared]:
 
 async def _parse(request: Request) -> EmbeddingRequest:
     """The body as an `EmbeddingRequest`; 400 naming the field (OpenAI's shape) when it is not one."""
-    try:
-        raw = await request.json()
-    except ValueError:
-        raise ApiError(400, "body is not valid JSON") from None
+    raw = load_json(await request.body(), escape=False)
     try:
         return EmbeddingRequest.model_validate(raw)
     except ValidationError as exc:

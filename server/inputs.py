@@ -91,9 +91,30 @@ def load_json(data: bytes, escape: bool = True) -> Any:
     holding them can be named (`_has_bad_utf8`); else they make the body invalid."""
     try:
         text = data.decode("utf-8", errors="surrogateescape" if escape else "strict")
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise ApiError(400, "body is not valid JSON") from None
+    except RecursionError:  # [[[[...]]]]: the decoder recurses once per level
+        raise ApiError(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+MAX_JSON_DEPTH = 32  # no request of ours nests deeper than a few levels
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep lists and objects nest in a decoded JSON value (0 for a scalar; counted level by level,
+    no recursion, stopping past `limit`)."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [x for x in level if isinstance(x, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Parsed:

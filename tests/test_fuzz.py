@@ -5,6 +5,12 @@ from __future__ import annotations
 import io
 
 import schemathesis
+
+# Imported at collection, not lazily inside from_url: CPython 3.11's AST validator can be left with a wrong
+# recursion count by an earlier RecursionError in the session (gh-106905), and pytest compiles (rewrites)
+# schemathesis' modules on import; a late first import then fails with "AST constructor recursion depth
+# mismatch".
+import schemathesis.specs.openapi.schemas  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import serve_in_thread

@@ -314,3 +314,14 @@ def test_image_url_errors_name_the_field_and_the_flag(url):
     body["messages"][0]["content"] = content
     error = refused(httpx.post(url + "/v1/chat/completions", json=body), 400, "image_url: not valid base64")
     assert error["param"] == "image_url"
+
+
+@pytest.mark.parametrize("path", ["/caption", "/vqa", "/v1/chat/completions"])
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_deeply_nested_json_is_a_400_and_the_server_goes_on(url, path, depth):
+    """[[[[...]]]]: nested past what any request takes (40), or past the decoder's recursion (100k); it was
+    a 500 (RecursionError) at 100k."""
+    body = '{"image": ' + "[" * depth + "]" * depth + "}"
+    r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "nested deeper than 32 levels" in r.text, r.text
+    assert httpx.get(url + "/health").status_code == 200
