@@ -258,7 +258,12 @@ async def _post_all(url: str, bodies: list[dict], concurrency: int = 0) -> list:
 def _served(url: str) -> dict[str, float]:
     """Requests admitted by each engine (its queue-wait count), by engine label."""
     values = metric_values(url)
-    return {dict(labels)["engine"]: v for (name, labels), v in values.items() if name == QUEUE_COUNT}
+    # An --api-workers process still starting shows the series at zero, without engines: skipped.
+    return {
+        dict(labels)["engine"]: v
+        for (name, labels), v in values.items()
+        if name == QUEUE_COUNT and "engine" in dict(labels)
+    }
 
 
 QUEUE_COUNT = "blipserve_queue_wait_seconds_count"
@@ -269,10 +274,15 @@ def _engine_states(url: str) -> list[str]:
 
 
 def _all_engines_ready(url: str, count: int = 2, timeout_s: float = 120) -> None:
-    """/ready is 200 once one engine serves (--min-ready-engines 1); the others may still be loading."""
+    """/ready is 200 once one engine serves (--min-ready-engines 1); the others may still be loading, and
+    an --api-workers process may still be starting (its /metrics without engines): wait for all, twice in
+    a row (the next connection may reach the other HTTP process)."""
     deadline = time.monotonic() + timeout_s
-    while _engine_states(url) != ["ready"] * count:
+    seen = 0
+    while seen < 2:
         assert time.monotonic() < deadline, _engine_states(url)
+        up = _engine_states(url) == ["ready"] * count and len(_served(url)) == count
+        seen = seen + 1 if up else 0
         time.sleep(0.2)
 
 
