@@ -93,7 +93,7 @@ class ProcessClient(EngineClient):
         return self.info
 
     async def open(self) -> None:
-        """Connect and say Hello; the engine's `Info` settles `joined()` once it has loaded its model."""
+        """Connect and say Hello; the engine's `Info` settles `self._info` once it has loaded its model."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -103,10 +103,6 @@ class ProcessClient(EngineClient):
         self._info = asyncio.get_running_loop().create_future()
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
         await self._sock.send(encode(Hello()))
-
-    async def joined(self) -> Info:
-        """The engine's `Info` once it has answered (EngineDied if it died first)."""
-        return await asyncio.shield(self._info)
 
     async def add(
         self, request: Any, timeout_s: float | None = None, stream: bool = False, trace: bool = False
