@@ -25,6 +25,7 @@ import zmq
 
 from batching import EngineLoop, Scheduler
 from batching.protocol import Add, Info, Shutdown, encode
+from model import placement
 from model.checkpoint.loader import resolve_checkpoint
 from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """--device as torch names it ("auto": cuda where a device is visible, else cpu), checked by
+    `model.placement.resolve_device` (ValueError for a device this host cannot use)."""
+    return str(placement.resolve_device(device))
 
 
 @dataclass(frozen=True)
