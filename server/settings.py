@@ -248,6 +248,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _ready_engines_exist(self) -> Settings:
+        """--min-ready-engines above --dp could never be met: /ready would stay 503 for ever."""
+        if self.min_ready_engines > self.data_parallel_size:
+            raise ValueError(
+                f"--min-ready-engines {self.min_ready_engines}: more than --dp ({self.data_parallel_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:
         """A default a request could not ask for itself would make every request that leaves it out a 422
         naming a field it never sent: refused when given, lowered to the limit when left at its own

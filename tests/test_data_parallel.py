@@ -434,3 +434,12 @@ def test_devices_that_do_not_fit_are_a_usage_error(capsys):
         main(["--dp", "3", "--devices", "cuda:0", "--host", "127.0.0.1", "--port", "0"])
     assert exit_info.value.code == 2
     assert "--devices names 1 devices for --dp 3" in capsys.readouterr().err
+
+
+def test_min_ready_engines_above_dp_is_a_usage_error(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dp", "2", "--min-ready-engines", "3", "--host", "127.0.0.1", "--port", "0"])
+    assert exit_info.value.code == 2
+    assert "--min-ready-engines 3: more than --dp (2)" in capsys.readouterr().err
