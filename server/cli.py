@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         listener = bind(settings.host, settings.port)  # first: a port in use is found in a second
-        root = check(settings)
         if settings.data_parallel_size > 1 and settings.engine == "process":
             from .engine_group import plan_devices
 
             plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts
+        root = check(settings)
     except ValueError as exc:
         ap.error(str(exc))
     except StartupError as exc:

@@ -43,9 +43,10 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, flag: str = "--device") -> None:
+    """A device this host can use (`flag`: the option that named it, for the message)."""
     if not DEVICE.fullmatch(device):
-        raise StartupError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+        raise StartupError(f"{flag} {device}: expected cpu, cuda, cuda:N or auto")
     if not device.startswith("cuda"):
         return
     import torch
@@ -53,12 +54,12 @@ def check_device(device: str) -> None:
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
         raise StartupError(
-            f"--device {device}: no CUDA device is visible (torch {torch.__version__} is {build}); "
+            f"{flag} {device}: no CUDA device is visible (torch {torch.__version__} is {build}); "
             "use --device cpu, or install a CUDA build of torch on a GPU host"
         )
     index = int(device.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
-        raise StartupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise StartupError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def check_model(model: str, revision: str | None = None) -> Path | None:
@@ -149,6 +150,8 @@ def check_quantize(quantize: str) -> None:
 def check(settings: Settings) -> Path | None:
     """Every start-up check; returns the checkpoint's local directory (None for tiny-random)."""
     check_device(settings.device)
+    for device in settings.devices or []:  # --dp's engines, each checked as --device is
+        check_device(device, "--devices")
     if settings.otlp_traces_endpoint:
         problem = endpoint_problem(settings.otlp_traces_endpoint)
         if problem or not sdk_available():

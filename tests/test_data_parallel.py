@@ -443,3 +443,13 @@ def test_min_ready_engines_above_dp_is_a_usage_error(capsys):
         main(["--dp", "2", "--min-ready-engines", "3", "--host", "127.0.0.1", "--port", "0"])
     assert exit_info.value.code == 2
     assert "--min-ready-engines 3: more than --dp (2)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a host without CUDA")
+def test_cuda_devices_without_cuda_are_one_line_and_exit_2():
+    """--devices is checked as --device is: before any engine starts (it was a restart loop, exit 1)."""
+    cmd = [sys.executable, "-m", "server.cli", "--dp", "2", "--devices", "cuda:0,cuda:1", "--port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 2, out.stderr
+    assert "--devices cuda:0: no CUDA device is visible" in out.stderr and "Traceback" not in out.stderr
+    assert "engine" not in out.stderr.lower(), out.stderr  # nothing was started
