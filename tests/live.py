@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -66,14 +67,16 @@ def serve_in_thread(settings: Settings, service: Service | None = None) -> Itera
 
 
 @contextmanager
-def serve_in_process(*flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m server.cli` in a subprocess (for signals)."""
+def serve_in_process(*flags: str, log: IO[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m server.cli` in a subprocess (for signals, or to keep its threads out of this interpreter).
+
+    Its output goes to `proc.stdout` (a pipe the caller reads), or to `log` for a long-running server whose
+    unread output would otherwise fill the pipe and stall it."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port), *flags]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    out = subprocess.PIPE if log is None else log
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, alive=lambda: proc.poll() is None)
