@@ -113,7 +113,7 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
     reason = seq.finish_reason or "error"
     queue_s = (seq.admitted or seq.arrived) - seq.arrived
     ok = reason in ("stop", "length")
-    outputs = seq.decoder.outputs() if ok and seq.decoder is not None else []
+    outputs = seq.outputs() if ok else []
     req = seq.seq_id if req_id is None else req_id
     answer = seq.output if ok else None
     stamps = seq.timestamps() if seq.trace else {}
@@ -169,7 +169,7 @@ class InprocClient(EngineClient):
             entry = self._seqs.get(seq.seq_id)
             if entry is not None:
                 aloop, req_id = entry
-                aloop.call_soon_threadsafe(self._deliver_progress, req_id, seq.decoder.outputs())
+                aloop.call_soon_threadsafe(self._deliver_progress, req_id, seq.outputs())
 
     def record_http(self, endpoint: str, status: int, seconds: float) -> None:
         if self.metrics is not None:

@@ -197,4 +197,4 @@ class EngineCore:
             with self._lock:
                 owner = self._owners.get(seq.seq_id)
             if owner is not None:
-                pipe.send_multipart([owner[0], encode(Progress(owner[1], seq.decoder.outputs()))])
+                pipe.send_multipart([owner[0], encode(Progress(owner[1], seq.outputs()))])

@@ -1,4 +1,7 @@
-"""The engine loop: one thread that owns the model and repeats schedule -> run -> postprocess.
+"""The engine loop: one thread that owns the model and repeats `step()`: schedule -> run -> postprocess.
+
+The offline API (`model.engine.Blip2Engine.generate`) drives the same loop in-process: it adds its
+requests and calls `step()` until they finish, with no thread (nano-vllm's `LLM.generate`).
 
 It is driven from outside through `add` and `cancel` (thread-safe) and reports through two hooks that
 run on the engine thread: `on_finished(seqs)` for sequences that ended (done, dropped or failed) and
@@ -8,7 +11,7 @@ to the HTTP processes. A step that raises fails only the sequences in that step;
 
 With `overlap`, the loop plans and launches step n+1 before it reads step n's tokens back, when step n
 allows it (`StepPlan.chainable`: one token per sequence, chosen on the device, which step n+1 reads
-from there): the host's work for step n (reading tokens, decoders, stop checks, results, streaming)
+from there): the host's work for step n (reading tokens, appending them, stop checks, results, streaming)
 then runs while the device computes step n+1 (SGLang's overlap scheduler, vLLM's async scheduling).
 The price: a sequence that ended at step n was also in step n+1 (that token is dropped), and the
 slots it frees are handed out one step later. On a CPU "launching" is computing, so nothing is
@@ -59,7 +62,10 @@ class EngineLoop:
         overlap: bool = False,
         on_finished: SeqHook = _ignore,
         on_progress: SeqHook = _ignore,
+        raise_errors: bool = False,
     ):
+        """`raise_errors`: a step that raises fails its sequences and re-raises (the offline API's
+        caller sees the error); otherwise the loop logs it and carries on (serving)."""
         self.runner = runner
         self.scheduler = scheduler
         self.max_wait_s = max_wait_ms / 1000
@@ -67,6 +73,7 @@ class EngineLoop:
         self.on_finished = on_finished
         self.on_progress = on_progress
         self.overlap = overlap
+        self.raise_errors = raise_errors
         # (plan, launched, when launched) of a step whose tokens are not read back yet: only with overlap.
         self._inflight: tuple[StepPlan, Any, float] | None = None
         self.launched_ahead = 0  # steps launched while the last one's tokens were still unread
@@ -131,18 +138,32 @@ class EngineLoop:
                     self._cond.wait(timeout=left)
             return True
 
+    @property
+    def has_work(self) -> bool:
+        """Requests accepted and not finished, or a launched step not read back yet."""
+        return self.scheduler.has_work or self._inflight is not None
+
     def run(self) -> None:
         """Step until `shutdown` and every accepted request has finished."""
         while self._wait_for_work():
-            try:
-                self._step()
-            except Exception:
-                # Nothing may kill this loop: every request would hang. Fail what is running, go on.
-                log.exception("engine loop error; failing the running sequences")
-                self._inflight = None
+            self.step()
+
+    def step(self) -> None:
+        """One engine step, synchronously: plan, launch, read the last launched step back (with
+        overlap the one before this, read while this one runs), report through the hooks."""
+        try:
+            self._step()
+        except Exception:
+            self._inflight = None
+            if self.raise_errors:
                 with self._cond:
-                    failed = self.scheduler.fail_all()
-                self._finish(failed)
+                    self._finish(self.scheduler.fail_all())
+                raise
+            # Nothing may kill this loop: every request would hang. Fail what is running, go on.
+            log.exception("engine loop error; failing the running sequences")
+            with self._cond:
+                failed = self.scheduler.fail_all()
+            self._finish(failed)
 
     def _step(self) -> None:
         with self._cond:
@@ -199,11 +220,14 @@ class EngineLoop:
     def _failed(self, plan: StepPlan) -> None:
         """A step raised (called inside the except, so the log has the traceback): its sequences
         fail, the others carry on."""
-        log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
+        if not self.raise_errors:
+            log.exception("engine step failed; failing its %d sequences", len(plan.prefills + plan.decodes))
         self.failures += 1
         with self._cond:
             failed = self.scheduler.fail(plan)
         self._finish(failed)
+        if self.raise_errors:
+            raise
 
     def _finish(self, seqs: list[Sequence]) -> None:
         if seqs:

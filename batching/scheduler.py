@@ -16,20 +16,32 @@ import itertools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from model.decoding.decoders import Decoder, new_decoder
+from model.decoding.beam import BeamSearch, advance_beams
+from model.decoding.generation import FinishReason, TokenOutput
+from model.decoding.state import DecodeState, new_state
 from model.runtime.plan import (
+    CacheMoves,
     RetrievalOutput,
     RetrievalRequest,
     RetrievalWork,
     ScoringOutput,
     ScoringRequest,
     ScoringWork,
-    SequenceWork,
+    SequenceOutput,
     StepOutput,
     StepPlan,
 )
+
+
+class Stage(StrEnum):
+    """Where an admitted generation request is (unset, "", while it waits in the queue)."""
+
+    VISION = "vision"  # waiting for its image's background vision batch
+    PREFILL = "prefill"  # to prefill in the next step
+    DECODE = "decode"  # prefilled: one token per step
 
 
 class QueueFull(Exception):
@@ -44,16 +56,16 @@ class Sequence:
     # GenerationRequest (pixel_values, image_key, text_ids, prompt_ids, params), RetrievalRequest or
     # ScoringRequest
     request: Any
-    decoder: Decoder | None  # None: a retrieval or scoring request (no decoding, no slots, one step)
+    # Its tokens so far and when it is done, owned here; None: a retrieval or scoring request (no
+    # decoding, no slots, one step).
+    state: DecodeState | None
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     slots: list[int] = field(default_factory=list)
     cancelled: bool = False  # set from any thread; honoured at the next schedule()
-    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
-    # "vision": admitted, waiting for its image's background vision batch; "prefill": to prefill in
-    # the next step; "decode": prefilled, one token per step. Unset while waiting in the queue.
-    stage: str = ""
+    finish_reason: FinishReason | None = None  # stop | length | cancelled | timeout | error
+    stage: Stage | str = ""  # "" while waiting in the queue
     stream: bool = False  # streaming: the engine reports the outputs so far after each of its steps
     last_token_at: float | None = None  # when its last token came (the gap to the next is a metric)
     output: RetrievalOutput | ScoringOutput | None = None  # a retrieval or scoring request's answer
@@ -68,11 +80,12 @@ class Sequence:
 
     @property
     def rows(self) -> int:
-        return self.decoder.num_rows if self.decoder is not None else 0
+        return self.state.num_rows if self.state is not None else 0
 
-    def work(self) -> SequenceWork:
-        r = self.request
-        return SequenceWork(self.seq_id, self.slots, self.decoder, r.image_key, r.text_ids)
+    def outputs(self) -> list[TokenOutput]:
+        """Its output sequences so far (n of them; beams: once the search ends): tokens, logprobs and
+        finish reason. The one way other layers read a sequence's tokens."""
+        return self.state.outputs() if self.state is not None else []
 
     def retrieval(self) -> RetrievalWork:
         r = self.request
@@ -93,7 +106,7 @@ class Sequence:
             stamps["admitted"] = self.admitted + offset
         if self.vision_span is not None:
             stamps["vision_start"], stamps["vision_end"] = (t + offset for t in self.vision_span)
-        if self.work_span is not None and self.decoder is not None:
+        if self.work_span is not None and self.state is not None:
             stamps["prefill_start"], stamps["prefill_end"] = (t + offset for t in self.work_span)
         elif self.work_span is not None:
             stamps["retrieval_start"] = self.work_span[0] + offset
@@ -107,7 +120,7 @@ class Sequence:
         vision_end = started + (out.vision_s if out.vision_in_step else 0.0)
         if self.vision_span is None and vision_end > started and self.request.image_key:
             self.vision_span = (started, vision_end)
-        if self.decoder is not None:
+        if self.state is not None:
             self.work_span = (vision_end, vision_end + out.prefill_s)
         else:
             self.work_span = (vision_end + out.prefill_s + out.decode_s, now)
@@ -151,6 +164,9 @@ class Scheduler:
         self.first_token_waits: list[float] = []
         # Seconds each request admitted since the last `take_queue_waits` waited in the queue.
         self.queue_waits: list[float] = []
+        # Sequences that gained tokens in the last step (the tokens of a step run ahead of a sequence's
+        # end are dropped, not counted).
+        self.stepped = 0
 
     def add(self, request: Any, deadline: float | None = None) -> Sequence:
         """Queue a request; QueueFull if the queue is at capacity, ValueError if it can never fit."""
@@ -162,12 +178,12 @@ class Scheduler:
             self._enqueue(seq)
             return seq
         stop_check = getattr(request, "stop_check", None)
-        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids, stop_check)
-        if decoder.num_rows > self.num_slots:
+        state = new_state(request.params, request.prompt_ids, self.eos_ids, stop_check)
+        if state.num_rows > self.num_slots:
             raise ValueError(
-                f"{decoder.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"
+                f"{state.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"
             )
-        seq = Sequence(next(self._ids), request, decoder, deadline, priority=priority)
+        seq = Sequence(next(self._ids), request, state, deadline, priority=priority)
         self._enqueue(seq)
         return seq
 
@@ -189,21 +205,26 @@ class Scheduler:
         dropped = self._drop_dead(now)
         admitted, encode = self._admit(now)
         self.queue_waits += [now - s.arrived for s in admitted]
-        one_step = [s for s in admitted if s.decoder is None]  # retrievals and scorings
+        one_step = [s for s in admitted if s.state is None]  # retrievals and scorings
         for seq in admitted:
             key = seq.request.image_key
-            if seq.decoder is None:
+            if seq.state is None:
                 continue
             if self.background_vision and key and key not in self.ready_images:
-                seq.stage = "vision"
+                seq.stage = Stage.VISION
                 self.encoding.setdefault(key, []).append(seq)
             else:
-                seq.stage = "prefill"
+                seq.stage = Stage.PREFILL
         # A sequence whose launched tokens already reach its max_new_tokens (the last step's tokens not
-        # read back yet, see EngineLoop's overlap) has no next step.
-        decodes = [s for s in self.running if s.stage == "decode" and not s.decoder.exhausted()]
+        # read back yet, see EngineLoop's overlap) has no next step (no work).
+        decodes, moves = [], CacheMoves()
+        for s in self.running:
+            if s.stage == Stage.DECODE and (work := s.state.decode_work(s.seq_id, s.slots)) is not None:
+                decodes.append(work)
+                if isinstance(s.state, BeamSearch):
+                    s.state.reorder_moves(s.slots, moves)
         self.running.extend(admitted)
-        prefills = [s for s in self.running if s.stage == "prefill"]
+        prefills = [s for s in self.running if s.stage == Stage.PREFILL]
         needing = [*prefills, *one_step]
         images = {s.request.image_key: s.request.pixel_values for s in needing if s.request.image_key}
         for key in encode:
@@ -211,14 +232,18 @@ class Scheduler:
         plan = StepPlan(
             images=images,
             encode=encode,
-            prefills=[s.work() for s in prefills],
-            decodes=[s.work() for s in decodes],
+            prefills=[
+                s.state.prefill_work(s.seq_id, s.slots, s.request.image_key, s.request.text_ids)
+                for s in prefills
+            ],
+            decodes=decodes,
             retrievals=[s.retrieval() for s in one_step if isinstance(s.request, RetrievalRequest)],
             scorings=[s.scoring() for s in one_step if isinstance(s.request, ScoringRequest)],
             awaits_vision=bool(self.encoding),
+            moves=moves if moves.src else None,
         )
         for seq in prefills:
-            seq.stage = "decode"
+            seq.stage = Stage.DECODE
         return plan, dropped
 
     def take_queue_waits(self) -> list[float]:
@@ -236,7 +261,7 @@ class Scheduler:
             seq = self.waiting[0]
             key = seq.request.image_key
             known = key in self.ready_images or key in self.encoding or key in images
-            background = self.background_vision and seq.decoder is not None
+            background = self.background_vision and seq.state is not None
             if key and not known:
                 # Cap the new images of one vision batch (repeat images ride along for free); in the
                 # background, wait while a batch is in flight: the next one gathers the newcomers.
@@ -251,23 +276,23 @@ class Scheduler:
             return admitted, []
         # Retrievals and scorings encode their images inside the step; a new image goes to the background
         # batch when a generation request needs it.
-        generating = {s.request.image_key for s in admitted if s.decoder is not None}
+        generating = {s.request.image_key for s in admitted if s.state is not None}
         return admitted, [k for k in images if k in generating]
 
     def _drop_dead(self, now: float) -> list[Sequence]:
         def dead(s: Sequence) -> bool:
             if s.cancelled:
-                s.finish_reason = "cancelled"
+                s.finish_reason = FinishReason.CANCELLED
             elif s.deadline is not None and now > s.deadline:
-                s.finish_reason = "timeout"
+                s.finish_reason = FinishReason.TIMEOUT
             return s.finish_reason is not None
 
         dropped = [s for s in self.waiting if dead(s)] + [s for s in self.running if dead(s)]
         for seq in dropped:
-            # Its decoder ends too: a step launched ahead of this one (EngineLoop's overlap) drops the
-            # token it ran for the sequence, as for one that stopped, rather than count it.
-            if seq.decoder is not None and seq.decoder.finish_reason is None:
-                seq.decoder.finish_reason = seq.finish_reason
+            # Its state ends too: a step launched ahead of this one (EngineLoop's overlap) ran a token
+            # for the sequence, which it drops (it has left `running`), as for one that stopped.
+            if seq.state is not None:
+                seq.state.abort(seq.finish_reason)
         if dropped:
             for seq in dropped:
                 seq.finished_at = now
@@ -284,37 +309,52 @@ class Scheduler:
         started = now if started is None else started
         done = self._vision_done(out, now)
         self.token_gaps, self.first_token_waits = [], []
+        self.stepped = 0
+        works = {w.seq_id: w for w in [*plan.prefills, *plan.decodes]}
+        beams: dict[tuple[int, int], list[tuple[Sequence, SequenceOutput]]] = {}
         for seq in self.running:
-            if seq.decoder is None:  # retrieval or scoring: answered in the step that admitted it
+            if seq.state is None:  # retrieval or scoring: answered in the step that admitted it
                 answers = out.scorings if isinstance(seq.request, ScoringRequest) else out.retrievals
                 seq.output = answers.get(seq.seq_id)
-                seq.finish_reason = "stop" if seq.output is not None else "error"
+                seq.finish_reason = FinishReason.STOP if seq.output is not None else FinishReason.ERROR
                 seq.first_step(started, out, now)
                 done.append(seq)
                 continue
-            step = out.steps.get(seq.seq_id)
-            if step is None:
+            work, result = works.get(seq.seq_id), out.sequences.get(seq.seq_id)
+            if work is None or result is None:
                 continue
-            if seq.last_token_at is not None:
-                self.token_gaps.append(now - seq.last_token_at)
-            else:
-                self.first_token_waits.append(now - seq.arrived)
-                seq.first_step(started, out, now)
-            seq.last_token_at = now
-            if step.done:
-                seq.finish_reason = seq.decoder.finish_reason or "length"
-                done.append(seq)
+            if isinstance(seq.state, BeamSearch):
+                beams.setdefault((seq.state.num_rows, seq.state.keep), []).append((seq, result))
+            elif seq.state.take(work, result):
+                self._stepped(seq, out, now, started, done)
+        for group in beams.values():
+            advance_beams([s.state for s, _ in group], [r for _, r in group])
+            for seq, _ in group:
+                self._stepped(seq, out, now, started, done)
         for seq in done:
             seq.finished_at = now
         self._release(done)
         return done
+
+    def _stepped(self, seq: Sequence, out: StepOutput, now: float, started: float, done: list) -> None:
+        """A sequence gained tokens this step: its token-gap metrics, and `done` once it finished."""
+        self.stepped += 1
+        if seq.last_token_at is not None:
+            self.token_gaps.append(now - seq.last_token_at)
+        else:
+            self.first_token_waits.append(now - seq.arrived)
+            seq.first_step(started, out, now)
+        seq.last_token_at = now
+        if seq.state.finish_reason is not None:
+            seq.finish_reason = seq.state.finish_reason
+            done.append(seq)
 
     def _vision_done(self, out: StepOutput, now: float) -> list[Sequence]:
         """Requests whose image is encoded prefill next step; those whose vision batch failed fail."""
         for key in out.encoded:
             for seq in self.encoding.pop(key, []):
                 if seq.finish_reason is None:
-                    seq.stage = "prefill"
+                    seq.stage = Stage.PREFILL
                     seq.vision_span = (seq.admitted or now, now)
             self.ready_images[key] = None
             self.ready_images.move_to_end(key)
@@ -324,11 +364,11 @@ class Scheduler:
         for key in out.vision_errors:
             for seq in self.encoding.pop(key, []):
                 if seq.finish_reason is None:
-                    seq.finish_reason = "error"
+                    seq.finish_reason = FinishReason.ERROR
                     failed.append(seq)
         return failed
 
-    def fail(self, plan: StepPlan, reason: str = "error") -> list[Sequence]:
+    def fail(self, plan: StepPlan, reason: FinishReason = FinishReason.ERROR) -> list[Sequence]:
         """A step raised: its sequences leave with `reason` and free their slots; the rest carry on."""
         ids = {w.seq_id for w in [*plan.prefills, *plan.decodes, *plan.retrievals, *plan.scorings]}
         failed = [s for s in self.running if s.seq_id in ids]
@@ -337,7 +377,7 @@ class Scheduler:
         self._release(failed)
         return failed
 
-    def fail_all(self, reason: str = "error") -> list[Sequence]:
+    def fail_all(self, reason: FinishReason = FinishReason.ERROR) -> list[Sequence]:
         """Fail every running sequence (after an error outside the model step)."""
         failed = list(self.running)
         for seq in failed:

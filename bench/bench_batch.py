@@ -60,8 +60,8 @@ class Timing:
         self.steps += 1
         if out.vision_images:
             self.vision[out.vision_images] += 1
-        if out.steps:
-            self.decode_rows.append(len(out.steps))
+        if out.sequences:
+            self.decode_rows.append(len(out.sequences))
 
     def shapes(self) -> str:
         mean = statistics.fmean(self.decode_rows) if self.decode_rows else 0.0

@@ -5,7 +5,8 @@
     engine.generate([image], ["Question: how many cats? Answer:"], SamplingParams(num_beams=5))
 
 `generate` batches everything it is given (one vision batch, one prefill, a shared decode batch that
-sequences leave as they finish). The server's continuous batcher drives the same `ModelRunner`.
+sequences leave as they finish) through the server's own scheduler and engine loop, in-process: it adds
+its requests and steps the loop until they finish (nano-vllm's `LLM.generate`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from .checkpoint.tiny import write_tiny_checkpoint
 from .data.image import ImageProcessor
 from .data.textstream import cut_at_stop, stop_checker
 from .data.tokenizer import TextTokenizer
-from .decoding.decoders import new_decoder
-from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .decoding.generation import FinishReason, SamplingParams, StopCheck, TokenLogprob, TokenOutput
 from .placement import parse_dtype, resolve_device, resolve_dtype
 from .runtime.options import DecodeOptions
 from .runtime.plan import (
@@ -37,7 +37,6 @@ from .runtime.plan import (
     ScoringOutput,
     ScoringRequest,
     ScoringWork,
-    SequenceWork,
     StepOutput,
     StepPlan,
 )
@@ -74,7 +73,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # stop | length
+    finish_reason: FinishReason  # stop | length
     logprobs: list[TokenLogprob] | None = None  # one per token id, when requested
 
 
@@ -92,7 +91,7 @@ class GenerationResult:
         return self.outputs[0].token_ids
 
     @property
-    def finish_reason(self) -> str:
+    def finish_reason(self) -> FinishReason:
         return self.outputs[0].finish_reason
 
     @property
@@ -303,7 +302,7 @@ class Blip2Engine:
         string (seen in a beam hypothesis too) cuts it and means "stop"."""
         text = self.tokenizer.decode(out.tokens, request.prompt_ids)
         text, stopped = cut_at_stop(text, request.params.stop)
-        reason = "stop" if stopped else out.finish_reason or "length"
+        reason = FinishReason.STOP if stopped else out.finish_reason or FinishReason.LENGTH
         return Completion(text, out.tokens, reason, out.logprobs)
 
     def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
@@ -373,31 +372,21 @@ class Blip2Engine:
         loop does."""
         if not requests:
             return []
-        works, next_slot = [], 0
-        for i, r in enumerate(requests):
-            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids, r.stop_check)
-            slots = list(range(next_slot, next_slot + decoder.num_rows))
-            next_slot += decoder.num_rows
-            works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
-        max_len = max(r.positions for r in requests)
-        runner = self._runner_for(next_slot, max_len)
+        from batching.engine_loop import EngineLoop  # batching builds on model: imported when used
+        from batching.scheduler import Scheduler
+
+        rows = sum(max(r.params.n, r.params.num_beams) for r in requests)
+        runner = self._runner_for(rows, max(r.positions for r in requests))
         overlap = self.decode_options.overlap if overlap is None else overlap
         overlap = self.device.type == "cuda" if overlap is None else overlap
-        plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
-        collect = runner.collect if on_step is None else (lambda step: on_step(runner.collect(step)))
-        inflight = None
-        while not plan.is_empty():
-            launched = runner.launch(plan)
-            if inflight is not None:
-                collect(inflight)  # the last step's tokens, read while this one runs
-            inflight = launched if overlap and plan.chainable else None
-            if inflight is None:
-                collect(launched)
-            running = [w for w in works if w.decoder.finish_reason is None and not w.decoder.exhausted()]
-            plan = StepPlan(decodes=running)
-        if inflight is not None:
-            collect(inflight)
-        return [self.result(r, w.decoder.outputs()) for r, w in zip(requests, works, strict=True)]
+        # Every request admitted in the first step, its images one vision batch inside it.
+        scheduler = Scheduler(rows, len(requests), len(requests), self.eos_ids, background_vision=False)
+        hook = None if on_step is None else (lambda plan, out, sched: on_step(out))
+        loop = EngineLoop(runner, scheduler, max_wait_ms=0, on_step=hook, overlap=overlap, raise_errors=True)
+        seqs = [loop.add(r) for r in requests]
+        while loop.has_work:
+            loop.step()
+        return [self.result(r, s.outputs()) for r, s in zip(requests, seqs, strict=True)]
 
     def caption(
         self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None

@@ -116,7 +116,7 @@ class Metrics:
         if plan.decodes:
             self.decode.observe(out.decode_s)
             self.decode_batch.observe(out.decode_rows)
-        self.tokens.inc(len(out.steps))  # every sequence in a step gains one token
+        self.tokens.inc(scheduler.stepped)  # sequences that gained a token this step
         for gap in scheduler.token_gaps:
             self.token_gap.observe(gap)
         for wait in scheduler.first_token_waits:

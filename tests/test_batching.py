@@ -10,7 +10,7 @@ import pytest
 
 from batching import EngineLoop, InprocClient, QueueFull, Scheduler, SequenceFailed
 from model.decoding.generation import SamplingParams
-from model.runtime.plan import StepOutput, StepPlan
+from model.runtime.plan import SequenceOutput, StepOutput, StepPlan
 
 EOS = 99
 
@@ -29,11 +29,13 @@ class FakeRequest:
 
 
 class FakeRunner:
-    """Stands in for ModelRunner: checks the plan's invariants and drives each decoder."""
+    """Stands in for ModelRunner: checks the plan's invariants and returns plain token ids, as the
+    runner does: 1, 2, 3, ... per row, then EOS after the `stop_after` its prompt says (`request`)."""
 
     def __init__(self, step_s: float = 0.0):
         self.plans: list[StepPlan] = []
         self.step_s = step_s
+        self.stops: dict[int, int] = {}  # seq_id -> stop_after, read from its prefill's text ids
 
     def run(self, plan: StepPlan) -> StepOutput:
         time.sleep(self.step_s)
@@ -43,10 +45,12 @@ class FakeRunner:
         if any(w.image_key == "bad" for w in plan.prefills + plan.decodes):
             raise RuntimeError("boom")
         out = StepOutput(encoded=list(plan.encode))  # the vision stage, done at once
+        for w in plan.prefills:
+            self.stops[w.seq_id] = w.text_ids[0] - 50 if w.text_ids[0] > 50 else 1_000
         for w in plan.prefills + plan.decodes:
-            n = len(w.decoder.tokens) + 1
-            token = EOS if n > self_stop(w) else n
-            out.steps[w.seq_id] = w.decoder.append(token)
+            n = w.generated + 1
+            token = EOS if n > self.stops[w.seq_id] else n
+            out.sequences[w.seq_id] = SequenceOutput([token] * len(w.slots))
         return out
 
     # The engine loop's two halves: this fake computes everything at launch.
@@ -56,12 +60,8 @@ class FakeRunner:
         return out
 
 
-def self_stop(work) -> int:
-    return work.decoder.prompt_ids[0] - 50 if work.decoder.prompt_ids[0] > 50 else 1_000
-
-
 def request(stop_after: int, key: str = "img") -> FakeRequest:
-    return FakeRequest(stop_after, key, prompt_ids=[50 + stop_after, 50, 2])
+    return FakeRequest(stop_after, key, text_ids=[50 + stop_after], prompt_ids=[50 + stop_after, 50, 2])
 
 
 def drive(scheduler: Scheduler, runner: FakeRunner, steps: int = 100) -> list:
@@ -84,7 +84,7 @@ def test_sequences_join_and_leave_the_running_batch(background):
     long, short, late = request(6), request(1), request(2)
     seqs = [sched.add(r) for r in (long, short, late)]
     finished = drive(sched, runner)
-    assert [s.decoder.tokens for s in seqs] == [[1, 2, 3, 4, 5, 6, EOS], [1, EOS], [1, 2, EOS]]
+    assert [s.outputs()[0].tokens for s in seqs] == [[1, 2, 3, 4, 5, 6, EOS], [1, EOS], [1, 2, EOS]]
     assert all(s.finish_reason == "stop" for s in finished)
     # The third request starts as soon as the short one leaves, while the long one is still running
     # (in the background, the first two prefill a step later, once their image is encoded; the third's
@@ -137,7 +137,8 @@ def test_background_vision_batches_newcomers_while_the_running_decode():
     sched.postprocess(plan, out)
     plan, _ = sched.schedule()
     # They decode while the newcomers' batch is still in flight.
-    assert [w.image_key for w in plan.decodes] == ["a", "b", "a"] and not plan.prefills
+    keys = {s.seq_id: s.request.image_key for s in sched.running}
+    assert [keys[w.seq_id] for w in plan.decodes] == ["a", "b", "a"] and not plan.prefills
     sched.postprocess(plan, StepOutput(vision_errors={"c": "OutOfMemoryError: simulated"}))
     assert late[0].finish_reason == "error" and not late[0].slots  # only that image's request fails
     assert late[1].finish_reason is None and "d" in sched.encoding

@@ -143,7 +143,7 @@ def test_a_request_is_counted_in_the_metrics_before_it_is_reported(root, overlap
     finished: list[int] = []
 
     def on_finished(seqs, svc) -> None:
-        finished.extend(len(s.decoder.tokens) for s in seqs if s.request.image_key != "warmup")
+        finished.extend(len(s.outputs()[0].tokens) for s in seqs if s.request.image_key != "warmup")
         seen.append((svc.client.metrics.tokens._value.get(), sum(finished)))
 
     texts: list[str] = []
@@ -189,10 +189,12 @@ def test_a_sequence_ended_by_its_stop_token_ran_one_step_more_whose_token_is_dro
             older = launched.pop(0)
             scheduler.postprocess(older.plan, runner.collect(older))
     assert len(launched) == 1  # launched after the stop token, before it was read
+    assert seq.finish_reason == "stop" and seq.outputs()[0].tokens == free[: end + 1]
     extra = runner.collect(launched[0])
-    assert seq.seq_id not in extra.steps and seq.decoder.pending == 0  # its token dropped
-    assert seq.finish_reason == "stop" and seq.decoder.tokens == free[: end + 1]
-    assert seq.decoder.pending == 0
+    assert seq.seq_id in extra.sequences  # the runner sampled a token for it ...
+    assert scheduler.postprocess(launched[0].plan, extra) == []
+    assert seq.outputs()[0].tokens == free[: end + 1]  # ... which the scheduler dropped
+    assert scheduler.stepped == 0
 
 
 def test_offline_generate_with_overlap_equals_without(root, monkeypatch):
@@ -260,9 +262,52 @@ def test_a_sequence_cancelled_while_a_step_runs_ahead_gains_no_token(root):
     seq = scheduler.add(engine.request(pixels, "k", None, SamplingParams(max_new_tokens=8)))
     prefill = runner.launch(scheduler.schedule()[0])  # step n: the prefill picks the first token
     ahead = runner.launch(scheduler.schedule()[0])  # step n+1, launched before step n is read
-    assert seq.seq_id in runner.collect(prefill).steps
+    scheduler.postprocess(prefill.plan, runner.collect(prefill))
+    assert len(seq.outputs()[0].tokens) == 1
     seq.cancelled = True
     plan, dropped = scheduler.schedule()  # step n+2 is planned before step n+1 is read
     assert dropped == [seq] and plan.is_empty()
-    assert seq.seq_id not in runner.collect(ahead).steps and seq.decoder.pending == 0
-    assert len(seq.decoder.tokens) == 1
+    assert seq.seq_id in (out := runner.collect(ahead)).sequences
+    assert scheduler.postprocess(ahead.plan, out) == [] and scheduler.stepped == 0
+    assert len(seq.outputs()[0].tokens) == 1 and seq.finish_reason == "cancelled"
+
+
+def test_n_samples_logprobs_and_min_new_tokens_chain_and_give_the_same_tokens(root, monkeypatch):
+    """n > 1, logprobs (greedy and sampled) and min_new_tokens are chosen on the device by the batched
+    sampler: every step of such a batch is launched before the last one is read, and the outputs
+    (tokens, finish reasons, logprobs) equal those without overlap and those of each request alone."""
+    engine = Blip2Engine.from_pretrained(root)
+    side = engine.cfg.vision.image_size
+    pixels = list(torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(8)))
+    params = [
+        SamplingParams(do_sample=True, n=3, seed=2, top_k=10, max_new_tokens=6),
+        SamplingParams(max_new_tokens=5, logprobs=3),
+        SamplingParams(do_sample=True, temperature=0.7, seed=4, max_new_tokens=5, logprobs=2),
+        SamplingParams(max_new_tokens=7, min_new_tokens=7),
+        SamplingParams(do_sample=True, n=2, seed=9, max_new_tokens=4, min_new_tokens=3, logprobs=1),
+    ]
+    requests = [
+        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+    ]
+    calls: list[str] = []
+    for name in ("launch", "collect"):
+        method = getattr(ModelRunner, name)
+        monkeypatch.setattr(
+            ModelRunner, name, lambda self, x, m=method, n=name: calls.append(n) or m(self, x)
+        )
+    results = {}
+    for overlap in (True, False):
+        calls.clear()
+        results[overlap] = engine.run_offline(requests, overlap=overlap)
+        ahead = sum(c == "collect" and 2 * calls[:i].count("launch") - i == 2 for i, c in enumerate(calls))
+        assert ahead == (calls.count("launch") - 1 if overlap else 0)
+    assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
+    for result, p, pa in zip(results[True], pixels, params, strict=True):
+        alone = engine.generate([p], None, pa)[0]
+        assert [(o.token_ids, o.finish_reason) for o in result.outputs] == [
+            (o.token_ids, o.finish_reason) for o in alone.outputs
+        ]
+        for o, a in zip(result.outputs, alone.outputs, strict=True):
+            assert [lp.token for lp in o.logprobs or []] == [lp.token for lp in a.logprobs or []]
+            got, want = [lp.logprob for lp in o.logprobs or []], [lp.logprob for lp in a.logprobs or []]
+            assert got == pytest.approx(want, abs=1e-4)

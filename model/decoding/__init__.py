@@ -1,1 +1,1 @@
-"""Choosing tokens: logits processors, seeded sampling, beam search, each request's decoder, and the batched token choice of a step."""
+"""Choosing tokens: logits processors, seeded sampling, beam search, each request's decoding state, and the batched sampler of a step."""

@@ -1,4 +1,4 @@
-"""Generation settings and the logits arithmetic shared by every decoder (see `model.decoding.decoders`).
+"""Generation settings and the logits arithmetic shared by the batched sampler (see `model.decoding.sampler`).
 
 The arithmetic follows `transformers`' `generate` (same processors, same order) so that greedy and beam
 search give identical tokens, and log-probabilities equal the log-softmax of its `output_scores`.
@@ -8,12 +8,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 # Smallest temperature and repetition penalty: logits are divided by them, and below this an fp32 logit
 # overflows to inf (sampling then fails, log-probabilities turn NaN).
 MIN_DIVISOR = 1e-6
+
+
+class FinishReason(StrEnum):
+    """Why a sequence ended; the values are the protocol's / OpenAI's text."""
+
+    STOP = "stop"  # a stop token or stop string
+    LENGTH = "length"  # max_new_tokens
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    ENGINE_DIED = "engine_died"
+
+
+class SamplerMode(StrEnum):
+    """How the batched sampler (`model.decoding.sampler`) picks a sequence's next token(s)."""
+
+    GREEDY = "greedy"  # each row's argmax (after the logits processors)
+    SAMPLE = "sample"  # each row's seeded draw (after the processors and the warpers)
+    BEAM = "beam"  # the request's best (beam, token) candidates, for its `BeamSearch`
 
 
 @dataclass(frozen=True)
@@ -63,9 +83,15 @@ class SamplingParams:
             raise ValueError(f"n={self.n} needs sampling (do_sample) or num_beams >= n")
 
     @property
+    def mode(self) -> SamplerMode:
+        """Which of the sampler's modes chooses this request's tokens."""
+        if self.num_beams > 1:
+            return SamplerMode.BEAM
+        return SamplerMode.SAMPLE if self.do_sample else SamplerMode.GREEDY
+
+    @property
     def reads_history(self) -> bool:
-        """A logits processor reads the row's token history (repetition penalty, no-repeat n-grams):
-        the row's token is chosen on the host, not in a batched choice on the device."""
+        """A logits processor reads the row's token history (repetition penalty, no-repeat n-grams)."""
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
     @property
@@ -102,7 +128,7 @@ class TokenOutput:
     """One output sequence of a request (several with n > 1)."""
 
     tokens: list[int]
-    finish_reason: str | None  # stop | length; None while still running
+    finish_reason: FinishReason | None  # stop | length; None while still running
     logprobs: list[TokenLogprob] | None = None  # one per token when requested
 
 
@@ -114,18 +140,6 @@ def token_logprobs(log_probs: torch.Tensor, tokens: list[int], k: int) -> list[T
         TokenLogprob(t, lp, tuple((i, p) for i, p in zip(ids, lps, strict=True) if p != float("-inf")))
         for t, lp, ids, lps in zip(tokens, chosen, top_id.tolist(), top_lp.tolist(), strict=True)
     ]
-
-
-@dataclass
-class Step:
-    """What one decode step did to a request's rows."""
-
-    # For each row that runs in the next step, the index of the row it continues (always i for one row).
-    parents: list[int]
-    # The token each continuing row appends (and feeds to the next step).
-    tokens: list[int]
-    # True once the request is complete; its rows leave the batch.
-    done: bool
 
 
 StopCheck = Callable[[list[int]], bool]  # True once the tokens' text holds a stop string

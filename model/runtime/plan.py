@@ -1,8 +1,9 @@
 """The contract between a scheduler and the model runner: what one engine step must do.
 
 A scheduler (e.g. `batching.Scheduler`) fills a `StepPlan` without touching tensor maths; the runner
-(`model.runtime.runner.ModelRunner`) executes it and returns a `StepOutput`; the scheduler then reads each
-sequence's `Step` to append tokens, finish requests and free cache slots.
+(`model.runtime.runner.ModelRunner`) executes it and returns a `StepOutput`. Both are plain data: the
+scheduler alone owns each sequence's state, appends the sampled tokens (`SequenceOutput`), decides when
+a sequence finishes and frees its cache slots (vLLM v1's `update_from_output`, nano-vllm's `postprocess`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,84 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.decoders import ON_DEVICE, Decoder
-from ..decoding.generation import Step
+from ..decoding.generation import SamplerMode, TokenLogprob
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How a request's tokens are chosen, fixed for its life: plain settings for the runner's batched
+    sampler (`model.decoding.sampler`)."""
+
+    mode: SamplerMode
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+    eos_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # the top alternatives to report per token (None: no logprobs)
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    keep: int = 0  # BEAM: candidates kept per step (transformers: max(2, 1 + len(eos)) * num_beams)
+
+    @property
+    def reads_history(self) -> bool:
+        """A logits processor reads each row's token history (repetition penalty, no-repeat n-grams)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
 @dataclass
 class SequenceWork:
-    """One request's rows in this step."""
+    """One request's rows in this step, as plain data: the scheduler owns the request's state."""
 
     # Scheduler-wide id of the request.
     seq_id: int
-    # KV-cache slot of each row: one for greedy/sampling, n for n samples, `num_beams` for beam search.
+    # KV-cache slot of each row in this step. Prefill: every row (the first is prefilled, the others
+    # copy it: n samples, beams); decode: the rows still running.
     slots: list[int]
-    # Token history and next-token choice (greedy, sampling or beams) of this request.
-    decoder: Decoder
+    sampling: SamplingSpec
+    # Tokens each row has generated before this step's (launched ones not read back yet included):
+    # the sampling noise's step, and min_new_tokens.
+    generated: int = 0
+    # SAMPLE: each row's 32-bit noise key (`model.decoding.sampling.noise_key`), one per slot.
+    keys: list[int] = field(default_factory=list)
     # Prefill only: content key of the image whose query embeddings open the prompt.
     image_key: str = ""
     # Prefill only: prompt token ids after the image placeholders (BOS first).
     text_ids: list[int] = field(default_factory=list)
+    # Decode only: each row's cache position (where its input token goes).
+    positions: list[int] = field(default_factory=list)
+    # Decode only: each row's input token; None: its slot's last pick, still on the device.
+    tokens: list[int | None] = field(default_factory=list)
+    # With a processor that reads it (`SamplingSpec.reads_history`): each row's token history.
+    history: list[list[int]] | None = None
+    # BEAM: each beam's running score (sum of log-probabilities).
+    beam_scores: list[float] | None = None
+    # The scheduler's index of each row among the request's rows (the runner does not read it).
+    rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SequenceOutput:
+    """What the runner's sampler chose for one request this step (plain data)."""
+
+    # GREEDY / SAMPLE: each row's new token, in the order of the work's slots.
+    tokens: list[int] = field(default_factory=list)
+    # With logprobs: each row's entry (BEAM: each candidate's).
+    logprobs: list[TokenLogprob] | None = None
+    # BEAM: the `keep` best (beam, token) candidates, best first: the beam (a row of the work) each
+    # continues, its token, and its score (running score + processed log-probability).
+    parents: list[int] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class CacheMoves:
+    """Cache slot copies to make before a step (beam reorders: sources read before any write)."""
+
+    src: list[int] = field(default_factory=list)
+    dst: list[int] = field(default_factory=list)
+    upto: int = 0  # positions that hold keys/values in any moved slot
 
 
 @dataclass
@@ -118,6 +179,8 @@ class StepPlan:
     scorings: list[ScoringWork] = field(default_factory=list)
     # Requests wait for a background vision batch: with nothing else to do, the runner waits for it.
     awaits_vision: bool = False
+    # Beam reorders chosen by the last step, made before this one's decode.
+    moves: CacheMoves | None = None
 
     def is_empty(self) -> bool:
         return not (self.encode or self.awaits_vision or self.runs_model)
@@ -125,11 +188,11 @@ class StepPlan:
     @property
     def chainable(self) -> bool:
         """Whether the next step may be planned and launched before this one's tokens are read back:
-        every sequence here takes one token per step, chosen on the device (plain greedy or plain
-        sampling, one row), which the next step reads from there. Beams (a cache reorder), n samples,
-        penalties and logprobs need this step's tokens on the host first."""
+        every row here takes one token per step, chosen on the device, which the next step reads from
+        there. Beams (a cache reorder chosen on the host) and processors that read the token history
+        (its tokens are on the host) need this step's tokens on the host first."""
         return all(
-            w.decoder.batched in ON_DEVICE and w.decoder.num_rows == 1
+            w.sampling.mode is not SamplerMode.BEAM and not w.sampling.reads_history
             for w in (*self.prefills, *self.decodes)
         )
 
@@ -141,8 +204,8 @@ class StepPlan:
 
 @dataclass
 class StepOutput:
-    # What each sequence (by seq_id) did this step.
-    steps: dict[int, Step] = field(default_factory=dict)
+    # What the sampler chose for each sequence (by seq_id) this step.
+    sequences: dict[int, SequenceOutput] = field(default_factory=dict)
     # Background vision batches that finished by this step: their images' keys, and the keys whose
     # batch failed (with why); those requests fail.
     encoded: list[str] = field(default_factory=list)

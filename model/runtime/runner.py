@@ -1,4 +1,6 @@
-"""Executes a `StepPlan` on the model: vision stage, prefill, one decode step, token choice."""
+"""Executes a `StepPlan` on the model: vision stage, prefill, one decode step, the batched sampler.
+
+Plain data in (`StepPlan`), plain data out (`StepOutput`): the runner keeps no sequence's state."""
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import torch
 
 from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import run_retrievals
-from ..decoding import choice
-from ..decoding.decoders import ON_DEVICE
+from ..decoding import sampler
 from .device import device_index, to_device
 from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
@@ -91,10 +92,10 @@ class Stopwatch:
 
 
 @dataclass
-class Feed:
+class DecodeInputs:
     """The rows of a decode step: each one's position and cache slot, and the tokens the host must
-    write (rows whose last token was chosen on the host: beams, penalties, logprobs). The other rows'
-    tokens are on the device already, in the runner's per-slot token buffer (`choice.pick`)."""
+    write (beams' rows, whose last token the host chose). The other rows' tokens are on the device
+    already, in the runner's per-slot token buffer (`sampler.launch`)."""
 
     positions: list[int]
     slots: list[int]
@@ -102,17 +103,16 @@ class Feed:
     host_tokens: list[int]
 
 
-def _feed(works: list[SequenceWork]) -> Feed:
-    feed = Feed([], [], [], [])
+def _decode_inputs(works: list[SequenceWork]) -> DecodeInputs:
+    inputs = DecodeInputs([], [], [], [])
     for w in works:
-        on_device = w.decoder.batched in ON_DEVICE
-        for row, token, position in w.decoder.feed():
-            feed.positions.append(position)
-            feed.slots.append(w.slots[row])
-            if not on_device:
-                feed.host_slots.append(w.slots[row])
-                feed.host_tokens.append(token)
-    return feed
+        inputs.positions += w.positions
+        inputs.slots += w.slots
+        for slot, token in zip(w.slots, w.tokens, strict=True):
+            if token is not None:
+                inputs.host_slots.append(slot)
+                inputs.host_tokens.append(token)
+    return inputs
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Launched:
 
     plan: StepPlan
     out: StepOutput
-    picks: list[choice.Picks]
+    sampled: list[sampler.Sampled]
     marks: dict
 
 
@@ -214,29 +214,31 @@ class ModelRunner:
         marks = {"start": self.clock.mark()}
         fresh = self._vision(plan, out)
         marks["vision"] = self.clock.mark()
-        picks = []
+        if plan.moves is not None and plan.moves.src:
+            self.cache.reorder(plan.moves.src, plan.moves.dst, plan.moves.upto)
+        sampled = []
         if plan.prefills:
             logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
-            picks.append(choice.pick(plan.prefills, logits, self.slot_tokens))
+            sampled.append(sampler.launch(plan.prefills, logits, self.slot_tokens))
             marks["prefill"] = self.clock.mark()
         if plan.decodes:
             before = self.clock.mark()
             logits = self._decode(plan.decodes)
             out.decode_rows = logits.shape[0]
-            picks.append(choice.pick(plan.decodes, logits, self.slot_tokens))
+            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens))
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
         if plan.scorings:
             for part in _halving(lambda ws: run_scorings(self.model, ws, fresh), plan.scorings, self._split):
                 out.scorings.update(part)
-        return Launched(plan, out, picks, marks)
+        return Launched(plan, out, sampled, marks)
 
     @torch.inference_mode()
     def collect(self, step: Launched) -> StepOutput:
-        """Read a launched step's tokens back (one wait for the device) and move the decoders."""
-        for p in step.picks:
-            choice.apply(p, step.out, self.cache)
+        """Read a launched step's tokens back (one wait for the device): plain data per sequence."""
+        for p in step.sampled:
+            step.out.sequences.update(sampler.read(p))
         self._timings(step.out, step.marks)
         return step.out
 
@@ -337,20 +339,20 @@ class ModelRunner:
         """Logits of every fed row, in `works` order: the fixed-shape step, or on out-of-memory (or with
         it off) rows gathered from their slots, halving the batch as long as it does not fit."""
         if self.static is not None:
-            feed = _feed(works)
+            inputs = _decode_inputs(works)
             try:
-                return self.static.run(feed.positions, feed.slots, feed.host_slots, feed.host_tokens)
+                return self.static.run(inputs.positions, inputs.slots, inputs.host_slots, inputs.host_tokens)
             except torch.OutOfMemoryError:
                 self._split()
         return torch.cat(_halving(self._gathered, works, self._split))
 
     def _gathered(self, works: list[SequenceWork]) -> torch.Tensor:
-        feed = _feed(works)
-        kv_len = max(feed.positions) + 1
+        inputs = _decode_inputs(works)
+        kv_len = max(inputs.positions) + 1
         dev = self.device
-        if feed.host_slots:
-            self.slot_tokens[device_index(feed.host_slots, dev)] = device_index(feed.host_tokens, dev)
-        slots = device_index(feed.slots, dev)
+        if inputs.host_slots:
+            self.slot_tokens[device_index(inputs.host_slots, dev)] = device_index(inputs.host_tokens, dev)
+        slots = device_index(inputs.slots, dev)
         return self.model.decode(
-            self.slot_tokens[slots], device_index(feed.positions, dev), slots, self.cache, kv_len
+            self.slot_tokens[slots], device_index(inputs.positions, dev), slots, self.cache, kv_len
         )

@@ -15,7 +15,7 @@ shapes and fixed addresses, so the step here is shaped by buckets, not by the li
 
 Positions and slots go to the device in one copy (pinned on CUDA) into static buffers. Tokens are read
 from a per-slot buffer on the device (row r feeds slot r's last token) that the token choice writes
-(`model.decoding.choice`): a step can run before the host has seen the last step's tokens. Tokens chosen on the
+(`model.decoding.sampler`): a step can run before the host has seen the last step's tokens. Tokens chosen on the
 host (beams, penalties, logprobs) are written there first. The graph writes its logits into a static
 buffer, and the live rows' logits are gathered from it. All graphs share one memory pool:
 they run one after another on one stream. On CPU (and with graphs off) the same fixed-shape step runs

@@ -1,0 +1,253 @@
+"""The batched sampler: every sequence's next token(s) from a stage's logits, on the device.
+
+The runner hands a stage's logits (one row per slot of each `SequenceWork`, in order) to `launch`, which
+queues the whole choice on the device and reads nothing back: for the GREEDY and SAMPLE rows of every
+request at once, the logits processors (repetition penalty, no-repeat n-grams, min_new_tokens), then the
+argmax or, for sampled rows, each row's temperature / top-k / top-p and its own seeded draw
+(`model.decoding.sampling`), and the log-probabilities of the rows that want them (log-softmax of the
+processed and warped scores, as transformers' `output_scores`: the chosen token's entry and the top k);
+for BEAM requests grouped by beam count, the log-softmax, processors and each beam's running score, then
+the best (beam, token) candidates (`model.decoding.beam`). The chosen tokens also go, on the device, into
+the runner's per-slot token buffer, where the next decode step reads its input tokens: so that step can
+be launched before these are read back. `read` then waits once for the device and returns plain data
+(`SequenceOutput` per request); the scheduler appends it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.device import device_index, to_device
+from ..runtime.plan import SequenceOutput, SequenceWork
+from .generation import SamplerMode, TokenLogprob, ban_repeated_ngrams
+from .sampling import sample, warp_rows
+
+
+@dataclass
+class Sampled:
+    """One stage's choices, queued on the device; `read` turns them into `SequenceOutput`s."""
+
+    works: list[SequenceWork]
+    vocab: int
+    token_works: list[int] = field(default_factory=list)  # GREEDY / SAMPLE works, by index, in row order
+    tokens: torch.Tensor | None = None  # [rows] their rows' tokens
+    lp_rows: list[int] = field(default_factory=list)  # token rows (into `tokens`) with logprobs
+    # Their chosen tokens' log-probabilities [len(lp_rows)] and top alternatives [len(lp_rows), k].
+    lp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Beam groups: (work indices, [G, keep] scores, [G, keep] beam * vocab + token, logprobs: the
+    # candidates' processed log-probabilities [G, keep] and each beam's top k [G, beams, k] twice).
+    beams: list[tuple] = field(default_factory=list)
+    # On CUDA: the results are copies in page-locked host memory, filled once this event is reached.
+    ready: torch.cuda.Event | None = None
+
+
+def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> torch.Tensor:
+    """`rows` with the stop tokens at -inf in the `blocked` rows (min_new_tokens not reached yet)."""
+    if not blocked or not eos:
+        return rows
+    rows = rows.clone()
+    index = device_index(blocked, rows.device)[:, None]
+    rows[index, device_index(list(eos), rows.device)[None, :]] = -float("inf")
+    return rows
+
+
+def _history_processors(scores: torch.Tensor, work: SequenceWork) -> torch.Tensor:
+    """Repetition penalty and no-repeat n-grams on one request's rows, as transformers' processors
+    (same order); each row's history is the work's (prompt ids + generated tokens)."""
+    spec = work.sampling
+    history = device_index([t for row in work.history for t in row], scores.device).view(
+        len(work.history), -1
+    )
+    if spec.repetition_penalty != 1.0:
+        seen = torch.gather(scores, 1, history)
+        p = spec.repetition_penalty
+        scores = scores.scatter(1, history, torch.where(seen < 0, seen * p, seen / p))
+    if spec.no_repeat_ngram_size:
+        scores = ban_repeated_ngrams(scores, history, spec.no_repeat_ngram_size)
+    return scores
+
+
+def _processed(scores: torch.Tensor, works: list[SequenceWork], counts: list[int]) -> torch.Tensor:
+    """The processors of each request's rows (`scores` [rows, vocab], the works' rows in order)."""
+    if any(w.sampling.reads_history for w in works):
+        pieces, start = [], 0
+        for w, n in zip(works, counts, strict=True):
+            piece = scores[start : start + n]
+            pieces.append(_history_processors(piece, w) if w.sampling.reads_history else piece)
+            start += n
+        scores = torch.cat(pieces)
+    blocked: dict[tuple[int, ...], list[int]] = {}
+    start = 0
+    for w, n in zip(works, counts, strict=True):
+        if w.generated < w.sampling.min_new_tokens:
+            blocked.setdefault(w.sampling.eos_ids, []).extend(range(start, start + n))
+        start += n
+    for eos, rows in blocked.items():
+        scores = _block_eos(scores, rows, eos)
+    return scores
+
+
+def launch(
+    works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None
+) -> Sampled:
+    """Queue every request's choice on `logits` [rows, vocab] (the works' slots in order); the GREEDY and
+    SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. Nothing is read back."""
+    out = Sampled(works, logits.shape[-1])
+    offsets, row, token_rows = [], 0, []
+    beams: dict[tuple[int, int], list[int]] = {}
+    for i, w in enumerate(works):
+        offsets.append(row)
+        if w.sampling.mode is SamplerMode.BEAM:
+            beams.setdefault((len(w.slots), w.sampling.keep), []).append(i)
+        else:
+            out.token_works.append(i)
+            token_rows += range(row, row + len(w.slots))
+        row += len(w.slots)
+    if out.token_works:
+        rows = logits if len(token_rows) == row else logits[device_index(token_rows, logits.device)]
+        _choose_tokens(out, rows.float())
+        if slot_tokens is not None:
+            slots = [s for i in out.token_works for s in works[i].slots]
+            slot_tokens.index_copy_(0, device_index(slots, logits.device), out.tokens)
+    for group in beams.values():
+        out.beams.append(
+            (group, *_beam_candidates(logits, [works[i] for i in group], [offsets[i] for i in group]))
+        )
+    if logits.device.type == "cuda":
+        _copy_to_host(out)
+    return out
+
+
+def _choose_tokens(out: Sampled, scores: torch.Tensor) -> None:
+    """The GREEDY and SAMPLE rows' tokens (and logprobs), from their rows of logits in fp32."""
+    works = [out.works[i] for i in out.token_works]
+    counts = [len(w.slots) for w in works]
+    scores = _processed(scores, works, counts)
+    sampled, specs, keys, steps = [], [], [], []
+    start = 0
+    for w, n in zip(works, counts, strict=True):
+        if w.sampling.mode is SamplerMode.SAMPLE:
+            sampled += range(start, start + n)
+            specs += [w.sampling] * n
+            keys += w.keys
+            steps += [w.generated] * n
+        if w.sampling.logprobs is not None:
+            out.lp_rows += range(start, start + n)
+        start += n
+    if sampled:
+        every = len(sampled) == start
+        rows = scores if every else scores[device_index(sampled, scores.device)]
+        warped = warp_rows(
+            rows, [s.temperature for s in specs], [s.top_k for s in specs], [s.top_p for s in specs]
+        )
+        meta = to_device(torch.tensor([keys, steps]), scores.device)
+        drawn = sample(warped, meta[0], meta[1])
+        if every:
+            out.tokens, scores = drawn, warped
+        else:
+            index = device_index(sampled, scores.device)
+            out.tokens = scores.argmax(-1).index_copy(0, index, drawn)
+            if out.lp_rows:  # the sampled rows' log-probabilities are those of their warped scores
+                scores = scores.index_copy(0, index, warped)
+    else:
+        out.tokens = scores.argmax(-1)
+    if out.lp_rows:
+        k = max(
+            out.works[i].sampling.logprobs
+            for i in out.token_works
+            if out.works[i].sampling.logprobs is not None
+        )
+        index = device_index(out.lp_rows, scores.device)
+        log_probs = scores[index].log_softmax(-1)
+        chosen = log_probs.gather(1, out.tokens[index][:, None])[:, 0]
+        out.lp = (
+            (chosen, *torch.topk(log_probs, k)) if k else (chosen, log_probs[:, :0], log_probs[:, :0].long())
+        )
+
+
+def _beam_candidates(logits: torch.Tensor, works: list[SequenceWork], offsets: list[int]) -> tuple:
+    """The `keep` best (beam, token) candidates of each beam request, all scored at once on the device:
+    log-softmax, the processors (as transformers, on the log-probabilities), plus each beam's running
+    score, top-k over beams x vocab. With logprobs, the candidates' processed log-probabilities and
+    each beam's top alternatives too."""
+    n, vocab = len(works[0].slots), logits.shape[-1]
+    rows = device_index([o + j for o in offsets for j in range(n)], logits.device)
+    log_probs = _processed(F.log_softmax(logits[rows].float(), dim=-1), works, [n] * len(works))
+    running = to_device(torch.tensor([w.beam_scores for w in works]), logits.device)
+    flat = (log_probs.view(len(works), n, vocab) + running[:, :, None]).reshape(len(works), n * vocab)
+    scores, index = torch.topk(flat, k=works[0].sampling.keep, dim=-1)
+    k = max((w.sampling.logprobs for w in works if w.sampling.logprobs is not None), default=None)
+    if k is None:
+        return scores, index, None
+    chosen = log_probs.view(len(works), n * vocab).gather(1, index)
+    top_lp, top_id = torch.topk(log_probs, k) if k else (log_probs[:, :0], log_probs[:, :0].long())
+    return scores, index, (chosen, top_lp.view(len(works), n, k), top_id.view(len(works), n, k))
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def _copy_to_host(out: Sampled) -> None:
+    """Start the copies of the choices into page-locked memory and mark when they are done."""
+    if out.tokens is not None:
+        out.tokens = _host(out.tokens)
+    if out.lp is not None:
+        out.lp = tuple(_host(t) for t in out.lp)
+    out.beams = [
+        (group, _host(s), _host(i), None if lp is None else tuple(_host(t) for t in lp))
+        for group, s, i, lp in out.beams
+    ]
+    out.ready = torch.cuda.Event()
+    out.ready.record()
+
+
+def _entry(token: int, logprob: float, ids: list[int], lps: list[float], k: int) -> TokenLogprob:
+    top = tuple((i, p) for i, p in zip(ids[:k], lps[:k], strict=True) if p != float("-inf"))
+    return TokenLogprob(token, logprob, top)
+
+
+def read(out: Sampled) -> dict[int, SequenceOutput]:
+    """Wait for the choices (one wait) and return each request's, by seq_id."""
+    if out.ready is not None:
+        out.ready.synchronize()
+    results: dict[int, SequenceOutput] = {}
+    tokens = out.tokens.tolist() if out.tokens is not None else []
+    entries: dict[int, TokenLogprob] = {}
+    if out.lp is not None:
+        chosen, top_lp, top_id = (t.tolist() for t in out.lp)
+        for j, r in enumerate(out.lp_rows):
+            entries[r] = (chosen[j], top_id[j], top_lp[j])
+    start = 0
+    for i in out.token_works:
+        w = out.works[i]
+        n = len(w.slots)
+        lps = None
+        if w.sampling.logprobs is not None:
+            k = w.sampling.logprobs
+            lps = [_entry(tokens[r], *entries[r], k) for r in range(start, start + n)]
+        results[w.seq_id] = SequenceOutput(tokens[start : start + n], lps)
+        start += n
+    for group, scores, index, lp in out.beams:
+        scores, index = scores.tolist(), index.tolist()
+        if lp is not None:
+            chosen, top_lp, top_id = (t.tolist() for t in lp)
+        for g, i in enumerate(group):
+            w = out.works[i]
+            parents = [x // out.vocab for x in index[g]]
+            cands = [x % out.vocab for x in index[g]]
+            lps = None
+            if lp is not None and w.sampling.logprobs is not None:
+                k = w.sampling.logprobs
+                lps = [
+                    _entry(t, c, top_id[g][p], top_lp[g][p], k)
+                    for t, c, p in zip(cands, chosen[g], parents, strict=True)
+                ]
+            results[w.seq_id] = SequenceOutput(
+                logprobs=lps, parents=parents, candidates=cands, scores=scores[g]
+            )
+    return results
