@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from model.decoding.beam import BeamSearch, advance_beams
+from model.decoding.beam import advance_beams
 from model.decoding.generation import FinishReason, TokenOutput
 from model.decoding.state import DecodeState, new_state
 from model.runtime.plan import (
@@ -217,11 +217,11 @@ class Scheduler:
                 seq.stage = Stage.PREFILL
         # A sequence whose launched tokens already reach its max_new_tokens (the last step's tokens not
         # read back yet, see EngineLoop's overlap) has no next step (no work).
-        decodes, moves = [], CacheMoves()
+        decodes, moves, decode = [], CacheMoves(), Stage.DECODE
         for s in self.running:
-            if s.stage == Stage.DECODE and (work := s.state.decode_work(s.seq_id, s.slots)) is not None:
+            if s.stage is decode and (work := s.state.decode_work(s.seq_id, s.slots)) is not None:
                 decodes.append(work)
-                if isinstance(s.state, BeamSearch):
+                if work.beam_scores is not None:
                     s.state.reorder_moves(s.slots, moves)
         self.running.extend(admitted)
         prefills = [s for s in self.running if s.stage == Stage.PREFILL]
@@ -323,7 +323,7 @@ class Scheduler:
             work, result = works.get(seq.seq_id), out.sequences.get(seq.seq_id)
             if work is None or result is None:
                 continue
-            if isinstance(seq.state, BeamSearch):
+            if work.beam_scores is not None:
                 beams.setdefault((seq.state.num_rows, seq.state.keep), []).append((seq, result))
             elif seq.state.take(work, result):
                 self._stepped(seq, out, now, started, done)

@@ -90,28 +90,56 @@ def _processed(scores: torch.Tensor, works: list[SequenceWork], counts: list[int
     return scores
 
 
+@dataclass
+class _TokenRows:
+    """What the GREEDY / SAMPLE rows of a stage need, gathered in one pass over the works."""
+
+    logit_rows: list[int] = field(default_factory=list)  # each token row's row of logits
+    slots: list[int] = field(default_factory=list)
+    history: bool = False  # some work's processors read its history
+    blocked: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # eos ids -> rows
+    sampled: list[int] = field(default_factory=list)  # SAMPLE rows
+    specs: list = field(default_factory=list)  # their settings, keys and noise steps
+    keys: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+
 def launch(
     works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None
 ) -> Sampled:
     """Queue every request's choice on `logits` [rows, vocab] (the works' slots in order); the GREEDY and
     SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. Nothing is read back."""
     out = Sampled(works, logits.shape[-1])
-    offsets, row, token_rows = [], 0, []
+    offsets, row, rows = [], 0, _TokenRows()
     beams: dict[tuple[int, int], list[int]] = {}
     for i, w in enumerate(works):
+        spec, n = w.sampling, len(w.slots)
         offsets.append(row)
-        if w.sampling.mode is SamplerMode.BEAM:
-            beams.setdefault((len(w.slots), w.sampling.keep), []).append(i)
-        else:
-            out.token_works.append(i)
-            token_rows += range(row, row + len(w.slots))
-        row += len(w.slots)
+        if spec.mode is SamplerMode.BEAM:
+            beams.setdefault((n, spec.keep), []).append(i)
+            row += n
+            continue
+        t = len(rows.slots)
+        out.token_works.append(i)
+        rows.slots += w.slots
+        rows.logit_rows += range(row, row + n)
+        rows.history |= spec.reads_history
+        if w.generated < spec.min_new_tokens:
+            rows.blocked.setdefault(spec.eos_ids, []).extend(range(t, t + n))
+        if spec.mode is SamplerMode.SAMPLE:
+            rows.sampled += range(t, t + n)
+            rows.specs += [spec] * n
+            rows.keys += w.keys
+            rows.steps += [w.generated] * n
+        if spec.logprobs is not None:
+            out.lp_rows += range(t, t + n)
+        row += n
     if out.token_works:
-        rows = logits if len(token_rows) == row else logits[device_index(token_rows, logits.device)]
-        _choose_tokens(out, rows.float())
+        every = len(rows.logit_rows) == row
+        scores = logits if every else logits[device_index(rows.logit_rows, logits.device)]
+        _choose_tokens(out, scores.float(), rows)
         if slot_tokens is not None:
-            slots = [s for i in out.token_works for s in works[i].slots]
-            slot_tokens.index_copy_(0, device_index(slots, logits.device), out.tokens)
+            slot_tokens.index_copy_(0, device_index(rows.slots, logits.device), out.tokens)
     for group in beams.values():
         out.beams.append(
             (group, *_beam_candidates(logits, [works[i] for i in group], [offsets[i] for i in group]))
@@ -121,45 +149,40 @@ def launch(
     return out
 
 
-def _choose_tokens(out: Sampled, scores: torch.Tensor) -> None:
+def _choose_tokens(out: Sampled, scores: torch.Tensor, rows: _TokenRows) -> None:
     """The GREEDY and SAMPLE rows' tokens (and logprobs), from their rows of logits in fp32."""
-    works = [out.works[i] for i in out.token_works]
-    counts = [len(w.slots) for w in works]
-    scores = _processed(scores, works, counts)
-    sampled, specs, keys, steps = [], [], [], []
-    start = 0
-    for w, n in zip(works, counts, strict=True):
-        if w.sampling.mode is SamplerMode.SAMPLE:
-            sampled += range(start, start + n)
-            specs += [w.sampling] * n
-            keys += w.keys
-            steps += [w.generated] * n
-        if w.sampling.logprobs is not None:
-            out.lp_rows += range(start, start + n)
-        start += n
+    if rows.history:
+        works = [out.works[i] for i in out.token_works]
+        pieces, start = [], 0
+        for w in works:
+            piece = scores[start : start + len(w.slots)]
+            pieces.append(_history_processors(piece, w) if w.sampling.reads_history else piece)
+            start += len(w.slots)
+        scores = torch.cat(pieces)
+    for eos, blocked in rows.blocked.items():
+        scores = _block_eos(scores, blocked, eos)
+    sampled, specs = rows.sampled, rows.specs
     if sampled:
-        every = len(sampled) == start
-        rows = scores if every else scores[device_index(sampled, scores.device)]
+        every = len(sampled) == scores.shape[0]
+        index = None if every else device_index(sampled, scores.device)
         warped = warp_rows(
-            rows, [s.temperature for s in specs], [s.top_k for s in specs], [s.top_p for s in specs]
+            scores if every else scores[index],
+            [s.temperature for s in specs],
+            [s.top_k for s in specs],
+            [s.top_p for s in specs],
         )
-        meta = to_device(torch.tensor([keys, steps]), scores.device)
+        meta = to_device(torch.tensor([rows.keys, rows.steps]), scores.device)
         drawn = sample(warped, meta[0], meta[1])
         if every:
             out.tokens, scores = drawn, warped
         else:
-            index = device_index(sampled, scores.device)
             out.tokens = scores.argmax(-1).index_copy(0, index, drawn)
             if out.lp_rows:  # the sampled rows' log-probabilities are those of their warped scores
                 scores = scores.index_copy(0, index, warped)
     else:
         out.tokens = scores.argmax(-1)
     if out.lp_rows:
-        k = max(
-            out.works[i].sampling.logprobs
-            for i in out.token_works
-            if out.works[i].sampling.logprobs is not None
-        )
+        k = max(out.works[i].sampling.logprobs or 0 for i in out.token_works)
         index = device_index(out.lp_rows, scores.device)
         log_probs = scores[index].log_softmax(-1)
         chosen = log_probs.gather(1, out.tokens[index][:, None])[:, 0]

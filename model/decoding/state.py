@@ -91,6 +91,17 @@ class SampledRows:
     def decode_work(self, seq_id: int, slots: list[int]) -> SequenceWork | None:
         """The next decode step's work, or None when no row runs in it. Each row's input token is its
         slot's last pick, on the device (the sampler writes it there)."""
+        if len(self.rows) == 1:  # the common case, without the list work (host time per step)
+            row = self.rows[0]
+            made = len(row.tokens) + row.pending
+            if row.finish_reason is not None or made >= self.params.max_new_tokens:
+                return None
+            row.pending += 1
+            history = [self.prompt_ids + row.tokens] if self.spec.reads_history else None
+            position = [len(self.prompt_ids) + made - 1]
+            return SequenceWork(
+                seq_id, slots, self.spec, made, self.keys, "", [], position, [None], history, None, [0]
+            )
         rows = self.runnable()
         if not rows:
             return None
@@ -113,6 +124,8 @@ class SampledRows:
     def take(self, work: SequenceWork, out: SequenceOutput) -> int:
         """Append a step's tokens to the rows it ran; returns how many were appended (a row that ended
         before this step's token, launched ahead of its end, drops it)."""
+        if len(self.rows) == 1:
+            return self._take_one(out)
         appended = 0
         for j, (i, token) in enumerate(zip(work.rows, out.tokens, strict=True)):
             row = self.rows[i]
@@ -134,6 +147,24 @@ class SampledRows:
             reasons = {r.finish_reason for r in self.rows}
             self.finish_reason = FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
         return appended
+
+    def _take_one(self, out: SequenceOutput) -> int:
+        """`take` for one row (the common case), with no per-row loop."""
+        row = self.rows[0]
+        if row.pending:
+            row.pending -= 1
+        if row.finish_reason is not None:
+            return 0
+        token = out.tokens[0]
+        row.tokens.append(token)
+        if out.logprobs is not None and self.params.logprobs is not None:
+            row.logprobs.append(out.logprobs[0])
+        stopped = token in self.eos_ids and len(row.tokens) >= self.params.min_new_tokens
+        if stopped or (self.stop_check is not None and self.stop_check(row.tokens)):
+            row.finish_reason = self.finish_reason = FinishReason.STOP
+        elif len(row.tokens) >= self.params.max_new_tokens:
+            row.finish_reason = self.finish_reason = FinishReason.LENGTH
+        return 1
 
     def abort(self, reason: FinishReason) -> None:
         """The request left (cancelled, timed out): tokens of steps still in flight are dropped."""

@@ -37,7 +37,7 @@ class SamplingSpec:
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceWork:
     """One request's rows in this step, as plain data: the scheduler owns the request's state."""
 
@@ -68,7 +68,7 @@ class SequenceWork:
     rows: list[int] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceOutput:
     """What the runner's sampler chose for one request this step (plain data)."""
 

@@ -108,10 +108,9 @@ def _decode_inputs(works: list[SequenceWork]) -> DecodeInputs:
     for w in works:
         inputs.positions += w.positions
         inputs.slots += w.slots
-        for slot, token in zip(w.slots, w.tokens, strict=True):
-            if token is not None:
-                inputs.host_slots.append(slot)
-                inputs.host_tokens.append(token)
+        if w.tokens[0] is not None:  # a work's rows are all on the host (beams) or all on the device
+            inputs.host_slots += w.slots
+            inputs.host_tokens += w.tokens
     return inputs
 
 
