@@ -40,7 +40,9 @@ TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
 
 def _step(sched: Scheduler, now: float, started: float, **timings) -> list:
     plan, _ = sched.schedule(now=started)
-    out = FakeRunner().run(plan)
+    # One fake runner per scheduler: it learns each sequence's script at its prefill.
+    runner = sched.__dict__.setdefault("fake_runner", FakeRunner())
+    out = runner.run(plan)
     for k, v in timings.items():
         setattr(out, k, v)
     return sched.postprocess(plan, out, now=now, started=started)
