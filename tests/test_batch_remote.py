@@ -42,7 +42,7 @@ class Prioritised(FakeRequest):
 def test_scheduler_admits_by_priority_fifo_within_one() -> None:
     sched = Scheduler(num_slots=1, max_queue=16, max_batch_images=4, eos_ids=(99,), background_vision=False)
     order = [("low0", -10), ("low1", -10), ("mid", 0), ("high", 5), ("low2", -10), ("mid2", 0)]
-    seqs = {name: sched.add(Prioritised(1, name, prompt_ids=[51, 50, 2], priority=p)) for name, p in order}
+    seqs = {name: sched.add(Prioritised(1, name, text_ids=[51], priority=p)) for name, p in order}
     assert [s.request.image_key for s in sched.waiting] == ["high", "mid", "mid2", "low0", "low1", "low2"]
     finished = drive(sched, FakeRunner())
     assert [s.request.image_key for s in finished] == ["high", "mid", "mid2", "low0", "low1", "low2"]
