@@ -10,7 +10,7 @@ slots) and `decode` (one token per running sequence).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -50,8 +50,6 @@ def tf32_matmuls(on: bool) -> Iterator[None]:
 
 
 class Blip2ForConditionalGeneration(nn.Module):
-    tasks = ("caption", "vqa")
-
     def __init__(self, cfg: Blip2Config):
         super().__init__()
         self.cfg = cfg
@@ -87,42 +85,6 @@ class Blip2ForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.query_tokens.device
-
-    @property
-    def vqa_template(self) -> str:
-        """How a question is put to the model (the BLIP-2 paper's zero-shot VQA prompts)."""
-        if self.cfg.is_encoder_decoder:
-            return "Question: {question} Short answer:"
-        return "Question: {question} Answer:"
-
-    def text_ids(self, encode: Callable[[str], list[int]], prompt: str | None) -> list[int]:
-        """Prompt ids as the checkpoint's tokenizer makes them; no prompt (captioning) = BOS alone for
-        OPT, `</s>` alone for Flan-T5 (as BLIP-2's processor with no text)."""
-        if prompt:
-            ids = encode(prompt)
-        elif self.cfg.is_encoder_decoder:
-            ids = encode("")
-        else:
-            ids = [self.cfg.text.bos_token_id]
-        if self.cfg.image_token_index is not None and self.cfg.image_token_index in ids:
-            raise ValueError("the prompt must not contain the image placeholder token")
-        return ids
-
-    def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        """The token history the decoder starts from (repetition penalty, positions): placeholders and
-        prompt for OPT; for Flan-T5, whose prompt goes to the encoder, the decoder's start token."""
-        if self.cfg.is_encoder_decoder:
-            return [self.cfg.text.decoder_start_token_id]
-        # The `num_query_tokens` placeholders stand where the query embeddings go. Older configs have no
-        # placeholder id; the pad id then stands in (it only matters to repetition_penalty).
-        placeholder = self.cfg.image_token_index
-        if placeholder is None:
-            placeholder = self.cfg.text.pad_token_id
-        return [placeholder] * self.cfg.num_query_tokens + text_ids
-
-    def prompt_tokens(self, text_ids: Sequence[int]) -> int:
-        """Positions the prompt takes in the language model: the image queries, then the text."""
-        return self.cfg.num_query_tokens + len(text_ids)
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache | T5Cache:
         """The language model's cache for `num_slots` sequences of up to `max_len` positions."""

@@ -12,7 +12,6 @@ Both share `encode_images` (the ViT, once per image; the runner caches its outpu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -25,8 +24,6 @@ from .bert import BlipTextModel, key_mask, pad_ids
 from .blip2 import QFORMER_KEEP_IN_FP32
 from .vision import QFormerModel, VisionModel
 
-Encode = Callable[[str], list[int]]
-
 
 def similarity(image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """ITC score of one image's embeddings [Q, D] with texts [N, D]: the best query for each text [N]."""
@@ -34,12 +31,6 @@ def similarity(image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
 
 
 class _Retriever(nn.Module):
-    tasks = ("match", "embed")
-
-    def text_ids(self, encode: Encode, text: str) -> list[int]:
-        """The text as the checkpoint's tokenizer makes it (`[CLS] text [SEP]`)."""
-        return encode(text)
-
     @property
     def device(self) -> torch.device:
         return self.vision_model.post_layernorm.weight.device
@@ -68,10 +59,6 @@ class Blip2ForImageTextRetrieval(_Retriever):
         self.vision_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
         self.text_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
         self.itm_head = nn.Linear(q.hidden_size, 2)
-
-    @property
-    def max_text_positions(self) -> int:
-        return self.cfg.qformer.max_position_embeddings
 
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, S, Hv] -> [B, num_query_tokens, D]: each query's normalised embedding."""
@@ -121,10 +108,6 @@ class BlipForImageTextRetrieval(_Retriever):
         self.vision_proj = nn.Linear(cfg.vision.hidden_size, cfg.image_text_hidden_size)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.image_text_hidden_size)
         self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
-
-    @property
-    def max_text_positions(self) -> int:
-        return self.cfg.text.max_position_embeddings
 
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, S, Hv] -> [B, 1, D]: the normalised projection of the image's CLS feature."""

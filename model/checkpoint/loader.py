@@ -21,7 +21,7 @@ from torch import nn
 from ..arch.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
-from .config import Blip2Config, BlipConfig, read_config
+from .config import Blip2Config, BlipConfig, architecture, read_config
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 def model_class(cfg: Blip2Config | BlipConfig) -> type[nn.Module]:
     """The class `config.json`'s `architectures` names (a BLIP-2 generator when it names none)."""
-    default = "Blip2ForConditionalGeneration" if isinstance(cfg, Blip2Config) else ""
-    name = cfg.architectures[0] if cfg.architectures else default
+    name = architecture(cfg)
     if name not in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is not supported (supported: {sorted(ARCHITECTURES)})")
     return ARCHITECTURES[name]
