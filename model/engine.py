@@ -81,18 +81,21 @@ class Blip2Engine(Frontend):
         model_id: str = TINY_RANDOM,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
         """A hub id, a local checkpoint directory or "tiny-random", loaded on `device` ("cpu", "cuda",
         "cuda:N", "auto") in `dtype` ("float32", "float16", "bfloat16", "auto" / None: float32 on the CPU;
-        on CUDA bfloat16 for Flan-T5, else float16; see `model.placement`).
+        on CUDA bfloat16 for Flan-T5, else float16; see `model.placement`), its decode attention
+        `decode_attention`: "auto" (OPT's Triton kernels on CUDA where they pass their self-checks),
+        "sdpa" or "triton" (`model.kernels.backend`).
 
         Raises ValueError naming `device` or `dtype` when it is not one or CUDA is not available, before
         anything is fetched."""
         where, _ = resolve_device(device), parse_dtype(dtype)
         if model_id == TINY_RANDOM:
             with tempfile.TemporaryDirectory(prefix="blipserve-tiny-") as tmp:
-                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, where, dtype)
-        return cls._load(resolve_checkpoint(model_id), model_id, where, dtype)
+                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, where, dtype, decode_attention)
+        return cls._load(resolve_checkpoint(model_id), model_id, where, dtype, decode_attention)
 
     @classmethod
     def load_dir(
@@ -101,19 +104,25 @@ class Blip2Engine(Frontend):
         model_id: str,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
-        """The checkpoint in local directory `root`, served under the name `model_id` (`device` and
-        `dtype` as `from_pretrained`'s)."""
+        """The checkpoint in local directory `root`, served under the name `model_id` (`device`, `dtype`
+        and `decode_attention` as `from_pretrained`'s)."""
         where, _ = resolve_device(device), parse_dtype(dtype)
-        return cls._load(root, model_id, where, dtype)
+        return cls._load(root, model_id, where, dtype, decode_attention)
 
     @classmethod
     def _load(
-        cls, root: Path, model_id: str, device: torch.device, dtype: str | torch.dtype | None
+        cls,
+        root: Path,
+        model_id: str,
+        device: torch.device,
+        dtype: str | torch.dtype | None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
         cfg = read_config(root / "config.json")
         dtype = resolve_dtype(dtype, device, t5=getattr(cfg, "is_encoder_decoder", False))
-        model = load_model(root, dtype=dtype, device=device)
+        model = load_model(root, dtype=dtype, device=device, decode_attention=decode_attention)
         tokenizer = TextTokenizer.from_dir(root)
         processor = ImageProcessor.from_dir(root, default_size=model.cfg.vision.image_size)
         log.info("loaded %s on %s as %s", model_id, device, dtype)

@@ -92,12 +92,14 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     """The model of `settings` (from `root`, its local directory, when the caller has resolved it),
     served under `settings.model_name`."""
     device = resolve_device(settings.device)
+    # bitsandbytes' LLM.int8 layers go in after loading: the decode step stays on PyTorch's ops there.
+    attention = "sdpa" if settings.quantize == "llm.int8" else "auto"
     if root is None and settings.model == TINY_RANDOM:
-        engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype)
+        engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype, attention)
         engine.model_id = settings.model_name
     else:
         root = root or resolve_checkpoint(settings.model, settings.revision)
-        engine = Blip2Engine.load_dir(root, settings.model_name, device, settings.dtype)
+        engine = Blip2Engine.load_dir(root, settings.model_name, device, settings.dtype, attention)
     if settings.qformer_precision != "auto":
         if not hasattr(engine.model, "set_qformer_precision"):
             raise ValueError(

@@ -19,12 +19,16 @@ from torch import nn
 
 from ..checkpoint.config import BlipConfig
 from .bert import BlipTextLMHeadModel, BlipTextModel, pad_ids
+from .family import Capabilities
 from .kv_cache import AttnBatch, CrossCache
 from .vision import VisionModel
 
 
 class _BlipGenerator(nn.Module):
-    """What BLIP's captioning and VQA models share: the image stage and the cached text decoder."""
+    """What BLIP's captioning and VQA models share: the image stage and the cached text decoder (a
+    `GenerationModel`, `model.arch.family`)."""
+
+    capabilities = Capabilities(generates=True)
 
     def __init__(self, cfg: BlipConfig):
         super().__init__()
@@ -71,6 +75,10 @@ class _BlipGenerator(nn.Module):
         batch = AttnBatch.decode(slots, positions, kv_len, dense)
         hidden = self.text_decoder.bert.decode(tokens[:, None], batch, cache)
         return self.text_decoder.logits(hidden[:, 0])
+
+    def rows_logits(self, tokens: torch.Tensor, batch: AttnBatch, cache: CrossCache) -> torch.Tensor:
+        """Logits [N, T, vocab] (fp32) of token rows over a cached prefix (`model.runtime.scoring`)."""
+        return self.text_decoder.logits(self.text_decoder.bert.decode(tokens, batch, cache))
 
     def _start(self, slots: torch.Tensor, cache: CrossCache) -> torch.Tensor:
         """Run the decoder's first token, [DEC], at position 0 of `slots`."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint.config import Blip2Config, T5Config
 from ..runtime.device import device_index, to_device
+from .family import DECODE_ATTENTION, Capabilities
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
 from .t5 import KEEP_IN_FP32 as T5_KEEP_IN_FP32
@@ -50,15 +51,28 @@ def tf32_matmuls(on: bool) -> Iterator[None]:
 
 
 class Blip2ForConditionalGeneration(nn.Module):
-    def __init__(self, cfg: Blip2Config):
+    """A `GenerationModel` (`model.arch.family`); with OPT a `StaticPrefillModel` too."""
+
+    def __init__(self, cfg: Blip2Config, decode_attention: str = "sdpa"):
+        """`decode_attention`: "sdpa" (PyTorch's masked attention) or "triton" (OPT's decode kernels,
+        `model.kernels.backend.choose_decode_attention` picks it once they pass their self-checks)."""
         super().__init__()
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         self.cfg = cfg
         self.vision_model = VisionModel(cfg.vision)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
         self.qformer = QFormerModel(cfg.qformer)
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text_hidden)
         t5 = isinstance(cfg.text, T5Config)
-        self.language_model = (T5ForConditionalGeneration if t5 else OPTForCausalLM)(cfg.text)
+        if t5 and decode_attention != "sdpa":
+            raise ValueError("decode_attention 'triton' is for OPT language models, not Flan-T5")
+        self.capabilities = Capabilities(generates=True, static_prefill=not t5, decode_kernels=not t5)
+        self.decode_attention = decode_attention
+        if t5:
+            self.language_model = T5ForConditionalGeneration(cfg.text)
+        else:
+            self.language_model = OPTForCausalLM(cfg.text, decode_kernel=decode_attention == "triton")
         self.keep_in_fp32 = QFORMER_KEEP_IN_FP32 + tuple(
             rf"language_model\.{p}" for p in (T5_KEEP_IN_FP32 if t5 else ())
         )
@@ -190,6 +204,13 @@ class Blip2ForConditionalGeneration(nn.Module):
         lm.fill_cross(lm.encode(padded, lengths), lengths, slots, cache)
         start = torch.full_like(slots, lm.cfg.decoder_start_token_id)
         return lm.decode(start, torch.zeros_like(slots), slots, cache, 1)
+
+    def rows_logits(self, tokens: torch.Tensor, batch: AttnBatch, cache: KVCache | T5Cache) -> torch.Tensor:
+        """Logits [N, T, vocab] (fp32) of token rows over a cached prefix (`model.runtime.scoring`)."""
+        lm = self.language_model
+        if isinstance(lm, T5ForConditionalGeneration):
+            return lm.decode_tokens(tokens, batch, cache)
+        return lm.logits(lm(lm.token_embeddings(tokens), batch, cache))
 
     def decode(
         self,

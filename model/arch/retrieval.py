@@ -22,6 +22,7 @@ from ..checkpoint.config import Blip2Config, BlipConfig
 from ..runtime.plan import RetrievalOutput, RetrievalWork
 from .bert import BlipTextModel, key_mask, pad_ids
 from .blip2 import QFORMER_KEEP_IN_FP32
+from .family import Capabilities
 from .vision import QFormerModel, VisionModel
 
 
@@ -31,6 +32,10 @@ def similarity(image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
 
 
 class _Retriever(nn.Module):
+    """A `RetrievalModel` (`model.arch.family`): no cache, no generation."""
+
+    capabilities = Capabilities(retrieves=True)
+
     @property
     def device(self) -> torch.device:
         return self.vision_model.post_layernorm.weight.device

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.kv_cache import AttnBatch, CrossCache, KVCache
-from ..arch.t5 import T5ForConditionalGeneration
 from .device import device_index, to_device
 from .plan import ScoringOutput, ScoringWork
 
@@ -107,13 +105,7 @@ def _rows_logits(
         rows_cache = CrossCache(PrefixKV(cache.own, batch.slots, width), cache.cross, cache.lengths)
     else:
         rows_cache = PrefixKV(cache, batch.slots, width)
-    if isinstance(model, Blip2ForConditionalGeneration):
-        lm = model.language_model
-        if isinstance(lm, T5ForConditionalGeneration):
-            return lm.decode_tokens(tokens, batch, rows_cache)
-        return lm.logits(lm(lm.token_embeddings(tokens), batch, rows_cache))
-    decoder = model.text_decoder  # BLIP captioning and VQA
-    return decoder.logits(decoder.bert.decode(tokens, batch, rows_cache))
+    return model.rows_logits(tokens, batch, rows_cache)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
