@@ -43,8 +43,11 @@ class Add(msgspec.Struct, tag=True):
     # Retrieval ("match" or "embed", with each text's ids); "" for generation.
     task: str = ""
     texts: list[list[int]] = []
-    # Scoring (not empty): each candidate's token ids, scored after `text_ids` (no generation).
+    # Scoring (not empty): each candidate's token ids, scored after `text_ids` (no generation), and the
+    # prompt's positions in the decoder and in the text model's input (`ScoringRequest`).
     candidates: list[list[int]] = []
+    prefix_positions: int = 0
+    source_positions: int = 0
     # Admission order among waiting requests: higher first, FIFO within one (lower runs later).
     priority: int = 0
     # Send the request's stage timestamps back with its `Done` (the HTTP process traces it).
@@ -160,9 +163,9 @@ def decode_from_engine(data: bytes | memoryview) -> FromEngine:
 def add_message(
     req_id: int, request: object, timeout_s: float | None, stream: bool, trace: bool = False
 ) -> list:
-    """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or
-    ScoringRequest; `trace`: the engine
-    reports the request's stage timestamps with its `Done`."""
+    """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or ScoringRequest, as the
+    HTTP process built it (the engine unpacks it, `server.engine_process.request_from_message`);
+    `trace`: the engine reports the request's stage timestamps with its `Done`."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None
     if pixels is not None and pixels.dtype != torch.uint8:
@@ -171,7 +174,9 @@ def add_message(
     if isinstance(request, RetrievalRequest):
         fields = {"task": request.task, "texts": request.texts}
     elif isinstance(request, ScoringRequest):
-        fields = {"text_ids": request.text_ids, "candidates": request.candidates}
+        fields = {
+            f: getattr(request, f) for f in ("text_ids", "candidates", "prefix_positions", "source_positions")
+        }
     else:
         fields = {f: getattr(request, f) for f in ("text_ids", "prompt_ids", "params", "positions")}
     fields["priority"] = getattr(request, "priority", 0)

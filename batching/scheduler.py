@@ -93,7 +93,9 @@ class Sequence:
 
     def scoring(self) -> ScoringWork:
         r = self.request
-        return ScoringWork(self.seq_id, r.image_key, r.text_ids, r.candidates)
+        return ScoringWork(
+            self.seq_id, r.image_key, r.text_ids, r.candidates, r.prefix_positions, r.source_positions
+        )
 
     def timestamps(self) -> dict[str, float]:
         """Its stage boundaries in seconds since the Unix epoch (for `Done.timestamps`): "arrived",

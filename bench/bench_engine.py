@@ -94,7 +94,7 @@ VARIANTS = {
     "no-graphs": DecodeOptions(cuda_graphs=False),  # the same step, launched eagerly
     "no-overlap": DecodeOptions(overlap=False),  # each step's tokens read before the next is launched
     "no-prefill-graphs": DecodeOptions(prefill_graphs=False),  # prefill eagerly, at exact shapes
-    "sdpa": DecodeOptions(attention_kernel=False),  # decode attention by masked SDPA, not the kernel
+    # (SDPA decode attention instead of the kernel is a load option now: decode_attention="sdpa".)
     "gathered": DecodeOptions(static=False),  # rows gathered from their cache slots, exact shapes
 }
 

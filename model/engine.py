@@ -11,102 +11,54 @@ its requests and steps the loop until they finish (nano-vllm's `LLM.generate`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .checkpoint.config import read_config
-from .checkpoint.loader import build_empty, load_model, resolve_checkpoint
+from .checkpoint.loader import load_model, resolve_checkpoint
 from .checkpoint.tiny import write_tiny_checkpoint
 from .data.image import ImageProcessor
-from .data.textstream import cut_at_stop, stop_checker
 from .data.tokenizer import TextTokenizer
-from .decoding.generation import FinishReason, SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .decoding.generation import SamplingParams
+from .frontend import Completion, Frontend, GenerationRequest, GenerationResult, needed_positions
 from .placement import parse_dtype, resolve_device, resolve_dtype
+from .processing import input_processor
 from .runtime.options import DecodeOptions
 from .runtime.plan import (
     RetrievalOutput,
     RetrievalRequest,
     RetrievalWork,
-    ScoringOutput,
     ScoringRequest,
     ScoringWork,
     StepOutput,
     StepPlan,
 )
 from .runtime.runner import ModelRunner
-from .runtime.scoring import ScoringResult, candidate_ids, rank
+from .runtime.scoring import ScoringResult
 
 log = logging.getLogger(__name__)
+
+# Request and result types live with the `Frontend`; imported from here as before.
+__all__ = [
+    "TINY_RANDOM",
+    "Blip2Engine",
+    "Completion",
+    "GenerationRequest",
+    "GenerationResult",
+    "needed_positions",
+]
 
 TINY_RANDOM = "tiny-random"
 
 
-@dataclass
-class GenerationRequest:
-    """A request ready for the scheduler: preprocessed image and tokenized prompt."""
+class Blip2Engine(Frontend):
+    """A `Frontend` (requests, results) with the model behind it: the offline API."""
 
-    # [3, H, W] float32 on the CPU, or [H, W, 3] uint8 before normalising (`ImageProcessor.rgb`).
-    pixel_values: torch.Tensor
-    image_key: str  # content hash of pixel_values: equal images share one vision pass
-    text_ids: list[int]  # prompt ids after the image placeholders (BOS first)
-    # The decoder's token history: placeholders + text_ids for OPT; Flan-T5's decoder start token alone.
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop_check: StopCheck | None = None  # set when params.stop has stop strings
-    # Cache positions the request needs: its prompt and answer but the answer's last token (Flan-T5:
-    # the longer of the encoder's input and the decoder's start token + answer; `needed_positions`).
-    positions: int = 0
-    # Admission order among waiting requests: higher first, FIFO within one (`batching.scheduler`).
-    priority: int = 0
-
-
-@dataclass
-class Completion:
-    """One output: text (cut before any stop string), its token ids, why it ended."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason  # stop | length
-    logprobs: list[TokenLogprob] | None = None  # one per token id, when requested
-
-
-@dataclass
-class GenerationResult:
-    outputs: list[Completion]  # n of them, the best first for beams
-    prompt_tokens: int
-
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
-
-    @property
-    def finish_reason(self) -> FinishReason:
-        return self.outputs[0].finish_reason
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.outputs)
-
-
-def needed_positions(prompt: int, max_new_tokens: int) -> int:
-    """Positions a sequence of `prompt` tokens takes in the decoder's cache (and position embeddings)
-    to generate `max_new_tokens`: each new token but the last is fed back (as in transformers, whose
-    `generate` never runs the model on its final token), so prompt + max_new_tokens - 1."""
-    return prompt + max_new_tokens - 1
-
-
-class Blip2Engine:
     def __init__(
         self,
         model: torch.nn.Module,
@@ -114,14 +66,10 @@ class Blip2Engine:
         image_processor: ImageProcessor,
         model_id: str,
     ):
+        super().__init__(input_processor(model.cfg, tokenizer), image_processor, model_id)
         self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.model_id = model_id
-        self.cfg = model.cfg
         self.device = model.device
         self.dtype = model.lm_dtype
-        self.eos_ids = self.cfg.eos_token_ids
         self.decode_options = DecodeOptions()
         # With CUDA graphs, offline calls keep their runner (and its captured graphs) while it fits.
         self._offline_runner: ModelRunner | None = None
@@ -132,18 +80,21 @@ class Blip2Engine:
         model_id: str = TINY_RANDOM,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
         """A hub id, a local checkpoint directory or "tiny-random", loaded on `device` ("cpu", "cuda",
         "cuda:N", "auto") in `dtype` ("float32", "float16", "bfloat16", "auto" / None: float32 on the CPU;
-        on CUDA bfloat16 for Flan-T5, else float16; see `model.placement`).
+        on CUDA bfloat16 for Flan-T5, else float16; see `model.placement`), its decode attention
+        `decode_attention`: "auto" (OPT's Triton kernels on CUDA where they pass their self-checks),
+        "sdpa" or "triton" (`model.kernels.backend`).
 
         Raises ValueError naming `device` or `dtype` when it is not one or CUDA is not available, before
         anything is fetched."""
         where, _ = resolve_device(device), parse_dtype(dtype)
         if model_id == TINY_RANDOM:
             with tempfile.TemporaryDirectory(prefix="blipserve-tiny-") as tmp:
-                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, where, dtype)
-        return cls._load(resolve_checkpoint(model_id), model_id, where, dtype)
+                return cls._load(write_tiny_checkpoint(tmp), TINY_RANDOM, where, dtype, decode_attention)
+        return cls._load(resolve_checkpoint(model_id), model_id, where, dtype, decode_attention)
 
     @classmethod
     def load_dir(
@@ -152,58 +103,29 @@ class Blip2Engine:
         model_id: str,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
-        """The checkpoint in local directory `root`, served under the name `model_id` (`device` and
-        `dtype` as `from_pretrained`'s)."""
+        """The checkpoint in local directory `root`, served under the name `model_id` (`device`, `dtype`
+        and `decode_attention` as `from_pretrained`'s)."""
         where, _ = resolve_device(device), parse_dtype(dtype)
-        return cls._load(root, model_id, where, dtype)
+        return cls._load(root, model_id, where, dtype, decode_attention)
 
     @classmethod
     def _load(
-        cls, root: Path, model_id: str, device: torch.device, dtype: str | torch.dtype | None
+        cls,
+        root: Path,
+        model_id: str,
+        device: torch.device,
+        dtype: str | torch.dtype | None,
+        decode_attention: str = "auto",
     ) -> Blip2Engine:
         cfg = read_config(root / "config.json")
         dtype = resolve_dtype(dtype, device, t5=getattr(cfg, "is_encoder_decoder", False))
-        model = load_model(root, dtype=dtype, device=device)
+        model = load_model(root, dtype=dtype, device=device, decode_attention=decode_attention)
         tokenizer = TextTokenizer.from_dir(root)
         processor = ImageProcessor.from_dir(root, default_size=model.cfg.vision.image_size)
         log.info("loaded %s on %s as %s", model_id, device, dtype)
         return cls(model, tokenizer, processor, model_id)
-
-    @classmethod
-    def frontend(cls, root: Path, model_id: str) -> Blip2Engine:
-        """Tokenizer, image processor and prompt rules of a checkpoint without its weights (the modules
-        live on the meta device): what an HTTP process needs to build requests for an engine process
-        and to turn its token ids into text. Running the model on it fails."""
-        cfg = read_config(root / "config.json")
-        model = build_empty(cfg, torch.float32, torch.device("meta"))
-        tokenizer = TextTokenizer.from_dir(root)
-        processor = ImageProcessor.from_dir(root, default_size=cfg.vision.image_size)
-        return cls(model, tokenizer, processor, model_id)
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        """What the checkpoint serves: "caption", "vqa" (generation) or "match", "embed" (retrieval)."""
-        return self.model.tasks
-
-    @property
-    def max_positions(self) -> int:
-        """Positions of the text model: the language model's, or the retrieval text encoder's."""
-        return getattr(self.model, "max_text_positions", None) or self.cfg.max_text_positions
-
-    def retrieval_request(
-        self, task: str, pixels: torch.Tensor | None, image_key: str, texts: Sequence[str]
-    ) -> RetrievalRequest:
-        """A match (image + texts) or embed (image and/or texts) request for a retrieval checkpoint."""
-        if "match" not in self.tasks:
-            raise ValueError(f"model {self.model_id} does not match or embed: it serves {self.tasks}")
-        if task == "match" and (pixels is None or not texts):
-            raise ValueError("match needs an image and at least one text")
-        ids = [self.model.text_ids(self.tokenizer.encode, t) for t in texts]
-        for i, row in enumerate(ids):
-            if len(row) > self.max_positions:
-                raise ValueError(f"texts[{i}]: {len(row)} tokens, more than the model's {self.max_positions}")
-        return RetrievalRequest(task, pixels, image_key if pixels is not None else "", ids)
 
     def retrieve(self, requests: list[RetrievalRequest]) -> list[RetrievalOutput]:
         """Answer retrieval requests offline, in one step (one vision batch)."""
@@ -217,40 +139,15 @@ class Blip2Engine:
         pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
         return self.retrieve([self.retrieval_request("match", pixels, "image", texts)])[0]
 
-    def scoring_request(
-        self, pixels: torch.Tensor, image_key: str, prompt: str | None, candidates: Sequence[str]
-    ) -> ScoringRequest:
-        """A request to score `candidates` given the image and the prompt (`model.runtime.scoring`);
-        ValueError for a retrieval model, no candidates, a blank one, or one past the model's positions."""
-        if "caption" not in self.tasks and "vqa" not in self.tasks:
-            raise ValueError(f"model {self.model_id} generates no text to score: it serves {self.tasks}")
-        if not candidates:
-            raise ValueError("candidates: give at least one")
-        text_ids = self.text_ids(prompt)
-        prefix = len(self.prompt_ids(text_ids))
-        ids = [candidate_ids(self.model, self.tokenizer, prompt, c) for c in candidates]
-        for i, row in enumerate(ids):
-            if not row:
-                raise ValueError(f"candidates[{i}]: empty")
-            if max(prefix + len(row), self.model.prompt_tokens(text_ids)) > self.max_positions:
-                raise ValueError(
-                    f"candidates[{i}]: the prompt ({prefix} positions) and its {len(row)} tokens exceed "
-                    f"the model's {self.max_positions} positions"
-                )
-        return ScoringRequest(pixels, image_key, text_ids, ids)
-
     def run_scorings(self, requests: list[ScoringRequest], texts: list[list[str]]) -> list[ScoringResult]:
         """Score requests offline in one step (one vision batch); `texts`: each request's candidates."""
-        works = [ScoringWork(i, r.image_key, r.text_ids, r.candidates) for i, r in enumerate(requests)]
+        works = [
+            ScoringWork(i, r.image_key, r.text_ids, r.candidates, r.prefix_positions, r.source_positions)
+            for i, r in enumerate(requests)
+        ]
         images = {r.image_key: r.pixel_values for r in requests}
         out = self._runner_for(1, 1).run(StepPlan(images=images, scorings=works))
         return [self.scoring_result(r, texts[i], out.scorings[i]) for i, r in enumerate(requests)]
-
-    def scoring_result(
-        self, request: ScoringRequest, texts: Sequence[str], output: ScoringOutput
-    ) -> ScoringResult:
-        """The candidates ranked by their summed log-probability (`ScoringOutput` -> `ScoringResult`)."""
-        return rank(list(texts), output, self.model.prompt_tokens(request.text_ids))
 
     def score(
         self, image: Image.Image | torch.Tensor, prompt: str | None, candidates: Sequence[str]
@@ -262,53 +159,6 @@ class Blip2Engine:
         pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
         request = self.scoring_request(pixels, "image", prompt, candidates)
         return self.run_scorings([request], [list(candidates)])[0]
-
-    def text_ids(self, prompt: str | None) -> list[int]:
-        """Prompt ids as the model family takes them (see each model's `text_ids`)."""
-        return self.model.text_ids(self.tokenizer.encode, prompt)
-
-    def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        """The token history the decoder starts from (repetition penalty, positions)."""
-        return self.model.prompt_ids(text_ids)
-
-    def image_key(self, pixel_values: torch.Tensor) -> str:
-        # sha256 runs at ~1.4 GB/s here, blake2b at ~0.5: this hash is on the request path.
-        return hashlib.sha256(pixel_values.numpy().tobytes()).hexdigest()
-
-    def prepare(
-        self, image: Image.Image | torch.Tensor, prompt: str | None, params: SamplingParams
-    ) -> GenerationRequest:
-        pixels = image if isinstance(image, torch.Tensor) else self.image_processor.preprocess(image)
-        return self.request(pixels, self.image_key(pixels), prompt, params)
-
-    def request(
-        self, pixels: torch.Tensor, image_key: str, prompt: str | None, params: SamplingParams
-    ) -> GenerationRequest:
-        """A request for preprocessed pixels whose content key the caller already has."""
-        text_ids = self.text_ids(prompt)
-        prompt_ids = self.prompt_ids(text_ids)
-        encoder = self.model.prompt_tokens(text_ids)
-        positions = max(needed_positions(len(prompt_ids), params.max_new_tokens), encoder)
-        if positions > self.max_positions:
-            raise ValueError(
-                f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) - 1 "
-                f"exceeds the model's {self.max_positions} positions (the last new token takes none)"
-            )
-        check = stop_checker(self.tokenizer.continuation(prompt_ids), params.stop) if params.stop else None
-        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
-
-    def completion(self, out: TokenOutput, request: GenerationRequest) -> Completion:
-        """Text of one output, decoded after the request's prompt (`TextTokenizer.decode`); a stop
-        string (seen in a beam hypothesis too) cuts it and means "stop"."""
-        text = self.tokenizer.decode(out.tokens, request.prompt_ids)
-        text, stopped = cut_at_stop(text, request.params.stop)
-        reason = FinishReason.STOP if stopped else out.finish_reason or FinishReason.LENGTH
-        return Completion(text, out.tokens, reason, out.logprobs)
-
-    def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
-        """Texts of a finished request's token outputs."""
-        completions = [self.completion(out, request) for out in outputs]
-        return GenerationResult(completions, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(
         self,

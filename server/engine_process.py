@@ -29,9 +29,11 @@ from model import placement
 from model.checkpoint.loader import resolve_checkpoint
 from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
+from model.request_checks import RequestGuard
 from model.runtime.options import DecodeOptions
 from model.runtime.plan import RetrievalRequest, ScoringRequest
 from model.runtime.quant import weight_bytes
+from model.runtime.runner import ModelRunner
 
 from .logs import exit_now
 from .metrics import Metrics
@@ -76,20 +78,28 @@ def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> En
         settings.background_vision if settings.background_vision is not None else on_cuda,
     )
     overlap = settings.overlap if settings.overlap is not None else on_cuda
-    metrics.prompt_length = getattr(engine.model, "prompt_tokens", len)
+    metrics.prompt_length = engine.processor.prompt_tokens
     return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
+
+
+def engine_guard(engine: Blip2Engine, runner: ModelRunner) -> RequestGuard:
+    """The checks that protect this engine from a request it is sent (its image side, cache, slots)."""
+    side = engine.image_processor
+    return RequestGuard(engine.processor, side.height, side.width, runner.max_len, runner.num_slots)
 
 
 def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     """The model of `settings` (from `root`, its local directory, when the caller has resolved it),
     served under `settings.model_name`."""
     device = resolve_device(settings.device)
+    # bitsandbytes' LLM.int8 layers go in after loading: the decode step stays on PyTorch's ops there.
+    attention = "sdpa" if settings.quantize == "llm.int8" else "auto"
     if root is None and settings.model == TINY_RANDOM:
-        engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype)
+        engine = Blip2Engine.from_pretrained(settings.model, device, settings.dtype, attention)
         engine.model_id = settings.model_name
     else:
         root = root or resolve_checkpoint(settings.model, settings.revision)
-        engine = Blip2Engine.load_dir(root, settings.model_name, device, settings.dtype)
+        engine = Blip2Engine.load_dir(root, settings.model_name, device, settings.dtype, attention)
     if settings.qformer_precision != "auto":
         if not hasattr(engine.model, "set_qformer_precision"):
             raise ValueError(
@@ -107,28 +117,40 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     return engine
 
 
-def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, object], object]:
+def request_from_message(guard: RequestGuard, stops: Blip2Engine) -> Callable[[Add, object], object]:
+    """The engine's request of an `Add` message: its fields unpacked as the HTTP process built them,
+    checked only for what would harm the engine (`model.request_checks`: sizes, slots, token ids);
+    ValueError (a 422) otherwise. `stops`: the tokenizer that reads stop strings."""
+
     def build(msg: Add, pixels: object) -> object:
         if msg.task:
-            return RetrievalRequest(msg.task, pixels, msg.image_key, msg.texts)
-        if msg.candidates:
-            if pixels is None or not all(msg.candidates):
-                raise ValueError("a scoring request needs an image and candidates of one token or more")
-            return ScoringRequest(pixels, msg.image_key, msg.text_ids, msg.candidates, msg.priority)
-        if msg.params is None or msg.positions > max_len:
-            raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
-        stop = msg.params.stop
-        check = stop_checker(engine.tokenizer.continuation(msg.prompt_ids), stop) if stop else None
-        return GenerationRequest(
-            pixels,
-            msg.image_key,
-            msg.text_ids,
-            msg.prompt_ids,
-            msg.params,
-            check,
-            msg.positions,
-            msg.priority,
-        )
+            request = RetrievalRequest(msg.task, pixels, msg.image_key, msg.texts)
+        elif msg.candidates:
+            request = ScoringRequest(
+                pixels,
+                msg.image_key,
+                msg.text_ids,
+                msg.candidates,
+                msg.prefix_positions,
+                msg.source_positions,
+                msg.priority,
+            )
+        elif msg.params is None:
+            raise ValueError("params: a generation request needs its sampling settings")
+        else:
+            stop = msg.params.stop
+            check = stop_checker(stops.tokenizer.continuation(msg.prompt_ids), stop) if stop else None
+            request = GenerationRequest(
+                pixels,
+                msg.image_key,
+                msg.text_ids,
+                msg.prompt_ids,
+                msg.params,
+                check,
+                msg.positions,
+                msg.priority,
+            )
+        return guard.check(request)
 
     return build
 
@@ -165,7 +187,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
     info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
-    build = request_from_message(engine, loop.runner.max_len)
+    build = request_from_message(engine_guard(engine, loop.runner), engine)
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)

@@ -6,7 +6,10 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from model.decoding.generation import MAX_NO_REPEAT_NGRAM, MIN_DIVISOR
+from model.decoding.generation import SAMPLING_BOUNDS
+
+# Each setting's range, as `SamplingParams` checks it (one source for both).
+_B = {name: bound.kwargs() for name, bound in SAMPLING_BOUNDS.items()}
 
 # A question or text in a list: each item is checked, and an error names it (`questions[1]`).
 Text = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
@@ -17,22 +20,26 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the server's (30)")
-    min_new_tokens: int = Field(0, ge=0)
-    num_beams: int | None = Field(None, ge=1, description="1 = greedy (default); the paper captions with 5")
-    length_penalty: float = Field(1.0, ge=-10, le=10)
-    do_sample: bool = False
-    temperature: float = Field(1.0, ge=MIN_DIVISOR, le=10)
-    top_k: int = Field(50, ge=0, le=10_000)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, ge=MIN_DIVISOR, le=10)
-    no_repeat_ngram_size: int = Field(
-        0, ge=0, le=MAX_NO_REPEAT_NGRAM, description="no n-gram of this many tokens twice (0: off)"
+    max_new_tokens: int | None = Field(None, **_B["max_new_tokens"], description="default: the server's (30)")
+    min_new_tokens: int = Field(0, **_B["min_new_tokens"])
+    num_beams: int | None = Field(
+        None, **_B["num_beams"], description="1 = greedy (default); the paper captions with 5"
     )
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, description="outputs per image: the n best beams (num_beams >= n) or n samples")
+    length_penalty: float = Field(1.0, **_B["length_penalty"])
+    do_sample: bool = False
+    temperature: float = Field(1.0, **_B["temperature"])
+    top_k: int = Field(50, **_B["top_k"])
+    top_p: float = Field(1.0, **_B["top_p"])
+    repetition_penalty: float = Field(1.0, **_B["repetition_penalty"])
+    no_repeat_ngram_size: int = Field(
+        0, **_B["no_repeat_ngram_size"], description="no n-gram of this many tokens twice (0: off)"
+    )
+    seed: int | None = Field(None, **_B["seed"])
+    n: int = Field(
+        1, **_B["n"], description="outputs per image: the n best beams (num_beams >= n) or n samples"
+    )
     logprobs: int | None = Field(
-        None, ge=0, le=5, description="per token: its log-probability and this many top alternatives"
+        None, **_B["logprobs"], description="per token: its log-probability and this many top alternatives"
     )
     stop: list[str] | None = Field(
         None, max_length=4, description="up to 4 strings; generation ends at one, cut from the text"

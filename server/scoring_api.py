@@ -58,10 +58,14 @@ def scoring_request(
     the field as sent (`job.field`: "question", "questions[1]", "prompt") for a prompt that is too long,
     and `candidates[i]` for a candidate that is."""
     s = svc.settings
-    if job.prompt is not None and svc.engine.tokenizer.count(job.prompt) > s.max_prompt_tokens:
+    try:
+        inputs = svc.engine.processor.prompt(job.prompt)  # tokenized once
+    except ValueError as exc:
+        raise ApiError(422, f"{job.field}: {exc}", param=job.field) from None
+    if job.prompt is not None and inputs.text_tokens > s.max_prompt_tokens:
         raise ApiError(422, f"{job.field}: longer than {s.max_prompt_tokens} tokens", param=job.field)
     try:
-        request = svc.engine.scoring_request(image.pixel_values, image.key, job.prompt, candidates)
+        request = svc.engine.scoring_request(image.pixel_values, image.key, job.prompt, candidates, inputs)
     except ValueError as exc:
         raise ApiError(422, str(exc), param="candidates") from None
     for i, ids in enumerate(request.candidates):

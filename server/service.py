@@ -17,8 +17,8 @@ from PIL import Image
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler
 from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
 from batching.protocol import Done
-from model.decoding.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
-from model.engine import Blip2Engine, GenerationRequest, GenerationResult
+from model.decoding.generation import MAX_LOGPROBS, SamplingError, SamplingParams, TokenOutput
+from model.frontend import Frontend, GenerationRequest, GenerationResult
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
@@ -44,14 +44,15 @@ class Outcome:
 
 
 class Service:
-    """What the HTTP routes use: the request rules (`engine`: tokenizer, image processor, prompts; in
-    process mode without weights) and a client of the engine (`client`), in this process (`engine:
-    thread`) or in an engine process of its own (`engine: process`, the default)."""
+    """What the HTTP routes use: the request rules (`engine`: a `Frontend`, with tokenizer, image
+    processor and prompt rules and no model in process mode; the `Blip2Engine` with `engine: thread`)
+    and a client of the engine (`client`), in this process (`engine: thread`) or in an engine process
+    of its own (`engine: process`, the default)."""
 
     def __init__(
         self,
         settings: Settings,
-        engine: Blip2Engine,
+        engine: Frontend,
         client: EngineClient,
         owner: EngineProcess | None = None,
     ):
@@ -84,7 +85,7 @@ class Service:
             owner = EngineGroup(settings)
             handle = owner.start()
         if isinstance(handle, list) and len(handle) > 1:
-            frontend = Blip2Engine.frontend(Path(handle[0].root), handle[0].model_id)
+            frontend = Frontend.from_dir(Path(handle[0].root), handle[0].model_id)
             client = DataParallelClient(handle, settings.dp_routing, settings.min_ready_engines)
             return cls(settings, frontend, client, owner)
         if isinstance(handle, list):
@@ -93,7 +94,7 @@ class Service:
             owner = EngineProcess(settings)
             handle = owner.start()
         alive = owner.alive if owner is not None else (lambda: pid_alive(handle.pid))
-        frontend = Blip2Engine.frontend(Path(handle.root), handle.model_id)
+        frontend = Frontend.from_dir(Path(handle.root), handle.model_id)
         return cls(settings, frontend, ProcessClient(handle.address, alive), owner)
 
     @property
@@ -161,7 +162,7 @@ class Service:
 
     @property
     def vqa_template(self) -> str:
-        return self.settings.vqa_template or self.engine.model.vqa_template
+        return self.settings.vqa_template or self.engine.vqa_template
 
     def require(self, task: str, route: str) -> None:
         """400 when the loaded checkpoint does not do `task` (a VQA model asked for a caption...)."""
@@ -192,20 +193,17 @@ class Service:
             raise refuse("max_new_tokens", f"at most {s.max_new_tokens_limit} on this server")
         if beams > s.max_beams:
             raise refuse("num_beams", f"at most {s.max_beams} on this server")
-        if p.min_new_tokens > max_new:
-            raise refuse("min_new_tokens", f"must not exceed max_new_tokens ({max_new})")
-        if p.do_sample and beams > 1:
-            raise refuse("do_sample", "sampling with num_beams > 1 is not supported")
         if p.n > s.max_n:
             raise refuse("n", f"at most {s.max_n} on this server")
-        if p.n > 1 and not p.do_sample and beams < p.n:
-            raise refuse("n", f"{p.n} outputs need do_sample or num_beams >= n (num_beams is {beams})")
         fields = p.model_dump(
             exclude={"max_new_tokens", "num_beams", "stream", "stop"},
             include=set(GenerationParams.model_fields),
         )
         stop = tuple(p.stop or ())
-        return SamplingParams(max_new_tokens=max_new, num_beams=beams, stop=stop, **fields)
+        try:  # the rules of the settings together (min_new_tokens, do_sample, n) are SamplingParams'
+            return SamplingParams(max_new_tokens=max_new, num_beams=beams, stop=stop, **fields)
+        except SamplingError as exc:
+            raise refuse(exc.field, exc.problem) from None
 
     async def fetch(self, item: bytes | str, field: str = "image") -> bytes:
         """The image's bytes: `item` itself, or fetched from its URL (`field`: where the user sent it)."""
@@ -266,10 +264,11 @@ class Service:
         sent them (`names`: e.g. {"prompt": "question"} on /vqa); `priority`: the scheduler admits
         higher ones first (see `batching.scheduler`)."""
         where = named("prompt", names)
-        if prompt is not None and self.engine.tokenizer.count(prompt) > self.settings.max_prompt_tokens:
-            raise ApiError(422, f"{where}: longer than {self.settings.max_prompt_tokens} tokens", param=where)
-        try:
-            request = self.engine.request(image.pixel_values, image.key, prompt, params)
+        try:  # tokenized once, here: the engine takes the ids as they are
+            inputs = self.engine.processor.prompt(prompt)
+            if prompt is not None and inputs.text_tokens > self.settings.max_prompt_tokens:
+                raise ValueError(f"prompt: longer than {self.settings.max_prompt_tokens} tokens")
+            request = self.engine.request(image.pixel_values, image.key, inputs, params)
         except ValueError as exc:  # in the Python API's words ("prompt", "max_new_tokens")
             raise ApiError(422, in_users_words(str(exc), names), param=where) from None
         if request.positions > self.max_len:
@@ -346,12 +345,10 @@ class Service:
         return Outcome(result, done.queue_s)
 
     def retrieval_request(self, task: str, image: Prepared | None, texts: list[str]) -> RetrievalRequest:
-        for i, text in enumerate(texts):
-            if self.engine.tokenizer.count(text) > self.settings.max_prompt_tokens:
-                raise ApiError(422, f"texts[{i}]: longer than {self.settings.max_prompt_tokens} tokens")
         pixels, key = (image.pixel_values, image.key) if image is not None else (None, "")
         try:
-            return self.engine.retrieval_request(task, pixels, key, texts)
+            limit = self.settings.max_prompt_tokens
+            return self.engine.retrieval_request(task, pixels, key, texts, limit)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
 

@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from model.data.textstream import TextStream
 from model.decoding.generation import TokenLogprob, TokenOutput
-from model.engine import Blip2Engine, GenerationRequest, GenerationResult
+from model.frontend import Frontend, GenerationRequest, GenerationResult
 
 from .service import Outcome
 
@@ -64,7 +64,7 @@ class Update:
 class OutputStreams:
     """Deltas of each of a request's outputs, from engine progress snapshots and then the final result."""
 
-    def __init__(self, engine: Blip2Engine, request: GenerationRequest):
+    def __init__(self, engine: Frontend, request: GenerationRequest):
         # Each output's text so far, decoded after the prompt (a first token may be a word's `##` end).
         self.decode = engine.tokenizer.continuation(request.prompt_ids)
         self.stop = request.params.stop

@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -93,18 +92,23 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
     assert sorted(finished) == ["high", "low0", "low1", "low2", "low3"]
 
 
-def test_priority_crosses_to_the_engine_process() -> None:
-    from model.engine import GenerationRequest
+def test_priority_crosses_to_the_engine_process(tmp_path) -> None:
+    from model.checkpoint.tiny import write_tiny_checkpoint
+    from model.frontend import Frontend
+    from model.request_checks import RequestGuard
     from server.engine_process import request_from_message
 
-    request = GenerationRequest(
-        torch.zeros(3, 4, 4), "k", [2], [2], SamplingParams(max_new_tokens=3), priority=-10
+    frontend = Frontend.from_dir(write_tiny_checkpoint(tmp_path), "tiny")
+    side = frontend.image_processor
+    request = frontend.request(
+        torch.zeros(3, side.height, side.width), "k", None, SamplingParams(max_new_tokens=3)
     )
+    request.priority = -10
     frames = add_message(7, request, None, False)
     msg = decode_to_engine(frames[0])
     assert msg.priority == -10
-    engine = SimpleNamespace(tokenizer=None)
-    assert request_from_message(engine, 100)(msg, request.pixel_values).priority == -10
+    guard = RequestGuard(frontend.processor, side.height, side.width, 100, 2)
+    assert request_from_message(guard, frontend)(msg, request.pixel_values).priority == -10
 
 
 def test_priority_in_the_api(root) -> None:

@@ -245,13 +245,15 @@ def test_prefill_graphs_replay_the_fixed_shape_prefill(checkpoints):
 
 
 def test_the_triton_decode_attention_passes_its_self_check_and_agrees_with_sdpa(checkpoints):
-    engine = Blip2Engine.from_pretrained(str(checkpoints("pre_ln")[0]), device="cuda", dtype=torch.float16)
-    side = engine.image_processor.height
-    pixels = list(torch.randn(6, 3, side, side, generator=torch.Generator().manual_seed(9)))
+    root = str(checkpoints("pre_ln")[0])
     outs = {}
     for kernel in (True, False):
-        engine.decode_options = DecodeOptions(attention_kernel=kernel)
+        backend = "triton" if kernel else "sdpa"
+        engine = Blip2Engine.from_pretrained(root, "cuda", torch.float16, decode_attention=backend)
+        side = engine.image_processor.height
+        pixels = list(torch.randn(6, 3, side, side, generator=torch.Generator().manual_seed(9)))
         outs[kernel] = [r.token_ids for r in engine.generate(pixels, None, SamplingParams(max_new_tokens=12))]
         assert engine.model.language_model.decode_kernel is kernel  # the self-check passed
+        assert engine.model.decode_attention == backend
     pairs = [(a, b) for g, w in zip(outs[True], outs[False], strict=True) for a, b in zip(g, w, strict=False)]
     assert sum(a == b for a, b in pairs) / len(pairs) >= FP16_AGREEMENT

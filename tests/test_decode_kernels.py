@@ -146,3 +146,24 @@ def test_the_kernel_is_asked_for_only_in_dense_decode_steps_and_then_needs_no_ma
     assert AttnBatch.decode(slots, positions, 8, dense=True, kernel=True).mask is None
     gathered = AttnBatch.decode(slots, positions, 8, dense=False, kernel=True)
     assert not gathered.kernel and gathered.mask is not None
+
+
+def test_the_decode_attention_backend_is_chosen_when_the_model_is_built(tmp_path):
+    """The backend is a constructor argument (`model.kernels.backend`): SDPA without CUDA (the eager
+    fallback), the Triton kernels' flag on OPT's modules only when built with "triton"."""
+    from model.checkpoint.config import read_config
+    from model.checkpoint.loader import build_empty, load_model
+    from model.checkpoint.tiny import write_tiny_checkpoint
+    from model.kernels.backend import choose_decode_attention
+
+    root = write_tiny_checkpoint(tmp_path)
+    cfg = read_config(root / "config.json")
+    cpu = torch.device("cpu")
+    assert choose_decode_attention(cfg, torch.float32, cpu, "triton") == "sdpa"
+    with pytest.raises(ValueError, match="decode attention"):
+        choose_decode_attention(cfg, torch.float32, cpu, "flash")
+    built = build_empty(cfg, torch.float32, torch.device("meta"), "triton")
+    assert built.decode_attention == "triton" and built.language_model.decode_kernel
+    loaded = load_model(root)
+    assert loaded.decode_attention == "sdpa" and not loaded.language_model.decode_kernel
+    assert loaded.capabilities.static_prefill and loaded.capabilities.generates

@@ -37,7 +37,7 @@ def test_preset_defaults_are_what_the_server_uses(preset, checkpoints):
             )
             assert got == engine.generate([image], [None], params)[0].text
         if "vqa" in tasks:
-            template = settings.vqa_template or engine.model.vqa_template
+            template = settings.vqa_template or engine.vqa_template
             got = httpx.post(url + "/vqa", json={"image": b64(data), "question": "what is it?"}).json()
             max_new = settings.vqa_max_new_tokens or settings.default_max_new_tokens
             params = SamplingParams(max_new_tokens=max_new, num_beams=settings.default_num_beams)

@@ -14,6 +14,7 @@ from oracle_blip import BLIP2_IMAGE_SIZE, IMAGE_SIZE, hf_blip_generate, hf_token
 
 from model import Blip2Engine, SamplingParams
 from model.checkpoint.loader import map_name
+from model.frontend import Frontend
 
 transformers = pytest.importorskip("transformers")
 
@@ -176,7 +177,7 @@ def overflowing(tmp_path_factory):
         if where not in made:
             root = tmp_path_factory.mktemp(f"t5-{where}")
             hf = make_checkpoint(root, "t5")
-            engine = Blip2Engine.frontend(root, "t5")
+            engine = Frontend.from_dir(root, "t5")
             ids = engine.cfg.num_query_tokens * [engine.cfg.image_token_index] + engine.text_ids(None)
             name = OVERFLOWS[where]
             with torch.no_grad():

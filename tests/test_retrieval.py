@@ -50,7 +50,7 @@ def test_tokens_match(retriever):
     _, engine, _, root = retriever
     tok = hf_tokenizer(root)
     for text in TEXTS:
-        assert engine.model.text_ids(engine.tokenizer.encode, text) == tok(text).input_ids
+        assert engine.processor.retrieval_ids(text) == (tok(text).input_ids, len(tok(text).input_ids) - 2)
 
 
 def test_match_and_embeddings_equal_transformers(retriever):

@@ -17,6 +17,9 @@ from PIL import Image
 
 from batching.protocol import Done, add_message, decode_from_engine, decode_to_engine, encode, pixels_of
 from model import Blip2Engine
+from model.checkpoint.tiny import write_tiny_checkpoint
+from model.frontend import Frontend
+from model.request_checks import RequestGuard
 from model.runtime.plan import ScoringOutput, ScoringRequest, ScoringWork, StepPlan
 from server.engine_process import request_from_message
 from server.service import Service
@@ -83,7 +86,10 @@ def test_candidate_logprobs_equal_transformers_forward(family):
         engine.scoring_request(p, f"k{i}", pr, CANDIDATES)
         for i, (p, pr) in enumerate(zip(pixels, prompts, strict=True))
     ]
-    works = [ScoringWork(i, r.image_key, r.text_ids, r.candidates) for i, r in enumerate(requests)]
+    works = [
+        ScoringWork(i, r.image_key, r.text_ids, r.candidates, r.prefix_positions, r.source_positions)
+        for i, r in enumerate(requests)
+    ]
     images = {r.image_key: r.pixel_values for r in requests}
     out = engine.new_runner(1, 1, embedding_cache_bytes=0).run(StepPlan(images=images, scorings=works))
     assert out.vision_images == 2
@@ -171,15 +177,26 @@ def test_ranked_best_first_with_sum_and_mean(checkpoints):
         assert c.text == CANDIDATES[c.index] and c.mean_logprob == pytest.approx(c.logprob / c.tokens)
 
 
-def test_scoring_requests_cross_the_process_boundary():
-    pixels = torch.randn(3, 4, 4)
-    request = ScoringRequest(pixels, "key", [2, 5], [[7, 8], [9]], priority=-10)
+def test_scoring_requests_cross_the_process_boundary(tmp_path):
+    frontend = Frontend.from_dir(write_tiny_checkpoint(tmp_path), "tiny")
+    side = frontend.image_processor
+    pixels = torch.randn(3, side.height, side.width)
+    request = frontend.scoring_request(pixels, "key", "a photo of", ["a cat", "dog"])
+    request.priority = -10
     frames = add_message(3, request, None, False)
     msg = decode_to_engine(frames[0])
-    assert (msg.text_ids, msg.candidates, msg.task, msg.params) == ([2, 5], [[7, 8], [9]], "", None)
-    build = request_from_message(None, 64)  # what the engine process makes of it
+    assert (msg.text_ids, msg.candidates, msg.task, msg.params) == (
+        request.text_ids,
+        request.candidates,
+        "",
+        None,
+    )
+    guard = RequestGuard(frontend.processor, side.height, side.width, 64, 2)
+    build = request_from_message(guard, frontend)  # what the engine process makes of it
     got = build(msg, pixels_of(msg, bytearray(frames[1])))
-    assert isinstance(got, ScoringRequest) and (got.text_ids, got.candidates) == ([2, 5], [[7, 8], [9]])
+    fields = ("text_ids", "candidates", "prefix_positions", "source_positions")
+    assert isinstance(got, ScoringRequest)
+    assert [getattr(got, f) for f in fields] == [getattr(request, f) for f in fields]
     assert got.priority == -10
     assert torch.equal(got.pixel_values, pixels)
     msg.candidates = [[7], []]

@@ -12,24 +12,23 @@ projected into each layer's keys/values once per sequence at prefill (`CrossCach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..checkpoint.config import BlipConfig
 from .bert import BlipTextLMHeadModel, BlipTextModel, pad_ids
+from .family import Capabilities
 from .kv_cache import AttnBatch, CrossCache
 from .vision import VisionModel
 
-Encode = Callable[[str], list[int]]
-
 
 class _BlipGenerator(nn.Module):
-    """What BLIP's captioning and VQA models share: the image stage and the cached text decoder."""
+    """What BLIP's captioning and VQA models share: the image stage and the cached text decoder (a
+    `GenerationModel`, `model.arch.family`)."""
 
-    tasks: tuple[str, ...] = ()
-    vqa_template = "{question}"  # BLIP's VQA model takes the bare question
+    capabilities = Capabilities(generates=True)
 
     def __init__(self, cfg: BlipConfig):
         super().__init__()
@@ -63,9 +62,6 @@ class _BlipGenerator(nn.Module):
             )
         return image, list(text_ids)
 
-    def prompt_tokens(self, text_ids: Sequence[int]) -> int:
-        return len(text_ids)
-
     def decode(
         self,
         tokens: torch.Tensor,
@@ -80,6 +76,10 @@ class _BlipGenerator(nn.Module):
         hidden = self.text_decoder.bert.decode(tokens[:, None], batch, cache)
         return self.text_decoder.logits(hidden[:, 0])
 
+    def rows_logits(self, tokens: torch.Tensor, batch: AttnBatch, cache: CrossCache) -> torch.Tensor:
+        """Logits [N, T, vocab] (fp32) of token rows over a cached prefix (`model.runtime.scoring`)."""
+        return self.text_decoder.logits(self.text_decoder.bert.decode(tokens, batch, cache))
+
     def _start(self, slots: torch.Tensor, cache: CrossCache) -> torch.Tensor:
         """Run the decoder's first token, [DEC], at position 0 of `slots`."""
         start = torch.full_like(slots, self.cfg.text.bos_token_id)
@@ -88,19 +88,6 @@ class _BlipGenerator(nn.Module):
 
 class BlipForConditionalGeneration(_BlipGenerator):
     """Image captioning, optionally continuing a text prefix ("a photography of")."""
-
-    tasks = ("caption",)
-
-    def text_ids(self, encode: Encode, prompt: str | None) -> list[int]:
-        """[DEC] + the prefix's tokens. As transformers: the tokenizer's `[CLS] prefix [SEP]` with [CLS]
-        replaced by [DEC] and the [SEP] dropped (the caption continues the prefix)."""
-        if not prompt:
-            return [self.cfg.text.bos_token_id]
-        ids = encode(prompt)
-        return [self.cfg.text.bos_token_id, *ids[1:-1]]
-
-    def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        return list(text_ids)
 
     def new_cache(self, num_slots: int, max_len: int) -> CrossCache:
         return self.text_decoder.bert.new_cache(
@@ -123,20 +110,9 @@ class BlipForConditionalGeneration(_BlipGenerator):
 class BlipForQuestionAnswering(_BlipGenerator):
     """VQA: the question is encoded against the image; the answer is decoded from [DEC]."""
 
-    tasks = ("vqa",)
-
     def __init__(self, cfg: BlipConfig):
         super().__init__(cfg)
         self.text_encoder = BlipTextModel(cfg.text)
-
-    def text_ids(self, encode: Encode, prompt: str | None) -> list[int]:
-        """The question as the tokenizer makes it (`[CLS] question [SEP]`)."""
-        if not prompt:
-            raise ValueError("this model answers questions: a question is required")
-        return encode(prompt)
-
-    def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        return [self.cfg.text.bos_token_id]
 
     def new_cache(self, num_slots: int, max_len: int) -> CrossCache:
         # The decoder's source is the encoded question, which fits in the positions of a prompt.

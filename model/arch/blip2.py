@@ -10,7 +10,7 @@ slots) and `decode` (one token per running sequence).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint.config import Blip2Config, T5Config
 from ..runtime.device import device_index, to_device
+from .family import DECODE_ATTENTION, Capabilities
 from .kv_cache import AttnBatch, KVCache
 from .opt import OPTForCausalLM
 from .t5 import KEEP_IN_FP32 as T5_KEEP_IN_FP32
@@ -50,17 +51,28 @@ def tf32_matmuls(on: bool) -> Iterator[None]:
 
 
 class Blip2ForConditionalGeneration(nn.Module):
-    tasks = ("caption", "vqa")
+    """A `GenerationModel` (`model.arch.family`); with OPT a `StaticPrefillModel` too."""
 
-    def __init__(self, cfg: Blip2Config):
+    def __init__(self, cfg: Blip2Config, decode_attention: str = "sdpa"):
+        """`decode_attention`: "sdpa" (PyTorch's masked attention) or "triton" (OPT's decode kernels,
+        `model.kernels.backend.choose_decode_attention` picks it once they pass their self-checks)."""
         super().__init__()
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         self.cfg = cfg
         self.vision_model = VisionModel(cfg.vision)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
         self.qformer = QFormerModel(cfg.qformer)
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text_hidden)
         t5 = isinstance(cfg.text, T5Config)
-        self.language_model = (T5ForConditionalGeneration if t5 else OPTForCausalLM)(cfg.text)
+        if t5 and decode_attention != "sdpa":
+            raise ValueError("decode_attention 'triton' is for OPT language models, not Flan-T5")
+        self.capabilities = Capabilities(generates=True, static_prefill=not t5, decode_kernels=not t5)
+        self.decode_attention = decode_attention
+        if t5:
+            self.language_model = T5ForConditionalGeneration(cfg.text)
+        else:
+            self.language_model = OPTForCausalLM(cfg.text, decode_kernel=decode_attention == "triton")
         self.keep_in_fp32 = QFORMER_KEEP_IN_FP32 + tuple(
             rf"language_model\.{p}" for p in (T5_KEEP_IN_FP32 if t5 else ())
         )
@@ -87,42 +99,6 @@ class Blip2ForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.query_tokens.device
-
-    @property
-    def vqa_template(self) -> str:
-        """How a question is put to the model (the BLIP-2 paper's zero-shot VQA prompts)."""
-        if self.cfg.is_encoder_decoder:
-            return "Question: {question} Short answer:"
-        return "Question: {question} Answer:"
-
-    def text_ids(self, encode: Callable[[str], list[int]], prompt: str | None) -> list[int]:
-        """Prompt ids as the checkpoint's tokenizer makes them; no prompt (captioning) = BOS alone for
-        OPT, `</s>` alone for Flan-T5 (as BLIP-2's processor with no text)."""
-        if prompt:
-            ids = encode(prompt)
-        elif self.cfg.is_encoder_decoder:
-            ids = encode("")
-        else:
-            ids = [self.cfg.text.bos_token_id]
-        if self.cfg.image_token_index is not None and self.cfg.image_token_index in ids:
-            raise ValueError("the prompt must not contain the image placeholder token")
-        return ids
-
-    def prompt_ids(self, text_ids: list[int]) -> list[int]:
-        """The token history the decoder starts from (repetition penalty, positions): placeholders and
-        prompt for OPT; for Flan-T5, whose prompt goes to the encoder, the decoder's start token."""
-        if self.cfg.is_encoder_decoder:
-            return [self.cfg.text.decoder_start_token_id]
-        # The `num_query_tokens` placeholders stand where the query embeddings go. Older configs have no
-        # placeholder id; the pad id then stands in (it only matters to repetition_penalty).
-        placeholder = self.cfg.image_token_index
-        if placeholder is None:
-            placeholder = self.cfg.text.pad_token_id
-        return [placeholder] * self.cfg.num_query_tokens + text_ids
-
-    def prompt_tokens(self, text_ids: Sequence[int]) -> int:
-        """Positions the prompt takes in the language model: the image queries, then the text."""
-        return self.cfg.num_query_tokens + len(text_ids)
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache | T5Cache:
         """The language model's cache for `num_slots` sequences of up to `max_len` positions."""
@@ -228,6 +204,13 @@ class Blip2ForConditionalGeneration(nn.Module):
         lm.fill_cross(lm.encode(padded, lengths), lengths, slots, cache)
         start = torch.full_like(slots, lm.cfg.decoder_start_token_id)
         return lm.decode(start, torch.zeros_like(slots), slots, cache, 1)
+
+    def rows_logits(self, tokens: torch.Tensor, batch: AttnBatch, cache: KVCache | T5Cache) -> torch.Tensor:
+        """Logits [N, T, vocab] (fp32) of token rows over a cached prefix (`model.runtime.scoring`)."""
+        lm = self.language_model
+        if isinstance(lm, T5ForConditionalGeneration):
+            return lm.decode_tokens(tokens, batch, cache)
+        return lm.logits(lm(lm.token_embeddings(tokens), batch, cache))
 
     def decode(
         self,

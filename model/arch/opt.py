@@ -103,14 +103,14 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, cfg: OPTConfig):
+    def __init__(self, cfg: OPTConfig, decode_kernel: bool = False):
+        """`decode_kernel`: dense decode steps use the Triton kernels (attention; residual add + layer
+        norm), chosen by the loader once their self-checks passed (`model.kernels.backend`)."""
         super().__init__()
         self.cfg = cfg
         self.model = OPTModel(cfg)
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
-        # Dense decode steps use the Triton kernels (attention; residual add + layer norm), set by the
-        # runner once their self-checks passed.
-        self.decode_kernel = False
+        self.decode_kernel = decode_kernel
 
     @property
     def decoder(self) -> OPTDecoder:

@@ -12,7 +12,6 @@ Both share `encode_images` (the ViT, once per image; the runner caches its outpu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -23,9 +22,8 @@ from ..checkpoint.config import Blip2Config, BlipConfig
 from ..runtime.plan import RetrievalOutput, RetrievalWork
 from .bert import BlipTextModel, key_mask, pad_ids
 from .blip2 import QFORMER_KEEP_IN_FP32
+from .family import Capabilities
 from .vision import QFormerModel, VisionModel
-
-Encode = Callable[[str], list[int]]
 
 
 def similarity(image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -34,11 +32,9 @@ def similarity(image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
 
 
 class _Retriever(nn.Module):
-    tasks = ("match", "embed")
+    """A `RetrievalModel` (`model.arch.family`): no cache, no generation."""
 
-    def text_ids(self, encode: Encode, text: str) -> list[int]:
-        """The text as the checkpoint's tokenizer makes it (`[CLS] text [SEP]`)."""
-        return encode(text)
+    capabilities = Capabilities(retrieves=True)
 
     @property
     def device(self) -> torch.device:
@@ -68,10 +64,6 @@ class Blip2ForImageTextRetrieval(_Retriever):
         self.vision_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
         self.text_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
         self.itm_head = nn.Linear(q.hidden_size, 2)
-
-    @property
-    def max_text_positions(self) -> int:
-        return self.cfg.qformer.max_position_embeddings
 
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, S, Hv] -> [B, num_query_tokens, D]: each query's normalised embedding."""
@@ -121,10 +113,6 @@ class BlipForImageTextRetrieval(_Retriever):
         self.vision_proj = nn.Linear(cfg.vision.hidden_size, cfg.image_text_hidden_size)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.image_text_hidden_size)
         self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
-
-    @property
-    def max_text_positions(self) -> int:
-        return self.cfg.text.max_position_embeddings
 
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, S, Hv] -> [B, 1, D]: the normalised projection of the image's CLS feature."""

@@ -236,6 +236,13 @@ class BlipConfig:
         return self.text.max_position_embeddings
 
 
+def architecture(cfg: Blip2Config | BlipConfig) -> str:
+    """The architecture `config.json`'s `architectures` names (a BLIP-2 generator when it names none)."""
+    if cfg.architectures:
+        return cfg.architectures[0]
+    return "Blip2ForConditionalGeneration" if isinstance(cfg, Blip2Config) else ""
+
+
 def read_config(path: str | Path) -> Blip2Config | BlipConfig:
     """The config of a BLIP-2 (`model_type` "blip-2") or BLIP (`"blip"`) checkpoint."""
     with open(path, encoding="utf-8") as f:

@@ -21,7 +21,7 @@ from torch import nn
 from ..arch.blip import BlipForConditionalGeneration, BlipForQuestionAnswering
 from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
-from .config import Blip2Config, BlipConfig, read_config
+from .config import Blip2Config, BlipConfig, architecture, read_config
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +130,21 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 def model_class(cfg: Blip2Config | BlipConfig) -> type[nn.Module]:
     """The class `config.json`'s `architectures` names (a BLIP-2 generator when it names none)."""
-    default = "Blip2ForConditionalGeneration" if isinstance(cfg, Blip2Config) else ""
-    name = cfg.architectures[0] if cfg.architectures else default
+    name = architecture(cfg)
     if name not in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is not supported (supported: {sorted(ARCHITECTURES)})")
     return ARCHITECTURES[name]
 
 
-def build_empty(cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_empty(
+    cfg: Blip2Config | BlipConfig, dtype: torch.dtype, device: torch.device, decode_attention: str = "sdpa"
+) -> nn.Module:
     """Allocate the model in place (no init work, no fp32 staging) in `dtype`, except the parameters a
-    float16 model keeps in float32 (`keep_in_float32`)."""
+    float16 model keeps in float32 (`keep_in_float32`); `decode_attention`: "sdpa" or "triton" (BLIP-2
+    OPT only, see `model.kernels.backend`)."""
+    extra = {"decode_attention": decode_attention} if decode_attention != "sdpa" else {}
     with torch.device("meta"):
-        model = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg, **extra)
     model.to(dtype)
     if dtype == torch.float16:
         keep_in_float32(model)
@@ -235,9 +238,19 @@ def _finish(model: nn.Module, params: dict[str, torch.Tensor], filled: set[str])
 
 
 def load_model(
-    root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    root: Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    decode_attention: str = "auto",
 ) -> nn.Module:
+    """The checkpoint in `root`, built with its decode attention backend: `decode_attention` "auto" (the
+    Triton kernels where they pass their self-checks on this device, else SDPA), "sdpa" or "triton"
+    (`model.kernels.backend.choose_decode_attention`)."""
+    from ..kernels.backend import choose_decode_attention
+
     cfg = read_config(root / "config.json")
-    model = build_empty(cfg, dtype, torch.device(device))
+    device = torch.device(device)
+    backend = choose_decode_attention(cfg, dtype, device, decode_attention)
+    model = build_empty(cfg, dtype, device, backend)
     load_weights(model, weight_files(root))
     return model

@@ -103,6 +103,13 @@ class TextTokenizer:
         """Prompt ids, with the checkpoint's special tokens (BOS for OPT)."""
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
+    def encode_counted(self, text: str) -> tuple[list[int], int]:
+        """`encode(text)` and how many tokens the text itself is (`count`), from one tokenization: the
+        text's tokens, then the checkpoint's special tokens added by its post-processor (as `encode`
+        does inside `tokenizers`)."""
+        plain = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.post_process(plain, None, True).ids, len(plain.ids)
+
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 

@@ -36,9 +36,69 @@ class SamplerMode(StrEnum):
     BEAM = "beam"  # the request's best (beam, token) candidates, for its `BeamSearch`
 
 
+class SamplingError(ValueError):
+    """A sampling setting out of its rules: `field` names it, `problem` says what is wrong."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A setting's range (pydantic's names: ge, gt, le); None: no bound on that side."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def kwargs(self) -> dict[str, float]:
+        """The bounds as `pydantic.Field` takes them (the HTTP schema's 422s name the field)."""
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
+
+    def __str__(self) -> str:
+        parts = [
+            f">= {self.ge}" if self.ge is not None else "",
+            f"> {self.gt}" if self.gt is not None else "",
+        ]
+        parts.append(f"<= {self.le}" if self.le is not None else "")
+        return " and ".join(p for p in parts if p)
+
+
+MAX_LOGPROBS = 5
+# Largest no_repeat_ngram_size: longer n-grams hardly repeat (transformers' examples use 2 or 3), and
+# the cost per step grows with it.
+MAX_NO_REPEAT_NGRAM = 32
+
+# Every sampling setting's range: the one source of the rules, for `SamplingParams` and the HTTP schema
+# (`server.schemas.GenerationParams`). A server's own limits (max_new_tokens, num_beams, n) come on top.
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "max_new_tokens": Bound(ge=1),
+    "min_new_tokens": Bound(ge=0),
+    "num_beams": Bound(ge=1),
+    "length_penalty": Bound(ge=-10, le=10),
+    "temperature": Bound(ge=MIN_DIVISOR, le=10),
+    "top_k": Bound(ge=0, le=10_000),
+    "top_p": Bound(gt=0, le=1),
+    "repetition_penalty": Bound(ge=MIN_DIVISOR, le=10),
+    "no_repeat_ngram_size": Bound(ge=0, le=MAX_NO_REPEAT_NGRAM),
+    "seed": Bound(ge=0, le=2**63 - 1),
+    "n": Bound(ge=1),
+    "logprobs": Bound(ge=0, le=MAX_LOGPROBS),
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Generation settings of one request; defaults are greedy decoding."""
+    """Generation settings of one request; defaults are greedy decoding. SamplingError (a ValueError
+    naming the field) for a setting out of `SAMPLING_BOUNDS` or settings that do not go together."""
 
     max_new_tokens: int = 30
     min_new_tokens: int = 0
@@ -61,26 +121,21 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "min_new_tokens": 0 <= self.min_new_tokens <= self.max_new_tokens,
-            "num_beams": self.num_beams >= 1,
-            "temperature": self.temperature >= MIN_DIVISOR,
-            "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "repetition_penalty": self.repetition_penalty >= MIN_DIVISOR,
-            "n": self.n >= 1,
-            "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-            "stop": all(isinstance(s, str) and s for s in self.stop),
-            "no_repeat_ngram_size": 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}")
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.holds(value):
+                raise SamplingError(name, f"must be {bound}, got {value!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError("stop", "each stop string must be a non-empty string")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingError("min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens})")
         if self.do_sample and self.num_beams > 1:
-            raise ValueError("do_sample with num_beams > 1 (beam sampling) is not supported")
+            raise SamplingError("do_sample", "sampling with num_beams > 1 is not supported")
         if self.n > 1 and not self.do_sample and self.num_beams < self.n:
-            raise ValueError(f"n={self.n} needs sampling (do_sample) or num_beams >= n")
+            raise SamplingError(
+                "n",
+                f"{self.n} outputs need do_sample or num_beams >= n (num_beams is {self.num_beams})",
+            )
 
     @property
     def mode(self) -> SamplerMode:
@@ -104,12 +159,6 @@ class SamplingParams:
             and not self.reads_history
             and self.logprobs is None
         )
-
-
-MAX_LOGPROBS = 5
-# Largest no_repeat_ngram_size: longer n-grams hardly repeat (transformers' examples use 2 or 3), and
-# the cost per step grows with it.
-MAX_NO_REPEAT_NGRAM = 32
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""How the runner runs: its options, and the checks that decide which fast paths a model can take on
-a device (fixed-shape prefill, the decode step's Triton kernels)."""
+"""How the runner runs: its options, and the checks that decide which fast paths a model can take
+(fixed-shape prefill). The decode step's Triton kernels are chosen when the model is built
+(`model.kernels.backend`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch.family import GenerationModel
 from ..arch.kv_cache import KVCache
-from ..kernels import add_layer_norm, decode_attention
 
 
 @dataclass(frozen=True)
@@ -25,35 +26,14 @@ class DecodeOptions:
     vision_batch: int = 0
     # With CUDA graphs: prefills too, at (requests, positions) buckets (OPT-based BLIP-2).
     prefill_graphs: bool = True
-    # On CUDA: the decode step's Triton kernels (OPT: attention; residual add + layer norm), once they
-    # pass their self-checks; else PyTorch's ops.
-    attention_kernel: bool = True
     # Offline generate: launch each decode step before reading the last one's tokens when the batch
     # allows it (`StepPlan.chainable`); None: on CUDA. (The server's loop has `--overlap`.)
     overlap: bool | None = None
 
 
-def choose_decode_kernels(
-    model: torch.nn.Module, options: DecodeOptions, device: torch.device, int8: bool
-) -> None:
-    """The decode step's Triton kernels (attention; residual add + layer norm) for an OPT language model
-    on CUDA (not with bitsandbytes' LLM.int8, `int8`), if asked and if they compute what PyTorch does on
-    this device; PyTorch's ops otherwise."""
-    lm = getattr(model, "language_model", None)
-    if not hasattr(lm, "decode_kernel"):
-        return
-    use = options.attention_kernel and device.type == "cuda" and not int8
-    if use:
-        cfg, dtype = lm.cfg, model.lm_dtype
-        heads = cfg.num_attention_heads
-        use = decode_attention.self_check(heads, cfg.hidden_size // heads, dtype, device)
-        use = use and add_layer_norm.self_check(cfg.hidden_size, dtype, device)
-    lm.decode_kernel = use
-
-
-def prefills_static(model: torch.nn.Module, cache: object) -> bool:
+def prefills_static(model: GenerationModel, cache: object) -> bool:
     """BLIP-2 with a decoder-only language model (OPT) has a fixed-shape prefill; Flan-T5 and BLIP do not."""
-    return hasattr(model, "prefill_static") and type(cache) is KVCache
+    return model.capabilities.static_prefill and type(cache) is KVCache
 
 
 def bnb_int8(model: torch.nn.Module) -> bool:

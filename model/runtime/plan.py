@@ -137,7 +137,11 @@ class ScoringRequest:
     pixel_values: torch.Tensor
     image_key: str  # content hash of pixel_values
     text_ids: list[int]  # prompt ids after the image placeholders, as for generation
-    candidates: list[list[int]]  # token ids of each candidate (`scoring.candidate_ids`), none empty
+    candidates: list[list[int]]  # token ids of each candidate (`InputProcessor.candidate_ids`), none empty
+    # Positions of the prompt in the decoder (len(prompt_ids): where the candidates start) and in the
+    # text model's input (image queries + prompt: the cache the prefill fills), `model.processing`.
+    prefix_positions: int
+    source_positions: int
     priority: int = 0  # admission order among waiting requests: higher first (`batching.scheduler`)
 
 
@@ -151,6 +155,9 @@ class ScoringWork:
     text_ids: list[int]
     # Token ids of each candidate.
     candidates: list[list[int]]
+    # Decoder positions of the prompt, and positions of the text model's input (`ScoringRequest`).
+    prefix_positions: int
+    source_positions: int
 
 
 @dataclass

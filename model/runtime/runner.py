@@ -13,11 +13,11 @@ from typing import TypeVar
 
 import torch
 
-from ..arch.blip2 import Blip2ForConditionalGeneration
+from ..arch.family import GenerationModel, RetrievalModel
 from ..arch.retrieval import run_retrievals
 from ..decoding import sampler
 from .device import device_index, to_device
-from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
+from .options import DecodeOptions, bnb_int8, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
 from .scoring import run_scorings
 from .static_decode import StaticDecoder
@@ -127,7 +127,7 @@ class Launched:
 class ModelRunner:
     def __init__(
         self,
-        model: Blip2ForConditionalGeneration,
+        model: GenerationModel | RetrievalModel,
         num_slots: int,
         max_len: int,
         embedding_cache_bytes: int = 256 << 20,
@@ -145,12 +145,11 @@ class ModelRunner:
         self.num_slots, self.max_len = num_slots, max_len
         # Retrieval models decode nothing: no KV cache. One slot more than the scheduler's: the static
         # decode step's idle rows write there.
-        self.cache = model.new_cache(num_slots + 1, max_len) if hasattr(model, "new_cache") else None
+        self.cache = model.new_cache(num_slots + 1, max_len) if model.capabilities.generates else None
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
         int8 = bnb_int8(model)
-        choose_decode_kernels(model, options, self.device, int8)
         graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
         self.static = None
         if self.cache is not None and options.static:

@@ -14,7 +14,7 @@ InstructBLIP `predict_class` does for class names. A step's scoring requests run
    values from the temporary cache (never copied per candidate, `PrefixKV`) and its own causally; an
    encoder-decoder row cross-attends to its request's cached source. Its logits score the next tokens.
 
-Which tokens a candidate is (`candidate_ids`):
+Which tokens a candidate is (`model.processing.InputProcessor.candidate_ids`):
 - continuations (BLIP-2 OPT, BLIP captioning: the decoder reads the prompt): the tokens of
   `" " + candidate` (stripped) after a text prompt, as the tokenizer splits `"prompt candidate"` when the
   prompt does not end in whitespace; of `candidate` alone after no prompt (captioning). No end token:
@@ -30,33 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch.blip import BlipForQuestionAnswering
-from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.kv_cache import AttnBatch, CrossCache, KVCache
-from ..arch.t5 import T5ForConditionalGeneration
-from ..data.tokenizer import TextTokenizer
 from .device import device_index, to_device
 from .plan import ScoringOutput, ScoringWork
-
-
-def ends_with_eos(model: torch.nn.Module) -> bool:
-    """Whether the model's candidates end with its end token: answer decoders (Flan-T5, BLIP VQA) do."""
-    return isinstance(model, BlipForQuestionAnswering) or bool(
-        getattr(model.cfg, "is_encoder_decoder", False)
-    )
-
-
-def candidate_ids(
-    model: torch.nn.Module, tokenizer: TextTokenizer, prompt: str | None, text: str
-) -> list[int]:
-    """The token ids a candidate is scored as (see the module's docstring); [] when `text` is blank."""
-    text = text.strip()
-    if not text:
-        return []
-    if ends_with_eos(model):
-        return [*tokenizer.tokenizer.encode(text, add_special_tokens=False).ids, model.cfg.eos_token_ids[0]]
-    spaced = " " + text if prompt else text
-    return tokenizer.tokenizer.encode(spaced, add_special_tokens=False).ids
 
 
 @dataclass
@@ -129,13 +105,7 @@ def _rows_logits(
         rows_cache = CrossCache(PrefixKV(cache.own, batch.slots, width), cache.cross, cache.lengths)
     else:
         rows_cache = PrefixKV(cache, batch.slots, width)
-    if isinstance(model, Blip2ForConditionalGeneration):
-        lm = model.language_model
-        if isinstance(lm, T5ForConditionalGeneration):
-            return lm.decode_tokens(tokens, batch, rows_cache)
-        return lm.logits(lm(lm.token_embeddings(tokens), batch, rows_cache))
-    decoder = model.text_decoder  # BLIP captioning and VQA
-    return decoder.logits(decoder.bert.decode(tokens, batch, rows_cache))
+    return model.rows_logits(tokens, batch, rows_cache)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,9 +121,9 @@ def run_scorings(
     candidate's tokens over its request's prefix (see the module's docstring). `embeds`: the image
     stage's output by image key. Returns each request's `ScoringOutput` by seq_id."""
     device = model.device
-    prefixes = [len(model.prompt_ids(w.text_ids)) for w in works]
+    prefixes = [w.prefix_positions for w in works]
     width = max(prefixes)
-    cache = model.new_cache(len(works), max(model.prompt_tokens(w.text_ids) for w in works))
+    cache = model.new_cache(len(works), max(w.source_positions for w in works))
     inputs = [model.prompt_inputs(embeds[w.image_key], w.text_ids) for w in works]
     first = model.prefill(inputs, torch.arange(len(works), device=device), cache)
     cands = [(i, c) for i, w in enumerate(works) for c in w.candidates]
