@@ -17,18 +17,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .embeddings_api import add_embeddings_routes
-from .engine_client import EngineDied, ProcessClient
-from .engine_process import EngineHandle
+from batching.engine_process import EngineHandle
+from batching.metrics import Metrics
+from batching.process_client import EngineDied, ProcessClient
+
 from .errors import ApiError, BodyLimit, error_response, install_handlers, named
 from .inputs import parse_body, vqa_prompts
 from .logs import configure as configure_logging
-from .metrics import Metrics
 from .middleware import Observe, RootPath, UntilStarted
-from .openai_api import ChatRequest, add_openai_routes, served_names
 from .openapi import ERRORS, add_docs, add_schemas, body_doc
 from .replies import event_stream, reply
-from .retrieval_api import add_retrieval_routes
+from .routes.embeddings import add_embeddings_routes
+from .routes.openai import ChatRequest, add_openai_routes, served_names
+from .routes.retrieval import add_retrieval_routes
+from .routes.scoring import ScoringJob, answer_candidates, check_candidates
 from .schemas import (
     CaptionRequest,
     CaptionResponse,
@@ -37,7 +39,6 @@ from .schemas import (
     VQARequest,
     VQAResponse,
 )
-from .scoring_api import ScoringJob, answer_candidates, check_candidates
 from .security import ApiKeyAuth
 from .service import Outcome, Service
 from .settings import VERSION, Settings, read_worker_spec

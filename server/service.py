@@ -16,6 +16,17 @@ from PIL import Image
 
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler
 from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
+from batching.dp_client import DataParallelClient
+from batching.engine_process import (
+    EngineHandle,
+    EngineProcess,
+    engine_loop,
+    load_engine,
+    pid_alive,
+    resolve_device,
+)
+from batching.metrics import Metrics
+from batching.process_client import EngineDied, ProcessClient
 from batching.protocol import Done
 from model.decoding.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
@@ -23,13 +34,9 @@ from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
 
-from .dp_client import DataParallelClient
-from .engine_client import EngineDied, ProcessClient
-from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
 from .errors import ApiError, Names, in_users_words, named
 from .fetch import fetch_field, is_public
 from .inputs import Prepared, prepare_image
-from .metrics import Metrics
 from .schemas import GenerationParams
 from .settings import Settings
 from .tracing import Tracing
@@ -79,7 +86,7 @@ class Service:
             return cls(settings, engine, InprocClient(engine_loop(settings, engine, metrics), metrics))
         owner = None
         if handle is None and settings.data_parallel_size > 1:
-            from .engine_group import EngineGroup
+            from batching.engine_group import EngineGroup
 
             owner = EngineGroup(settings)
             handle = owner.start()

@@ -94,8 +94,8 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
 
 
 def test_priority_crosses_to_the_engine_process() -> None:
+    from batching.engine_process import request_from_message
     from model.engine import GenerationRequest
-    from server.engine_process import request_from_message
 
     request = GenerationRequest(
         torch.zeros(3, 4, 4), "k", [2], [2], SamplingParams(max_new_tokens=3), priority=-10

@@ -22,10 +22,10 @@ from test_engine_process import Engine, _req, _spawned_children
 from test_server import metric_values
 
 from batching import QueueFull, SequenceFailed
-from server.dp_client import DataParallelClient, rendezvous
-from server.engine_group import engine_settings, plan_devices
-from server.engine_process import TEST_STEP_DELAY_ENV, EngineHandle, pid_alive
-from server.metrics import Metrics, merge_engine_metrics
+from batching.dp_client import DataParallelClient, rendezvous
+from batching.engine_group import engine_settings, plan_devices
+from batching.engine_process import TEST_STEP_DELAY_ENV, EngineHandle, pid_alive
+from batching.metrics import Metrics, merge_engine_metrics
 from server.settings import Settings
 
 

@@ -19,10 +19,10 @@ from fastapi import Request
 from model.runtime.plan import ScoringRequest
 from model.runtime.scoring import ScoringResult
 
-from .errors import ApiError
-from .inputs import Prepared
-from .schemas import GenerationParams, ImageInput
-from .service import Service, elapsed_ms
+from ..errors import ApiError
+from ..inputs import Prepared
+from ..schemas import GenerationParams, ImageInput
+from ..service import Service, elapsed_ms
 
 T = TypeVar("T")
 FINISH_REASON = "candidates"

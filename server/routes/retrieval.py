@@ -14,10 +14,10 @@ from fastapi import FastAPI, Request
 
 from model.runtime.plan import RetrievalOutput
 
-from .inputs import parse_body
-from .openapi import ERRORS, body_doc
-from .schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse
-from .service import Service, elapsed_ms
+from ..inputs import parse_body
+from ..openapi import ERRORS, body_doc
+from ..schemas import EmbedRequest, EmbedResponse, MatchRequest, MatchResponse
+from ..service import Service, elapsed_ms
 
 T = TypeVar("T")
 

@@ -32,10 +32,10 @@ from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
 from model.runtime.options import DecodeOptions
 from model.runtime.plan import RetrievalRequest, ScoringRequest
 from model.runtime.quant import weight_bytes
+from server.logs import exit_now
+from server.settings import Settings
 
-from .logs import exit_now
 from .metrics import Metrics
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
 def run_engine(settings: Settings, root: str, address: str) -> None:
     """The engine process: load, capture graphs, serve until a Shutdown has drained it."""
     from batching.core import EngineCore
-
-    from .logs import configure as configure_logging
+    from server.logs import configure as configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains us
@@ -257,7 +256,7 @@ class EngineProcess:
     ):
         """`root`: the checkpoint's local directory, when the caller has resolved it already. `target`:
         what the process runs, `run_engine` (tests stand an engine in with the same arguments). With
-        --dp (`server.engine_group`): `index` of the engine, the group's `workdir` (its socket goes
+        --dp (`batching.engine_group`): `index` of the engine, the group's `workdir` (its socket goes
         there, `engine-INDEX.sock`), the child's extra environment `env`, and its `device` as named."""
         self.settings = settings
         self.target = target or run_engine

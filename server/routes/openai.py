@@ -29,12 +29,12 @@ from model.data.tokenizer import TextTokenizer
 from model.decoding.generation import MAX_LOGPROBS, TokenLogprob
 from model.engine import GenerationRequest, GenerationResult
 
-from .errors import ApiError, invalid
-from .inputs import decode_base64, is_url, load_json, vqa_prompt
-from .openapi import OPENAI_ERRORS
-from .schemas import PRIORITY, GenerationParams
-from .service import Outcome, Service
-from .streaming import EventStream, OutputStreams, sse
+from ..errors import ApiError, invalid
+from ..inputs import decode_base64, is_url, load_json, vqa_prompt
+from ..openapi import OPENAI_ERRORS
+from ..schemas import PRIORITY, GenerationParams
+from ..service import Outcome, Service
+from ..streaming import EventStream, OutputStreams, sse
 
 
 class ImageURL(BaseModel):

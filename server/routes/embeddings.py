@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
-from .errors import ApiError, invalid
-from .inputs import Prepared, decode_base64, is_url, load_json
-from .openai_api import ContentPart
-from .service import Service
+from ..errors import ApiError, invalid
+from ..inputs import Prepared, decode_base64, is_url, load_json
+from ..service import Service
+from .openai import ContentPart
 
 T = TypeVar("T")
 
