@@ -35,7 +35,7 @@ from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
 
 from .errors import ApiError, Names, in_users_words, named
-from .fetch import fetch_field, is_public
+from .fetch import fetch_field
 from .inputs import Prepared, prepare_image
 from .schemas import GenerationParams
 from .settings import Settings
@@ -71,7 +71,6 @@ class Service:
         self.ready = False
         self.raw_pixels = False  # set by `start` from the engine's device
         self.created = int(time.time())  # /v1/models: when this model was loaded
-        self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
         self.tracing: Tracing | None = None  # set by the app when tracing is on
 
     @classmethod
@@ -216,9 +215,7 @@ class Service:
 
     async def fetch(self, item: bytes | str, field: str = "image") -> bytes:
         """The image's bytes: `item` itself, or fetched from its URL (`field`: where the user sent it)."""
-        return (
-            item if isinstance(item, bytes) else await fetch_field(item, field, self.settings, self.is_public)
-        )
+        return item if isinstance(item, bytes) else await fetch_field(item, field, self.settings)
 
     def limit_items(self, count: int, field: str) -> None:
         """422 when a batch request carries more than `max_items_per_request` of `field`."""
