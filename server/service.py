@@ -28,7 +28,7 @@ from batching.engine_process import (
 from batching.metrics import Metrics
 from batching.process_client import EngineDied, ProcessClient
 from batching.protocol import Done
-from model.decoding.generation import MAX_LOGPROBS, SamplingParams, TokenOutput
+from model.decoding.generation import SamplingParams, TokenOutput
 from model.engine import Blip2Engine, GenerationRequest, GenerationResult
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
@@ -401,44 +401,6 @@ class Service:
             if not done.done():
                 done.cancel()
                 self.client.cancel(ticket)
-
-    def describe(self) -> dict:
-        s, e = self.settings, self.engine
-        return {
-            "id": e.model_id,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "blipserve",
-            "dtype": self.dtype,
-            "device": self.device,
-            "quantization": s.quantize,
-            "weight_bytes": self.weight_bytes,
-            "ready": self.ready,
-            "limits": {
-                "max_new_tokens": s.max_new_tokens_limit,
-                "default_max_new_tokens": s.default_max_new_tokens,
-                "max_prompt_tokens": s.max_prompt_tokens,
-                "max_beams": s.max_beams,
-                "max_n": s.max_n,
-                "max_candidates": s.max_candidates,
-                "max_logprobs": MAX_LOGPROBS,
-                "max_items_per_request": s.max_items_per_request,
-                "max_body_bytes": int(s.max_body_mb * (1 << 20)),
-                "max_image_pixels": s.max_image_pixels,
-                "request_timeout_s": s.request_timeout_s,
-                "max_running_seqs": s.max_running_seqs,
-                "max_queue": s.max_queue,
-            },
-            "tasks": list(e.tasks),
-            "vqa_template": self.vqa_template if "vqa" in e.tasks else None,
-            **self._engines(),
-        }
-
-    def _engines(self) -> dict:
-        """--dp: each engine's device and state (`engines`), and how many serve."""
-        if not isinstance(self.client, DataParallelClient):
-            return {}
-        return {"engines": self.client.describe_engines(), "engines_ready": self.client.ready_engines}
 
 
 def elapsed_ms(start: float) -> float:
