@@ -2,7 +2,7 @@
 
 `EngineClient` holds what every client shares (tickets, the deadline backstop, failing everything when
 the engine is gone). `InprocClient` drives an `EngineLoop` thread in this process (tests, the offline
-server mode); `server.engine_client.ProcessClient` talks to an engine process over ZMQ.
+server mode); `batching.process_client.ProcessClient` talks to an engine process over ZMQ.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class InprocClient(EngineClient):
     def __init__(self, loop: EngineLoop, metrics: Any = None):
         super().__init__()
         self.loop = loop
-        self.metrics = metrics  # `server.metrics.Metrics` (observe_http, render), or None
+        self.metrics = metrics  # `batching.metrics.Metrics` (observe_http, render), or None
         # seq_id -> (the event loop that awaits it, the client's request id)
         self._seqs: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
         loop.on_finished = self._finished

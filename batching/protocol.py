@@ -164,7 +164,7 @@ def add_message(
     req_id: int, request: object, timeout_s: float | None, stream: bool, trace: bool = False
 ) -> list:
     """`Add` and its pixel frame for a GenerationRequest, RetrievalRequest or ScoringRequest, as the
-    HTTP process built it (the engine unpacks it, `server.engine_process.request_from_message`);
+    HTTP process built it (the engine unpacks it, `batching.engine_process.request_from_message`);
     `trace`: the engine reports the request's stage timestamps with its `Done`."""
     pixels: torch.Tensor | None = request.pixel_values
     shape = tuple(pixels.shape) if pixels is not None else None

@@ -6,46 +6,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 import torch
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from .embeddings_api import add_embeddings_routes
-from .engine_client import EngineDied, ProcessClient
-from .engine_process import EngineHandle
-from .errors import ApiError, BodyLimit, error_response, install_handlers, named
-from .inputs import parse_body, vqa_prompts
+from batching.engine_process import EngineHandle
+from batching.process_client import EngineDied, ProcessClient
+
+from .errors import BodyLimit, install_handlers
 from .logs import configure as configure_logging
-from .metrics import Metrics
 from .middleware import Observe, RootPath, UntilStarted
-from .openai_api import ChatRequest, add_openai_routes, served_names
-from .openapi import ERRORS, add_docs, add_schemas, body_doc
-from .replies import event_stream, reply
-from .retrieval_api import add_retrieval_routes
-from .schemas import (
-    CaptionRequest,
-    CaptionResponse,
-    EmbedRequest,
-    MatchRequest,
-    VQARequest,
-    VQAResponse,
-)
-from .scoring_api import ScoringJob, answer_candidates, check_candidates
+from .openapi import add_docs, add_schemas
+from .routes import embeddings, native, openai, retrieval, status
+from .routes.openai import ChatRequest
+from .schemas import CaptionRequest, EmbedRequest, MatchRequest, VQARequest
 from .security import ApiKeyAuth
-from .service import Outcome, Service
+from .service import Service
 from .settings import VERSION, Settings, read_worker_spec
-from .streaming import EventStream
 from .tracing import TraceRequests, Tracing
 
 log = logging.getLogger("blipserve")
-T = TypeVar("T")
 
 
 def create_app(
@@ -109,10 +92,8 @@ def create_app(
     if tracing is not None:
         app.add_middleware(TraceRequests, tracing=tracing)  # outermost: Observe logs its trace id
     install_handlers(app)
-    _add_routes(app)
-    add_openai_routes(app, _run)
-    add_retrieval_routes(app, _unless_disconnected)
-    add_embeddings_routes(app, _unless_disconnected)
+    for router in (native.router, status.router, openai.router, retrieval.router, embeddings.router):
+        app.include_router(router)
     add_schemas(app, [CaptionRequest, VQARequest, ChatRequest, MatchRequest, EmbedRequest])
     add_docs(app)
     return app
@@ -158,160 +139,3 @@ async def _start(
         raise
     finally:
         app.state.started.set()
-
-
-async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.05)
-
-
-async def _run(request: Request, svc: Service, jobs) -> list[Outcome]:
-    """Generate, but give up (freeing the KV slots) as soon as the client goes away."""
-    return await _unless_disconnected(request, svc.generate(jobs))
-
-
-async def _unless_disconnected(request: Request, job: Awaitable[T]) -> T:
-    """Await `job`, cancelling it (499) as soon as the client goes away."""
-    work = asyncio.ensure_future(job)
-    watch = asyncio.ensure_future(_until_disconnected(request))
-    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if work not in done:
-        work.cancel()
-        raise ApiError(499, "client disconnected")
-    watch.cancel()
-    return work.result()
-
-
-async def _stream(svc: Service, jobs: list, single: bool, start: float) -> EventStream:
-    if not single:
-        raise ApiError(422, "stream: only for the single form (one image, one question)")
-    return EventStream(await event_stream(svc, jobs[0], start))
-
-
-def _add_routes(app: FastAPI) -> None:
-    """The native generation routes (/caption, /vqa) and the status routes."""
-    _add_generation_routes(app)
-    _add_status_routes(app)
-
-
-def _add_generation_routes(app: FastAPI) -> None:
-    @app.post(
-        "/caption", response_model=CaptionResponse, responses=ERRORS, openapi_extra=body_doc(CaptionRequest)
-    )
-    async def caption(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        svc: Service = request.app.state.service
-        svc.require("caption", "/caption")
-        parsed = await parse_body(request, CaptionRequest)
-        check_candidates(svc, parsed.body)  # with candidates nothing is generated: no sampling params
-        params = None if parsed.body.candidates else svc.sampling_params(parsed.body, names=parsed.names)
-        images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
-        single = parsed.body.image is not None
-        if parsed.body.candidates:
-            job = ScoringJob(named("prompt", parsed.names), parsed.body.prompt)
-            scored = await answer_candidates(
-                request,
-                svc,
-                [(im, job) for im in images],
-                parsed.body.candidates,
-                single,
-                "caption",
-                _unless_disconnected,
-                start,
-                parsed.body.priority,
-            )
-            return JSONResponse(scored)
-        jobs = [
-            svc.make_request(im, parsed.body.prompt, params, parsed.names, parsed.body.priority)
-            for im in images
-        ]
-        if parsed.body.stream:
-            return await _stream(svc, jobs, single, start)
-        outcomes = await _run(request, svc, jobs)
-        return JSONResponse(reply(svc, outcomes, start, single, "caption"))
-
-    @app.post("/vqa", response_model=VQAResponse, responses=ERRORS, openapi_extra=body_doc(VQARequest))
-    async def vqa(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        svc: Service = request.app.state.service
-        svc.require("vqa", "/vqa")
-        parsed = await parse_body(request, VQARequest)
-        body: VQARequest = parsed.body
-        check_candidates(svc, body)
-        params = None if body.candidates else svc.sampling_params(body, "vqa", parsed.names)
-        prompts = vqa_prompts(body, svc.vqa_template, parsed.names)  # (field as sent, prompt)
-        blobs, many = parsed.images, named("questions", parsed.names)
-        if len(blobs) > 1 and len(prompts) > 1 and len(blobs) != len(prompts):
-            raise ApiError(422, f"{many}: {len(prompts)} given for {len(blobs)} images", param=many)
-        svc.limit_items(len(prompts), many)
-        images = await svc.prepare_images(blobs, parsed.image_fields, parsed.names)
-        n = max(len(images), len(prompts))
-        pairs = [
-            (images[i if len(images) > 1 else 0], prompts[i if len(prompts) > 1 else 0]) for i in range(n)
-        ]
-        names = parsed.names
-        single = body.image is not None and body.questions is None
-        if body.candidates:
-            scored_pairs = [(im, ScoringJob(field, text)) for im, (field, text) in pairs]
-            scored = await answer_candidates(
-                request,
-                svc,
-                scored_pairs,
-                body.candidates,
-                single,
-                "answer",
-                _unless_disconnected,
-                start,
-                body.priority,
-            )
-            return JSONResponse(scored)
-        jobs = [
-            svc.make_request(im, text, params, {**names, "prompt": field}, body.priority)
-            for im, (field, text) in pairs
-        ]
-        if body.stream:
-            return await _stream(svc, jobs, single, start)
-        outcomes = await _run(request, svc, jobs)
-        return JSONResponse(reply(svc, outcomes, start, single, "answer"))
-
-
-def _add_status_routes(app: FastAPI) -> None:
-    """/health, /ready, /version and /metrics answer while the model loads; /v1/models[/{id}] once the
-    service exists (`UntilStarted` holds them until then)."""
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready", responses={503: ERRORS[503]})
-    async def ready(request: Request) -> Response:
-        svc: Service | None = getattr(request.app.state, "service", None)
-        if svc is None or not svc.ready or not svc.healthy:
-            starting = svc is None or (not svc.ready and svc.healthy)
-            return error_response(503, "loading the model" if starting else "not ready", {"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": svc.engine.model_id})
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": VERSION}
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        svc: Service = request.app.state.service
-        return {"object": "list", "data": [svc.describe()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(request: Request, model_id: str) -> dict:
-        svc: Service = request.app.state.service
-        if model_id not in served_names(svc):
-            raise ApiError(
-                404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found"
-            )
-        return svc.describe()
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        svc: Service | None = getattr(request.app.state, "service", None)
-        # Before the engine is up: the same series, all at zero (blipserve_ready 0).
-        text = await svc.render_metrics() if svc is not None else Metrics().render()
-        return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         listener = bind(settings.host, settings.port)  # first: a port in use is found in a second
         if settings.data_parallel_size > 1 and settings.engine == "process":
-            from .engine_group import plan_devices
+            from batching.engine_group import plan_devices
 
             plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts
         root = check(settings)
@@ -148,8 +148,8 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
         return 1 if failed.is_set() else 0
     import torch
 
-    from .engine_group import EngineGroup
-    from .engine_process import EngineProcess
+    from batching.engine_group import EngineGroup
+    from batching.engine_process import EngineProcess
 
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
     died = threading.Event()

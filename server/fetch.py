@@ -42,9 +42,7 @@ async def resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-async def fetch_image(
-    url: str, allowlist: list[str], max_bytes: int, timeout_s: float, public_only=is_public
-) -> bytes:
+async def fetch_image(url: str, allowlist: list[str], max_bytes: int, timeout_s: float) -> bytes:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, "image URL must be http(s)://host/...")
@@ -55,7 +53,7 @@ async def fetch_image(
         raise ApiError(400, f"image URL host {host!r} is not in the allowlist")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addresses = await resolve(host, port)
-    blocked = [a for a in addresses if not public_only(a)]
+    blocked = [a for a in addresses if not is_public(a)]
     if blocked or not addresses:
         raise ApiError(400, f"image URL host {host!r} resolves to a non-public address")
     pinned = addresses[0]
@@ -88,7 +86,7 @@ async def fetch_image(
         raise ApiError(400, f"image URL could not be fetched ({type(exc).__name__})") from None
 
 
-async def fetch_field(url: str, field: str, settings: Settings, public_only=is_public) -> bytes:
+async def fetch_field(url: str, field: str, settings: Settings) -> bytes:
     """The image at `url`, sent in the request's `field`, as the settings allow: a 400 naming the field
     and --allow-image-urls where URLs are off, and every refusal of `fetch_image` named by the field."""
     if not settings.allow_image_urls:
@@ -101,6 +99,6 @@ async def fetch_field(url: str, field: str, settings: Settings, public_only=is_p
     max_bytes = int(settings.max_body_mb * (1 << 20))
     allowlist, timeout_s = settings.image_url_allowlist, settings.image_url_timeout_s
     try:
-        return await fetch_image(url.strip(), allowlist, max_bytes, timeout_s, public_only)
+        return await fetch_image(url.strip(), allowlist, max_bytes, timeout_s)
     except ApiError as exc:
         raise ApiError(exc.status, f"{field}: {exc.message}", exc.headers, field, exc.code) from None

@@ -15,6 +15,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import send_error
+from .routes import concrete_routes
 from .service import Service, elapsed_ms
 
 log = logging.getLogger("blipserve")
@@ -66,7 +67,7 @@ def route_template(scope: Scope) -> str:
     """The path template of the route `scope` asks for (`/v1/models/{model_id}`), or "unmatched": a
     bounded label set for the metrics, whatever paths clients send."""
     partial = None
-    for route in scope["app"].router.routes:
+    for route in concrete_routes(scope["app"].router.routes):
         match, _ = route.matches(scope)
         if match == Match.FULL:
             return getattr(route, "path", "unmatched")

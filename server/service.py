@@ -16,20 +16,27 @@ from PIL import Image
 
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler
 from batching.client import EngineClient, InprocClient, SequenceFailed, Ticket
+from batching.dp_client import DataParallelClient
+from batching.engine_process import (
+    EngineHandle,
+    EngineProcess,
+    engine_loop,
+    load_engine,
+    pid_alive,
+    resolve_device,
+)
+from batching.metrics import Metrics
+from batching.process_client import EngineDied, ProcessClient
 from batching.protocol import Done
-from model.decoding.generation import MAX_LOGPROBS, SamplingError, SamplingParams, TokenOutput
+from model.decoding.generation import SamplingError, SamplingParams, TokenOutput
 from model.frontend import Frontend, GenerationRequest, GenerationResult
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
 
-from .dp_client import DataParallelClient
-from .engine_client import EngineDied, ProcessClient
-from .engine_process import EngineHandle, EngineProcess, engine_loop, load_engine, pid_alive, resolve_device
 from .errors import ApiError, Names, in_users_words, named
-from .fetch import fetch_field, is_public
+from .fetch import fetch_field
 from .inputs import Prepared, prepare_image
-from .metrics import Metrics
 from .schemas import GenerationParams
 from .settings import Settings
 from .tracing import Tracing
@@ -65,7 +72,6 @@ class Service:
         self.ready = False
         self.raw_pixels = False  # set by `start` from the engine's device
         self.created = int(time.time())  # /v1/models: when this model was loaded
-        self.is_public = is_public  # which resolved addresses URLs may reach (tests widen it to loopback)
         self.tracing: Tracing | None = None  # set by the app when tracing is on
 
     @classmethod
@@ -80,7 +86,7 @@ class Service:
             return cls(settings, engine, InprocClient(engine_loop(settings, engine, metrics), metrics))
         owner = None
         if handle is None and settings.data_parallel_size > 1:
-            from .engine_group import EngineGroup
+            from batching.engine_group import EngineGroup
 
             owner = EngineGroup(settings)
             handle = owner.start()
@@ -207,9 +213,7 @@ class Service:
 
     async def fetch(self, item: bytes | str, field: str = "image") -> bytes:
         """The image's bytes: `item` itself, or fetched from its URL (`field`: where the user sent it)."""
-        return (
-            item if isinstance(item, bytes) else await fetch_field(item, field, self.settings, self.is_public)
-        )
+        return item if isinstance(item, bytes) else await fetch_field(item, field, self.settings)
 
     def limit_items(self, count: int, field: str) -> None:
         """422 when a batch request carries more than `max_items_per_request` of `field`."""
@@ -394,44 +398,6 @@ class Service:
             if not done.done():
                 done.cancel()
                 self.client.cancel(ticket)
-
-    def describe(self) -> dict:
-        s, e = self.settings, self.engine
-        return {
-            "id": e.model_id,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "blipserve",
-            "dtype": self.dtype,
-            "device": self.device,
-            "quantization": s.quantize,
-            "weight_bytes": self.weight_bytes,
-            "ready": self.ready,
-            "limits": {
-                "max_new_tokens": s.max_new_tokens_limit,
-                "default_max_new_tokens": s.default_max_new_tokens,
-                "max_prompt_tokens": s.max_prompt_tokens,
-                "max_beams": s.max_beams,
-                "max_n": s.max_n,
-                "max_candidates": s.max_candidates,
-                "max_logprobs": MAX_LOGPROBS,
-                "max_items_per_request": s.max_items_per_request,
-                "max_body_bytes": int(s.max_body_mb * (1 << 20)),
-                "max_image_pixels": s.max_image_pixels,
-                "request_timeout_s": s.request_timeout_s,
-                "max_running_seqs": s.max_running_seqs,
-                "max_queue": s.max_queue,
-            },
-            "tasks": list(e.tasks),
-            "vqa_template": self.vqa_template if "vqa" in e.tasks else None,
-            **self._engines(),
-        }
-
-    def _engines(self) -> dict:
-        """--dp: each engine's device and state (`engines`), and how many serve."""
-        if not isinstance(self.client, DataParallelClient):
-            return {}
-        return {"engines": self.client.describe_engines(), "engines_ready": self.client.ready_engines}
 
 
 def elapsed_ms(start: float) -> float:

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .routes import concrete_routes
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class TraceRequests:
         method, path = scope.get("method", ""), scope.get("path", "")
         app = scope["app"]
         if self._routes is None:
-            self._routes = {getattr(r, "path", "") for r in app.routes}
+            self._routes = {getattr(r, "path", "") for r in concrete_routes(app.routes)}
         # The route in the name where there is one; an unknown path (a 404) must not make a name per URL.
         name = f"{method} {path}" if path in self._routes else method
         attributes: dict[str, Any] = {"http.request.method": method, "url.path": path}

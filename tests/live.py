@@ -67,14 +67,19 @@ def serve_in_thread(settings: Settings, service: Service | None = None) -> Itera
 
 
 @contextmanager
-def serve_in_process(*flags: str, log: IO[str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve_in_process(
+    *flags: str, log: IO[str] | None = None, entry: str = "server.cli"
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m server.cli` in a subprocess (for signals, or to keep its threads out of this interpreter).
 
     Its output goes to `proc.stdout` (a pipe the caller reads), or to `log` for a long-running server whose
-    unread output would otherwise fill the pipe and stall it."""
+    unread output would otherwise fill the pipe and stall it. `entry`: another module to run, from tests/
+    (`slow_engines`: the CLI with engines slowed down)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port), *flags]
+    if entry != "server.cli":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", entry, "--host", "127.0.0.1", "--port", str(port), *flags]
     out = subprocess.PIPE if log is None else log
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,4 +1,4 @@
-"""A stand-in for `server.engine_process.run_engine` (same arguments), light enough to spawn in a blink: it
+"""A stand-in for `batching.engine_process.run_engine` (same arguments), light enough to spawn in a blink: it
 binds the engine's address and exits cleanly (status 0) at the first message, the owner's Shutdown."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import pytest
 from batch_data import image_folder, read_rows
 from test_batch_job import flags
 
+from batching.engine_process import pid_alive
 from server.batch.cli import run_batch
-from server.engine_process import pid_alive
 
 STARTED = re.compile(r"engine process (\d+) started \(pid (\d+)\)")
 ADMITTED = re.compile(r"engine (\d+) \(cpu\) admitted (\d+) requests")

@@ -93,10 +93,10 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
 
 
 def test_priority_crosses_to_the_engine_process(tmp_path) -> None:
+    from batching.engine_process import request_from_message
     from model.checkpoint.tiny import write_tiny_checkpoint
     from model.frontend import Frontend
     from model.request_checks import RequestGuard
-    from server.engine_process import request_from_message
 
     frontend = Frontend.from_dir(write_tiny_checkpoint(tmp_path), "tiny")
     side = frontend.image_processor

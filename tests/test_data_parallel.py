@@ -17,15 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 from live import b64, png_bytes, serve_in_process
+from slow_engines import ENV as SLOW_ENGINES
 from test_batching import EOS
 from test_engine_process import Engine, _req, _spawned_children
 from test_server import metric_values
 
 from batching import QueueFull, SequenceFailed
-from server.dp_client import DataParallelClient, rendezvous
-from server.engine_group import engine_settings, plan_devices
-from server.engine_process import TEST_STEP_DELAY_ENV, EngineHandle, pid_alive
-from server.metrics import Metrics, merge_engine_metrics
+from batching.dp_client import DataParallelClient, rendezvous
+from batching.engine_group import engine_settings, plan_devices
+from batching.engine_process import EngineHandle, pid_alive
+from batching.metrics import Metrics, merge_engine_metrics
 from server.settings import Settings
 
 
@@ -313,8 +314,8 @@ def test_two_engines_answer_as_one_greedy_beams_and_seeded_sampling(checkpoints)
 @pytest.mark.slow
 def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints, monkeypatch):
     bodies = [{"image": b64(png_bytes(i % 5)), "max_new_tokens": 4} for i in range(200)]
-    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "1:0.05")  # test-only: engine 1 sleeps 50 ms per step
-    with serve_in_process(*_dp_flags(checkpoints, 2)) as (url, proc):
+    monkeypatch.setenv(SLOW_ENGINES, "1:0.05")  # engine 1 sleeps 50 ms per step
+    with serve_in_process(*_dp_flags(checkpoints, 2), entry="slow_engines") as (url, proc):
         _all_engines_ready(url)
         before = _served(url)
         responses = asyncio.run(_post_all(url, bodies[:100], concurrency=8))
@@ -323,7 +324,7 @@ def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints
         assert served["0"] > 2 * served["1"], served
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    monkeypatch.delenv(TEST_STEP_DELAY_ENV)
+    monkeypatch.delenv(SLOW_ENGINES)
     with serve_in_process(*_dp_flags(checkpoints, 2, "--api-workers", "2")) as (url, proc):
         _all_engines_ready(url)
         before = _served(url)
@@ -345,8 +346,9 @@ def test_a_slow_engine_serves_less_and_equal_ones_share_200_requests(checkpoints
 def test_sigterm_drains_the_requests_in_flight_on_every_engine(checkpoints, monkeypatch):
     """Long requests on both engines when SIGTERM comes: each is answered (200), then the server and
     both engines exit 0."""
-    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "0:0.02,1:0.02")  # test-only: 60 steps take over a second
-    with serve_in_process(*_dp_flags(checkpoints, 2, "--max-running-seqs", "2")) as (url, proc):
+    monkeypatch.setenv(SLOW_ENGINES, "0:0.02,1:0.02")  # 60 steps take over a second
+    flags = _dp_flags(checkpoints, 2, "--max-running-seqs", "2")
+    with serve_in_process(*flags, entry="slow_engines") as (url, proc):
         _all_engines_ready(url)
         engines = _spawned_children(proc.pid)
         body = {"max_new_tokens": 60, "min_new_tokens": 60}
@@ -381,9 +383,9 @@ def _watch_ready(url: str, stop: threading.Event, codes: list[int]) -> None:
 def test_a_killed_engine_fails_its_requests_only_comes_back_and_a_restart_loop_ends_the_server(
     checkpoints, monkeypatch
 ):
-    monkeypatch.setenv(TEST_STEP_DELAY_ENV, "0:0.02,1:0.02")  # test-only: requests still run at the kill
+    monkeypatch.setenv(SLOW_ENGINES, "0:0.02,1:0.02")  # requests still run at the kill
     flags = _dp_flags(checkpoints, 2, "--max-running-seqs", "2", "--engine-restart-limit", "2")
-    with serve_in_process(*flags) as (url, proc):
+    with serve_in_process(*flags, entry="slow_engines") as (url, proc):
         _all_engines_ready(url)
         engines = _spawned_children(proc.pid)
         assert len(engines) == 2

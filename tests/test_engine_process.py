@@ -19,6 +19,7 @@ from test_server import metric_values
 
 from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
 from batching.core import EngineCore
+from batching.process_client import ProcessClient
 from batching.protocol import (
     Add,
     Done,
@@ -32,7 +33,6 @@ from batching.protocol import (
 )
 from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
-from server.engine_client import ProcessClient
 
 
 def test_requests_cross_with_their_pixels_and_results_come_back_whole():

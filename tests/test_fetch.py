@@ -9,6 +9,7 @@ import httpx
 import pytest
 from live import png_bytes, serve_in_thread
 
+from server import fetch
 from server.fetch import host_allowed, is_public
 from server.service import Service
 from server.settings import Settings
@@ -69,7 +70,7 @@ def test_urls_are_refused_by_default(checkpoints, origin):
         assert r.status_code == 400 and "not fetched" in r.json()["error"]["message"]
 
 
-def test_enabled_urls_block_private_addresses_and_enforce_caps(checkpoints, origin):
+def test_enabled_urls_block_private_addresses_and_enforce_caps(checkpoints, origin, monkeypatch):
     base = {
         "model": str(checkpoints("pre_ln")[0]),
         "device": "cpu",
@@ -86,8 +87,8 @@ def test_enabled_urls_block_private_addresses_and_enforce_caps(checkpoints, orig
             r = httpx.post(url + "/caption", json={"image": target, "max_new_tokens": 2})
             assert r.status_code == 400, target
             assert "non-public" in r.json()["error"]["message"] or "http(s)" in r.json()["error"]["message"]
+    monkeypatch.setattr(fetch, "is_public", lambda address: True)  # this test's origin server is on loopback
     svc = Service.build(Settings(**base))
-    svc.is_public = lambda address: True  # this test's origin server is on loopback
     with serve_in_thread(svc.settings, svc) as url:
         ok = httpx.post(url + "/caption", json={"image": origin + "/img.png", "max_new_tokens": 2})
         assert ok.status_code == 200
@@ -96,7 +97,6 @@ def test_enabled_urls_block_private_addresses_and_enforce_caps(checkpoints, orig
         hop = httpx.post(url + "/caption", json={"image": origin + "/redirect", "max_new_tokens": 2})
         assert hop.status_code == 400 and "redirect" in hop.json()["error"]["message"]
     svc = Service.build(Settings(**base, image_url_allowlist=["images.example.org"]))
-    svc.is_public = lambda address: True
     with serve_in_thread(svc.settings, svc) as url:
         r = httpx.post(url + "/caption", json={"image": origin + "/img.png"})
         assert r.status_code == 400 and "allowlist" in r.json()["error"]["message"]

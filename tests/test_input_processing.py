@@ -16,6 +16,8 @@ from PIL import Image
 
 from batching import EngineLoop, Scheduler
 from batching.core import EngineCore
+from batching.engine_process import engine_guard, request_from_message
+from batching.process_client import ProcessClient
 from batching.protocol import Info
 from model.checkpoint.config import Blip2Config, read_config
 from model.checkpoint.tiny import write_tiny_checkpoint
@@ -33,8 +35,6 @@ from model.processing import (
     input_processor,
 )
 from model.request_checks import RequestGuard
-from server.engine_client import ProcessClient
-from server.engine_process import engine_guard, request_from_message
 
 PROMPT = "Question: what color is the bus? Answer:"
 
@@ -181,7 +181,7 @@ def test_the_engine_refuses_what_does_not_fit_it(tmp_path):
 def test_an_engine_rejects_an_oversized_request_cleanly_and_serves_on(tmp_path):
     """Over the socket: a request past the engine's cache is a ValueError at the client (a 422), and
     the engine serves the next one."""
-    from server.metrics import Metrics
+    from batching.metrics import Metrics
     from server.settings import Settings
 
     engine = Blip2Engine.from_pretrained()
@@ -193,7 +193,7 @@ def test_an_engine_rejects_an_oversized_request_cleanly_and_serves_on(tmp_path):
         max_prompt_tokens=1,
         max_new_tokens_limit=1,
     )
-    from server.engine_process import engine_loop
+    from batching.engine_process import engine_loop
 
     loop: EngineLoop = engine_loop(settings, engine, Metrics())
     assert isinstance(loop.scheduler, Scheduler) and loop.runner.max_len == settings.max_len == 66

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batching.engine_process import load_engine
 from model import Blip2Engine
 from model.arch.blip2 import tf32_matmuls
-from server.engine_process import load_engine
 from server.settings import Settings
 
 

@@ -15,13 +15,13 @@ from live import b64, png_bytes, serve_in_thread
 from oracle_blip import IMAGE_SIZE, hf_tokenizer
 from PIL import Image
 
+from batching.engine_process import request_from_message
 from batching.protocol import Done, add_message, decode_from_engine, decode_to_engine, encode, pixels_of
 from model import Blip2Engine
 from model.checkpoint.tiny import write_tiny_checkpoint
 from model.frontend import Frontend
 from model.request_checks import RequestGuard
 from model.runtime.plan import ScoringOutput, ScoringRequest, ScoringWork, StepPlan
-from server.engine_process import request_from_message
 from server.service import Service
 from server.settings import Settings
 

@@ -57,7 +57,7 @@ def test_openapi_documents_both_body_types():
 def test_revision_reaches_the_hub_and_the_served_name_the_engine(monkeypatch, checkpoints):
     import huggingface_hub
 
-    from server.engine_process import load_engine
+    from batching.engine_process import load_engine
     from server.startup import check
 
     root = checkpoints("pre_ln")[0]

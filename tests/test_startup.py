@@ -21,8 +21,8 @@ import pytest
 import standin_engine
 from live import ROOT, b64, free_port, png_bytes, wait_ready
 
+from batching.engine_process import EngineProcess, remove_stale_workdirs
 from server.cli import main
-from server.engine_process import EngineProcess, remove_stale_workdirs
 from server.settings import Settings
 
 
@@ -175,7 +175,7 @@ def test_an_engine_reaped_elsewhere_first_is_seen_as_stopped(tmp_path, caplog, m
         other.start()  # already waiting when the process exits: it often collects the exit status first
         time.sleep(0.2)
         start = time.monotonic()
-        owner.stop(10)  # the child imports server.engine_process (torch) first: about 2 s here
+        owner.stop(10)  # the child imports batching.engine_process (torch) first: about 2 s here
         other.join(5)
         assert time.monotonic() - start < 8 and not owner.alive()  # not the 10 s of a missed exit
     assert "did not stop" not in caplog.text

@@ -30,7 +30,7 @@ from model.decoding.generation import SamplingParams
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
-from ..fetch import fetch_image, is_public
+from ..fetch import fetch_image
 from ..inputs import Prepared, prepare_image
 from ..replies import choices_json
 from ..schemas import CaptionRequest, VQARequest
@@ -105,13 +105,13 @@ def read_file(path: Path) -> bytes:
         raise ApiError(400, f"image file {str(path)!r} could not be read: {exc.strerror or exc}") from None
 
 
-async def fetch_url(url: str, settings: Settings, public=is_public) -> bytes:
+async def fetch_url(url: str, settings: Settings) -> bytes:
     """An image URL through the server's SSRF-safe fetcher; refused unless `allow_image_urls`."""
     if not settings.allow_image_urls:
         raise ApiError(400, "image URLs are not fetched unless --allow-image-urls is given")
     max_bytes = int(settings.max_body_mb * (1 << 20))
     return await fetch_image(
-        url.strip(), settings.image_url_allowlist, max_bytes, settings.image_url_timeout_s, public
+        url.strip(), settings.image_url_allowlist, max_bytes, settings.image_url_timeout_s
     )
 
 
@@ -208,11 +208,7 @@ class LocalBackend:
         svc = self.svc
         try:
             prompt, params, priority = self._options(row.question)
-            image = (
-                await fetch_url(row.image, self.settings, svc.is_public)
-                if isinstance(row.image, str)
-                else row.image
-            )
+            image = await fetch_url(row.image, self.settings) if isinstance(row.image, str) else row.image
             prepared = await asyncio.get_running_loop().run_in_executor(svc.images, self._prepare, image)
             request = svc.make_request(prepared, prompt, params, priority=priority)
             ticket = await svc.enqueue(request)  # Service.generate for one request, without its gather

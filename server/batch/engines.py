@@ -1,10 +1,10 @@
 """The engines of a local `blipserve batch` job: the model on a thread of this process, or with `--dp N`
-N engine processes started as the server starts them (`server.engine_group.EngineGroup`: one per
+N engine processes started as the server starts them (`batching.engine_group.EngineGroup`: one per
 device, restarted when one dies), the job's `Service` routing each row to the least loaded one.
 
 The group is this process's children: `stop_service` drains and stops them when the job ends, whatever
 the outcome (finished, failed, or stopped by SIGTERM / Ctrl-C); if this process is killed outright,
-each engine sees its parent gone and exits by itself (`server.engine_process._exit_with_parent`).
+each engine sees its parent gone and exits by itself (`batching.engine_process._exit_with_parent`).
 """
 
 from __future__ import annotations

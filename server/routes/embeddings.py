@@ -17,21 +17,21 @@ little-endian float32 bytes of each vector, as OpenAI's.
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
-from .errors import ApiError, invalid
-from .inputs import Prepared, decode_base64, is_url, load_json
-from .openai_api import ContentPart
-from .service import Service
+from ..errors import ApiError, invalid
+from ..inputs import Prepared, decode_base64, is_url, load_json
+from ..service import Service
+from .disconnect import unless_disconnected
+from .openai import ContentPart
 
-T = TypeVar("T")
+router = APIRouter(tags=["openai"])
 
 MAX_INPUTS = 2048  # OpenAI's bound on one request's inputs
 TEXTS_PER_JOB = 64  # texts per engine request (as many as /embed takes)
@@ -139,35 +139,38 @@ def _check_body(svc: Service, body: EmbeddingRequest) -> None:
         )
 
 
-def add_embeddings_routes(app: FastAPI, run: Callable[[Request, Awaitable[T]], Awaitable[T]]) -> None:
-    """`run(request, work)`: await the work, or cancel it (freeing its place) if the client goes away."""
-    schema = EmbeddingRequest.model_json_schema()
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+    }
+}
 
-    @app.post("/v1/embeddings", openapi_extra=body_doc)
-    async def embeddings(request: Request) -> dict:
-        svc: Service = request.app.state.service
-        body = await _parse(request)
-        _check_body(svc, body)
-        items = input_items(body.input)
-        texts = [(i, v) for i, (kind, v) in enumerate(items) if kind == "text"]
-        urls = [(i, v) for i, (kind, v) in enumerate(items) if kind == "image"]
-        images = await _images(svc, urls) if urls else []
-        jobs = [svc.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
-        outs: list[RetrievalOutput] = await run(request, svc.retrieve(jobs))
-        vectors: list[list[float]] = [[] for _ in items]
-        for (i, _), out in zip(urls, outs, strict=False):
-            vectors[i] = pooled(out.image_embedding)
-        text_vectors = [v for out in outs[len(urls) :] for v in out.text_embeddings]
-        for (i, _), vector in zip(texts, text_vectors, strict=True):
-            vectors[i] = vector
-        tokens = sum(len(ids) for job in jobs for ids in job.texts)
-        data = [
-            {"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
-            for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return {"object": "list", "data": data, "model": svc.engine.model_id, "usage": usage}
+
+@router.post("/v1/embeddings", openapi_extra=_BODY_DOC)
+async def embeddings(request: Request) -> dict:
+    svc: Service = request.app.state.service
+    body = await _parse(request)
+    _check_body(svc, body)
+    items = input_items(body.input)
+    texts = [(i, v) for i, (kind, v) in enumerate(items) if kind == "text"]
+    urls = [(i, v) for i, (kind, v) in enumerate(items) if kind == "image"]
+    images = await _images(svc, urls) if urls else []
+    jobs = [svc.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
+    outs: list[RetrievalOutput] = await unless_disconnected(request, svc.retrieve(jobs))
+    vectors: list[list[float]] = [[] for _ in items]
+    for (i, _), out in zip(urls, outs, strict=False):
+        vectors[i] = pooled(out.image_embedding)
+    text_vectors = [v for out in outs[len(urls) :] for v in out.text_embeddings]
+    for (i, _), vector in zip(texts, text_vectors, strict=True):
+        vectors[i] = vector
+    tokens = sum(len(ids) for job in jobs for ids in job.texts)
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": svc.engine.model_id, "usage": usage}
 
 
 async def _images(svc: Service, urls: list[tuple[int, str]]) -> list[Prepared]:

@@ -34,10 +34,10 @@ from model.runtime.options import DecodeOptions
 from model.runtime.plan import RetrievalRequest, ScoringRequest
 from model.runtime.quant import weight_bytes
 from model.runtime.runner import ModelRunner
+from server.logs import exit_now
+from server.settings import Settings
 
-from .logs import exit_now
 from .metrics import Metrics
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ def request_from_message(guard: RequestGuard, stops: Blip2Engine) -> Callable[[A
 def run_engine(settings: Settings, root: str, address: str) -> None:
     """The engine process: load, capture graphs, serve until a Shutdown has drained it."""
     from batching.core import EngineCore
-
-    from .logs import configure as configure_logging
+    from server.logs import configure as configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains us
@@ -182,7 +181,6 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
         "on" if loop.overlap else "off",
     )
     loop.runner.prepare()
-    _test_step_delay(loop)
     gc.freeze()  # what start-up made lives until the end: no collection walks it again, not even at exit
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
@@ -193,29 +191,6 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
     core.ctx.destroy(linger=2000)  # the last replies go out (the router's linger) before the process ends
     exit_now(0)  # drained and closed: skip the interpreter's teardown (seconds of garbage collection)
-
-
-# Test-only: "INDEX:SECONDS[,INDEX:SECONDS]" makes engine INDEX (of --dp) sleep SECONDS after every step,
-# so tests can show that a slower engine gets fewer requests. Not a setting: no server should run with it.
-TEST_STEP_DELAY_ENV = "BLIPSERVE_TEST_STEP_DELAY"
-# Which engine of --dp this process is (set by `EngineProcess` for the child).
-ENGINE_INDEX_ENV = "BLIPSERVE_ENGINE_INDEX"
-
-
-def _test_step_delay(loop: EngineLoop) -> None:
-    index = os.environ.get(ENGINE_INDEX_ENV, "0")
-    delays = dict(p.split(":", 1) for p in os.environ.get(TEST_STEP_DELAY_ENV, "").split(",") if ":" in p)
-    if index not in delays:
-        return
-    delay, hook = float(delays[index]), loop.on_step
-    log.warning("test-only %s: %.3fs after every step of engine %s", TEST_STEP_DELAY_ENV, delay, index)
-
-    def slow(*args: object) -> None:
-        if hook is not None:
-            hook(*args)
-        time.sleep(delay)
-
-    loop.on_step = slow
 
 
 def _child(target: Callable[[Settings, str, str], None], env: dict[str, str], *args: object) -> None:
@@ -279,12 +254,12 @@ class EngineProcess:
     ):
         """`root`: the checkpoint's local directory, when the caller has resolved it already. `target`:
         what the process runs, `run_engine` (tests stand an engine in with the same arguments). With
-        --dp (`server.engine_group`): `index` of the engine, the group's `workdir` (its socket goes
+        --dp (`batching.engine_group`): `index` of the engine, the group's `workdir` (its socket goes
         there, `engine-INDEX.sock`), the child's extra environment `env`, and its `device` as named."""
         self.settings = settings
         self.target = target or run_engine
         self.index, self.device = index, device
-        self.env = {**(env or {}), ENGINE_INDEX_ENV: str(index)}
+        self.env = dict(env or {})
         self._own_dir = workdir is None
         if workdir is None:
             for stale in remove_stale_workdirs():

@@ -22,9 +22,9 @@ from batching import EngineStopped, QueueFull
 from batching.client import EngineClient, Ticket
 from batching.protocol import Info
 
-from .engine_client import EngineDied, ProcessClient
 from .engine_process import EngineHandle
 from .metrics import merge_engine_metrics
+from .process_client import EngineDied, ProcessClient
 
 log = logging.getLogger(__name__)
 

@@ -10,21 +10,19 @@ as the answer (or caption) with `finish_reason` "candidates".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from fastapi import Request
 
 from model.runtime.plan import ScoringRequest
 from model.runtime.scoring import ScoringResult
 
-from .errors import ApiError
-from .inputs import Prepared
-from .schemas import GenerationParams, ImageInput
-from .service import Service, elapsed_ms
+from ..errors import ApiError
+from ..inputs import Prepared
+from ..schemas import GenerationParams, ImageInput
+from ..service import Service, elapsed_ms
+from .disconnect import unless_disconnected
 
-T = TypeVar("T")
 FINISH_REASON = "candidates"
 
 
@@ -126,16 +124,15 @@ async def answer_candidates(
     candidates: list[str],
     single: bool,
     key: str,
-    run: Callable[[Request, Awaitable[T]], Awaitable[T]],
     start: float,
     priority: int = 0,
 ) -> dict:
     """The reply to /caption (`key` "caption") or /vqa ("answer") with candidates: `{key: best,
     "candidates": ranked}` for the single form, `{key + "s": [{"text", "candidates", ...}]}` for the
-    batch form. `run(request, work)` cancels the work if the client goes away; `start`: when the
+    batch form. The work is cancelled if the client goes away; `start`: when the
     request came (time.perf_counter()); `priority`: the body's (admission order, higher first)."""
     requests = [scoring_request(svc, image, job, candidates, priority) for image, job in jobs]
-    scored = await run(request, _score(svc, requests, candidates))
+    scored = await unless_disconnected(request, _score(svc, requests, candidates))
     results = [r for r, _ in scored]
     body: dict = {"model": svc.engine.model_id}
     if single:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import (
     BaseModel,
@@ -29,12 +29,13 @@ from model.data.tokenizer import TextTokenizer
 from model.decoding.generation import MAX_LOGPROBS, TokenLogprob
 from model.engine import GenerationRequest, GenerationResult
 
-from .errors import ApiError, invalid
-from .inputs import decode_base64, is_url, load_json, vqa_prompt
-from .openapi import OPENAI_ERRORS
-from .schemas import PRIORITY, GenerationParams
-from .service import Outcome, Service
-from .streaming import EventStream, OutputStreams, sse
+from ..errors import ApiError, invalid
+from ..inputs import decode_base64, is_url, load_json, vqa_prompt
+from ..openapi import OPENAI_ERRORS
+from ..schemas import PRIORITY, GenerationParams
+from ..service import Outcome, Service
+from ..streaming import EventStream, OutputStreams, sse
+from .disconnect import generate
 
 
 class ImageURL(BaseModel):
@@ -264,41 +265,44 @@ class Chat:
         yield sse("[DONE]")
 
 
-def add_openai_routes(app: FastAPI, run) -> None:
-    """`run(request, svc, jobs)`: the native path's generate-until-done-or-disconnected."""
+router = APIRouter(tags=["openai"])
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
+    }
+}
 
-    doc = {"$ref": "#/components/schemas/ChatRequest"}
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": doc}}}}
 
-    @app.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=body_doc)
-    async def chat_completions(request: Request) -> Response:
-        svc: Service = request.app.state.service
-        body = await _parse(request)
-        if body.model not in served_names(svc):
-            raise ApiError(
-                404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
-            )
-        url, text = image_and_text(body.messages)
-        task = "vqa" if text else "caption"
-        if text and "vqa" not in svc.engine.tasks:
-            raise ApiError(
-                400,
-                f"model {svc.engine.model_id} only captions: send the image without text",
-                param="messages",
-                code="unsupported_task",
-            )
-        svc.require(task, "/v1/chat/completions")
-        names = openai_names(body)
-        params = svc.sampling_params(generation_params(body, svc.settings.default_num_beams), task, names)
-        image = url if is_url(url) else decode_base64(url, "image_url")
-        prepared = (await svc.prepare_images([image], ["image_url"], names))[0]
-        prompt = vqa_prompt(text, svc.vqa_template) if text else None
-        job = svc.make_request(prepared, prompt, params, names, body.priority)
-        chat = Chat(svc, body, job)
-        if body.stream:
-            return EventStream(chat.chunks(await svc.stream(job)))
-        outcome = (await run(request, svc, [job]))[0]
-        return JSONResponse(chat.completion(outcome))
+@router.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=_BODY_DOC)
+async def chat_completions(request: Request) -> Response:
+    svc: Service = request.app.state.service
+    body = await _parse(request)
+    if body.model not in served_names(svc):
+        raise ApiError(
+            404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
+        )
+    url, text = image_and_text(body.messages)
+    task = "vqa" if text else "caption"
+    if text and "vqa" not in svc.engine.tasks:
+        raise ApiError(
+            400,
+            f"model {svc.engine.model_id} only captions: send the image without text",
+            param="messages",
+            code="unsupported_task",
+        )
+    svc.require(task, "/v1/chat/completions")
+    names = openai_names(body)
+    params = svc.sampling_params(generation_params(body, svc.settings.default_num_beams), task, names)
+    image = url if is_url(url) else decode_base64(url, "image_url")
+    prepared = (await svc.prepare_images([image], ["image_url"], names))[0]
+    prompt = vqa_prompt(text, svc.vqa_template) if text else None
+    job = svc.make_request(prepared, prompt, params, names, body.priority)
+    chat = Chat(svc, body, job)
+    if body.stream:
+        return EventStream(chat.chunks(await svc.stream(job)))
+    outcome = (await generate(request, svc, [job]))[0]
+    return JSONResponse(chat.completion(outcome))
 
 
 def served_names(svc: Service) -> set[str]:

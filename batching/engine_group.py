@@ -24,6 +24,7 @@ import torch
 
 from model.checkpoint.loader import resolve_checkpoint
 from model.engine import TINY_RANDOM
+from server.settings import Settings
 
 from .engine_process import (
     WORKDIR_PREFIX,
@@ -31,7 +32,6 @@ from .engine_process import (
     EngineProcess,
     remove_stale_workdirs,
 )
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
