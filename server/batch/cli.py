@@ -191,7 +191,7 @@ def spec_and_settings(args: argparse.Namespace, ap: argparse.ArgumentParser) -> 
     if settings.data_parallel_size > 1 and (args.url or args.ray):
         ap.error("--dp is for the model in this process (--url: the server's own --dp; --ray: --ray-actors)")
     if settings.data_parallel_size > 1:
-        from ..engine_group import plan_devices
+        from batching.engine_group import plan_devices
 
         try:
             plan_devices(settings)  # one device per engine, enough GPUs: said before anything starts

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..engine_group import EngineGroup, plan_devices
+from batching.engine_group import EngineGroup, plan_devices
+
 from ..service import Service
 from ..settings import Settings
 from ..startup import StartupError
