@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.decoding.decoders import Decoder, new_decoder
+from model.decoding.generation import TokenOutput
 from model.runtime.plan import (
     RetrievalOutput,
     RetrievalRequest,
@@ -65,10 +66,16 @@ class Sequence:
     vision_span: tuple[float, float] | None = None
     work_span: tuple[float, float] | None = None
     finished_at: float | None = None
+    # Per output: tokens reported to the front end so far, -1 once its end was too (`unreported`).
+    reported: list[int] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
         return self.decoder.num_rows if self.decoder is not None else 0
+
+    def outputs(self) -> list[TokenOutput]:
+        """Its outputs so far (tokens, log-probabilities, finish reasons): final once it is done."""
+        return self.decoder.outputs()
 
     def work(self) -> SequenceWork:
         r = self.request
@@ -161,8 +168,7 @@ class Scheduler:
             seq = Sequence(next(self._ids), request, None, deadline, priority=priority)
             self._enqueue(seq)
             return seq
-        stop_check = getattr(request, "stop_check", None)
-        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids, stop_check)
+        decoder = new_decoder(request.params, request.prompt_ids, self.eos_ids)
         if decoder.num_rows > self.num_slots:
             raise ValueError(
                 f"{decoder.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"

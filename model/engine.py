@@ -23,11 +23,12 @@ from PIL import Image
 from .checkpoint.config import read_config
 from .checkpoint.loader import build_empty, load_model, resolve_checkpoint
 from .checkpoint.tiny import write_tiny_checkpoint
+from .data.detokenizer import RequestText, unreported
 from .data.image import ImageProcessor
-from .data.textstream import cut_at_stop, stop_checker
+from .data.textstream import cut_at_stop
 from .data.tokenizer import TextTokenizer
 from .decoding.decoders import new_decoder
-from .decoding.generation import SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .decoding.generation import SamplingParams, TokenLogprob, TokenOutput
 from .placement import parse_dtype, resolve_device, resolve_dtype
 from .runtime.options import DecodeOptions
 from .runtime.plan import (
@@ -60,7 +61,6 @@ class GenerationRequest:
     # The decoder's token history: placeholders + text_ids for OPT; Flan-T5's decoder start token alone.
     prompt_ids: list[int]
     params: SamplingParams
-    stop_check: StopCheck | None = None  # set when params.stop has stop strings
     # Cache positions the request needs: its prompt and answer but the answer's last token (Flan-T5:
     # the longer of the encoder's input and the decoder's start token + answer; `needed_positions`).
     positions: int = 0
@@ -105,6 +105,38 @@ def needed_positions(prompt: int, max_new_tokens: int) -> int:
     to generate `max_new_tokens`: each new token but the last is fed back (as in transformers, whose
     `generate` never runs the model on its final token), so prompt + max_new_tokens - 1."""
     return prompt + max_new_tokens - 1
+
+
+class OfflineFrontEnd:
+    """The offline API's front end (what `batching.client.EngineClient` is to the server): each step's
+    new tokens of every request get their text (`RequestText`); a request whose outputs all ended at a
+    stop string leaves the batch, as the server aborts it. Called after each step's tokens are read."""
+
+    def __init__(
+        self, tokenizer: TextTokenizer, requests: list[GenerationRequest], works: list[SequenceWork]
+    ):
+        self.requests, self.works = requests, works
+        self.texts = [RequestText(tokenizer, r.prompt_ids, r.params) for r in requests]
+        self.reported: list[list[int]] = [[] for _ in requests]
+        # Greedy and sampled requests with stop strings are followed step by step; the others at the end.
+        self.followed = [i for i, r in enumerate(requests) if r.params.stop and r.params.num_beams == 1]
+
+    def step(self) -> None:
+        for i in self.followed:
+            decoder, text = self.works[i].decoder, self.texts[i]
+            if text.ended_here:
+                continue
+            text.add(unreported(decoder.outputs(), self.reported[i]))
+            if text.ended_here and decoder.finish_reason is None:
+                decoder.finish_reason = "stop"  # as a cancelled sequence: no further step
+
+    def results(self, engine: Blip2Engine) -> list[GenerationResult]:
+        results = []
+        for r, w, text, reported in zip(self.requests, self.works, self.texts, self.reported, strict=True):
+            if not text.ended_here:
+                text.finish(unreported(w.decoder.outputs(), reported))
+            results.append(engine.result(r, text.token_outputs(), text.texts()))
+        return results
 
 
 class Blip2Engine:
@@ -295,20 +327,25 @@ class Blip2Engine:
                 f"prompt ({encoder} positions) + max_new_tokens ({params.max_new_tokens}) - 1 "
                 f"exceeds the model's {self.max_positions} positions (the last new token takes none)"
             )
-        check = stop_checker(self.tokenizer.continuation(prompt_ids), params.stop) if params.stop else None
-        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, check, positions)
+        return GenerationRequest(pixels, image_key, text_ids, prompt_ids, params, positions)
 
-    def completion(self, out: TokenOutput, request: GenerationRequest) -> Completion:
+    def completion(self, out: TokenOutput, request: GenerationRequest, text: str | None = None) -> Completion:
         """Text of one output, decoded after the request's prompt (`TextTokenizer.decode`); a stop
-        string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        string (seen in a beam hypothesis too) cuts it and means "stop". `text`: already made so (by
+        `model.data.detokenizer.RequestText`, with `out` cut and its finish reason set there)."""
+        if text is not None:
+            return Completion(text, out.tokens, out.finish_reason or "length", out.logprobs)
         text = self.tokenizer.decode(out.tokens, request.prompt_ids)
         text, stopped = cut_at_stop(text, request.params.stop)
         reason = "stop" if stopped else out.finish_reason or "length"
         return Completion(text, out.tokens, reason, out.logprobs)
 
-    def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
-        """Texts of a finished request's token outputs."""
-        completions = [self.completion(out, request) for out in outputs]
+    def result(
+        self, request: GenerationRequest, outputs: list[TokenOutput], texts: list[str] | None = None
+    ) -> GenerationResult:
+        """Texts of a finished request's token outputs (`texts`: made as the tokens came, one each)."""
+        made = texts if texts is not None else [None] * len(outputs)
+        completions = [self.completion(out, request, t) for out, t in zip(outputs, made, strict=True)]
         return GenerationResult(completions, prompt_tokens=self.model.prompt_tokens(request.text_ids))
 
     def new_runner(
@@ -375,7 +412,7 @@ class Blip2Engine:
             return []
         works, next_slot = [], 0
         for i, r in enumerate(requests):
-            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids, r.stop_check)
+            decoder = new_decoder(r.params, r.prompt_ids, self.eos_ids)
             slots = list(range(next_slot, next_slot + decoder.num_rows))
             next_slot += decoder.num_rows
             works.append(SequenceWork(i, slots, decoder, r.image_key, r.text_ids))
@@ -384,7 +421,15 @@ class Blip2Engine:
         overlap = self.decode_options.overlap if overlap is None else overlap
         overlap = self.device.type == "cuda" if overlap is None else overlap
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
-        collect = runner.collect if on_step is None else (lambda step: on_step(runner.collect(step)))
+        # FRONT END (stop strings), as the server's engine client: each step's new tokens get their text.
+        front = OfflineFrontEnd(self.tokenizer, requests, works)
+
+        def collect(step: object) -> None:
+            out = runner.collect(step)
+            if on_step is not None:
+                on_step(out)
+            front.step()
+
         inflight = None
         while not plan.is_empty():
             launched = runner.launch(plan)
@@ -397,7 +442,7 @@ class Blip2Engine:
             plan = StepPlan(decodes=running)
         if inflight is not None:
             collect(inflight)
-        return [self.result(r, w.decoder.outputs()) for r, w in zip(requests, works, strict=True)]
+        return front.results(self)
 
     def caption(
         self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None

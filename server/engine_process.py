@@ -27,7 +27,6 @@ from batching import EngineLoop, Scheduler
 from batching.protocol import Add, Info, Shutdown, encode
 from model import placement
 from model.checkpoint.loader import resolve_checkpoint
-from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
 from model.runtime.options import DecodeOptions
 from model.runtime.plan import RetrievalRequest, ScoringRequest
@@ -117,15 +116,12 @@ def request_from_message(engine: Blip2Engine, max_len: int) -> Callable[[Add, ob
             return ScoringRequest(pixels, msg.image_key, msg.text_ids, msg.candidates, msg.priority)
         if msg.params is None or msg.positions > max_len:
             raise ValueError(f"request needs {msg.positions} positions; this engine has {max_len}")
-        stop = msg.params.stop
-        check = stop_checker(engine.tokenizer.continuation(msg.prompt_ids), stop) if stop else None
         return GenerationRequest(
             pixels,
             msg.image_key,
             msg.text_ids,
             msg.prompt_ids,
             msg.params,
-            check,
             msg.positions,
             msg.priority,
         )

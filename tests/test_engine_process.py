@@ -124,8 +124,10 @@ def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bou
         done = await client.wait(ticket)
         seen = []
         while not ticket.progress.empty():
-            seen.append(ticket.progress.get_nowait()[0].tokens)
-        assert seen == [[1], [1, 2], [1, 2, 3], [1, 2, 3, EOS]] and done.outputs[0].tokens == seen[-1]
+            seen.append([(u.tokens, u.finish_reason) for u in ticket.progress.get_nowait()])
+        # Each report carries only the step's new token; the last update (from the Done) the finish reason.
+        assert seen == [[([1], None)], [([2], None)], [([3], None)], [([EOS], None)], [([], "stop")]]
+        assert done.outputs[0].tokens == [1, 2, 3, EOS]
 
         # One slot, a queue of two: the fourth request at once is refused by the engine itself.
         endless = [await client.add(_req(100_000)) for _ in range(3)]

@@ -16,7 +16,6 @@ from .beam import BeamDecoder
 from .generation import (
     SamplingParams,
     Step,
-    StopCheck,
     TokenLogprob,
     TokenOutput,
     process_logits,
@@ -48,7 +47,6 @@ class TokenDecoder:
     params: SamplingParams
     prompt_ids: list[int]
     eos_ids: tuple[int, ...]
-    stop_check: StopCheck | None = None
     seed_offset: int = 0  # the i-th of n samples draws as a request with seed + i
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -129,7 +127,7 @@ class TokenDecoder:
         if self.pending:
             self.pending -= 1
         self.tokens.append(token)
-        if token in self.eos_ids or (self.stop_check is not None and self.stop_check(self.tokens)):
+        if token in self.eos_ids:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_new_tokens:
             self.finish_reason = "length"
@@ -202,13 +200,12 @@ def new_decoder(
     params: SamplingParams,
     prompt_ids: list[int],
     eos_ids: tuple[int, ...],
-    stop_check: StopCheck | None = None,
 ) -> Decoder:
-    """Stop strings end greedy and sampled rows early; beam hypotheses are cut at them afterwards."""
+    """The decoder for a request's settings (stop strings are the front end's: `model.data.detokenizer`)."""
     if params.num_beams > 1:
         return BeamDecoder(params, prompt_ids, eos_ids)
     if params.n > 1:
         return ParallelDecoder(
-            [TokenDecoder(params, prompt_ids, eos_ids, stop_check, seed_offset=i) for i in range(params.n)]
+            [TokenDecoder(params, prompt_ids, eos_ids, seed_offset=i) for i in range(params.n)]
         )
-    return TokenDecoder(params, prompt_ids, eos_ids, stop_check)
+    return TokenDecoder(params, prompt_ids, eos_ids)

@@ -6,7 +6,6 @@ search give identical tokens, and log-probabilities equal the log-softmax of its
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +125,6 @@ class Step:
     tokens: list[int]
     # True once the request is complete; its rows leave the batch.
     done: bool
-
-
-StopCheck = Callable[[list[int]], bool]  # True once the tokens' text holds a stop string
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, size: int) -> torch.Tensor:
