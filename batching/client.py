@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.data.detokenizer import RequestText, is_empty, unreported
+from model.data.detokenizer import RequestText, unreported
 from model.data.tokenizer import TextTokenizer
 from model.runtime.plan import ScoringOutput
 
@@ -148,7 +148,7 @@ def queue_seconds(seq: Sequence) -> float:
 def progress_of(seq: Sequence, req_id: int) -> Progress | None:
     """The `Progress` message of what a sequence gained since its last report; None if nothing."""
     news = unreported(seq.outputs(), seq.reported)
-    return None if is_empty(news) else Progress(req_id, news, queue_seconds(seq))
+    return None if news is None else Progress(req_id, news, queue_seconds(seq))
 
 
 def done_of(seq: Sequence, req_id: int | None = None) -> Done:
@@ -156,7 +156,7 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
     reason = seq.finish_reason or "error"
     queue_s = queue_seconds(seq)
     ok = reason in ("stop", "length")
-    outputs = unreported(seq.outputs(), seq.reported) if ok and seq.decoder is not None else []
+    outputs = (unreported(seq.outputs(), seq.reported) or []) if ok and seq.decoder is not None else []
     req = seq.seq_id if req_id is None else req_id
     answer = seq.output if ok else None
     stamps = seq.timestamps() if seq.trace else {}

@@ -20,7 +20,8 @@ import math
 import msgspec
 import torch
 
-from model.decoding.generation import SamplingParams, TokenOutput
+from model.data.detokenizer import NewTokens
+from model.decoding.generation import SamplingParams
 from model.runtime.plan import RetrievalOutput, RetrievalRequest, ScoringOutput, ScoringRequest
 
 
@@ -121,7 +122,7 @@ class Progress(msgspec.Struct, tag=True):
     new. Sent when the `Add` asked for `stream`."""
 
     req_id: int
-    outputs: list[TokenOutput]
+    outputs: list[NewTokens]
     # Seconds from arrival at the engine to admission (as `Done.queue_s`): the HTTP process completes a
     # request that ended at a stop string itself, without waiting for the engine's `Done`.
     queue_s: float = 0.0
@@ -134,8 +135,9 @@ class Done(msgspec.Struct, tag=True):
     finish_reason: str
     # Seconds from arrival at the engine to admission into a step.
     queue_s: float
-    # Per output index, what `Progress` did not report yet (everything, for a request not streamed).
-    outputs: list[TokenOutput] = []
+    # Per output index, what `Progress` did not report yet (everything, for a request not streamed). The
+    # clients (`batching.client.EngineClient`) hand on the whole outputs they gathered (`TokenOutput`s).
+    outputs: list[NewTokens] = []
     retrieval: RetrievalOutput | None = None
     scores: ScoringOutput | None = None
     # Only when the `Add` asked for `trace`: when each stage began and ended, in seconds since the Unix

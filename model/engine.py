@@ -126,7 +126,9 @@ class OfflineFrontEnd:
             decoder, text = self.works[i].decoder, self.texts[i]
             if text.ended_here:
                 continue
-            text.add(unreported(decoder.outputs(), self.reported[i]))
+            news = unreported(decoder.outputs(), self.reported[i])
+            if news is not None:
+                text.add(news)
             if text.ended_here and decoder.finish_reason is None:
                 decoder.finish_reason = "stop"  # as a cancelled sequence: no further step
 
@@ -134,7 +136,7 @@ class OfflineFrontEnd:
         results = []
         for r, w, text, reported in zip(self.requests, self.works, self.texts, self.reported, strict=True):
             if not text.ended_here:
-                text.finish(unreported(w.decoder.outputs(), reported))
+                text.finish(unreported(w.decoder.outputs(), reported) or [])
             results.append(engine.result(r, text.token_outputs(), text.texts()))
         return results
 

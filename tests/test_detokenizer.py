@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models
 from batching import EngineLoop, Scheduler
 from batching.client import InprocClient
 from model.checkpoint.tiny import train_tokenizer
-from model.data.detokenizer import IncrementalDetokenizer, OutputText, RequestText, unreported
+from model.data.detokenizer import IncrementalDetokenizer, NewTokens, OutputText, RequestText, unreported
 from model.data.textstream import cut_at_stop
 from model.data.tokenizer import TextTokenizer
 from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
@@ -122,12 +122,17 @@ def test_the_engine_reports_each_token_and_each_end_once():
     reported: list[int] = []
     lp = TokenLogprob(7, -0.5, ())
     first = unreported([TokenOutput([7], None, [lp]), TokenOutput([], None, [])], reported)
-    assert first == [TokenOutput([7], None, [lp]), TokenOutput([], None, [])]
+    assert first == [NewTokens([7], None, [lp]), NewTokens([])]
+    assert unreported([TokenOutput([7], None, [lp]), TokenOutput([], None, [])], reported) is None
     second = unreported([TokenOutput([7, 8], "stop", [lp, lp]), TokenOutput([3], None, [lp])], reported)
-    assert second == [TokenOutput([8], "stop", [lp]), TokenOutput([3], None, [lp])]
+    assert second == [NewTokens([8], "stop", [lp]), NewTokens([3], None, [lp])]
     third = unreported([TokenOutput([7, 8], "stop", [lp, lp]), TokenOutput([3], "length", [lp])], reported)
-    assert third == [TokenOutput([], None, None), TokenOutput([], "length", [])]
+    assert third == [NewTokens([]), NewTokens([], "length", [])]
     assert reported == [-1, -1]
+    assert (
+        unreported([TokenOutput([7, 8], "stop", [lp, lp]), TokenOutput([3], "length", [lp])], reported)
+        is None
+    )
 
 
 def _word_tokenizer() -> TextTokenizer:

@@ -30,7 +30,8 @@ from batching.protocol import (
     encode,
     pixels_of,
 )
-from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
+from model.data.detokenizer import NewTokens
+from model.decoding.generation import SamplingParams, TokenLogprob
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from server.engine_client import ProcessClient
 
@@ -65,11 +66,11 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
     assert torch.equal(pixels_of(msg, bytes(frames[1])), req.pixel_values)
 
     lps = [TokenLogprob(4, -0.5, ((4, -0.5), (6, -1.25)))]
-    outputs = [TokenOutput([4, 8], "stop", lps), TokenOutput([3], "length", None)]
+    outputs = [NewTokens([4, 8], "stop", lps), NewTokens([3], "length", None)]
     for message in (
         Done(4, "stop", 0.25, outputs, None),
         Done(5, "stop", 0.0, [], RetrievalOutput([0.5], [0.25], [[1.0, 0.0]], [])),
-        Progress(4, outputs),
+        Progress(4, outputs, 0.5),
     ):
         assert decode_from_engine(encode(message)) == message
 

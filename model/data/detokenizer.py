@@ -18,32 +18,43 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ..decoding.generation import SamplingParams, TokenLogprob, TokenOutput
 from .textstream import INCOMPLETE
 from .tokenizer import CONTEXT_TOKENS, TextTokenizer
 
 
-def unreported(outputs: list[TokenOutput], reported: list[int]) -> list[TokenOutput]:
+class NewTokens(msgspec.Struct, array_like=True):
+    """One output's part of an engine report (`Progress`, `Done`): its tokens (and log-probabilities)
+    since the last report, and its finish reason once it ended."""
+
+    tokens: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+NOTHING = NewTokens([])
+
+
+def unreported(outputs: list[TokenOutput], reported: list[int]) -> list[NewTokens] | None:
     """The engine side's report: for each output, the tokens (and log-probabilities) not reported yet
     and its finish reason if it ended since the last report. `reported[i]` counts the tokens of output
     i reported so far, -1 once its end was reported too; it is updated (grown to `len(outputs)`).
-    Returns one entry per output, empty when nothing is new."""
-    reported.extend([0] * (len(outputs) - len(reported)))
-    news = []
+    Returns one entry per output, or None when nothing is new."""
+    if len(reported) < len(outputs):
+        reported.extend([0] * (len(outputs) - len(reported)))
+    news, new = [], False
     for i, out in enumerate(outputs):
         start = reported[i]
-        if start < 0:
-            news.append(TokenOutput([], None, None))
+        if start < 0 or (start == len(out.tokens) and out.finish_reason is None):
+            news.append(NOTHING)
             continue
+        new = True
         lps = out.logprobs[start:] if out.logprobs is not None else None
-        news.append(TokenOutput(out.tokens[start:], out.finish_reason, lps))
+        news.append(NewTokens(out.tokens[start:], out.finish_reason, lps))
         reported[i] = -1 if out.finish_reason is not None else len(out.tokens)
-    return news
-
-
-def is_empty(deltas: list[TokenOutput]) -> bool:
-    """Nothing new in a report: no token and no end."""
-    return all(not d.tokens and d.finish_reason is None for d in deltas)
+    return news if new else None
 
 
 class IncrementalDetokenizer:
@@ -140,7 +151,7 @@ class OutputText:
         self.sent = 0  # the text before this was streamed
         self.sent_tokens = 0
 
-    def add(self, out: TokenOutput) -> None:
+    def add(self, out: NewTokens | TokenOutput) -> None:
         """Take a report's new tokens (those after a stop string are dropped) and its end."""
         if self.stopped_here:
             return
@@ -233,7 +244,7 @@ class RequestText:
         self.expected = 0 if self.beams else params.n
         self.outputs: list[OutputText] = []
 
-    def _take(self, deltas: list[TokenOutput]) -> list[int]:
+    def _take(self, deltas: list[NewTokens]) -> list[int]:
         """Apply a report; the indices of the outputs it touched."""
         touched = []
         for i, delta in enumerate(deltas):
@@ -244,7 +255,7 @@ class RequestText:
                 touched.append(i)
         return touched
 
-    def add(self, deltas: list[TokenOutput]) -> list[Update]:
+    def add(self, deltas: list[NewTokens]) -> list[Update]:
         """A progress report: the streaming updates with something in them (text or new tokens)."""
         updates = [self.outputs[i].update(i, final=False) for i in self._take(deltas)]
         return [u for u in updates if u.text or u.tokens]
@@ -260,7 +271,7 @@ class RequestText:
             and any(o.stopped_here for o in outs)
         )
 
-    def finish(self, deltas: list[TokenOutput]) -> list[Update]:
+    def finish(self, deltas: list[NewTokens]) -> list[Update]:
         """The last report: the rest of every output, each update with its finish reason."""
         self._take(deltas)
         for out in self.outputs:
