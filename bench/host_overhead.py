@@ -3,7 +3,8 @@
     python bench/host_overhead.py --batches 64,256 --modes stream,stop --ref 58bc13d
 
 The tiny checkpoint's decode is replaced by a stand-in that returns precomputed logits at once, so a
-step's time is the host's own work. Two sides are timed per decode step:
+step's time is the host's own work. Two sides are timed per decode step, in CPU time of the thread
+(`time.thread_time`, torch on that one thread: other work on a shared machine does not count):
 
 - engine: what the engine thread does (scheduler, the runner's host work and token read-back, the
   decoders, stop checks where the engine makes them, and encoding the `Progress` / `Done` messages as
@@ -120,7 +121,7 @@ def run_batch(engine, batch: int, new_tokens: int, params, mode: str) -> tuple[l
         fronts[seq.seq_id] = FrontEnd(engine, request, stream)
     engine_s, front_s = [], []
     while scheduler.has_work:
-        start = time.perf_counter()
+        start = time.thread_time()
         plan, _ = scheduler.schedule()
         out = runner.run(plan)
         stepped = {w.seq_id for w in plan.prefills + plan.decodes}
@@ -128,12 +129,12 @@ def run_batch(engine, batch: int, new_tokens: int, params, mode: str) -> tuple[l
         finished = scheduler.postprocess(plan, out)
         messages = [m for s in streaming if (m := report(s, s.seq_id)) is not None]
         messages += [encode(done_of(s)) for s in finished]
-        middle = time.perf_counter()
+        middle = time.thread_time()
         for data in messages:
             msg = decode_from_engine(data)
             front = fronts[msg.req_id]
             front.progress(msg) if type(msg).__name__ == "Progress" else front.done(msg)
-        end = time.perf_counter()
+        end = time.thread_time()
         if not plan.prefills:
             engine_s.append(middle - start)
             front_s.append(end - middle)
