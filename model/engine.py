@@ -23,7 +23,7 @@ from PIL import Image
 from .checkpoint.config import read_config
 from .checkpoint.loader import build_empty, load_model, resolve_checkpoint
 from .checkpoint.tiny import write_tiny_checkpoint
-from .data.detokenizer import RequestText, unreported
+from .data.detokenizer import OfflineFrontEnd
 from .data.image import ImageProcessor
 from .data.textstream import cut_at_stop
 from .data.tokenizer import TextTokenizer
@@ -105,40 +105,6 @@ def needed_positions(prompt: int, max_new_tokens: int) -> int:
     to generate `max_new_tokens`: each new token but the last is fed back (as in transformers, whose
     `generate` never runs the model on its final token), so prompt + max_new_tokens - 1."""
     return prompt + max_new_tokens - 1
-
-
-class OfflineFrontEnd:
-    """The offline API's front end (what `batching.client.EngineClient` is to the server): each step's
-    new tokens of every request get their text (`RequestText`); a request whose outputs all ended at a
-    stop string leaves the batch, as the server aborts it. Called after each step's tokens are read."""
-
-    def __init__(
-        self, tokenizer: TextTokenizer, requests: list[GenerationRequest], works: list[SequenceWork]
-    ):
-        self.requests, self.works = requests, works
-        self.texts = [RequestText(tokenizer, r.prompt_ids, r.params) for r in requests]
-        self.reported: list[list[int]] = [[] for _ in requests]
-        # Greedy and sampled requests with stop strings are followed step by step; the others at the end.
-        self.followed = [i for i, r in enumerate(requests) if r.params.stop and r.params.num_beams == 1]
-
-    def step(self) -> None:
-        for i in self.followed:
-            decoder, text = self.works[i].decoder, self.texts[i]
-            if text.ended_here:
-                continue
-            news = unreported(decoder.outputs(), self.reported[i])
-            if news is not None:
-                text.add(news)
-            if text.ended_here and decoder.finish_reason is None:
-                decoder.finish_reason = "stop"  # as a cancelled sequence: no further step
-
-    def results(self, engine: Blip2Engine) -> list[GenerationResult]:
-        results = []
-        for r, w, text, reported in zip(self.requests, self.works, self.texts, self.reported, strict=True):
-            if not text.ended_here:
-                text.finish(unreported(w.decoder.outputs(), reported) or [])
-            results.append(engine.result(r, text.token_outputs(), text.texts()))
-        return results
 
 
 class Blip2Engine:
@@ -424,7 +390,7 @@ class Blip2Engine:
         overlap = self.device.type == "cuda" if overlap is None else overlap
         plan = StepPlan(images={r.image_key: r.pixel_values for r in requests}, prefills=works)
         # FRONT END (stop strings), as the server's engine client: each step's new tokens get their text.
-        front = OfflineFrontEnd(self.tokenizer, requests, works)
+        front = OfflineFrontEnd(self.tokenizer, requests, [w.decoder for w in works])
 
         def collect(step: object) -> None:
             out = runner.collect(step)
@@ -444,7 +410,9 @@ class Blip2Engine:
             plan = StepPlan(decodes=running)
         if inflight is not None:
             collect(inflight)
-        return front.results(self)
+        return [
+            self.result(r, outs, texts) for r, (outs, texts) in zip(requests, front.results(), strict=True)
+        ]
 
     def caption(
         self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None

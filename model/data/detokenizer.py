@@ -285,3 +285,38 @@ class RequestText:
     def texts(self) -> list[str] | None:
         """Each output's final text; None without a tokenizer."""
         return [o.text for o in self.outputs] if self.tokenizer is not None else None
+
+
+class OfflineFrontEnd:
+    """The offline API's front end (what `batching.client.EngineClient` is to the server): after each
+    step, the new tokens of every request with stop strings get their text (`RequestText`); a request
+    whose outputs all ended at one leaves the batch, as the server aborts it. `decoders`: each
+    request's (`model.decoding.decoders`), read through `outputs()`."""
+
+    def __init__(self, tokenizer: TextTokenizer, requests: Sequence, decoders: Sequence):
+        self.decoders = decoders
+        self.texts = [RequestText(tokenizer, r.prompt_ids, r.params) for r in requests]
+        self.reported: list[list[int]] = [[] for _ in requests]
+        # Greedy and sampled requests with stop strings are followed step by step; the others at the end.
+        self.followed = [i for i, r in enumerate(requests) if r.params.stop and r.params.num_beams == 1]
+
+    def step(self) -> None:
+        """Read the last step's tokens (called once they are read back)."""
+        for i in self.followed:
+            decoder, text = self.decoders[i], self.texts[i]
+            if text.ended_here:
+                continue
+            news = unreported(decoder.outputs(), self.reported[i])
+            if news is not None:
+                text.add(news)
+            if text.ended_here and decoder.finish_reason is None:
+                decoder.finish_reason = "stop"  # as a cancelled sequence's: no further step
+
+    def results(self) -> list[tuple[list[TokenOutput], list[str] | None]]:
+        """Each request's outputs (cut at stop strings) and their texts, once every request is done."""
+        out = []
+        for decoder, text, reported in zip(self.decoders, self.texts, self.reported, strict=True):
+            if not text.ended_here:
+                text.finish(unreported(decoder.outputs(), reported) or [])
+            out.append((text.token_outputs(), text.texts()))
+        return out
