@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from .client import done_of
+from .client import done_of, progress_of
 from .engine_loop import EngineLoop, EngineStopped
 from .protocol import (
     READ_ONLY_WARNING,
@@ -29,7 +29,6 @@ from .protocol import (
     Load,
     MetricsQuery,
     MetricsText,
-    Progress,
     Rejected,
     Shutdown,
     decode_to_engine,
@@ -196,5 +195,6 @@ class EngineCore:
         for seq in seqs:
             with self._lock:
                 owner = self._owners.get(seq.seq_id)
-            if owner is not None:
-                pipe.send_multipart([owner[0], encode(Progress(owner[1], seq.outputs()))])
+            progress = progress_of(seq, owner[1]) if owner is not None else None
+            if progress is not None:
+                pipe.send_multipart([owner[0], encode(progress)])

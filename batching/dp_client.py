@@ -21,6 +21,7 @@ from typing import Any
 from batching import EngineStopped, QueueFull
 from batching.client import EngineClient, Ticket
 from batching.protocol import Info
+from model.data.tokenizer import TextTokenizer
 
 from .engine_process import EngineHandle
 from .metrics import merge_engine_metrics
@@ -60,6 +61,12 @@ class DataParallelClient(EngineClient):
         self.routing = routing
         self.min_ready = min_ready
         self._turn = itertools.count()
+
+    def use_tokenizer(self, tokenizer: TextTokenizer) -> None:
+        """Each engine's link makes the text of its requests (its tickets gather their tokens)."""
+        super().use_tokenizer(tokenizer)
+        for link in self.links:
+            link.use_tokenizer(tokenizer)
 
     @property
     def ready_engines(self) -> int:

@@ -27,7 +27,6 @@ from batching import EngineLoop, Scheduler
 from batching.protocol import Add, Info, Shutdown, encode
 from model import placement
 from model.checkpoint.loader import resolve_checkpoint
-from model.data.textstream import stop_checker
 from model.engine import TINY_RANDOM, Blip2Engine, GenerationRequest
 from model.request_checks import RequestGuard
 from model.runtime.options import DecodeOptions
@@ -117,10 +116,10 @@ def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     return engine
 
 
-def request_from_message(guard: RequestGuard, stops: Blip2Engine) -> Callable[[Add, object], object]:
+def request_from_message(guard: RequestGuard) -> Callable[[Add, object], object]:
     """The engine's request of an `Add` message: its fields unpacked as the HTTP process built them,
     checked only for what would harm the engine (`model.request_checks`: sizes, slots, token ids);
-    ValueError (a 422) otherwise. `stops`: the tokenizer that reads stop strings."""
+    ValueError (a 422) otherwise."""
 
     def build(msg: Add, pixels: object) -> object:
         if msg.task:
@@ -138,15 +137,12 @@ def request_from_message(guard: RequestGuard, stops: Blip2Engine) -> Callable[[A
         elif msg.params is None:
             raise ValueError("params: a generation request needs its sampling settings")
         else:
-            stop = msg.params.stop
-            check = stop_checker(stops.tokenizer.continuation(msg.prompt_ids), stop) if stop else None
             request = GenerationRequest(
                 pixels,
                 msg.image_key,
                 msg.text_ids,
                 msg.prompt_ids,
                 msg.params,
-                check,
                 msg.positions,
                 msg.priority,
             )
@@ -185,7 +181,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     metrics.ready.set(1)
     dtype = str(engine.dtype).removeprefix("torch.")
     info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
-    build = request_from_message(engine_guard(engine, loop.runner), engine)
+    build = request_from_message(engine_guard(engine, loop.runner))
     core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
     core.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)

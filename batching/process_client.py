@@ -37,6 +37,7 @@ from batching.protocol import (
     add_message,
     decode_from_engine,
     encode,
+    reports_each_step,
 )
 
 from .engine_process import pid_alive
@@ -109,12 +110,13 @@ class ProcessClient(EngineClient):
     ) -> Ticket:
         if self.dead:
             raise EngineStopped("the engine process died; the server restarts")
-        ticket = self._new_ticket(timeout_s, stream)
+        ticket = self._new_ticket(timeout_s, stream, request)
         ack = self._acks[ticket.req_id] = asyncio.get_running_loop().create_future()
         self.unacked += 1
         try:
             await self._sock.send_multipart(
-                add_message(ticket.req_id, request, timeout_s, stream, trace), copy=False
+                add_message(ticket.req_id, request, timeout_s, reports_each_step(request, stream), trace),
+                copy=False,
             )
             reply = await ack
         except BaseException:
@@ -156,7 +158,7 @@ class ProcessClient(EngineClient):
                 log.exception("undecodable message from the engine")
                 continue
             if isinstance(msg, Progress):
-                self._deliver_progress(msg.req_id, msg.outputs)
+                self._deliver_progress(msg)
             elif isinstance(msg, Done):
                 self.load = msg.load or self.load
                 self._deliver_done(msg)

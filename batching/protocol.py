@@ -7,6 +7,10 @@ frame): no pickling and no copy of the image on the way in. Two sockets per HTTP
 - requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservation`,
   `Shutdown`; the engine's input thread answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it.
 - results (the engine's ROUTER -> DEALER): `Progress` (streaming) and `Done`, sent by the engine loop.
+
+Results carry token ids only, and of each output only what was not reported before
+(`model.data.detokenizer.unreported`): the HTTP process gathers them and makes the text, stop strings
+included (`RequestText`); it sends `Abort` for a request whose outputs all ended at a stop string.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import math
 import msgspec
 import torch
 
-from model.decoding.generation import SamplingParams, TokenOutput
+from model.data.detokenizer import NewTokens
+from model.decoding.generation import SamplingParams
 from model.runtime.plan import RetrievalOutput, RetrievalRequest, ScoringOutput, ScoringRequest
 
 
@@ -115,8 +120,15 @@ class MetricsText(msgspec.Struct, tag=True):
 
 
 class Progress(msgspec.Struct, tag=True):
+    """What a running request gained in one step: per output index, the tokens (and log-probabilities)
+    since the last report and, once it ended, its finish reason; empty entries for outputs with nothing
+    new. Sent when the `Add` asked for `stream`."""
+
     req_id: int
-    outputs: list[TokenOutput]
+    outputs: list[NewTokens]
+    # Seconds from arrival at the engine to admission (as `Done.queue_s`): the HTTP process completes a
+    # request that ended at a stop string itself, without waiting for the engine's `Done`.
+    queue_s: float = 0.0
 
 
 class Done(msgspec.Struct, tag=True):
@@ -126,7 +138,9 @@ class Done(msgspec.Struct, tag=True):
     finish_reason: str
     # Seconds from arrival at the engine to admission into a step.
     queue_s: float
-    outputs: list[TokenOutput] = []
+    # Per output index, what `Progress` did not report yet (everything, for a request not streamed). The
+    # clients (`batching.client.EngineClient`) hand on the whole outputs they gathered (`TokenOutput`s).
+    outputs: list[NewTokens] = []
     retrieval: RetrievalOutput | None = None
     scores: ScoringOutput | None = None
     # Only when the `Add` asked for `trace`: when each stage began and ended, in seconds since the Unix
@@ -158,6 +172,13 @@ def decode_to_engine(data: bytes | memoryview) -> ToEngine:
 
 def decode_from_engine(data: bytes | memoryview) -> FromEngine:
     return _from_engine.decode(data)
+
+
+def reports_each_step(request: object, stream: bool) -> bool:
+    """Whether the engine reports the request's tokens after every step: when the client streams, and
+    for stop strings (the front end looks for them as the tokens come; beams are cut afterwards)."""
+    params = getattr(request, "params", None)
+    return stream or (params is not None and bool(params.stop) and params.num_beams == 1)
 
 
 def add_message(

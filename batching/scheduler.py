@@ -77,6 +77,8 @@ class Sequence:
     vision_span: tuple[float, float] | None = None
     work_span: tuple[float, float] | None = None
     finished_at: float | None = None
+    # Per output: tokens reported to the front end so far, -1 once its end was too (`unreported`).
+    reported: list[int] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -179,8 +181,7 @@ class Scheduler:
             seq = Sequence(next(self._ids), request, None, deadline, priority=priority)
             self._enqueue(seq)
             return seq
-        stop_check = getattr(request, "stop_check", None)
-        state = new_state(request.params, request.prompt_ids, self.eos_ids, stop_check)
+        state = new_state(request.params, request.prompt_ids, self.eos_ids)
         if state.num_rows > self.num_slots:
             raise ValueError(
                 f"{state.num_rows} rows (num_beams or n) exceed the server's {self.num_slots} sequence slots"

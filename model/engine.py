@@ -22,6 +22,7 @@ from PIL import Image
 from .checkpoint.config import read_config
 from .checkpoint.loader import load_model, resolve_checkpoint
 from .checkpoint.tiny import write_tiny_checkpoint
+from .data.detokenizer import OfflineFrontEnd
 from .data.image import ImageProcessor
 from .data.tokenizer import TextTokenizer
 from .decoding.generation import SamplingParams
@@ -231,12 +232,23 @@ class Blip2Engine(Frontend):
         overlap = self.device.type == "cuda" if overlap is None else overlap
         # Every request admitted in the first step, its images one vision batch inside it.
         scheduler = Scheduler(rows, len(requests), len(requests), self.eos_ids, background_vision=False)
-        hook = None if on_step is None else (lambda plan, out, sched: on_step(out))
-        loop = EngineLoop(runner, scheduler, max_wait_ms=0, on_step=hook, overlap=overlap, raise_errors=True)
+        front: list[OfflineFrontEnd] = []  # stop strings, read after each step as the server's client does
+
+        def after_step(plan: object, out: StepOutput, sched: object) -> None:
+            if on_step is not None:
+                on_step(out)
+            front[0].step()
+
+        loop = EngineLoop(
+            runner, scheduler, max_wait_ms=0, on_step=after_step, overlap=overlap, raise_errors=True
+        )
         seqs = [loop.add(r) for r in requests]
+        front.append(OfflineFrontEnd(self.tokenizer, requests, seqs, loop.cancel))
         while loop.has_work:
             loop.step()
-        return [self.result(r, s.outputs()) for r, s in zip(requests, seqs, strict=True)]
+        return [
+            self.result(r, outs, texts) for r, (outs, texts) in zip(requests, front[0].results(), strict=True)
+        ]
 
     def caption(
         self, images: Sequence[Image.Image | torch.Tensor], params: SamplingParams | None = None

@@ -17,8 +17,8 @@ from PIL import Image
 
 from .checkpoint.config import Blip2Config, BlipConfig
 from .data.image import ImageProcessor
-from .data.textstream import cut_at_stop, stop_checker
-from .decoding.generation import FinishReason, SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .data.textstream import cut_at_stop
+from .decoding.generation import FinishReason, SamplingParams, TokenLogprob, TokenOutput
 from .processing import InputProcessor, PromptInputs, needed_positions
 from .runtime.plan import RetrievalRequest, ScoringOutput, ScoringRequest
 from .runtime.scoring import ScoringResult, rank
@@ -43,7 +43,6 @@ class GenerationRequest:
     # The decoder's token history: placeholders + text_ids for OPT; Flan-T5's decoder start token alone.
     prompt_ids: list[int]
     params: SamplingParams
-    stop_check: StopCheck | None = None  # set when params.stop has stop strings
     # Cache positions the request needs: its prompt and answer but the answer's last token (Flan-T5:
     # the longer of the encoder's input and the decoder's start token + answer; `needed_positions`).
     positions: int = 0
@@ -147,11 +146,7 @@ class Frontend:
         one that, with max_new_tokens, passes its positions."""
         inputs = prompt if isinstance(prompt, PromptInputs) else self.processor.prompt(prompt)
         positions = self.processor.check_positions(inputs, params.max_new_tokens)
-        stop = params.stop
-        check = stop_checker(self.tokenizer.continuation(inputs.prompt_ids), stop) if stop else None
-        return GenerationRequest(
-            pixels, image_key, inputs.text_ids, inputs.prompt_ids, params, check, positions
-        )
+        return GenerationRequest(pixels, image_key, inputs.text_ids, inputs.prompt_ids, params, positions)
 
     def retrieval_request(
         self,
@@ -212,15 +207,21 @@ class Frontend:
         """The candidates ranked by their summed log-probability (`ScoringOutput` -> `ScoringResult`)."""
         return rank(list(texts), output, request.source_positions)
 
-    def completion(self, out: TokenOutput, request: GenerationRequest) -> Completion:
+    def completion(self, out: TokenOutput, request: GenerationRequest, text: str | None = None) -> Completion:
         """Text of one output, decoded after the request's prompt (`TextTokenizer.decode`); a stop
-        string (seen in a beam hypothesis too) cuts it and means "stop"."""
+        string (seen in a beam hypothesis too) cuts it and means "stop". `text`: already made so (by
+        `model.data.detokenizer.RequestText`, with `out` cut and its finish reason set there)."""
+        if text is not None:
+            return Completion(text, out.tokens, out.finish_reason or FinishReason.LENGTH, out.logprobs)
         text = self.tokenizer.decode(out.tokens, request.prompt_ids)
         text, stopped = cut_at_stop(text, request.params.stop)
         reason = FinishReason.STOP if stopped else out.finish_reason or FinishReason.LENGTH
         return Completion(text, out.tokens, reason, out.logprobs)
 
-    def result(self, request: GenerationRequest, outputs: list[TokenOutput]) -> GenerationResult:
-        """Texts of a finished request's token outputs."""
-        completions = [self.completion(out, request) for out in outputs]
+    def result(
+        self, request: GenerationRequest, outputs: list[TokenOutput], texts: list[str] | None = None
+    ) -> GenerationResult:
+        """Texts of a finished request's token outputs (`texts`: made as the tokens came, one each)."""
+        made = texts if texts is not None else [None] * len(outputs)
+        completions = [self.completion(out, request, t) for out, t in zip(outputs, made, strict=True)]
         return GenerationResult(completions, prompt_tokens=self.processor.prompt_tokens(request.text_ids))

@@ -28,7 +28,8 @@ from batching.engine_process import (
 from batching.metrics import Metrics
 from batching.process_client import EngineDied, ProcessClient
 from batching.protocol import Done
-from model.decoding.generation import SamplingError, SamplingParams, TokenOutput
+from model.data.detokenizer import Update
+from model.decoding.generation import SamplingError, SamplingParams
 from model.frontend import Frontend, GenerationRequest, GenerationResult
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 from model.runtime.quant import weight_bytes
@@ -66,6 +67,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.client = client
+        client.use_tokenizer(engine.tokenizer)  # the text of generated tokens is made in this process
         self.owner = owner  # the engine process this HTTP process started (stopped with it)
         self.max_len = min(settings.max_len, engine.max_positions)
         self.images = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blipserve-img")
@@ -341,10 +343,11 @@ class Service:
 
     async def outcome(self, request: GenerationRequest, ticket: Ticket) -> Outcome:
         done = await self.finished(ticket)
+        texts = ticket.text.texts() if ticket.text is not None else None  # made as the tokens came
         if self.tracing is None:
-            return Outcome(self.engine.result(request, done.outputs), done.queue_s)
+            return Outcome(self.engine.result(request, done.outputs, texts), done.queue_s)
         with self.tracing.span("detokenize"):
-            result = self.engine.result(request, done.outputs)
+            result = self.engine.result(request, done.outputs, texts)
         self.tracing.record_usage(result.prompt_tokens, result.completion_tokens)
         return Outcome(result, done.queue_s)
 
@@ -366,15 +369,16 @@ class Service:
                 self.client.cancel(t)
             raise
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenOutput] | Outcome]:
-        """Queue a request (errors raise here), then iterate: the outputs so far after each engine step,
-        and last the Outcome. Closing the iterator early cancels the request and frees its slots."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Update] | Outcome]:
+        """Queue a request (errors raise here), then iterate: the outputs' updates after each engine step
+        (new text, tokens, log-probabilities), the last ones with their finish reasons, and last the
+        Outcome. Closing the iterator early cancels the request and frees its slots."""
         ticket = await self.enqueue(request, stream=True)
         return self._events(request, ticket)
 
     async def _events(
         self, request: GenerationRequest, ticket: Ticket
-    ) -> AsyncIterator[list[TokenOutput] | Outcome]:
+    ) -> AsyncIterator[list[Update] | Outcome]:
         events = ticket.progress
         done = asyncio.ensure_future(self.outcome(request, ticket))
         span = self.tracing.start_span("stream") if self.tracing is not None else None

@@ -108,7 +108,7 @@ def test_priority_crosses_to_the_engine_process(tmp_path) -> None:
     msg = decode_to_engine(frames[0])
     assert msg.priority == -10
     guard = RequestGuard(frontend.processor, side.height, side.width, 100, 2)
-    assert request_from_message(guard, frontend)(msg, request.pixel_values).priority == -10
+    assert request_from_message(guard)(msg, request.pixel_values).priority == -10
 
 
 def test_priority_in_the_api(root) -> None:

@@ -31,7 +31,8 @@ from batching.protocol import (
     encode,
     pixels_of,
 )
-from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
+from model.data.detokenizer import NewTokens
+from model.decoding.generation import SamplingParams, TokenLogprob
 from model.runtime.plan import RetrievalOutput, RetrievalRequest
 
 
@@ -65,11 +66,11 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
     assert torch.equal(pixels_of(msg, bytes(frames[1])), req.pixel_values)
 
     lps = [TokenLogprob(4, -0.5, ((4, -0.5), (6, -1.25)))]
-    outputs = [TokenOutput([4, 8], "stop", lps), TokenOutput([3], "length", None)]
+    outputs = [NewTokens([4, 8], "stop", lps), NewTokens([3], "length", None)]
     for message in (
         Done(4, "stop", 0.25, outputs, None),
         Done(5, "stop", 0.0, [], RetrievalOutput([0.5], [0.25], [[1.0, 0.0]], [])),
-        Progress(4, outputs),
+        Progress(4, outputs, 0.5),
     ):
         assert decode_from_engine(encode(message)) == message
 
@@ -124,8 +125,10 @@ def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bou
         done = await client.wait(ticket)
         seen = []
         while not ticket.progress.empty():
-            seen.append(ticket.progress.get_nowait()[0].tokens)
-        assert seen == [[1], [1, 2], [1, 2, 3], [1, 2, 3, EOS]] and done.outputs[0].tokens == seen[-1]
+            seen.append([(u.tokens, u.finish_reason) for u in ticket.progress.get_nowait()])
+        # Each report carries only the step's new token; the last update (from the Done) the finish reason.
+        assert seen == [[([1], None)], [([2], None)], [([3], None)], [([EOS], None)], [([], "stop")]]
+        assert done.outputs[0].tokens == [1, 2, 3, EOS]
 
         # One slot, a queue of two: the fourth request at once is refused by the engine itself.
         endless = [await client.add(_req(100_000)) for _ in range(3)]

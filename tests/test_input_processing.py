@@ -197,7 +197,7 @@ def test_an_engine_rejects_an_oversized_request_cleanly_and_serves_on(tmp_path):
 
     loop: EngineLoop = engine_loop(settings, engine, Metrics())
     assert isinstance(loop.scheduler, Scheduler) and loop.runner.max_len == settings.max_len == 66
-    build = request_from_message(engine_guard(engine, loop.runner), engine)
+    build = request_from_message(engine_guard(engine, loop.runner))
     info = Info("tiny", "cpu", "float32", os.getpid())
     core = EngineCore(loop, build, info, lambda: b"", lambda *a: None)
     address = f"ipc://{tmp_path}/engine.sock"

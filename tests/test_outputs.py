@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import Blip2Engine, SamplingParams
-from model.data.textstream import TextStream, cut_at_stop
+from model.data.detokenizer import OutputText
+from model.data.textstream import cut_at_stop
+from model.decoding.generation import TokenOutput
 
 PROMPT = "Question: what is in the picture? Answer:"
 
@@ -163,11 +165,15 @@ def test_stream_deltas_add_up_to_the_final_text(pair, text, stop):
     engine, _ = pair
     tok = engine.tokenizer
     ids = tok.tokenizer.encode(text, add_special_tokens=False).ids
-    stream, sent = TextStream(tuple(stop)), []
-    for i in range(1, len(ids) + 1):
-        delta = stream.delta(tok.decode(ids[:i]))
+    out, sent = OutputText(tok, [], tuple(stop), cut=True), []
+    for token in ids:
+        out.add(TokenOutput([token], None))
+        delta = out.update(0, final=False).text
         assert "\ufffd" not in delta
         sent.append(delta)
-    final, _ = cut_at_stop(tok.decode(ids), tuple(stop))
-    sent.append(stream.delta(final, final=True))
-    assert "".join(sent) == final
+    out.finish_reason = out.finish_reason or "length"
+    sent.append(out.update(0, final=True).text)
+    final, stopped = cut_at_stop(tok.decode(out.tokens), tuple(stop))
+    assert "".join(sent) == final == out.text
+    assert stopped == out.stopped_here  # cut at the token that completed the stop string
+    assert not stopped or not cut_at_stop(tok.decode(out.tokens[:-1]), tuple(stop))[1]

@@ -192,7 +192,7 @@ def test_scoring_requests_cross_the_process_boundary(tmp_path):
         None,
     )
     guard = RequestGuard(frontend.processor, side.height, side.width, 64, 2)
-    build = request_from_message(guard, frontend)  # what the engine process makes of it
+    build = request_from_message(guard)  # what the engine process makes of it
     got = build(msg, pixels_of(msg, bytearray(frames[1])))
     fields = ("text_ids", "candidates", "prefix_positions", "source_positions")
     assert isinstance(got, ScoringRequest)

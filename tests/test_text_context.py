@@ -12,9 +12,9 @@ from oracle import write_t5_tokenizer
 from oracle_blip import IMAGE_SIZE, hf_tokenizer
 
 from model import Blip2Engine, SamplingParams
+from model.data.detokenizer import RequestText
 from model.data.tokenizer import CONTEXT_TOKENS, TextTokenizer
 from model.decoding.generation import TokenOutput
-from server.streaming import OutputStreams
 
 TEXTS = {
     "blip": [
@@ -97,15 +97,13 @@ def test_blip_caption_after_a_prompt_has_no_wordpiece_marks(blip):
     for out in outputs:
         assert out.text == reference(hf, request.prompt_ids, out.token_ids)
         assert "#" not in out.text
-    streams = OutputStreams(engine, request)
+    # The front end's streaming (`batching.client.EngineClient`): one token of each output per report.
+    text = RequestText(engine.tokenizer, request.prompt_ids, params)
     deltas: dict[int, list[str]] = {i: [] for i in range(len(outputs))}
-    for step in range(1, max(len(o.token_ids) for o in outputs) + 1):
-        snapshot = [TokenOutput(o.token_ids[:step], None) for o in outputs]
-        for update in streams.progress(snapshot):
+    for step in range(max(len(o.token_ids) for o in outputs)):
+        for update in text.add([TokenOutput(o.token_ids[step : step + 1], None) for o in outputs]):
             deltas[update.index].append(update.text)
-    for update in streams.final(
-        engine.result(request, [TokenOutput(o.token_ids, "length") for o in outputs])
-    ):
+    for update in text.finish([TokenOutput([], "length") for _ in outputs]):
         deltas[update.index].append(update.text)
     for i, out in enumerate(outputs):
         assert "".join(deltas[i]) == out.text

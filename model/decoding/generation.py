@@ -6,7 +6,6 @@ search give identical tokens, and log-probabilities equal the log-softmax of its
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -189,9 +188,6 @@ def token_logprobs(log_probs: torch.Tensor, tokens: list[int], k: int) -> list[T
         TokenLogprob(t, lp, tuple((i, p) for i, p in zip(ids, lps, strict=True) if p != float("-inf")))
         for t, lp, ids, lps in zip(tokens, chosen, top_id.tolist(), top_lp.tolist(), strict=True)
     ]
-
-
-StopCheck = Callable[[list[int]], bool]  # True once the tokens' text holds a stop string
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, size: int) -> torch.Tensor:

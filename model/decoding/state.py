@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..runtime.plan import SamplingSpec, SequenceOutput, SequenceWork
 from .beam import BeamSearch
-from .generation import FinishReason, SamplerMode, SamplingParams, StopCheck, TokenLogprob, TokenOutput
+from .generation import FinishReason, SamplerMode, SamplingParams, TokenLogprob, TokenOutput
 from .sampling import noise_key
 
 
@@ -61,12 +61,10 @@ class SampledRows:
         params: SamplingParams,
         prompt_ids: list[int],
         eos_ids: tuple[int, ...],
-        stop_check: StopCheck | None = None,
     ):
         self.params = params
         self.prompt_ids = list(prompt_ids)
         self.eos_ids = tuple(eos_ids)
-        self.stop_check = stop_check
         self.rows = [Row() for _ in range(params.n)]
         self.keys = [noise_key(params.seed, i) if params.do_sample else 0 for i in range(params.n)]
         self.spec = sampling_spec(params, self.eos_ids)
@@ -139,7 +137,7 @@ class SampledRows:
             # A stop token before min_new_tokens does not end the row (vLLM's `check_stop`); the
             # sampler rules the stop tokens out of those steps, so it never picks one there.
             eos = token in self.eos_ids and len(row.tokens) >= self.params.min_new_tokens
-            if eos or (self.stop_check is not None and self.stop_check(row.tokens)):
+            if eos:
                 row.finish_reason = FinishReason.STOP
             elif len(row.tokens) >= self.params.max_new_tokens:
                 row.finish_reason = FinishReason.LENGTH
@@ -160,7 +158,7 @@ class SampledRows:
         if out.logprobs is not None and self.params.logprobs is not None:
             row.logprobs.append(out.logprobs[0])
         stopped = token in self.eos_ids and len(row.tokens) >= self.params.min_new_tokens
-        if stopped or (self.stop_check is not None and self.stop_check(row.tokens)):
+        if stopped:
             row.finish_reason = self.finish_reason = FinishReason.STOP
         elif len(row.tokens) >= self.params.max_new_tokens:
             row.finish_reason = self.finish_reason = FinishReason.LENGTH
@@ -188,9 +186,9 @@ def new_state(
     params: SamplingParams,
     prompt_ids: list[int],
     eos_ids: tuple[int, ...],
-    stop_check: StopCheck | None = None,
 ) -> DecodeState:
-    """Stop strings end greedy and sampled rows early; beam hypotheses are cut at them afterwards."""
+    """The decode state of a request's sampler mode. Stop strings are the front end's
+    (`model.data.detokenizer`): it aborts a request whose outputs all ended at one."""
     if params.mode is SamplerMode.BEAM:
         return BeamSearch(params, prompt_ids, eos_ids)
-    return SampledRows(params, prompt_ids, eos_ids, stop_check)
+    return SampledRows(params, prompt_ids, eos_ids)
