@@ -170,7 +170,7 @@ def test_the_client_cuts_at_a_stop_string_and_aborts_the_engine(stream):
     ticket, done, updates = asyncio.run(main())
     assert done.finish_reason == "stop" and [o.tokens for o in done.outputs] == [[1, 2, 3, 4, 5]]
     assert ticket.text.texts() == ["w1 w2 w3 w4 "] and done.outputs[0].finish_reason == "stop"
-    assert ended[0].finish_reason == "cancelled" and len(ended[0].decoder.tokens) < 40
+    assert ended[0].finish_reason == "cancelled" and len(ended[0].outputs()[0].tokens) < 40
     if stream:
         assert "".join(u.text for u in updates) == "w1 w2 w3 w4 "
         assert updates[-1].finish_reason == "stop"

@@ -147,7 +147,7 @@ def test_stop_string_cuts_text_and_ends_early(pair, num_beams):
 
 
 def test_invalid_output_settings_are_refused():
-    with pytest.raises(ValueError, match="n=3"):
+    with pytest.raises(ValueError, match="n: 3 outputs need do_sample"):
         SamplingParams(n=3)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=6)

@@ -129,7 +129,7 @@ def test_metrics_count_each_token_and_queue_wait_once_with_overlap(root):
             made: list[int] = []
 
             def count(seqs, svc, made=made) -> None:
-                made.extend(len(s.decoder.tokens) for s in seqs if s.request.image_key != "warmup")
+                made.extend(len(s.outputs()[0].tokens) for s in seqs if s.request.image_key != "warmup")
 
             outcomes, ahead = serve(
                 root, requests, overlap=overlap, slots=3, metrics=texts, on_finished=count
