@@ -42,6 +42,7 @@ def live(ckpt):
         root_path="/blip",
         access_log_exclude=["/health", "/metrics"],
         api_key="k",
+        engine="thread",
     )
     with serve_in_thread(settings) as url:
         yield url
@@ -167,7 +168,12 @@ def test_tls_with_a_self_signed_certificate(ckpt, tmp_path):
     openssl += ["-addext", "subjectAltName=IP:127.0.0.1"]
     subprocess.run(openssl, check=True, capture_output=True, timeout=60)
     settings = Settings(
-        model=str(ckpt[0]), device="cpu", host="127.0.0.1", ssl_keyfile=str(key), ssl_certfile=str(cert)
+        model=str(ckpt[0]),
+        device="cpu",
+        host="127.0.0.1",
+        ssl_keyfile=str(key),
+        ssl_certfile=str(cert),
+        engine="thread",
     )
     listener = bind("127.0.0.1", 0)
     url = f"https://127.0.0.1:{listener.getsockname()[1]}"
