@@ -180,8 +180,8 @@ def test_tls_with_a_self_signed_certificate(ckpt, tmp_path):
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
+    client = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))
     try:
-        client = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))
         _wait_ready_tls(client, url, thread)
         r = client.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 3})
         assert r.status_code == 200 and isinstance(r.json()["caption"], str)
@@ -190,6 +190,7 @@ def test_tls_with_a_self_signed_certificate(ckpt, tmp_path):
         with pytest.raises(httpx.HTTPError):  # and no plain HTTP
             httpx.get(url.replace("https", "http") + "/health")
     finally:
+        client.close()  # an open keep-alive connection held the server's shutdown for its 30 s join
         server.should_exit = True
         thread.join(30)
 
