@@ -24,8 +24,10 @@ def hf_pixels(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.asarray(out))[0]
 
 
-def serve(root):
-    settings = Settings(model=str(root), device="cpu", dtype="float32", max_wait_ms=20, max_running_seqs=16)
+def serve(root, engine: str = "process"):
+    settings = Settings(
+        model=str(root), device="cpu", dtype="float32", max_wait_ms=20, max_running_seqs=16, engine=engine
+    )
     return serve_in_thread(settings)
 
 
@@ -39,7 +41,7 @@ def caption_server(checkpoints):
 @pytest.fixture(scope="module")
 def vqa_server(checkpoints):
     root, hf = checkpoints("blip_vqa")
-    with serve(root) as url:
+    with serve(root, "thread") as url:  # the captions' server has the engine process; this one in-process
         yield url, root, hf
 
 

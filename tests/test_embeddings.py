@@ -22,7 +22,7 @@ TEXTS = ["a photo of a cat", "two dogs playing in the snow", "a red bus"]
 @pytest.fixture(scope="module", params=["blip2_itm", "blip_itm"])
 def live(request, checkpoints):
     root, _ = checkpoints(request.param)
-    settings = Settings(model=str(root), device="cpu", dtype="float32", max_wait_ms=0)
+    settings = Settings(model=str(root), device="cpu", dtype="float32", max_wait_ms=0, engine="thread")
     with serve_in_thread(settings) as url:
         yield request.param, url, str(root)
 

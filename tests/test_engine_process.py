@@ -182,6 +182,7 @@ def test_a_dead_engine_fails_open_requests_at_once(tmp_path):
         engine.stop()
 
 
+@pytest.mark.slow  # a process kill: a server process and its engine started for it
 def test_killing_the_engine_fails_requests_with_503_and_the_server_exits_nonzero(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--max-running-seqs", "2"]
     with serve_in_process(*flags) as (url, proc):
@@ -209,6 +210,7 @@ def test_killing_the_engine_fails_requests_with_503_and_the_server_exits_nonzero
         assert proc.wait(30) == 1
 
 
+@pytest.mark.slow  # three processes (two HTTP, one engine) started for it
 def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--api-workers", "2"]
     with serve_in_process(*flags) as (url, proc):
@@ -268,6 +270,7 @@ def _spawned_children(pid: int) -> list[int]:
     return sorted(out)
 
 
+@pytest.mark.slow  # a process kill and a restart: ~15 s on 2 cores
 def test_a_dead_http_process_is_replaced_and_the_server_keeps_serving(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--api-workers", "2"]
     with serve_in_process(*flags) as (url, proc):

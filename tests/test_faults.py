@@ -82,7 +82,11 @@ def test_single_item_oom_fails_only_that_request_and_ready_reflects_repeated_fai
 
 def test_api_key_is_required_where_configured(checkpoints):
     settings = Settings(
-        model=str(checkpoints("pre_ln")[0]), device="cpu", api_key="s3cret", auth_metrics=True
+        model=str(checkpoints("pre_ln")[0]),
+        device="cpu",
+        api_key="s3cret",
+        auth_metrics=True,
+        engine="thread",
     )
     with serve_in_thread(settings) as url:
         body = {"image": b64(png_bytes(1)), "max_new_tokens": 2}

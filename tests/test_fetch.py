@@ -64,7 +64,7 @@ def test_allowlist():
 
 
 def test_urls_are_refused_by_default(checkpoints, origin):
-    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu")
+    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", engine="thread")
     with serve_in_thread(settings) as url:
         r = httpx.post(url + "/caption", json={"image": origin + "/img.png"})
         assert r.status_code == 400 and "not fetched" in r.json()["error"]["message"]
@@ -74,6 +74,7 @@ def test_enabled_urls_block_private_addresses_and_enforce_caps(checkpoints, orig
     base = {
         "model": str(checkpoints("pre_ln")[0]),
         "device": "cpu",
+        "engine": "thread",
         "allow_image_urls": True,
         "max_body_mb": 0.1,
     }

@@ -31,6 +31,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.slow  # builds the wheel (pip wheel)
 def test_the_wheel_carries_every_preset(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
@@ -38,6 +39,7 @@ def test_the_wheel_carries_every_preset(wheel):
     assert len(presets) >= 10 and presets <= names, presets - names
 
 
+@pytest.mark.slow  # builds the wheel (pip wheel)
 def test_bitsandbytes_is_an_extra_not_a_requirement(wheel):
     with zipfile.ZipFile(wheel) as zf:
         meta = email.message_from_bytes(zf.read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA"))
@@ -50,6 +52,7 @@ def test_bitsandbytes_is_an_extra_not_a_requirement(wheel):
     ]
 
 
+@pytest.mark.slow  # builds and installs the wheel in a venv, starts a server
 def test_an_installed_wheel_starts_a_preset_from_another_directory(wheel, tmp_path):
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()

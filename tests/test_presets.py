@@ -23,7 +23,9 @@ FAMILIES = {
 @pytest.mark.parametrize("preset", sorted(FAMILIES))
 def test_preset_defaults_are_what_the_server_uses(preset, checkpoints):
     root, _ = checkpoints(FAMILIES[preset])
-    settings = load_settings(preset, model=str(root), device="cpu", dtype="float32", max_running_seqs=16)
+    settings = load_settings(
+        preset, model=str(root), device="cpu", dtype="float32", max_running_seqs=16, engine="thread"
+    )
     engine = Blip2Engine.from_pretrained(str(root))
     data = png_bytes(2)
     image = engine.image_processor.preprocess(decode_image(data))

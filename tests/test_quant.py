@@ -45,7 +45,9 @@ def test_int8_replaces_vit_and_opt_linears_and_stays_close(checkpoints):
 
 
 def test_server_runs_int8(checkpoints):
-    settings = Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", quantize="llm.int8", max_wait_ms=1)
+    settings = Settings(
+        model=str(checkpoints("pre_ln")[0]), device="cpu", quantize="llm.int8", max_wait_ms=1, engine="thread"
+    )
     with serve_in_thread(settings) as url:
         info = httpx.get(url + "/v1/models").json()["data"][0]
         assert info["quantization"] == "llm.int8" and info["weight_bytes"] > 0

@@ -76,7 +76,7 @@ def quick_start(tmp_path_factory):
     """The README's server (`blipserve` with no --model: tiny-random) and a folder holding cat.jpg."""
     folder = tmp_path_factory.mktemp("readme")
     Image.open(io.BytesIO(png_bytes(3, size=(64, 48)))).save(folder / "cat.jpg", format="JPEG")
-    with serve_in_thread(Settings()) as url:
+    with serve_in_thread(Settings(engine="thread")) as url:
         yield url, folder
 
 

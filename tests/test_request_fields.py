@@ -34,6 +34,7 @@ def url(ckpt):
         max_new_tokens_limit=100,  # 6 queries + 40 + 100 > the checkpoint's 128 positions
         max_n=3,
         max_items_per_request=3,
+        engine="thread",
     )
     with serve_in_thread(settings) as base:
         yield base

@@ -28,7 +28,8 @@ SIZES = {"blip2_itm": BLIP2_IMAGE_SIZE, "blip_itm": IMAGE_SIZE}
 @pytest.fixture(scope="module", params=["blip2_itm", "blip_itm"])
 def server(request, checkpoints):
     root, hf = checkpoints(request.param)
-    settings = Settings(model=str(root), device="cpu", dtype="float32", max_wait_ms=20)
+    engine = "process" if request.param == "blip2_itm" else "thread"  # one engine process is enough
+    settings = Settings(model=str(root), device="cpu", dtype="float32", max_wait_ms=20, engine=engine)
     with serve_in_thread(settings) as url:
         yield request.param, url, root, hf
 

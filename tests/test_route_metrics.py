@@ -19,7 +19,7 @@ TTFT, PROMPT = "blipserve_time_to_first_token_seconds_count", "blipserve_prompt_
 
 @pytest.fixture(scope="module")
 def live(checkpoints):
-    with serve_in_thread(Settings(model=str(checkpoints("pre_ln")[0]), device="cpu")) as url:
+    with serve_in_thread(Settings(model=str(checkpoints("pre_ln")[0]), device="cpu", engine="thread")) as url:
         yield url
 
 

@@ -46,7 +46,12 @@ def burst_server(request, ckpt, live):
         yield live
         return
     settings = Settings(
-        model=str(ckpt[0]), device="cpu", max_wait_ms=20, max_running_seqs=24, background_vision=True
+        model=str(ckpt[0]),
+        device="cpu",
+        max_wait_ms=20,
+        max_running_seqs=24,
+        background_vision=True,
+        engine="thread",
     )
     with serve_in_thread(settings) as url:
         yield url
@@ -366,6 +371,7 @@ def test_client_disconnect_frees_the_slot(ckpt):
         )
 
 
+@pytest.mark.slow  # a signal to a server process during a burst: ~10 s on 2 cores
 def test_sigterm_during_a_burst_loses_no_accepted_request(ckpt):
     flags = ["--model", str(ckpt[0]), "--device", "cpu", "--max-running-seqs", "4", "--max-wait-ms", "1"]
     with serve_in_process(*flags) as (url, proc):

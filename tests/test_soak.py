@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from live import serve_in_process
 
 from bench.soak import soak
+
+pytestmark = pytest.mark.slow  # a soak: ~30 s of overload on 2 cores
 
 
 def test_soak_loses_nothing_and_memory_stays_bounded(checkpoints):

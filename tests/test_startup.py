@@ -147,6 +147,7 @@ def _standin_owner(tmp_path: Path) -> EngineProcess:
     return EngineProcess(Settings(model="org/model"), tmp_path, target=standin_engine.engine)
 
 
+@pytest.mark.slow  # 8 engine processes spawned and stopped, timed in wall seconds
 def test_a_clean_engine_exit_is_never_taken_for_a_hang(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     caplog.set_level(logging.WARNING)
@@ -163,6 +164,7 @@ def test_a_clean_engine_exit_is_never_taken_for_a_hang(tmp_path, caplog, monkeyp
     assert "did not stop" not in caplog.text
 
 
+@pytest.mark.slow  # 4 engine processes spawned and reaped, timed in wall seconds
 def test_an_engine_reaped_elsewhere_first_is_seen_as_stopped(tmp_path, caplog, monkeypatch):
     """The race of two waiters: when the other one reaps the process first, stop() must not wait for the
     timeout, warn and kill a process that is gone."""
@@ -229,6 +231,7 @@ def test_sigterm_while_loading_drains_and_removes_the_working_directory(checkpoi
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
+@pytest.mark.slow  # a signal to a server process: ~10 s on 2 cores
 def test_sigterm_answers_the_requests_in_flight_then_exits_at_once():
     """`docker stop` gives 10 s before SIGKILL. The drain takes what the requests in flight need; after it,
     both processes used to spend seconds of CPU in the interpreter's last garbage collection (4-8 s

@@ -42,6 +42,7 @@ def live(ckpt):
         root_path="/blip",
         access_log_exclude=["/health", "/metrics"],
         api_key="k",
+        engine="thread",
     )
     with serve_in_thread(settings) as url:
         yield url
@@ -167,15 +168,20 @@ def test_tls_with_a_self_signed_certificate(ckpt, tmp_path):
     openssl += ["-addext", "subjectAltName=IP:127.0.0.1"]
     subprocess.run(openssl, check=True, capture_output=True, timeout=60)
     settings = Settings(
-        model=str(ckpt[0]), device="cpu", host="127.0.0.1", ssl_keyfile=str(key), ssl_certfile=str(cert)
+        model=str(ckpt[0]),
+        device="cpu",
+        host="127.0.0.1",
+        ssl_keyfile=str(key),
+        ssl_certfile=str(cert),
+        engine="thread",
     )
     listener = bind("127.0.0.1", 0)
     url = f"https://127.0.0.1:{listener.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
+    client = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))
     try:
-        client = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))
         _wait_ready_tls(client, url, thread)
         r = client.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 3})
         assert r.status_code == 200 and isinstance(r.json()["caption"], str)
@@ -184,6 +190,7 @@ def test_tls_with_a_self_signed_certificate(ckpt, tmp_path):
         with pytest.raises(httpx.HTTPError):  # and no plain HTTP
             httpx.get(url.replace("https", "http") + "/health")
     finally:
+        client.close()  # an open keep-alive connection held the server's shutdown for its 30 s join
         server.should_exit = True
         thread.join(30)
 

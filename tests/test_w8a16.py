@@ -79,7 +79,7 @@ def test_served_int8_reports_itself_and_equals_offline(checkpoints):
     engine = Blip2Engine.from_pretrained(root)
     quantize_w8a16(engine.model)
     data = png_bytes(4)
-    settings = Settings(model=root, device="cpu", quantize="int8", max_wait_ms=1)
+    settings = Settings(model=root, device="cpu", quantize="int8", max_wait_ms=1, engine="thread")
     with serve_in_thread(settings) as url:
         info = httpx.get(url + "/v1/models").json()["data"][0]
         assert info["quantization"] == "int8" and info["weight_bytes"] > 0
