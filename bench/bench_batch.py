@@ -113,14 +113,14 @@ def time_job(settings: Settings, folder: Path, out: Path, tokens: int, concurren
     async def go() -> None:
         backend = await asyncio.to_thread(LocalBackend, settings, spec)
         await backend.start()
-        hook = backend.svc.loop.on_step
+        hook = backend.svc.lifecycle.loop.on_step
 
         def on_step(step_plan, step_out, scheduler) -> None:  # noqa: ANN001
             timing.observe(step_out)
             if hook is not None:
                 hook(step_plan, step_out, scheduler)
 
-        backend.svc.loop.on_step = on_step
+        backend.svc.lifecycle.loop.on_step = on_step
         try:
             states, summary = plan(find_shards(str(folder)), opts, spec)
             cpu = cpu_seconds()

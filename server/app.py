@@ -129,7 +129,7 @@ async def _start(
         app.state.engine_up = True
         await svc.warm_up()
         app.state.service = svc
-        log.info("ready: %s on %s", svc.engine.model_id, svc.device)
+        log.info("ready: %s on %s", svc.engine.model_id, svc.lifecycle.device)
     except EngineDied:
         # Its own log line says why; the server stays up, not ready (the main process exits 1).
         log.error("the engine process exited before it was ready")

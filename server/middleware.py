@@ -111,7 +111,7 @@ class Observe:
             path = get_route_path(scope)
             svc: Service | None = getattr(scope["app"].state, "service", None)
             if svc is not None:
-                svc.record_http(route_template(scope), status, time.perf_counter() - start)
+                svc.lifecycle.record_http(route_template(scope), status, time.perf_counter() - start)
             if path not in self.exclude:
                 ms, method = elapsed_ms(start), scope.get("method")
                 client = (scope.get("client") or ("", 0))[0]

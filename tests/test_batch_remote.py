@@ -53,13 +53,13 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
     after all of them is the next one admitted."""
     settings = Settings(model=str(root), device="cpu", dtype="float32", max_running_seqs=1, engine="thread")
     svc = Service.build(settings)
-    launch = svc.runner.launch
+    launch = svc.lifecycle.runner.launch
 
     def slow_launch(plan):  # each step 20 ms longer: the running request outlasts the sending of the rest
         time.sleep(0.02)
         return launch(plan)
 
-    svc.runner.launch = slow_launch
+    svc.lifecycle.runner.launch = slow_launch
     with serve_in_thread(settings, svc) as url:
 
         async def go() -> list[str]:
@@ -79,10 +79,10 @@ def test_high_priority_request_overtakes_a_queue_of_low_ones(root) -> None:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 lows = [asyncio.ensure_future(one(client, f"low{i}", -10)) for i in range(4)]
                 for _ in range(1000):  # one running (16 tokens: long enough), three waiting
-                    if len(svc.scheduler.waiting) == 3 or finished:
+                    if len(svc.lifecycle.scheduler.waiting) == 3 or finished:
                         break
                     await asyncio.sleep(0.01)
-                assert len(svc.scheduler.waiting) == 3 and not finished
+                assert len(svc.lifecycle.scheduler.waiting) == 3 and not finished
                 high = asyncio.ensure_future(one(client, "high", 0))
                 await asyncio.gather(*lows, high)
             return finished

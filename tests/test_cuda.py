@@ -76,11 +76,11 @@ def test_service_captures_graphs_before_traffic(checkpoints):
     async def run() -> None:
         try:
             await svc.start()
-            assert svc.runner.graphs_on and len(svc.runner.static.graphs) == len(
-                svc.runner.static.rows_ladder
-            ) * len(svc.runner.static.kv_ladder)
+            assert svc.lifecycle.runner.graphs_on and len(svc.lifecycle.runner.static.graphs) == len(
+                svc.lifecycle.runner.static.rows_ladder
+            ) * len(svc.lifecycle.runner.static.kv_ladder)
             await svc.warm_up()
-            assert svc.runner.graphs_on
+            assert svc.lifecycle.runner.graphs_on
         finally:
             await svc.shutdown()
 
@@ -153,7 +153,7 @@ def test_background_vision_on_cuda_gives_what_solo_requests_get(checkpoints):
 
     async def run() -> list[list[int]]:
         await svc.start()
-        assert svc.scheduler.background_vision and svc.runner.static_vision is not None
+        assert svc.lifecycle.scheduler.background_vision and svc.lifecycle.runner.static_vision is not None
         await svc.warm_up()
         try:
             requests = [
@@ -197,7 +197,7 @@ def test_overlapped_steps_on_cuda_read_tokens_without_waiting_for_the_next_step(
     svc = Service.build(
         Settings(model=root, device="cuda", dtype="float16", max_running_seqs=4, engine="thread")
     )
-    assert svc.loop.overlap
+    assert svc.lifecycle.loop.overlap
 
     async def run() -> list[list[int]]:
         await svc.start()
@@ -208,7 +208,7 @@ def test_overlapped_steps_on_cuda_read_tokens_without_waiting_for_the_next_step(
             await svc.shutdown()
 
     assert agreement(asyncio.run(run())) >= FP16_AGREEMENT
-    assert svc.loop.launched_ahead > 0
+    assert svc.lifecycle.loop.launched_ahead > 0
 
 
 def test_prefill_graphs_replay_the_fixed_shape_prefill(checkpoints):

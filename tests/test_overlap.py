@@ -47,27 +47,27 @@ def serve(root: str, requests, overlap: bool, slots: int = 6, metrics: list | No
     (with them and the service), before the clients hear of them."""
     settings = Settings(model=root, device="cpu", engine="thread", max_running_seqs=slots, overlap=overlap)
     svc = Service.build(settings)
-    assert svc.loop.overlap is overlap
+    assert svc.lifecycle.loop.overlap is overlap
     if on_finished is not None:
-        report = svc.loop.on_finished
-        svc.loop.on_finished = lambda seqs: (on_finished(seqs, svc), report(seqs))
+        report = svc.lifecycle.loop.on_finished
+        svc.lifecycle.loop.on_finished = lambda seqs: (on_finished(seqs, svc), report(seqs))
 
     async def run():
         await svc.start()
         await svc.warm_up()
         try:
             if metrics is not None:
-                metrics.append((await svc.render_metrics()).decode())
+                metrics.append((await svc.lifecycle.render_metrics()).decode())
             outcomes = await svc.generate(requests)
-            while svc.loop.pending:  # a request that ended at a stop string is aborted in the engine
+            while svc.lifecycle.loop.pending:  # a request that ended at a stop string is aborted in the engine
                 await asyncio.sleep(0.005)
             if metrics is not None:
-                metrics.append((await svc.render_metrics()).decode())
+                metrics.append((await svc.lifecycle.render_metrics()).decode())
             return outcomes
         finally:
             await svc.shutdown()
 
-    return asyncio.run(run()), svc.loop.launched_ahead
+    return asyncio.run(run()), svc.lifecycle.loop.launched_ahead
 
 
 def test_overlapped_steps_give_what_each_request_gives_alone(root):
@@ -257,8 +257,8 @@ def test_a_step_launched_behind_the_last_request_is_read_when_it_ends(root):
             await svc.shutdown()
 
     (outcome,) = asyncio.run(run())
-    assert outcome.result.finish_reason == "stop" and svc.loop.launched_ahead > 0
-    assert svc.loop._inflight is None
+    assert outcome.result.finish_reason == "stop" and svc.lifecycle.loop.launched_ahead > 0
+    assert svc.lifecycle.loop._inflight is None
     assert len(outcome.result.token_ids) < request.params.max_new_tokens
 
 

@@ -66,8 +66,8 @@ def test_a_server_that_sends_rgb_pixels_answers_as_one_that_sends_normalised_one
     blobs = [png_bytes(i) for i in range(3)]
 
     async def run(raw: bool) -> list[list[int]]:
-        svc.raw_pixels = raw  # what start() sets for a CUDA engine, or with --raw-pixels
-        prepared = await svc.prepare_images(blobs)
+        svc.images.raw_pixels = raw  # what start() sets for a CUDA engine, or with --raw-pixels
+        prepared = await svc.images.prepare(blobs)
         assert all((p.pixel_values.dtype == torch.uint8) is raw for p in prepared)
         params = SamplingParams(max_new_tokens=6)
         requests = [svc.engine.request(p.pixel_values, f"{raw}-{p.key}", None, params) for p in prepared]
@@ -75,7 +75,7 @@ def test_a_server_that_sends_rgb_pixels_answers_as_one_that_sends_normalised_one
 
     async def both() -> tuple:
         await svc.start()
-        assert svc.raw_pixels is False  # a CPU engine: normalised here
+        assert svc.images.raw_pixels is False  # a CPU engine: normalised here
         await svc.warm_up()
         try:
             return await run(True), await run(False)
@@ -97,7 +97,7 @@ def test_a_server_that_sends_rgb_pixels_answers_as_one_that_sends_normalised_one
 async def _started_raw(svc: Service) -> bool:
     await svc.start()
     try:
-        return svc.raw_pixels
+        return svc.images.raw_pixels
     finally:
         await svc.shutdown()
 

@@ -327,10 +327,10 @@ def test_candidates_are_admitted_by_their_priority(checkpoints):
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             waiting = [asyncio.ensure_future(one(client, f"caption{i}", long)) for i in range(3)]
             for _ in range(1000):  # one running, two waiting
-                if len(svc.scheduler.waiting) == 2 or finished:
+                if len(svc.lifecycle.scheduler.waiting) == 2 or finished:
                     break
                 await asyncio.sleep(0.01)
-            assert len(svc.scheduler.waiting) == 2 and not finished
+            assert len(svc.lifecycle.scheduler.waiting) == 2 and not finished
             scored = one(client, "scored", {"candidates": CANDIDATES, "priority": 5})
             await asyncio.gather(*waiting, scored)
         return finished

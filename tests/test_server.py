@@ -241,8 +241,8 @@ class GatedRunner:
 def gated_service(ckpt, **overrides) -> tuple[Service, GatedRunner]:
     settings = Settings(model=str(ckpt[0]), device="cpu", max_wait_ms=0, engine="thread", **overrides)
     svc = Service.build(settings)
-    gated = GatedRunner(svc.runner)
-    svc.loop.runner = gated
+    gated = GatedRunner(svc.lifecycle.runner)
+    svc.lifecycle.loop.runner = gated
     return svc, gated
 
 
@@ -314,9 +314,9 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
                 # sent together, the third could find the first still queued and get the 429 itself.
                 first = [asyncio.ensure_future(client.post("/caption", json=body))]
                 try:
-                    await until(lambda: svc.scheduler.running)
+                    await until(lambda: svc.lifecycle.scheduler.running)
                     first += [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(2)]
-                    await until(lambda: len(svc.scheduler.waiting) == 2)
+                    await until(lambda: len(svc.lifecycle.scheduler.waiting) == 2)
                     rejected = await client.post("/caption", json=body, timeout=10)
                 finally:
                     gated.gate.set()  # never leave the engine blocked, whatever happened
@@ -326,11 +326,11 @@ def test_full_queue_gets_429_with_retry_after_and_accepted_requests_finish(ckpt)
         assert rejected.status_code == 429 and rejected.headers["retry-after"] == "1"
         assert rejected.json()["error"]["type"] == "queue_full"
         assert [r.status_code for r in accepted] == [200, 200, 200]
-        svc.ready = False
+        svc.lifecycle.ready = False
         r = httpx.post(url + "/caption", json=body)
         assert r.status_code == 503 and "retry-after" in r.headers
         assert httpx.get(url + "/ready").status_code == 503
-        svc.ready = True
+        svc.lifecycle.ready = True
         assert httpx.post(url + "/caption", json=body).status_code == 200
 
 
@@ -342,9 +342,9 @@ def test_deadline_gives_504_and_frees_the_slot(ckpt):
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         # Steps stay slow: left alone, the request would hold its slot for ~5 s more.
         deadline = time.monotonic() + 3
-        while len(svc.scheduler.free_slots) < 2 and time.monotonic() < deadline:
+        while len(svc.lifecycle.scheduler.free_slots) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(svc.scheduler.free_slots) == 2
+        assert len(svc.lifecycle.scheduler.free_slots) == 2
         gated.delay = 0.0
         assert (
             httpx.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 3}).status_code
@@ -361,9 +361,9 @@ def test_client_disconnect_frees_the_slot(ckpt):
                 url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 120}, timeout=0.3
             )
         deadline = time.monotonic() + 3
-        while svc.scheduler.free_slots != [0] and time.monotonic() < deadline:
+        while svc.lifecycle.scheduler.free_slots != [0] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert svc.scheduler.free_slots == [0] and not svc.scheduler.running
+        assert svc.lifecycle.scheduler.free_slots == [0] and not svc.lifecycle.scheduler.running
         gated.delay = 0.0
         assert (
             httpx.post(url + "/caption", json={"image": b64(png_bytes(1)), "max_new_tokens": 3}).status_code

@@ -172,12 +172,12 @@ def test_client_leaving_a_stream_frees_its_slot(ckpt):
             with httpx.stream("POST", url + "/caption", json=body, timeout=60) as r:
                 assert r.status_code == 200
                 next(r.iter_lines())  # the first event: the request holds a slot
-                assert svc.scheduler.running
+                assert svc.lifecycle.scheduler.running
             left = time.monotonic()
-            while svc.scheduler.running and time.monotonic() < left + 5:
+            while svc.lifecycle.scheduler.running and time.monotonic() < left + 5:
                 time.sleep(0.01)
             assert time.monotonic() - left < 1.0
-            assert not svc.scheduler.running and len(svc.scheduler.free_slots) == 2
+            assert not svc.lifecycle.scheduler.running and len(svc.lifecycle.scheduler.free_slots) == 2
         gated.delay = 0
         ok = httpx.post(url + "/caption", json={"image": body["image"], "max_new_tokens": 3}, timeout=60)
         assert ok.status_code == 200

@@ -11,7 +11,6 @@ A row's failure is its `error` ("TYPE: message", as the HTTP API names it); noth
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import uuid
@@ -22,16 +21,14 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import ValidationError
 
-from model.data.image import to_rgb
 from model.decoding.generation import SamplingParams
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
 from ..fetch import fetch_image
-from ..inputs import Prepared, prepare_image
+from ..inputs import Prepared
 from ..replies import choices_json
 from ..schemas import CaptionRequest, VQARequest
 from ..settings import Settings
@@ -170,38 +167,22 @@ class LocalBackend:
         limits or a prompt too long is one ApiError here, not the same error on every row."""
         svc, spec = self.svc, self.spec
         body = spec.body(spec.question or "?")
-        svc.require(spec.task, f"--task {spec.task}")
-        params = svc.sampling_params(body, spec.task)
+        svc.rules.require(spec.task, f"--task {spec.task}")
+        params = svc.rules.sampling_params(body, spec.task)
         prompt = (
-            svc.vqa_template.format(question=body.question.strip()) if spec.task == "vqa" else body.prompt
+            svc.rules.vqa_template.format(question=body.question.strip())
+            if spec.task == "vqa"
+            else body.prompt
         )
         side = svc.engine.image_processor
-        svc.make_request(Prepared(torch.zeros(3, side.height, side.width), "check"), prompt, params)
+        svc.rules.make_request(Prepared(torch.zeros(3, side.height, side.width), "check"), prompt, params)
 
     def _prepare(self, image: bytes | Path | np.ndarray) -> Prepared:
         """Read (a file) and decode one image: runs in the service's image pool. A uint8 [H, W, 3] array
         (Ray Data's `read_images`) is taken as decoded pixels."""
         if isinstance(image, np.ndarray):
-            return self._prepare_array(image)
-        data = read_file(image) if isinstance(image, Path) else image
-        return prepare_image(
-            data,
-            self.svc.engine.image_processor,
-            self.settings.max_image_pixels,
-            "image",
-            self.svc.raw_pixels,
-        )
-
-    def _prepare_array(self, array: np.ndarray) -> Prepared:
-        if array.dtype != np.uint8 or array.ndim not in (2, 3):
-            raise ApiError(400, f"image: an array must be uint8 [H, W(, C)], not {array.dtype} {array.shape}")
-        processor = self.svc.engine.image_processor
-        try:
-            image = to_rgb(Image.fromarray(array))
-        except (TypeError, ValueError) as exc:
-            raise ApiError(400, f"image: {exc}") from None
-        pixels = processor.rgb(image) if self.svc.raw_pixels else processor.preprocess(image)
-        return Prepared(pixels, hashlib.sha256(array.tobytes()).hexdigest())
+            return self.svc.images.decode_array(image)
+        return self.svc.images.decode(read_file(image) if isinstance(image, Path) else image)
 
     async def answer(self, row: Row) -> dict[str, Any]:
         """text, finish_reason, error, usage (and choices) of one dataset row."""
@@ -209,8 +190,8 @@ class LocalBackend:
         try:
             prompt, params, priority = self._options(row.question)
             image = await fetch_url(row.image, self.settings) if isinstance(row.image, str) else row.image
-            prepared = await asyncio.get_running_loop().run_in_executor(svc.images, self._prepare, image)
-            request = svc.make_request(prepared, prompt, params, priority=priority)
+            prepared = await svc.images.run(self._prepare, image)
+            request = svc.rules.make_request(prepared, prompt, params, priority=priority)
             ticket = await svc.enqueue(request)  # Service.generate for one request, without its gather
             try:
                 outcome = await svc.outcome(request, ticket)
@@ -228,9 +209,11 @@ class LocalBackend:
             return self._job_options
         svc, task = self.svc, self.spec.task
         body = self.spec.body(question)
-        svc.require(task, f"/{task}")
-        params = svc.sampling_params(body, task)
-        prompt = svc.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
+        svc.rules.require(task, f"/{task}")
+        params = svc.rules.sampling_params(body, task)
+        prompt = (
+            svc.rules.vqa_template.format(question=body.question.strip()) if task == "vqa" else body.prompt
+        )
         options = (prompt, params, body.priority)
         if question is None:
             self._job_options = options

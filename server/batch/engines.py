@@ -62,14 +62,14 @@ def build_service(settings: Settings, root: Path | None = None) -> Service:
     except BaseException:
         group.stop(settings.graceful_timeout_s)
         raise
-    svc.owner = group  # Service.shutdown drains and stops it
+    svc.lifecycle.owner = group  # Service.shutdown drains and stops it
     return svc
 
 
 async def start_service(svc: Service, poll_s: float = 0.2) -> None:
     """`svc.start()`: for --dp, until every engine has loaded its model. Raises StartupError if the
     engines fail first (one dies over and over, e.g. its model does not load on its device)."""
-    group = svc.owner
+    group = svc.lifecycle.owner
     if not isinstance(group, BatchEngines):
         await svc.start()
         return
@@ -85,9 +85,9 @@ async def start_service(svc: Service, poll_s: float = 0.2) -> None:
 async def admitted(svc: Service) -> dict[int, int]:
     """--dp: each engine's admitted requests so far (engine index -> count; warm-up included), from
     the engines' metrics; {} for the in-process engine."""
-    if not isinstance(svc.owner, BatchEngines):
+    if not isinstance(svc.lifecycle.owner, BatchEngines):
         return {}
-    text = (await svc.render_metrics()).decode()
+    text = (await svc.lifecycle.render_metrics()).decode()
     counts: dict[int, int] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -129,7 +129,7 @@ def _check_body(svc: Service, body: EmbeddingRequest) -> None:
         raise ApiError(
             404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
         )
-    svc.require("embed", "/v1/embeddings")
+    svc.rules.require("embed", "/v1/embeddings")
     width = svc.engine.cfg.image_text_hidden_size
     if body.dimensions is not None and body.dimensions != width:
         raise ApiError(
@@ -156,7 +156,7 @@ async def embeddings(request: Request) -> dict:
     texts = [(i, v) for i, (kind, v) in enumerate(items) if kind == "text"]
     urls = [(i, v) for i, (kind, v) in enumerate(items) if kind == "image"]
     images = await _images(svc, urls) if urls else []
-    jobs = [svc.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
+    jobs = [svc.rules.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
     outs: list[RetrievalOutput] = await unless_disconnected(request, svc.retrieve(jobs))
     vectors: list[list[float]] = [[] for _ in items]
     for (i, _), out in zip(urls, outs, strict=False):
@@ -190,7 +190,7 @@ async def _images(svc: Service, urls: list[tuple[int, str]]) -> list[Prepared]:
                     "send a data: URL",
                 )
             blobs.append(url if is_url(url) else decode_base64(url, f"input[{i}]"))
-        return await svc.prepare_images(blobs, [f"input[{i}]" for i, _ in urls])
+        return await svc.images.prepare(blobs, [f"input[{i}]" for i, _ in urls])
     except ApiError as exc:
         exc.param = "input"  # OpenAI's `param` is the request's field; the message names the item
         raise

@@ -33,11 +33,11 @@ async def _stream(svc: Service, jobs: list, single: bool, start: float) -> Event
 async def caption(request: Request) -> JSONResponse:
     start = time.perf_counter()
     svc: Service = request.app.state.service
-    svc.require("caption", "/caption")
+    svc.rules.require("caption", "/caption")
     parsed = await parse_body(request, CaptionRequest)
     check_candidates(svc, parsed.body)  # with candidates nothing is generated: no sampling params
-    params = None if parsed.body.candidates else svc.sampling_params(parsed.body, names=parsed.names)
-    images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
+    params = None if parsed.body.candidates else svc.rules.sampling_params(parsed.body, names=parsed.names)
+    images = await svc.images.prepare(parsed.images, parsed.image_fields, parsed.names)
     single = parsed.body.image is not None
     if parsed.body.candidates:
         job = ScoringJob(named("prompt", parsed.names), parsed.body.prompt)
@@ -53,7 +53,8 @@ async def caption(request: Request) -> JSONResponse:
         )
         return JSONResponse(scored)
     jobs = [
-        svc.make_request(im, parsed.body.prompt, params, parsed.names, parsed.body.priority) for im in images
+        svc.rules.make_request(im, parsed.body.prompt, params, parsed.names, parsed.body.priority)
+        for im in images
     ]
     if parsed.body.stream:
         return await _stream(svc, jobs, single, start)
@@ -65,17 +66,17 @@ async def caption(request: Request) -> JSONResponse:
 async def vqa(request: Request) -> JSONResponse:
     start = time.perf_counter()
     svc: Service = request.app.state.service
-    svc.require("vqa", "/vqa")
+    svc.rules.require("vqa", "/vqa")
     parsed = await parse_body(request, VQARequest)
     body: VQARequest = parsed.body
     check_candidates(svc, body)
-    params = None if body.candidates else svc.sampling_params(body, "vqa", parsed.names)
-    prompts = vqa_prompts(body, svc.vqa_template, parsed.names)  # (field as sent, prompt)
+    params = None if body.candidates else svc.rules.sampling_params(body, "vqa", parsed.names)
+    prompts = vqa_prompts(body, svc.rules.vqa_template, parsed.names)  # (field as sent, prompt)
     blobs, many = parsed.images, named("questions", parsed.names)
     if len(blobs) > 1 and len(prompts) > 1 and len(blobs) != len(prompts):
         raise ApiError(422, f"{many}: {len(prompts)} given for {len(blobs)} images", param=many)
-    svc.limit_items(len(prompts), many)
-    images = await svc.prepare_images(blobs, parsed.image_fields, parsed.names)
+    svc.rules.limit_items(len(prompts), many)
+    images = await svc.images.prepare(blobs, parsed.image_fields, parsed.names)
     n = max(len(images), len(prompts))
     pairs = [(images[i if len(images) > 1 else 0], prompts[i if len(prompts) > 1 else 0]) for i in range(n)]
     names = parsed.names
@@ -94,7 +95,7 @@ async def vqa(request: Request) -> JSONResponse:
         )
         return JSONResponse(scored)
     jobs = [
-        svc.make_request(im, text, params, {**names, "prompt": field}, body.priority)
+        svc.rules.make_request(im, text, params, {**names, "prompt": field}, body.priority)
         for im, (field, text) in pairs
     ]
     if body.stream:

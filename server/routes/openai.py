@@ -291,13 +291,13 @@ async def chat_completions(request: Request) -> Response:
             param="messages",
             code="unsupported_task",
         )
-    svc.require(task, "/v1/chat/completions")
+    svc.rules.require(task, "/v1/chat/completions")
     names = openai_names(body)
-    params = svc.sampling_params(generation_params(body, svc.settings.default_num_beams), task, names)
+    params = svc.rules.sampling_params(generation_params(body, svc.settings.default_num_beams), task, names)
     image = url if is_url(url) else decode_base64(url, "image_url")
-    prepared = (await svc.prepare_images([image], ["image_url"], names))[0]
-    prompt = vqa_prompt(text, svc.vqa_template) if text else None
-    job = svc.make_request(prepared, prompt, params, names, body.priority)
+    prepared = (await svc.images.prepare([image], ["image_url"], names))[0]
+    prompt = vqa_prompt(text, svc.rules.vqa_template) if text else None
+    job = svc.rules.make_request(prepared, prompt, params, names, body.priority)
     chat = Chat(svc, body, job)
     if body.stream:
         return EventStream(chat.chunks(await svc.stream(job)))

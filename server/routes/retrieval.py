@@ -29,11 +29,11 @@ def _scores(out: RetrievalOutput) -> list[dict]:
 async def match(request: Request) -> dict:
     start = time.perf_counter()
     svc: Service = request.app.state.service
-    svc.require("match", "/match")
+    svc.rules.require("match", "/match")
     parsed = await parse_body(request, MatchRequest)
     body: MatchRequest = parsed.body
-    images = await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names)
-    jobs = [svc.retrieval_request("match", im, body.texts) for im in images]
+    images = await svc.images.prepare(parsed.images, parsed.image_fields, parsed.names)
+    jobs = [svc.rules.retrieval_request("match", im, body.texts) for im in images]
     outs = await unless_disconnected(request, svc.retrieve(jobs))
     reply: dict = {"model": svc.engine.model_id}
     if body.image is not None:
@@ -50,17 +50,17 @@ async def match(request: Request) -> dict:
 async def embed(request: Request) -> dict:
     start = time.perf_counter()
     svc: Service = request.app.state.service
-    svc.require("embed", "/embed")
+    svc.rules.require("embed", "/embed")
     parsed = await parse_body(request, EmbedRequest)
     body: EmbedRequest = parsed.body
     texts = body.texts or []
-    svc.limit_items(len(texts), "texts")
+    svc.rules.limit_items(len(texts), "texts")
     images = (
-        await svc.prepare_images(parsed.images, parsed.image_fields, parsed.names) if parsed.images else []
+        await svc.images.prepare(parsed.images, parsed.image_fields, parsed.names) if parsed.images else []
     )
-    jobs = [svc.retrieval_request("embed", im, []) for im in images]
+    jobs = [svc.rules.retrieval_request("embed", im, []) for im in images]
     if texts:
-        jobs.append(svc.retrieval_request("embed", None, texts))
+        jobs.append(svc.rules.retrieval_request("embed", None, texts))
     outs = await unless_disconnected(request, svc.retrieve(jobs))
     image_embeddings = [o.image_embedding for o in outs[: len(images)]]
     text_embeddings = outs[-1].text_embeddings if texts else []

@@ -28,8 +28,8 @@ async def health() -> dict:
 @router.get("/ready", responses={503: ERRORS[503]})
 async def ready(request: Request) -> Response:
     svc: Service | None = getattr(request.app.state, "service", None)
-    if svc is None or not svc.ready or not svc.healthy:
-        starting = svc is None or (not svc.ready and svc.healthy)
+    if svc is None or not svc.lifecycle.ready or not svc.lifecycle.healthy:
+        starting = svc is None or (not svc.lifecycle.ready and svc.lifecycle.healthy)
         return error_response(503, "loading the model" if starting else "not ready", {"Retry-After": "1"})
     return JSONResponse({"status": "ready", "model": svc.engine.model_id})
 
@@ -57,7 +57,7 @@ async def model(request: Request, model_id: str) -> dict:
 async def metrics(request: Request) -> Response:
     svc: Service | None = getattr(request.app.state, "service", None)
     # Before the engine is up: the same series, all at zero (blipserve_ready 0).
-    text = await svc.render_metrics() if svc is not None else Metrics().render()
+    text = await svc.lifecycle.render_metrics() if svc is not None else Metrics().render()
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -68,13 +68,13 @@ def model_card(svc: Service) -> dict:
     card = {
         "id": e.model_id,
         "object": "model",
-        "created": svc.created,
+        "created": svc.lifecycle.created,
         "owned_by": "blipserve",
-        "dtype": svc.dtype,
-        "device": svc.device,
+        "dtype": svc.lifecycle.dtype,
+        "device": svc.lifecycle.device,
         "quantization": s.quantize,
-        "weight_bytes": svc.weight_bytes,
-        "ready": svc.ready,
+        "weight_bytes": svc.lifecycle.weight_bytes,
+        "ready": svc.lifecycle.ready,
         "limits": {
             "max_new_tokens": s.max_new_tokens_limit,
             "default_max_new_tokens": s.default_max_new_tokens,
@@ -91,7 +91,7 @@ def model_card(svc: Service) -> dict:
             "max_queue": s.max_queue,
         },
         "tasks": list(e.tasks),
-        "vqa_template": svc.vqa_template if "vqa" in e.tasks else None,
+        "vqa_template": svc.rules.vqa_template if "vqa" in e.tasks else None,
     }
     if isinstance(svc.client, DataParallelClient):  # --dp: each engine's device and state, how many serve
         card.update(engines=svc.client.describe_engines(), engines_ready=svc.client.ready_engines)
