@@ -2,12 +2,12 @@
 clients that drive it (in this process, or an engine process over ZMQ)."""
 
 from .client import EngineClient, InprocClient, SequenceFailed, Ticket
-from .engine_loop import EngineLoop, EngineStopped
+from .engine_core import EngineCore, EngineStopped
 from .scheduler import QueueFull, Scheduler, Sequence
 
 __all__ = [
     "EngineClient",
-    "EngineLoop",
+    "EngineCore",
     "EngineStopped",
     "InprocClient",
     "QueueFull",

@@ -4,7 +4,7 @@
 the engine is gone) and is the front end of generation: the engine reports only new token ids, which
 each ticket's `RequestText` gathers and turns into text (with `tokenizer` set), applying stop strings;
 a request whose outputs all ended at one is aborted in the engine and answered here. `InprocClient`
-drives an `EngineLoop` thread in this process (tests, the offline server mode);
+drives an `EngineCore` thread in this process (tests, the offline server mode);
 `batching.process_client.ProcessClient` talks to an engine process over ZMQ.
 """
 
@@ -19,7 +19,7 @@ from model.data.detokenizer import RequestText, unreported
 from model.data.tokenizer import TextTokenizer
 from model.runtime.plan import ScoringOutput
 
-from .engine_loop import EngineLoop
+from .engine_core import EngineCore
 from .protocol import Done, Progress, reports_each_step
 from .scheduler import Sequence
 
@@ -166,9 +166,9 @@ def done_of(seq: Sequence, req_id: int | None = None) -> Done:
 
 
 class InprocClient(EngineClient):
-    """An `EngineLoop` on a thread of this process: the same client API as an engine process."""
+    """An `EngineCore` on a thread of this process: the same client API as an engine process."""
 
-    def __init__(self, loop: EngineLoop, metrics: Any = None):
+    def __init__(self, loop: EngineCore, metrics: Any = None):
         super().__init__()
         self.loop = loop
         self.metrics = metrics  # `batching.metrics.Metrics` (observe_http, render), or None

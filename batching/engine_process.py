@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import zmq
 
-from batching import EngineLoop, Scheduler
+from batching import EngineCore, Scheduler
 from batching.protocol import Add, Info, Shutdown, encode
 from model import placement
 from model.checkpoint.loader import resolve_checkpoint
@@ -59,7 +59,7 @@ class EngineHandle:
     device: str = ""  # the device it was given (--devices), as the user named it
 
 
-def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> EngineLoop:
+def build_engine_core(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> EngineCore:
     """Runner, scheduler and loop as the settings ask (the engine process's, or an in-process one's)."""
     max_len = min(settings.max_len, engine.max_positions)
     options = DecodeOptions(
@@ -78,7 +78,7 @@ def engine_loop(settings: Settings, engine: Blip2Engine, metrics: Metrics) -> En
     )
     overlap = settings.overlap if settings.overlap is not None else on_cuda
     metrics.prompt_length = engine.processor.prompt_tokens
-    return EngineLoop(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
+    return EngineCore(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
 
 
 def engine_guard(engine: Blip2Engine, runner: ModelRunner) -> RequestGuard:
@@ -153,7 +153,7 @@ def request_from_message(guard: RequestGuard) -> Callable[[Add, object], object]
 
 def run_engine(settings: Settings, root: str, address: str) -> None:
     """The engine process: load, capture graphs, serve until a Shutdown has drained it."""
-    from batching.core import EngineCore
+    from batching.engine_io import EngineIO
     from server.logs import configure as configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -169,7 +169,7 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
         log.error("cannot load %s: %s: %s", settings.model, type(exc).__name__, exc, exc_info=debug)
         raise SystemExit(3) from None
     metrics = Metrics()
-    loop = engine_loop(settings, engine, metrics)
+    loop = build_engine_core(settings, engine, metrics)
     log.info(
         "engine on %s: background vision %s, overlapped steps %s",
         engine.device,
@@ -182,10 +182,10 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     dtype = str(engine.dtype).removeprefix("torch.")
     info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
     build = request_from_message(engine_guard(engine, loop.runner))
-    core = EngineCore(loop, build, info, metrics.render, metrics.observe_http)
-    core.serve(address)
+    shell = EngineIO(loop, build, info, metrics.render, metrics.observe_http)
+    shell.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
-    core.ctx.destroy(linger=2000)  # the last replies go out (the router's linger) before the process ends
+    shell.ctx.destroy(linger=2000)  # the last replies go out (the router's linger) before the process ends
     exit_now(0)  # drained and closed: skip the interpreter's teardown (seconds of garbage collection)
 
 

@@ -98,7 +98,7 @@ class ProcessClient(EngineClient):
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)  # see batching/core.py: nothing may be dropped
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # see batching/engine_io.py: nothing may be dropped
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(self.address)
         self._info = asyncio.get_running_loop().create_future()

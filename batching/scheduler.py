@@ -219,7 +219,7 @@ class Scheduler:
             else:
                 seq.stage = Stage.PREFILL
         # A sequence whose launched tokens already reach its max_new_tokens (the last step's tokens not
-        # read back yet, see EngineLoop's overlap) has no next step (no work).
+        # read back yet, see EngineCore's overlap) has no next step (no work).
         decodes, moves, decode = [], CacheMoves(), Stage.DECODE
         for s in self.running:
             if s.stage is decode and (work := s.state.decode_work(s.seq_id, s.slots)) is not None:
@@ -292,7 +292,7 @@ class Scheduler:
 
         dropped = [s for s in self.waiting if dead(s)] + [s for s in self.running if dead(s)]
         for seq in dropped:
-            # Its state ends too: a step launched ahead of this one (EngineLoop's overlap) ran a token
+            # Its state ends too: a step launched ahead of this one (EngineCore's overlap) ran a token
             # for the sequence, which it drops (it has left `running`), as for one that stopped.
             if seq.state is not None:
                 seq.state.abort(seq.finish_reason)

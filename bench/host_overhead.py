@@ -8,7 +8,7 @@ step's time is the host's own work. Two sides are timed per decode step, in CPU 
 
 - engine: what the engine thread does (scheduler, the runner's host work and token read-back, the
   decoders, stop checks where the engine makes them, and encoding the `Progress` / `Done` messages as
-  `batching/core.py` does). On a GPU this time adds to every decode step the device cannot hide.
+  `batching/engine_io.py` does). On a GPU this time adds to every decode step the device cannot hide.
 - front end: what the HTTP process does with those messages (decode them, make the text, stop strings).
 
 Modes: "greedy" (no streaming, no stop string), "stream" (every request streams), "stop" (a stop string

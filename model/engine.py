@@ -223,7 +223,7 @@ class Blip2Engine(Frontend):
         loop does."""
         if not requests:
             return []
-        from batching.engine_loop import EngineLoop  # batching builds on model: imported when used
+        from batching.engine_core import EngineCore  # batching builds on model: imported when used
         from batching.scheduler import Scheduler
 
         rows = sum(max(r.params.n, r.params.num_beams) for r in requests)
@@ -239,7 +239,7 @@ class Blip2Engine(Frontend):
                 on_step(out)
             front[0].step()
 
-        loop = EngineLoop(
+        loop = EngineCore(
             runner, scheduler, max_wait_ms=0, on_step=after_step, overlap=overlap, raise_errors=True
         )
         seqs = [loop.add(r) for r in requests]

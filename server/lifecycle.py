@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from batching import EngineLoop, Scheduler
+from batching import EngineCore, Scheduler
 from batching.client import EngineClient, InprocClient
 from batching.dp_client import DataParallelClient
 from batching.engine_process import (
     EngineHandle,
     EngineProcess,
-    engine_loop,
+    build_engine_core,
     load_engine,
     pid_alive,
 )
@@ -62,7 +62,7 @@ class EngineLifecycle:
         if settings.engine == "thread" and handle is None:
             engine = load_engine(settings)
             metrics = Metrics()
-            return cls(settings, engine, InprocClient(engine_loop(settings, engine, metrics), metrics))
+            return cls(settings, engine, InprocClient(build_engine_core(settings, engine, metrics), metrics))
         owner = None
         if handle is None and settings.data_parallel_size > 1:
             from batching.engine_group import EngineGroup
@@ -88,7 +88,7 @@ class EngineLifecycle:
         return isinstance(self.client, ProcessClient | DataParallelClient)
 
     @property
-    def loop(self) -> EngineLoop:
+    def loop(self) -> EngineCore:
         """The in-process engine loop (`engine: thread`), for tests that reach into it."""
         return self.client.loop
 

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from batching import EngineLoop, engine_process
+from batching import EngineCore, engine_process
 
 ENV = "SLOW_ENGINES"
 log = logging.getLogger("slow_engines")
@@ -31,9 +31,9 @@ def step_delay(process_name: str, spec: str) -> float:
 
 
 def slowed(make_loop):
-    """`engine_process.engine_loop`, its loop sleeping after every step as `SLOW_ENGINES` says."""
+    """`engine_process.build_engine_core`, its loop sleeping after every step as `SLOW_ENGINES` says."""
 
-    def engine_loop(*args: object) -> EngineLoop:
+    def build_engine_core(*args: object) -> EngineCore:
         loop = make_loop(*args)
         name = multiprocessing.current_process().name
         delay, hook = step_delay(name, os.environ.get(ENV, "")), loop.on_step
@@ -48,13 +48,13 @@ def slowed(make_loop):
             loop.on_step = slow
         return loop
 
-    return engine_loop
+    return build_engine_core
 
 
 # Run as the entry point (`__main__`), or imported as such by a spawned child (`__mp_main__`); a test that
 # imports this module for `ENV` patches nothing.
 if __name__ in ("__main__", "__mp_main__"):
-    engine_process.engine_loop = slowed(engine_process.engine_loop)
+    engine_process.build_engine_core = slowed(engine_process.build_engine_core)
 
 if __name__ == "__main__":
     from server.cli import main

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batching import EngineLoop, InprocClient, QueueFull, Scheduler, SequenceFailed
+from batching import EngineCore, InprocClient, QueueFull, Scheduler, SequenceFailed
 from model.decoding.generation import SamplingParams
 from model.runtime.plan import SequenceOutput, StepOutput, StepPlan
 
@@ -190,11 +190,11 @@ def test_failed_step_fails_only_its_sequences():
     assert good.finish_reason == "stop" and len(sched.free_slots) == 4
 
 
-def test_engine_loop_serves_concurrent_requests_and_survives_a_failing_step():
+def test_engine_core_serves_concurrent_requests_and_survives_a_failing_step():
     async def main():
         sched = Scheduler(num_slots=3, max_queue=50, max_batch_images=4, eos_ids=(EOS,))
         runner = FakeRunner()
-        loop = InprocClient(EngineLoop(runner, sched, max_wait_ms=1))
+        loop = InprocClient(EngineCore(runner, sched, max_wait_ms=1))
         loop.start()
         done = await asyncio.gather(*(loop.submit(request(n % 5 + 1)) for n in range(20)))
         assert [len(d.outputs[0].tokens) for d in done] == [n % 5 + 2 for n in range(20)]
@@ -208,10 +208,10 @@ def test_engine_loop_serves_concurrent_requests_and_survives_a_failing_step():
     asyncio.run(main())
 
 
-def test_engine_loop_cancellation_frees_the_slot():
+def test_engine_core_cancellation_frees_the_slot():
     async def main():
         sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
-        loop = InprocClient(EngineLoop(FakeRunner(step_s=0.002), sched, max_wait_ms=0))
+        loop = InprocClient(EngineCore(FakeRunner(step_s=0.002), sched, max_wait_ms=0))
         loop.start()
         endless = request(10_000)
         endless.params = SamplingParams(max_new_tokens=100_000)
@@ -227,7 +227,7 @@ def test_engine_loop_cancellation_frees_the_slot():
     asyncio.run(main())
 
 
-def test_engine_loop_survives_an_error_outside_the_model_step():
+def test_engine_core_survives_an_error_outside_the_model_step():
     async def main():
         sched = Scheduler(num_slots=2, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
         calls = []
@@ -237,7 +237,7 @@ def test_engine_loop_survives_an_error_outside_the_model_step():
             if len(calls) == 1:
                 raise RuntimeError("hook failed")
 
-        loop = InprocClient(EngineLoop(FakeRunner(), sched, max_wait_ms=0, on_step=broken_hook))
+        loop = InprocClient(EngineCore(FakeRunner(), sched, max_wait_ms=0, on_step=broken_hook))
         loop.start()
         with pytest.raises(SequenceFailed):
             await asyncio.wait_for(loop.submit(request(5)), 5)
@@ -251,7 +251,7 @@ def test_engine_loop_survives_an_error_outside_the_model_step():
 def test_backstop_deadline_when_the_engine_stalls():
     async def main():
         sched = Scheduler(num_slots=1, max_queue=5, max_batch_images=4, eos_ids=(EOS,))
-        loop = InprocClient(EngineLoop(FakeRunner(), sched))  # never started: nothing will ever run
+        loop = InprocClient(EngineCore(FakeRunner(), sched))  # never started: nothing will ever run
         import batching.client as el
 
         el.BACKSTOP_S, saved = 0.0, el.BACKSTOP_S

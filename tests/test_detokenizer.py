@@ -18,7 +18,7 @@ from oracle_blip import bert_tokenizer
 from test_batching import EOS, FakeRequest, FakeRunner
 from tokenizers import Tokenizer, models
 
-from batching import EngineLoop, Scheduler
+from batching import EngineCore, Scheduler
 from batching.client import InprocClient
 from model.checkpoint.tiny import train_tokenizer
 from model.data.detokenizer import IncrementalDetokenizer, NewTokens, OutputText, RequestText, unreported
@@ -145,7 +145,7 @@ def test_the_client_cuts_at_a_stop_string_and_aborts_the_engine(stream):
     """The engine knows no stop strings: the client sees "w5" in the text, answers with the tokens up
     to it, and the engine drops the request long before its 40 tokens."""
     scheduler = Scheduler(2, 4, 4, (EOS,))
-    loop = EngineLoop(FakeRunner(step_s=0.002), scheduler, max_wait_ms=0)
+    loop = EngineCore(FakeRunner(step_s=0.002), scheduler, max_wait_ms=0)
     ended = []
     client = InprocClient(loop)
     report = loop.on_finished

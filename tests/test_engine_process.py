@@ -17,8 +17,8 @@ from live import b64, png_bytes, serve_in_process
 from test_batching import EOS, FakeRequest, FakeRunner, request
 from test_server import metric_values
 
-from batching import EngineLoop, EngineStopped, QueueFull, Scheduler, SequenceFailed
-from batching.core import EngineCore
+from batching import EngineCore, EngineStopped, QueueFull, Scheduler, SequenceFailed
+from batching.engine_io import EngineIO
 from batching.process_client import ProcessClient
 from batching.protocol import (
     Add,
@@ -76,13 +76,13 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
 
 
 class Engine:
-    """An `EngineCore` with a stand-in runner on a thread, listening on a real ipc socket."""
+    """An `EngineIO` with a stand-in runner on a thread, listening on a real ipc socket."""
 
     def __init__(self, tmp: Path, num_slots: int = 2, max_queue: int = 4, step_s: float = 0.0):
         self.scheduler = Scheduler(num_slots, max_queue, 4, (EOS,))
-        self.loop = EngineLoop(FakeRunner(step_s=step_s), self.scheduler, max_wait_ms=0)
+        self.loop = EngineCore(FakeRunner(step_s=step_s), self.scheduler, max_wait_ms=0)
         info = Info("fake", "cpu", "float32", os.getpid())
-        core = EngineCore(self.loop, lambda msg, px: _fake_request(msg), info, lambda: b"m 1\n", _ignore)
+        core = EngineIO(self.loop, lambda msg, px: _fake_request(msg), info, lambda: b"m 1\n", _ignore)
         self.address = f"ipc://{tmp}/engine.sock"
         self.thread = threading.Thread(target=core.serve, args=(self.address,), daemon=True)
         self.thread.start()

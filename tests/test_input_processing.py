@@ -14,8 +14,8 @@ import torch
 from oracle_blip import hf_tokenizer
 from PIL import Image
 
-from batching import EngineLoop, Scheduler
-from batching.core import EngineCore
+from batching import EngineCore, Scheduler
+from batching.engine_io import EngineIO
 from batching.engine_process import engine_guard, request_from_message
 from batching.process_client import ProcessClient
 from batching.protocol import Info
@@ -193,13 +193,13 @@ def test_an_engine_rejects_an_oversized_request_cleanly_and_serves_on(tmp_path):
         max_prompt_tokens=1,
         max_new_tokens_limit=1,
     )
-    from batching.engine_process import engine_loop
+    from batching.engine_process import build_engine_core
 
-    loop: EngineLoop = engine_loop(settings, engine, Metrics())
+    loop: EngineCore = build_engine_core(settings, engine, Metrics())
     assert isinstance(loop.scheduler, Scheduler) and loop.runner.max_len == settings.max_len == 66
     build = request_from_message(engine_guard(engine, loop.runner))
     info = Info("tiny", "cpu", "float32", os.getpid())
-    core = EngineCore(loop, build, info, lambda: b"", lambda *a: None)
+    core = EngineIO(loop, build, info, lambda: b"", lambda *a: None)
     address = f"ipc://{tmp_path}/engine.sock"
     thread = threading.Thread(target=core.serve, args=(address,), daemon=True)
     thread.start()

@@ -59,7 +59,9 @@ def serve(root: str, requests, overlap: bool, slots: int = 6, metrics: list | No
             if metrics is not None:
                 metrics.append((await svc.lifecycle.render_metrics()).decode())
             outcomes = await svc.generate(requests)
-            while svc.lifecycle.loop.pending:  # a request that ended at a stop string is aborted in the engine
+            while (
+                svc.lifecycle.loop.pending
+            ):  # a request that ended at a stop string is aborted in the engine
                 await asyncio.sleep(0.005)
             if metrics is not None:
                 metrics.append((await svc.lifecycle.render_metrics()).decode())

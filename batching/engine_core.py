@@ -1,4 +1,7 @@
-"""The engine loop: one thread that owns the model and repeats `step()`: schedule -> run -> postprocess.
+"""The engine core: the busy loop that owns the scheduler and the model runner and repeats `step()`:
+schedule -> run -> postprocess (vLLM v1's `EngineCore`, nano-vllm's `LLMEngine.step`). It runs on one
+thread: the engine process's main thread (its I/O shell is `batching.engine_io.EngineIO`), or a thread of
+the HTTP process with `--engine thread`.
 
 The offline API (`model.engine.Blip2Engine.generate`) drives the same loop in-process: it adds its
 requests and calls `step()` until they finish, with no thread (nano-vllm's `LLM.generate`).
@@ -6,7 +9,7 @@ requests and calls `step()` until they finish, with no thread (nano-vllm's `LLM.
 It is driven from outside through `add` and `cancel` (thread-safe) and reports through two hooks that
 run on the engine thread: `on_finished(seqs)` for sequences that ended (done, dropped or failed) and
 `on_progress(seqs)` for streaming sequences that gained tokens. The in-process client
-(`batching.client.InprocClient`) turns them into asyncio futures; the engine process (`batching.core`) into messages
+(`batching.client.InprocClient`) turns them into asyncio futures; the engine process's I/O shell (`batching.engine_io`) into messages
 to the HTTP processes. A step that raises fails only the sequences in that step; the loop carries on.
 
 With `overlap`, the loop plans and launches step n+1 before it reads step n's tokens back, when step n
@@ -52,7 +55,7 @@ def _ignore(seqs: list[Sequence]) -> None:
     pass
 
 
-class EngineLoop:
+class EngineCore:
     def __init__(
         self,
         runner: Runner,
@@ -247,4 +250,4 @@ class EngineLoop:
             self._cond.notify_all()
 
 
-__all__ = ["EngineLoop", "EngineStopped"]
+__all__ = ["EngineCore", "EngineStopped"]

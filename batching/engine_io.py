@@ -1,6 +1,6 @@
-"""The engine process's I/O: one ROUTER socket that every HTTP process's DEALER connects to.
+"""The engine process's I/O shell (`EngineIO`) around its `EngineCore`: one ROUTER socket that every HTTP process's DEALER connects to.
 
-The process's main thread runs the `EngineLoop` and does nothing else; the I/O thread owns the socket.
+The process's main thread runs the `EngineCore` and does nothing else; the I/O thread owns the socket.
 It decodes requests and queues them into the loop (acknowledging each at once, so a full queue is a 429
 before any response starts), cancels on `Abort`, answers `Hello` and metrics queries, and forwards the
 results the loop encodes on its own thread through an inproc pipe (a zmq socket is used by one thread).
@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from .client import done_of, progress_of
-from .engine_loop import EngineLoop, EngineStopped
+from .engine_core import EngineCore, EngineStopped
 from .protocol import (
     READ_ONLY_WARNING,
     Abort,
@@ -44,10 +44,10 @@ RequestBuilder = Callable[[Add, Any], Any]
 PIPE = "inproc://blipserve-results"
 
 
-class EngineCore:
+class EngineIO:
     def __init__(
         self,
-        loop: EngineLoop,
+        loop: EngineCore,
         build_request: RequestBuilder,
         info: Info,
         metrics_text: Callable[[], bytes],
