@@ -1,6 +1,6 @@
 """Host time of one engine step, without the model: what the device waits on between two steps.
 
-    python bench/host_overhead.py --batches 64,256 --modes stream,stop --ref 58bc13d
+    python bench/host_overhead.py --batches 64,256 --modes stream+stop,stream,stop,greedy --ref 58bc13d
 
 The tiny checkpoint's decode is replaced by a stand-in that returns precomputed logits at once, so a
 step's time is the host's own work. Two sides are timed per decode step, in CPU time of the thread
@@ -12,7 +12,7 @@ step's time is the host's own work. Two sides are timed per decode step, in CPU 
 - front end: what the HTTP process does with those messages (decode them, make the text, stop strings).
 
 Modes: "greedy" (no streaming, no stop string), "stream" (every request streams), "stop" (a stop string
-that never matches: every request runs to --new-tokens). `--ref COMMIT` runs the same measurement
+that never matches: every request runs to --new-tokens), "stream+stop" (both: issue 22's case). `--ref COMMIT` runs the same measurement
 against another commit's code (a `git worktree` in a temporary folder, this script in a subprocess with
 PYTHONPATH at it) and prints both side by side with ratios; APIs that differ are told apart by feature.
 """
@@ -109,8 +109,9 @@ def run_batch(engine, batch: int, new_tokens: int, params, mode: str) -> tuple[l
     engine.model.decode = lambda tokens, *args, **kwargs: table[next(calls) % 8, : tokens.shape[0]]
     runner = engine.new_runner(batch, new_tokens + 40, 0)  # the prompt (image placeholders, text) + answer
     scheduler = Scheduler(batch, batch, batch, (-1,))  # no stop token: every request runs to new_tokens
-    stream = mode == "stream"
-    params = replace(params, max_new_tokens=new_tokens, stop=(NEVER,) if mode == "stop" else ())
+    stream = mode in ("stream", "stream+stop")
+    stop = (NEVER,) if mode in ("stop", "stream+stop") else ()
+    params = replace(params, max_new_tokens=new_tokens, stop=stop)
     side = engine.cfg.vision.image_size
     pixels = torch.zeros(3, side, side)
     fronts = {}
@@ -195,7 +196,11 @@ def run_ref(commit: str, args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--modes", default="greedy,stream,stop", help="greedy, stream, stop (comma-separated)")
+    ap.add_argument(
+        "--modes",
+        default="greedy,stream,stop,stream+stop",
+        help="greedy, stream, stop, stream+stop (comma-separated)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64, help="per request (at most 470)")
     ap.add_argument("--sample", action="store_true", help="sampling (temperature, top-k, top-p), not greedy")
     ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams per request")
