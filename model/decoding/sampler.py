@@ -42,6 +42,8 @@ class Sampled:
     beams: list[tuple] = field(default_factory=list)
     # On CUDA: the results are copies in page-locked host memory, filled once this event is reached.
     ready: torch.cuda.Event | None = None
+    # Every work is one GREEDY / SAMPLE row without logprobs: `read` pairs works and tokens directly.
+    single: bool = False
 
 
 def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> torch.Tensor:
@@ -105,11 +107,27 @@ class _TokenRows:
 
 
 def launch(
-    works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None
+    works: list[SequenceWork],
+    logits: torch.Tensor,
+    slot_tokens: torch.Tensor | None = None,
+    row_slots: torch.Tensor | None = None,
 ) -> Sampled:
     """Queue every request's choice on `logits` [rows, vocab] (the works' slots in order); the GREEDY and
-    SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. Nothing is read back."""
+    SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. `row_slots`: the
+    works' slots in order, on the device already (the decode step's), else built here. Nothing is
+    read back."""
     out = Sampled(works, logits.shape[-1])
+    if all(w.sampling.plain for w in works):  # every row's token is its argmax: no per-work pass
+        out.token_works = list(range(len(works)))
+        out.single = all(len(w.slots) == 1 for w in works)
+        out.tokens = logits.argmax(-1)
+        if slot_tokens is not None:
+            if row_slots is None:
+                row_slots = device_index([s for w in works for s in w.slots], logits.device)
+            slot_tokens.index_copy_(0, row_slots, out.tokens)
+        if logits.device.type == "cuda":
+            _copy_to_host(out)
+        return out
     offsets, row, rows = [], 0, _TokenRows()
     beams: dict[tuple[int, int], list[int]] = {}
     for i, w in enumerate(works):
@@ -134,12 +152,15 @@ def launch(
         if spec.logprobs is not None:
             out.lp_rows += range(t, t + n)
         row += n
+    out.single = not beams and not out.lp_rows and len(rows.slots) == len(works)
     if out.token_works:
         every = len(rows.logit_rows) == row
         scores = logits if every else logits[device_index(rows.logit_rows, logits.device)]
         _choose_tokens(out, scores.float(), rows)
         if slot_tokens is not None:
-            slot_tokens.index_copy_(0, device_index(rows.slots, logits.device), out.tokens)
+            if not every or row_slots is None:
+                row_slots = device_index(rows.slots, logits.device)
+            slot_tokens.index_copy_(0, row_slots, out.tokens)
     for group in beams.values():
         out.beams.append(
             (group, *_beam_candidates(logits, [works[i] for i in group], [offsets[i] for i in group]))
@@ -238,8 +259,10 @@ def read(out: Sampled) -> dict[int, SequenceOutput]:
     """Wait for the choices (one wait) and return each request's, by seq_id."""
     if out.ready is not None:
         out.ready.synchronize()
-    results: dict[int, SequenceOutput] = {}
     tokens = out.tokens.tolist() if out.tokens is not None else []
+    if out.single:
+        return {w.seq_id: SequenceOutput([t]) for w, t in zip(out.works, tokens, strict=True)}
+    results: dict[int, SequenceOutput] = {}
     entries: dict[int, TokenLogprob] = {}
     if out.lp is not None:
         chosen, top_lp, top_id = (t.tolist() for t in out.lp)

@@ -71,6 +71,9 @@ class SampledRows:
         self.keys = [noise_key(params.seed, i) if params.do_sample else 0 for i in range(params.n)]
         self.spec = sampling_spec(params, self.eos_ids)
         self.finish_reason: FinishReason | None = None
+        self.max_new_tokens = params.max_new_tokens
+        self.prompt_len = len(self.prompt_ids)
+        self._decode: SequenceWork | None = None  # the one row's decode work, reused step to step
 
     @property
     def num_rows(self) -> int:
@@ -94,14 +97,21 @@ class SampledRows:
         if len(self.rows) == 1:  # the common case, without the list work (host time per step)
             row = self.rows[0]
             made = len(row.tokens) + row.pending
-            if row.finish_reason is not None or made >= self.params.max_new_tokens:
+            if row.finish_reason is not None or made >= self.max_new_tokens:
                 return None
             row.pending += 1
-            history = [self.prompt_ids + row.tokens] if self.spec.reads_history else None
-            position = [len(self.prompt_ids) + made - 1]
-            return SequenceWork(
-                seq_id, slots, self.spec, made, self.keys, "", [], position, [None], history, None, [0]
-            )
+            work = self._decode
+            if work is None or work.slots is not slots:
+                # One work for the request's life, updated in place: a plan's work is read at its
+                # launch (positions) and, for the rows and ids, until its tokens are taken, none of
+                # which a later step changes.
+                work = self._decode = SequenceWork(seq_id, slots, self.spec, 0, self.keys, rows=[0])
+                work.tokens = [None]
+            work.generated = made
+            work.positions = [self.prompt_len + made - 1]
+            if self.spec.reads_history:
+                work.history = [self.prompt_ids + row.tokens]
+            return work
         rows = self.runnable()
         if not rows:
             return None

@@ -30,16 +30,25 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     keep: int = 0  # BEAM: candidates kept per step (transformers: max(2, 1 + len(eos)) * num_beams)
+    # Derived once (the sampler reads them every step): a logits processor reads each row's token
+    # history (repetition penalty, no-repeat n-grams); `plain`: greedy with nothing but the argmax.
+    reads_history: bool = field(init=False)
+    plain: bool = field(init=False)
 
-    @property
-    def reads_history(self) -> bool:
-        """A logits processor reads each row's token history (repetition penalty, no-repeat n-grams)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+    def __post_init__(self) -> None:
+        history = self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+        object.__setattr__(self, "reads_history", history)
+        plain = self.mode is SamplerMode.GREEDY and not history and self.logprobs is None
+        object.__setattr__(self, "plain", plain and not self.min_new_tokens)
 
 
 @dataclass(slots=True)
 class SequenceWork:
-    """One request's rows in this step, as plain data: the scheduler owns the request's state."""
+    """One request's rows in this step, as plain data: the scheduler owns the request's state.
+
+    A one-row request's decode work is one object for its life, updated by the scheduler as it plans
+    each step (host time per step): the runner reads `positions`, `tokens`, `generated` and `history`
+    when it launches the step; `seq_id`, `slots`, `sampling` and `rows` never change."""
 
     # Scheduler-wide id of the request.
     seq_id: int
@@ -77,10 +86,11 @@ class SequenceOutput:
     # With logprobs: each row's entry (BEAM: each candidate's).
     logprobs: list[TokenLogprob] | None = None
     # BEAM: the `keep` best (beam, token) candidates, best first: the beam (a row of the work) each
-    # continues, its token, and its score (running score + processed log-probability).
-    parents: list[int] = field(default_factory=list)
-    candidates: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    # continues, its token, and its score (running score + processed log-probability). Empty otherwise
+    # (immutable defaults: one output per sequence per step is built, so it must be cheap).
+    parents: list[int] | tuple[()] = ()
+    candidates: list[int] | tuple[()] = ()
+    scores: list[float] | tuple[()] = ()
 
 
 @dataclass

@@ -104,14 +104,14 @@ class DecodeInputs:
 
 
 def _decode_inputs(works: list[SequenceWork]) -> DecodeInputs:
-    inputs = DecodeInputs([], [], [], [])
-    for w in works:
-        inputs.positions += w.positions
-        inputs.slots += w.slots
-        if w.tokens[0] is not None:  # a work's rows are all on the host (beams) or all on the device
-            inputs.host_slots += w.slots
-            inputs.host_tokens += w.tokens
-    return inputs
+    # A work's rows are all on the host (beams) or all on the device.
+    host = [w for w in works if w.tokens[0] is not None]
+    return DecodeInputs(
+        [p for w in works for p in w.positions],
+        [s for w in works for s in w.slots],
+        [s for w in host for s in w.slots],
+        [t for w in host for t in w.tokens],
+    )
 
 
 @dataclass
@@ -222,9 +222,9 @@ class ModelRunner:
             marks["prefill"] = self.clock.mark()
         if plan.decodes:
             before = self.clock.mark()
-            logits = self._decode(plan.decodes)
+            logits, row_slots = self._decode(plan.decodes)
             out.decode_rows = logits.shape[0]
-            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens))
+            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens, row_slots))
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
@@ -334,16 +334,20 @@ class ModelRunner:
             return logits
         return torch.cat([logits[i : i + 1].expand(len(w.slots), -1) for i, w in enumerate(works)])
 
-    def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
+    def _decode(self, works: list[SequenceWork]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every fed row, in `works` order: the fixed-shape step, or on out-of-memory (or with
-        it off) rows gathered from their slots, halving the batch as long as it does not fit."""
+        it off) rows gathered from their slots, halving the batch as long as it does not fit. Also the
+        rows' slots on the device, when the step has them (for the sampler's token writes)."""
         if self.static is not None:
             inputs = _decode_inputs(works)
             try:
-                return self.static.run(inputs.positions, inputs.slots, inputs.host_slots, inputs.host_tokens)
+                logits = self.static.run(
+                    inputs.positions, inputs.slots, inputs.host_slots, inputs.host_tokens
+                )
+                return logits, self.static.picked_slots(len(inputs.slots))
             except torch.OutOfMemoryError:
                 self._split()
-        return torch.cat(_halving(self._gathered, works, self._split))
+        return torch.cat(_halving(self._gathered, works, self._split)), None
 
     def _gathered(self, works: list[SequenceWork]) -> torch.Tensor:
         inputs = _decode_inputs(works)
