@@ -89,7 +89,8 @@ class SampledRows:
     ) -> SequenceWork:
         """The prefill step's work (every row; slot 0 is prefilled, the others copy it)."""
         rows = list(range(len(self.rows)))
-        return self._work(seq_id, slots, rows, image_key=image_key, text_ids=text_ids)
+        prompt = self.prompt_ids if self.spec.reads_history else None
+        return self._work(seq_id, slots, rows, image_key=image_key, text_ids=text_ids, prompt_ids=prompt)
 
     def decode_work(self, seq_id: int, slots: list[int]) -> SequenceWork | None:
         """The next decode step's work, or None when no row runs in it. Each row's input token is its
@@ -105,12 +106,10 @@ class SampledRows:
                 # One work for the request's life, updated in place: a plan's work is read at its
                 # launch (positions) and, for the rows and ids, until its tokens are taken, none of
                 # which a later step changes.
-                work = self._decode = SequenceWork(seq_id, slots, self.spec, 0, self.keys, rows=[0])
-                work.tokens = [None]
+                work = SequenceWork(seq_id, slots, self.spec, 0, self.keys, prompt_len=self.prompt_len)
+                work.tokens, work.rows, self._decode = [None], [0], work
             work.generated = made
             work.positions = [self.prompt_len + made - 1]
-            if self.spec.reads_history:
-                work.history = [self.prompt_ids + row.tokens]
             return work
         rows = self.runnable()
         if not rows:
@@ -122,14 +121,11 @@ class SampledRows:
         )
 
     def _work(self, seq_id: int, slots: list[int], rows: list[int], **kw) -> SequenceWork:
-        history = None
-        if self.spec.reads_history:
-            history = [self.prompt_ids + self.rows[i].tokens for i in rows]
         for i in rows:  # launched now, read back by `take`
             self.rows[i].pending += 1
         made = self.rows[rows[0]].made - 1
         keys = [self.keys[i] for i in rows]
-        return SequenceWork(seq_id, slots, self.spec, made, keys, history=history, rows=rows, **kw)
+        return SequenceWork(seq_id, slots, self.spec, made, keys, rows=rows, prompt_len=self.prompt_len, **kw)
 
     def take(self, work: SequenceWork, out: SequenceOutput) -> int:
         """Append a step's tokens to the rows it ran; returns how many were appended (a row that ended

@@ -48,7 +48,7 @@ class SequenceWork:
 
     A one-row request's decode work is one object for its life, updated by the scheduler as it plans
     each step (host time per step): the runner reads `positions`, `tokens`, `generated` and `history`
-    when it launches the step; `seq_id`, `slots`, `sampling` and `rows` never change."""
+    when it launches the step; `seq_id`, `slots`, `sampling`, `prompt_len` and `rows` never change."""
 
     # Scheduler-wide id of the request.
     seq_id: int
@@ -69,8 +69,15 @@ class SequenceWork:
     positions: list[int] = field(default_factory=list)
     # Decode only: each row's input token; None: its slot's last pick, still on the device.
     tokens: list[int | None] = field(default_factory=list)
-    # With a processor that reads it (`SamplingSpec.reads_history`): each row's token history.
+    # BEAM, with a processor that reads it (`SamplingSpec.reads_history`): each beam's token history
+    # (its prompt ids and tokens). GREEDY / SAMPLE rows' histories are on the device (the runner's
+    # per-slot buffer: `prompt_ids` written at prefill, each chosen token appended by the sampler).
     history: list[list[int]] | None = None
+    # Length of the request's token history before its first token (`len(prompt_ids)`): a row's
+    # history before this step's token is `prompt_len + generated` long.
+    prompt_len: int = 0
+    # Prefill only, with a processor that reads the history: the token history the rows start from.
+    prompt_ids: list[int] | None = None
     # BEAM: each beam's running score (sum of log-probabilities).
     beam_scores: list[float] | None = None
     # The scheduler's index of each row among the request's rows (the runner does not read it).
@@ -199,12 +206,10 @@ class StepPlan:
     def chainable(self) -> bool:
         """Whether the next step may be planned and launched before this one's tokens are read back:
         every row here takes one token per step, chosen on the device, which the next step reads from
-        there. Beams (a cache reorder chosen on the host) and processors that read the token history
-        (its tokens are on the host) need this step's tokens on the host first."""
-        return all(
-            w.sampling.mode is not SamplerMode.BEAM and not w.sampling.reads_history
-            for w in (*self.prefills, *self.decodes)
-        )
+        there (its input token and, for the processors that read it, its token history). Beams (a
+        cache reorder chosen on the host) need this step's tokens on the host first."""
+        beam = SamplerMode.BEAM
+        return all(w.sampling.mode is not beam for w in (*self.prefills, *self.decodes))
 
     @property
     def runs_model(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 from ..arch.blip2 import Blip2ForConditionalGeneration
 from ..arch.retrieval import run_retrievals
 from ..decoding import sampler
-from .device import device_index, to_device
+from .device import device_index, host_longs, to_device
 from .options import DecodeOptions, bnb_int8, choose_decode_kernels, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
 from .scoring import run_scorings
@@ -149,6 +149,10 @@ class ModelRunner:
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
+        # Each slot's token history (prompt ids, then each chosen token), on the device, for the
+        # processors that read it (repetition penalty, no-repeat n-grams): made at the first prefill
+        # that needs it. A history is at most max_len + 1 long (the last token takes no position).
+        self.history: torch.Tensor | None = None
         int8 = bnb_int8(model)
         choose_decode_kernels(model, options, self.device, int8)
         graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
@@ -218,13 +222,14 @@ class ModelRunner:
         sampled = []
         if plan.prefills:
             logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
-            sampled.append(sampler.launch(plan.prefills, logits, self.slot_tokens))
+            self._write_prompts(plan.prefills)
+            sampled.append(sampler.launch(plan.prefills, logits, self.slot_tokens, None, self.history))
             marks["prefill"] = self.clock.mark()
         if plan.decodes:
             before = self.clock.mark()
             logits, row_slots = self._decode(plan.decodes)
             out.decode_rows = logits.shape[0]
-            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens, row_slots))
+            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens, row_slots, self.history))
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
@@ -240,6 +245,25 @@ class ModelRunner:
             step.out.sequences.update(sampler.read(p))
         self._timings(step.out, step.marks)
         return step.out
+
+    def _write_prompts(self, works: list[SequenceWork]) -> None:
+        """Each prefilled row's token history starts as its request's prompt ids (only requests whose
+        processors read it carry them: `SequenceWork.prompt_ids`)."""
+        works = [w for w in works if w.prompt_ids is not None]
+        if not works:
+            return
+        width = max(len(w.prompt_ids) for w in works)
+        if self.history is None or self.history.shape[1] <= width:
+            size = max(self.max_len + 1, width + 1)
+            grown = torch.zeros(self.num_slots + 1, size, dtype=torch.long, device=self.device)
+            if self.history is not None:  # the running rows' histories carry over
+                grown[:, : self.history.shape[1]] = self.history
+            self.history = grown
+        slots = [s for w in works for s in w.slots for _ in w.prompt_ids]
+        at = [i for w in works for _ in w.slots for i in range(len(w.prompt_ids))]
+        ids = [t for w in works for _ in w.slots for t in w.prompt_ids]
+        index = to_device(host_longs(slots + at + ids), self.device).view(3, -1)
+        self.history.index_put_((index[0], index[1]), index[2])
 
     def _timings(self, out: StepOutput, marks: dict) -> None:
         """Stage times, read once the step is over (the token read has synchronised the device)."""
