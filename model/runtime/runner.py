@@ -252,13 +252,11 @@ class ModelRunner:
         works = [w for w in works if w.prompt_ids is not None]
         if not works:
             return
-        width = max(len(w.prompt_ids) for w in works)
-        if self.history is None or self.history.shape[1] <= width:
-            size = max(self.max_len + 1, width + 1)
-            grown = torch.zeros(self.num_slots + 1, size, dtype=torch.long, device=self.device)
-            if self.history is not None:  # the running rows' histories carry over
-                grown[:, : self.history.shape[1]] = self.history
-            self.history = grown
+        if self.history is None:
+            shape = (self.num_slots + 1, self.max_len + 1)
+            self.history = torch.zeros(shape, dtype=torch.long, device=self.device)
+        if (longest := max(len(w.prompt_ids) for w in works)) > self.max_len:
+            raise ValueError(f"a prompt history of {longest} tokens exceeds the runner's {self.max_len}")
         slots = [s for w in works for s in w.slots for _ in w.prompt_ids]
         at = [i for w in works for _ in w.slots for i in range(len(w.prompt_ids))]
         ids = [t for w in works for _ in w.slots for t in w.prompt_ids]
