@@ -206,8 +206,10 @@ class EngineCore:
             return
         # A failed background vision batch counts as a failed step (its requests fail, not the others).
         self.failures = self.failures + 1 if out.vision_errors else 0
-        stepped = {w.seq_id for w in plan.prefills + plan.decodes}
-        streaming = [s for s in self.scheduler.running if s.stream and s.seq_id in stepped]
+        streaming = [s for s in self.scheduler.running if s.stream]
+        if streaming:
+            stepped = {w.seq_id for w in plan.prefills + plan.decodes}
+            streaming = [s for s in streaming if s.seq_id in stepped]
         with self._cond:
             finished = self.scheduler.postprocess(plan, out, started=started)
         self.steps += 1

@@ -161,6 +161,7 @@ class Scheduler:
         self.free_slots: list[int] = list(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.live: dict[int, Sequence] = {}  # the running sequences by seq_id
         self._ids = itertools.count()
         # Seconds between each decoding sequence's previous token and the one of the last step.
         self.token_gaps: list[float] = []
@@ -227,6 +228,7 @@ class Scheduler:
                 if work.beam_scores is not None:
                     s.state.reorder_moves(s.slots, moves)
         self.running.extend(admitted)
+        self.live.update((s.seq_id, s) for s in admitted)
         prefills = [s for s in self.running if s.stage == Stage.PREFILL]
         needing = [*prefills, *one_step]
         images = {s.request.image_key: s.request.pixel_values for s in needing if s.request.image_key}
@@ -313,23 +315,27 @@ class Scheduler:
         done = self._vision_done(out, now)
         self.token_gaps, self.first_token_waits = [], []
         self.stepped = 0
-        works = {w.seq_id: w for w in [*plan.prefills, *plan.decodes]}
+        live, results = self.live, out.sequences
         beams: dict[tuple[int, int], list[tuple[Sequence, SequenceOutput]]] = {}
-        for seq in self.running:
-            if seq.state is None:  # retrieval or scoring: answered in the step that admitted it
-                answers = out.scorings if isinstance(seq.request, ScoringRequest) else out.retrievals
-                seq.output = answers.get(seq.seq_id)
-                seq.finish_reason = FinishReason.STOP if seq.output is not None else FinishReason.ERROR
-                seq.first_step(started, out, now)
-                done.append(seq)
-                continue
-            work, result = works.get(seq.seq_id), out.sequences.get(seq.seq_id)
-            if work is None or result is None:
+        # The plan's works, not `running`: a sequence that left since (dropped) is skipped, and one
+        # admitted since (a step planned ahead, EngineLoop's overlap) waits for its own step.
+        for work in (*plan.decodes, *plan.prefills):
+            seq, result = live.get(work.seq_id), results.get(work.seq_id)
+            if seq is None or result is None:
                 continue
             if work.beam_scores is not None:
                 beams.setdefault((seq.state.num_rows, seq.state.keep), []).append((seq, result))
             elif seq.state.take(work, result):
                 self._stepped(seq, out, now, started, done)
+        answered = [(w, out.retrievals) for w in plan.retrievals] + [(w, out.scorings) for w in plan.scorings]
+        for work, answers in answered:
+            if (seq := live.get(work.seq_id)) is None:
+                continue
+            # Retrieval or scoring: answered in the step that admitted it.
+            seq.output = answers.get(seq.seq_id)
+            seq.finish_reason = FinishReason.STOP if seq.output is not None else FinishReason.ERROR
+            seq.first_step(started, out, now)
+            done.append(seq)
         for group in beams.values():
             advance_beams([s.state for s, _ in group], [r for _, r in group])
             for seq, _ in group:
@@ -389,8 +395,12 @@ class Scheduler:
         return failed
 
     def _release(self, seqs: list[Sequence]) -> None:
+        if not seqs:
+            return
         gone = {id(s) for s in seqs}
         self.running = [s for s in self.running if id(s) not in gone]
+        for s in seqs:
+            self.live.pop(s.seq_id, None)
         for key, waiting in self.encoding.items():  # the key stays: its batch is still in flight
             self.encoding[key] = [s for s in waiting if id(s) not in gone]
         for s in seqs:

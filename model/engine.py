@@ -72,7 +72,7 @@ class Blip2Engine(Frontend):
         self.device = model.device
         self.dtype = model.lm_dtype
         self.decode_options = DecodeOptions()
-        # With CUDA graphs, offline calls keep their runner (and its captured graphs) while it fits.
+        # Offline calls keep their runner (its cache, its captured graphs) while it fits.
         self._offline_runner: ModelRunner | None = None
 
     @classmethod
@@ -174,8 +174,9 @@ class Blip2Engine(Frontend):
         return ModelRunner(self.model, num_slots, max_len, embedding_cache_bytes, options, normalize)
 
     def _runner_for(self, num_slots: int, max_len: int) -> ModelRunner:
-        """A runner for an offline call; one with captured graphs is kept for the next call that fits
-        (and asks for the same `decode_options`)."""
+        """A runner for an offline call, kept for the next call that fits (and asks for the same
+        `decode_options`): its KV cache (and on CUDA its captured graphs) are made once, not per call,
+        as an `LLM` keeps its cache for its life."""
         kept = self._offline_runner
         if (
             kept is not None
@@ -185,7 +186,7 @@ class Blip2Engine(Frontend):
         ):
             return kept
         runner = self.new_runner(num_slots, max_len, embedding_cache_bytes=0)
-        self._offline_runner = runner if runner.graphs_on else None
+        self._offline_runner = runner
         return runner
 
     def generate(

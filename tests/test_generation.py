@@ -9,7 +9,7 @@ from conftest import random_pixels
 from model import Blip2Engine, SamplingParams
 from model.arch.opt import OPTForCausalLM
 from model.checkpoint.config import OPTConfig
-from model.decoding.generation import warp_for_sampling
+from model.decoding.sampling import warp_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,10 @@ def test_warpers_match_transformers():
     )
 
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 3
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8)
     ref = logits
     for warper in [TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)]:
         ref = warper(None, ref)
-    torch.testing.assert_close(warp_for_sampling(logits, params), ref)
+    torch.testing.assert_close(warp_rows(logits, [0.7] * 2, [10] * 2, [0.8] * 2), ref)
 
 
 @pytest.mark.parametrize(

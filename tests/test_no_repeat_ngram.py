@@ -16,7 +16,8 @@ from oracle_blip import IMAGE_SIZE, hf_blip_generate, hf_tokenizer
 from PIL import Image
 
 from model import Blip2Engine, SamplingParams
-from model.decoding.generation import MAX_NO_REPEAT_NGRAM, ban_repeated_ngrams
+from model.decoding.generation import MAX_NO_REPEAT_NGRAM
+from model.decoding.processors import history_processors
 from server.settings import Settings
 
 PROMPT = "Question: what is in the picture? Answer:"
@@ -39,15 +40,27 @@ def opt(checkpoints):
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
-def test_the_ban_equals_transformers_processor(size):
-    from transformers import NoRepeatNGramLogitsProcessor
+def test_the_batched_history_processors_equal_transformers_row_by_row(size):
+    """Rows of unequal history lengths (junk past each length), each with its own n-gram size and
+    repetition penalty (some off), ids past the vocabulary among them: each row equals transformers'
+    `RepetitionPenaltyLogitsProcessor` then `NoRepeatNGramLogitsProcessor` on that row alone."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     gen = torch.Generator().manual_seed(size)
-    for length in (0, 1, size - 1, size, 12, 40):
-        history = torch.randint(0, 6, (4, length), generator=gen)  # a small alphabet: many repeats
-        scores = torch.randn(4, 9, generator=gen)
-        ref = NoRepeatNGramLogitsProcessor(size)(history, scores.clone())
-        assert torch.equal(ban_repeated_ngrams(scores, history, size), ref), (size, length)
+    lengths = [1, size - 1 or 1, size, size + 1, 12, 40, 7, 3]
+    sizes = [size, size, size, 2, size, size, 0, size]
+    penalties = [1.3, 1.0, 0.7, 1.3, 1.5, 1.0, 1.3, 1.0]
+    history = torch.randint(0, 6, (len(lengths), 44), generator=gen)  # a small alphabet: many repeats
+    history[4, 3] = history[5, 0] = 11  # past the vocabulary of 9: never penalised nor banned
+    scores = torch.randn(len(lengths), 9, generator=gen) * 2
+    got = history_processors(scores, history, lengths, penalties, sizes)
+    for r, (length, n, p) in enumerate(zip(lengths, sizes, penalties, strict=True)):
+        ids, ref = history[r : r + 1, :length], scores[r : r + 1].clone()
+        if p != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(p)(ids, ref)
+        if n:
+            ref = NoRepeatNGramLogitsProcessor(n)(ids, ref)
+        assert torch.equal(got[r : r + 1], ref), (r, length, n, p)
 
 
 @pytest.mark.parametrize("size, num_beams", [(1, 1), (2, 3), (3, 3)])

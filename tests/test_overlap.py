@@ -25,7 +25,7 @@ def root(checkpoints) -> str:
 
 
 def mixed_params() -> list[SamplingParams]:
-    """Plain greedy (chainable) rows of unequal lengths beside requests that are not chainable."""
+    """Plain greedy rows of unequal lengths beside every other kind of request (beams: not chainable)."""
     return [
         SamplingParams(max_new_tokens=3),
         SamplingParams(max_new_tokens=9, min_new_tokens=9),
@@ -237,7 +237,7 @@ def test_offline_generate_with_overlap_equals_without(root, monkeypatch):
                 assert ahead == 0
             elif chainable:
                 assert ahead == calls.count("launch") - 1  # each step read after the next one's launch
-            else:  # beams, penalties, logprobs, n samples: read before the next launch while they run
+            else:  # beams: read before the next launch while they run
                 assert ahead < calls.count("launch") - 2
         assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
 
@@ -285,22 +285,30 @@ def test_a_sequence_cancelled_while_a_step_runs_ahead_gains_no_token(root):
     assert len(seq.outputs()[0].tokens) == 1 and seq.finish_reason == "cancelled"
 
 
-def test_n_samples_logprobs_and_min_new_tokens_chain_and_give_the_same_tokens(root, monkeypatch):
-    """n > 1, logprobs (greedy and sampled) and min_new_tokens are chosen on the device by the batched
-    sampler: every step of such a batch is launched before the last one is read, and the outputs
-    (tokens, finish reasons, logprobs) equal those without overlap and those of each request alone."""
+def test_n_samples_logprobs_min_new_tokens_and_penalties_chain_and_give_the_same_tokens(root, monkeypatch):
+    """n > 1, logprobs (greedy and sampled), min_new_tokens, repetition penalty and no-repeat n-grams
+    (whose token histories live on the device) are chosen on the device by the batched sampler: every
+    step of such a batch is launched before the last one is read, and the outputs (tokens, finish
+    reasons, logprobs) equal those without overlap and those of each request alone."""
     engine = Blip2Engine.from_pretrained(root)
     side = engine.cfg.vision.image_size
-    pixels = list(torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(8)))
+    pixels = list(torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(8)))
     params = [
         SamplingParams(do_sample=True, n=3, seed=2, top_k=10, max_new_tokens=6),
         SamplingParams(max_new_tokens=5, logprobs=3),
         SamplingParams(do_sample=True, temperature=0.7, seed=4, max_new_tokens=5, logprobs=2),
         SamplingParams(max_new_tokens=7, min_new_tokens=7),
         SamplingParams(do_sample=True, n=2, seed=9, max_new_tokens=4, min_new_tokens=3, logprobs=1),
+        SamplingParams(max_new_tokens=9, repetition_penalty=1.6),
+        SamplingParams(max_new_tokens=8, no_repeat_ngram_size=1, logprobs=1),
+        SamplingParams(
+            do_sample=True, n=2, seed=3, max_new_tokens=7, repetition_penalty=0.7, no_repeat_ngram_size=2
+        ),
     ]
+    prompts = [None] * 6 + ["a photo of", "a picture of a"]  # histories of unequal lengths
     requests = [
-        engine.request(p, f"k{i}", None, pa) for i, (p, pa) in enumerate(zip(pixels, params, strict=True))
+        engine.request(p, f"k{i}", pr, pa)
+        for i, (p, pr, pa) in enumerate(zip(pixels, prompts, params, strict=True))
     ]
     calls: list[str] = []
     for name in ("launch", "collect"):
@@ -315,8 +323,8 @@ def test_n_samples_logprobs_and_min_new_tokens_chain_and_give_the_same_tokens(ro
         ahead = sum(c == "collect" and 2 * calls[:i].count("launch") - i == 2 for i, c in enumerate(calls))
         assert ahead == (calls.count("launch") - 1 if overlap else 0)
     assert [r.outputs for r in results[True]] == [r.outputs for r in results[False]]
-    for result, p, pa in zip(results[True], pixels, params, strict=True):
-        alone = engine.generate([p], None, pa)[0]
+    for result, p, pr, pa in zip(results[True], pixels, prompts, params, strict=True):
+        alone = engine.generate([p], [pr], pa)[0]
         assert [(o.token_ids, o.finish_reason) for o in result.outputs] == [
             (o.token_ids, o.finish_reason) for o in alone.outputs
         ]

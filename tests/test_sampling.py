@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from model import Blip2Engine, SamplingParams
-from model.decoding.generation import warp_for_sampling
 from model.decoding.sampling import M32, gumbel_noise, mix32, noise_key, sample, warp_rows
 
 
@@ -47,13 +46,28 @@ def test_noise_is_finite_and_a_function_of_key_and_step():
 PARAMS = [(1.0, 50, 1.0), (0.7, 0, 0.8), (1.5, 5, 1.0), (1.0, 1, 0.3), (0.9, 1000, 0.95), (1.0, 0, 1.0)]
 
 
-def test_batched_warps_equal_the_per_row_warps():
+def test_batched_warps_equal_transformers_warpers_row_by_row():
+    """Each row's temperature, top-k and top-p at once equal transformers' warpers on that row alone
+    (those `generate` adds for the settings, in its order)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     logits = torch.randn(len(PARAMS), 300, generator=torch.Generator().manual_seed(0)) * 3
     temps, ks, ps = zip(*PARAMS, strict=True)
     batched = warp_rows(logits, temps, ks, ps)
     for row, (t, k, p) in enumerate(PARAMS):
-        params = SamplingParams(do_sample=True, temperature=t, top_k=k, top_p=p)
-        assert torch.equal(batched[row : row + 1], warp_for_sampling(logits[row : row + 1], params)), row
+        ref = logits[row : row + 1]
+        warpers = [
+            (t != 1.0, TemperatureLogitsWarper, t),
+            (k != 0, TopKLogitsWarper, k),
+            (p < 1.0, TopPLogitsWarper, p),
+        ]
+        for on, warper, value in warpers:
+            ref = warper(value)(None, ref) if on else ref
+        assert torch.equal(batched[row : row + 1], ref), row
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,15 @@ class ScriptRunner:
     def __init__(self, script: dict[int, list[int]]):
         self.script = script
         self.plans: list[StepPlan] = []
+        # Each launched work's `generated`, as the runner was told it (a running sequence's decode work
+        # is one object, updated by the scheduler for each step: read at launch).
+        self.told: list[int] = []
 
     def launch(self, plan: StepPlan) -> tuple[StepPlan, StepOutput]:
         self.plans.append(plan)
         out = StepOutput()
         for w in plan.prefills + plan.decodes:
+            self.told.append(w.generated)
             seq = self.script[w.seq_id]
             token = seq[w.generated] if w.generated < len(seq) else EOS
             out.sequences[w.seq_id] = SequenceOutput([token] * len(w.slots))
@@ -88,7 +92,7 @@ def test_a_stop_token_before_min_new_tokens_does_not_end_the_sequence():
     run(sched, runner)
     assert seq.outputs()[0].tokens == [EOS, EOS, EOS] and seq.finish_reason == FinishReason.STOP
     # The runner was told how many tokens each step had before it (its sampler blocks EOS below min).
-    assert [w.generated for p in runner.plans for w in p.prefills + p.decodes] == [0, 1, 2]
+    assert runner.told == [0, 1, 2]
 
 
 def test_n_rows_end_on_their_own_and_the_request_when_all_do():

@@ -86,7 +86,15 @@ class BeamSearch:
         scores = self.running_scores.tolist()
         generated = len(self.running[0])
         return SequenceWork(
-            seq_id, slots, self.spec, generated, history=history, beam_scores=scores, rows=rows, **kw
+            seq_id,
+            slots,
+            self.spec,
+            generated,
+            history=history,
+            beam_scores=scores,
+            rows=rows,
+            prompt_len=len(self.prompt_ids),
+            **kw,
         )
 
     def reorder_moves(self, slots: list[int], moves: CacheMoves) -> None:

@@ -1,15 +1,14 @@
-"""Generation settings and the logits arithmetic shared by the batched sampler (see `model.decoding.sampler`).
+"""Generation settings and the plain data of a request's outputs.
 
-The arithmetic follows `transformers`' `generate` (same processors, same order) so that greedy and beam
-search give identical tokens, and log-probabilities equal the log-softmax of its `output_scores`.
+The batched sampler (`model.decoding.sampler`, `processors`, `sampling`) follows `transformers`'
+`generate` (same processors, same order) so that greedy and beam search give identical tokens, and
+log-probabilities equal the log-softmax of its `output_scores`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-
-import torch
 
 # Smallest temperature and repetition penalty: logits are divided by them, and below this an fp32 logit
 # overflows to inf (sampling then fails, log-probabilities turn NaN).
@@ -178,64 +177,3 @@ class TokenOutput:
     tokens: list[int]
     finish_reason: FinishReason | None  # stop | length; None while still running
     logprobs: list[TokenLogprob] | None = None  # one per token when requested
-
-
-def token_logprobs(log_probs: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
-    """For each row of `log_probs` [rows, vocab]: the chosen token's entry and the top k (one host copy)."""
-    chosen = log_probs.gather(1, torch.tensor(tokens, device=log_probs.device)[:, None])[:, 0].tolist()
-    top_lp, top_id = torch.topk(log_probs, k) if k else (log_probs[:, :0], log_probs[:, :0].long())
-    return [
-        TokenLogprob(t, lp, tuple((i, p) for i, p in zip(ids, lps, strict=True) if p != float("-inf")))
-        for t, lp, ids, lps in zip(tokens, chosen, top_id.tolist(), top_lp.tolist(), strict=True)
-    ]
-
-
-def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, size: int) -> torch.Tensor:
-    """`scores` [rows, vocab] with -inf at each token that would complete an n-gram of `size` tokens
-    already in its row of `history` [rows, length] (token ids). A port of transformers'
-    vectorised `NoRepeatNGramLogitsProcessor`: the last size - 1 tokens are matched against every
-    window of the history, and each matching window bans its own last token."""
-    length, vocab = history.shape[-1], scores.shape[-1]
-    if length < size:
-        return scores  # no complete n-gram yet
-    prefix = history[:, length + 1 - size :]
-    windows = history.unfold(1, size, 1)  # [rows, length - size + 1, size]
-    matches = (windows[..., :-1] == prefix[:, None]).all(dim=-1)
-    # Windows that do not match ban a spare column past the vocabulary.
-    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-    return scores.masked_fill(banned[:, :vocab], -float("inf"))
-
-
-def process_logits(
-    logits: torch.Tensor, history: torch.Tensor, params: SamplingParams, generated: int, eos: torch.Tensor
-) -> torch.Tensor:
-    """Repetition penalty, no-repeat n-grams and min_new_tokens, as `transformers`' processors (same
-    order). `history` [rows, length]: each row's token history (prompt_ids + generated)."""
-    if params.repetition_penalty != 1.0:
-        seen = torch.gather(logits, 1, history)
-        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
-        logits = logits.scatter(1, history, seen)
-    if params.no_repeat_ngram_size:
-        logits = ban_repeated_ngrams(logits, history, params.no_repeat_ngram_size)
-    if generated < params.min_new_tokens:
-        logits = logits.clone()
-        logits[:, eos] = -float("inf")
-    return logits
-
-
-def warp_for_sampling(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p (in that order, as `transformers`)."""
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k:
-        k = min(params.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k)[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - params.top_p)
-        remove[..., -1:] = False
-        logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    return logits

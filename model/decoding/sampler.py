@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..runtime.device import device_index, to_device
+from ..runtime.device import device_index, host_longs, to_device
 from ..runtime.plan import SequenceOutput, SequenceWork
-from .generation import SamplerMode, TokenLogprob, ban_repeated_ngrams
+from .generation import SamplerMode, TokenLogprob
+from .processors import history_processors
 from .sampling import sample, warp_rows
 
 
@@ -42,6 +43,8 @@ class Sampled:
     beams: list[tuple] = field(default_factory=list)
     # On CUDA: the results are copies in page-locked host memory, filled once this event is reached.
     ready: torch.cuda.Event | None = None
+    # Every work is one GREEDY / SAMPLE row without logprobs: `read` pairs works and tokens directly.
+    single: bool = False
 
 
 def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> torch.Tensor:
@@ -54,31 +57,26 @@ def _block_eos(rows: torch.Tensor, blocked: list[int], eos: tuple[int, ...]) -> 
     return rows
 
 
-def _history_processors(scores: torch.Tensor, work: SequenceWork) -> torch.Tensor:
-    """Repetition penalty and no-repeat n-grams on one request's rows, as transformers' processors
-    (same order); each row's history is the work's (prompt ids + generated tokens)."""
-    spec = work.sampling
-    history = device_index([t for row in work.history for t in row], scores.device).view(
-        len(work.history), -1
+def _beam_histories(scores: torch.Tensor, works: list[SequenceWork]) -> torch.Tensor:
+    """The history processors on beam requests' rows (`scores` [rows, vocab], the works' rows in
+    order), from each beam's history on the host (beam steps read their tokens back anyway)."""
+    if not any(w.sampling.reads_history for w in works):
+        return scores
+    rows = [(w.sampling, h) for w in works for h in (w.history or [[0]] * len(w.slots))]
+    width = max(len(h) for _, h in rows)
+    history = to_device(host_longs([t for _, h in rows for t in h + [0] * (width - len(h))]), scores.device)
+    return history_processors(
+        scores,
+        history.view(len(rows), width),
+        [len(h) for _, h in rows],
+        [s.repetition_penalty for s, _ in rows],
+        [s.no_repeat_ngram_size for s, _ in rows],
     )
-    if spec.repetition_penalty != 1.0:
-        seen = torch.gather(scores, 1, history)
-        p = spec.repetition_penalty
-        scores = scores.scatter(1, history, torch.where(seen < 0, seen * p, seen / p))
-    if spec.no_repeat_ngram_size:
-        scores = ban_repeated_ngrams(scores, history, spec.no_repeat_ngram_size)
-    return scores
 
 
 def _processed(scores: torch.Tensor, works: list[SequenceWork], counts: list[int]) -> torch.Tensor:
-    """The processors of each request's rows (`scores` [rows, vocab], the works' rows in order)."""
-    if any(w.sampling.reads_history for w in works):
-        pieces, start = [], 0
-        for w, n in zip(works, counts, strict=True):
-            piece = scores[start : start + n]
-            pieces.append(_history_processors(piece, w) if w.sampling.reads_history else piece)
-            start += n
-        scores = torch.cat(pieces)
+    """The processors of beam requests' rows (`scores` [rows, vocab], the works' rows in order)."""
+    scores = _beam_histories(scores, works)
     blocked: dict[tuple[int, ...], list[int]] = {}
     start = 0
     for w, n in zip(works, counts, strict=True):
@@ -96,20 +94,44 @@ class _TokenRows:
 
     logit_rows: list[int] = field(default_factory=list)  # each token row's row of logits
     slots: list[int] = field(default_factory=list)
-    history: bool = False  # some work's processors read its history
     blocked: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # eos ids -> rows
     sampled: list[int] = field(default_factory=list)  # SAMPLE rows
     specs: list = field(default_factory=list)  # their settings, keys and noise steps
     keys: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    # Rows whose processors read their token history (from the runner's per-slot buffer): token row
+    # index, slot, history length before this step's token, repetition penalty, n-gram size.
+    history_rows: list[int] = field(default_factory=list)
+    history_slots: list[int] = field(default_factory=list)
+    history_lengths: list[int] = field(default_factory=list)
+    penalties: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
 
 
 def launch(
-    works: list[SequenceWork], logits: torch.Tensor, slot_tokens: torch.Tensor | None = None
+    works: list[SequenceWork],
+    logits: torch.Tensor,
+    slot_tokens: torch.Tensor | None = None,
+    row_slots: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> Sampled:
     """Queue every request's choice on `logits` [rows, vocab] (the works' slots in order); the GREEDY and
-    SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. Nothing is read back."""
+    SAMPLE tokens go into `slot_tokens` ([slots] long, each slot's last token) too. `row_slots`: the
+    works' slots in order, on the device already (the decode step's), else built here. `history`
+    [slots, width] int64: each slot's token history (needed when a GREEDY / SAMPLE work's processors
+    read it): read for the processors, and each chosen token appended. Nothing is read back."""
     out = Sampled(works, logits.shape[-1])
+    if all(w.sampling.plain for w in works):  # every row's token is its argmax: no per-work pass
+        out.token_works = list(range(len(works)))
+        out.single = all(len(w.slots) == 1 for w in works)
+        out.tokens = logits.argmax(-1)
+        if slot_tokens is not None:
+            if row_slots is None:
+                row_slots = device_index([s for w in works for s in w.slots], logits.device)
+            slot_tokens.index_copy_(0, row_slots, out.tokens)
+        if logits.device.type == "cuda":
+            _copy_to_host(out)
+        return out
     offsets, row, rows = [], 0, _TokenRows()
     beams: dict[tuple[int, int], list[int]] = {}
     for i, w in enumerate(works):
@@ -123,7 +145,12 @@ def launch(
         out.token_works.append(i)
         rows.slots += w.slots
         rows.logit_rows += range(row, row + n)
-        rows.history |= spec.reads_history
+        if spec.reads_history:
+            rows.history_rows += range(t, t + n)
+            rows.history_slots += w.slots
+            rows.history_lengths += [w.prompt_len + w.generated] * n
+            rows.penalties += [spec.repetition_penalty] * n
+            rows.sizes += [spec.no_repeat_ngram_size] * n
         if w.generated < spec.min_new_tokens:
             rows.blocked.setdefault(spec.eos_ids, []).extend(range(t, t + n))
         if spec.mode is SamplerMode.SAMPLE:
@@ -134,12 +161,15 @@ def launch(
         if spec.logprobs is not None:
             out.lp_rows += range(t, t + n)
         row += n
+    out.single = not beams and not out.lp_rows and len(rows.slots) == len(works)
     if out.token_works:
         every = len(rows.logit_rows) == row
         scores = logits if every else logits[device_index(rows.logit_rows, logits.device)]
-        _choose_tokens(out, scores.float(), rows)
+        _choose_tokens(out, scores.float(), rows, history)
         if slot_tokens is not None:
-            slot_tokens.index_copy_(0, device_index(rows.slots, logits.device), out.tokens)
+            if not every or row_slots is None:
+                row_slots = device_index(rows.slots, logits.device)
+            slot_tokens.index_copy_(0, row_slots, out.tokens)
     for group in beams.values():
         out.beams.append(
             (group, *_beam_candidates(logits, [works[i] for i in group], [offsets[i] for i in group]))
@@ -149,16 +179,12 @@ def launch(
     return out
 
 
-def _choose_tokens(out: Sampled, scores: torch.Tensor, rows: _TokenRows) -> None:
+def _choose_tokens(
+    out: Sampled, scores: torch.Tensor, rows: _TokenRows, history: torch.Tensor | None
+) -> None:
     """The GREEDY and SAMPLE rows' tokens (and logprobs), from their rows of logits in fp32."""
-    if rows.history:
-        works = [out.works[i] for i in out.token_works]
-        pieces, start = [], 0
-        for w in works:
-            piece = scores[start : start + len(w.slots)]
-            pieces.append(_history_processors(piece, w) if w.sampling.reads_history else piece)
-            start += len(w.slots)
-        scores = torch.cat(pieces)
+    if rows.history_rows:
+        scores = _device_histories(scores, rows, history)
     for eos, blocked in rows.blocked.items():
         scores = _block_eos(scores, blocked, eos)
     sampled, specs = rows.sampled, rows.specs
@@ -181,6 +207,10 @@ def _choose_tokens(out: Sampled, scores: torch.Tensor, rows: _TokenRows) -> None
                 scores = scores.index_copy(0, index, warped)
     else:
         out.tokens = scores.argmax(-1)
+    if rows.history_rows:  # each chosen token joins its row's history, on the device
+        index = device_index(rows.history_rows, scores.device)
+        at = device_index(rows.history_slots + rows.history_lengths, scores.device).view(2, -1)
+        history.index_put_((at[0], at[1]), out.tokens[index])
     if out.lp_rows:
         k = max(out.works[i].sampling.logprobs or 0 for i in out.token_works)
         index = device_index(out.lp_rows, scores.device)
@@ -189,6 +219,27 @@ def _choose_tokens(out: Sampled, scores: torch.Tensor, rows: _TokenRows) -> None
         out.lp = (
             (chosen, *torch.topk(log_probs, k)) if k else (chosen, log_probs[:, :0], log_probs[:, :0].long())
         )
+
+
+def _device_histories(scores: torch.Tensor, rows: _TokenRows, history: torch.Tensor | None) -> torch.Tensor:
+    """The history processors on the token rows that use them, their histories read from `history`."""
+    if history is None:
+        raise ValueError("a repetition penalty or no_repeat_ngram_size needs the runner's history buffer")
+    if max(rows.history_lengths) >= history.shape[1]:
+        raise ValueError(
+            f"token history of {max(rows.history_lengths) + 1} exceeds the buffer's {history.shape[1]}"
+        )
+    index = device_index(rows.history_rows, scores.device)
+    every = len(rows.history_rows) == scores.shape[0]
+    slots = device_index(rows.history_slots, scores.device)
+    processed = history_processors(
+        scores if every else scores[index],
+        history[slots],
+        rows.history_lengths,
+        rows.penalties,
+        rows.sizes,
+    )
+    return processed if every else scores.index_copy(0, index, processed)
 
 
 def _beam_candidates(logits: torch.Tensor, works: list[SequenceWork], offsets: list[int]) -> tuple:
@@ -238,8 +289,10 @@ def read(out: Sampled) -> dict[int, SequenceOutput]:
     """Wait for the choices (one wait) and return each request's, by seq_id."""
     if out.ready is not None:
         out.ready.synchronize()
-    results: dict[int, SequenceOutput] = {}
     tokens = out.tokens.tolist() if out.tokens is not None else []
+    if out.single:
+        return {w.seq_id: SequenceOutput([t]) for w, t in zip(out.works, tokens, strict=True)}
+    results: dict[int, SequenceOutput] = {}
     entries: dict[int, TokenLogprob] = {}
     if out.lp is not None:
         chosen, top_lp, top_id = (t.tolist() for t in out.lp)

@@ -57,9 +57,10 @@ def sample(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> tor
 def warp_rows(
     logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float]
 ) -> torch.Tensor:
-    """`generation.warp_for_sampling` with each row's own temperature, top-k and top-p, in one pass
-    (equal to it row by row: the same ops on the same values). The per-row settings go up without a
-    host wait (`model.runtime.device`), so a step launched ahead of the last one's tokens stays ahead."""
+    """transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (in that order)
+    with each row's own temperature, top-k and top-p, in one pass (equal to them row by row). The
+    per-row settings go up without a host wait (`model.runtime.device`), so a step launched ahead of
+    the last one's tokens stays ahead."""
     device = logits.device
     if any(t != 1.0 for t in temperature):
         logits = logits / to_device(torch.tensor(temperature, dtype=logits.dtype), device)[:, None]

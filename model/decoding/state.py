@@ -69,6 +69,9 @@ class SampledRows:
         self.keys = [noise_key(params.seed, i) if params.do_sample else 0 for i in range(params.n)]
         self.spec = sampling_spec(params, self.eos_ids)
         self.finish_reason: FinishReason | None = None
+        self.max_new_tokens = params.max_new_tokens
+        self.prompt_len = len(self.prompt_ids)
+        self._decode: SequenceWork | None = None  # the one row's decode work, reused step to step
 
     @property
     def num_rows(self) -> int:
@@ -84,7 +87,8 @@ class SampledRows:
     ) -> SequenceWork:
         """The prefill step's work (every row; slot 0 is prefilled, the others copy it)."""
         rows = list(range(len(self.rows)))
-        return self._work(seq_id, slots, rows, image_key=image_key, text_ids=text_ids)
+        prompt = self.prompt_ids if self.spec.reads_history else None
+        return self._work(seq_id, slots, rows, image_key=image_key, text_ids=text_ids, prompt_ids=prompt)
 
     def decode_work(self, seq_id: int, slots: list[int]) -> SequenceWork | None:
         """The next decode step's work, or None when no row runs in it. Each row's input token is its
@@ -92,14 +96,19 @@ class SampledRows:
         if len(self.rows) == 1:  # the common case, without the list work (host time per step)
             row = self.rows[0]
             made = len(row.tokens) + row.pending
-            if row.finish_reason is not None or made >= self.params.max_new_tokens:
+            if row.finish_reason is not None or made >= self.max_new_tokens:
                 return None
             row.pending += 1
-            history = [self.prompt_ids + row.tokens] if self.spec.reads_history else None
-            position = [len(self.prompt_ids) + made - 1]
-            return SequenceWork(
-                seq_id, slots, self.spec, made, self.keys, "", [], position, [None], history, None, [0]
-            )
+            work = self._decode
+            if work is None or work.slots is not slots:
+                # One work for the request's life, updated in place: a plan's work is read at its
+                # launch (positions) and, for the rows and ids, until its tokens are taken, none of
+                # which a later step changes.
+                work = SequenceWork(seq_id, slots, self.spec, 0, self.keys, prompt_len=self.prompt_len)
+                work.tokens, work.rows, self._decode = [None], [0], work
+            work.generated = made
+            work.positions = [self.prompt_len + made - 1]
+            return work
         rows = self.runnable()
         if not rows:
             return None
@@ -110,14 +119,11 @@ class SampledRows:
         )
 
     def _work(self, seq_id: int, slots: list[int], rows: list[int], **kw) -> SequenceWork:
-        history = None
-        if self.spec.reads_history:
-            history = [self.prompt_ids + self.rows[i].tokens for i in rows]
         for i in rows:  # launched now, read back by `take`
             self.rows[i].pending += 1
         made = self.rows[rows[0]].made - 1
         keys = [self.keys[i] for i in rows]
-        return SequenceWork(seq_id, slots, self.spec, made, keys, history=history, rows=rows, **kw)
+        return SequenceWork(seq_id, slots, self.spec, made, keys, rows=rows, prompt_len=self.prompt_len, **kw)
 
     def take(self, work: SequenceWork, out: SequenceOutput) -> int:
         """Append a step's tokens to the rows it ran; returns how many were appended (a row that ended

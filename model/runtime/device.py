@@ -7,14 +7,23 @@ host goes on; the caching host allocator keeps the page until the copy is done, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 
 import torch
 
 
-def device_index(values: list[int], device: torch.device) -> torch.Tensor:
+def host_longs(values: Sequence[int]) -> torch.Tensor:
+    """Python ints as an int64 CPU tensor: through `array` (a few times faster than `torch.tensor` on a
+    list, which converts element by element; the tensor keeps the array alive)."""
+    if not values:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(array("q", values), dtype=torch.long)
+
+
+def device_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """A small list of ints as a long tensor on `device`, copied without making the host wait."""
-    return to_device(torch.tensor(values, dtype=torch.long), device)
+    return to_device(host_longs(values), device)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

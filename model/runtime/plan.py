@@ -30,16 +30,25 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     keep: int = 0  # BEAM: candidates kept per step (transformers: max(2, 1 + len(eos)) * num_beams)
+    # Derived once (the sampler reads them every step): a logits processor reads each row's token
+    # history (repetition penalty, no-repeat n-grams); `plain`: greedy with nothing but the argmax.
+    reads_history: bool = field(init=False)
+    plain: bool = field(init=False)
 
-    @property
-    def reads_history(self) -> bool:
-        """A logits processor reads each row's token history (repetition penalty, no-repeat n-grams)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+    def __post_init__(self) -> None:
+        history = self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+        object.__setattr__(self, "reads_history", history)
+        plain = self.mode is SamplerMode.GREEDY and not history and self.logprobs is None
+        object.__setattr__(self, "plain", plain and not self.min_new_tokens)
 
 
 @dataclass(slots=True)
 class SequenceWork:
-    """One request's rows in this step, as plain data: the scheduler owns the request's state."""
+    """One request's rows in this step, as plain data: the scheduler owns the request's state.
+
+    A one-row request's decode work is one object for its life, updated by the scheduler as it plans
+    each step (host time per step): the runner reads `positions`, `tokens`, `generated` and `history`
+    when it launches the step; `seq_id`, `slots`, `sampling`, `prompt_len` and `rows` never change."""
 
     # Scheduler-wide id of the request.
     seq_id: int
@@ -60,8 +69,15 @@ class SequenceWork:
     positions: list[int] = field(default_factory=list)
     # Decode only: each row's input token; None: its slot's last pick, still on the device.
     tokens: list[int | None] = field(default_factory=list)
-    # With a processor that reads it (`SamplingSpec.reads_history`): each row's token history.
+    # BEAM, with a processor that reads it (`SamplingSpec.reads_history`): each beam's token history
+    # (its prompt ids and tokens). GREEDY / SAMPLE rows' histories are on the device (the runner's
+    # per-slot buffer: `prompt_ids` written at prefill, each chosen token appended by the sampler).
     history: list[list[int]] | None = None
+    # Length of the request's token history before its first token (`len(prompt_ids)`): a row's
+    # history before this step's token is `prompt_len + generated` long.
+    prompt_len: int = 0
+    # Prefill only, with a processor that reads the history: the token history the rows start from.
+    prompt_ids: list[int] | None = None
     # BEAM: each beam's running score (sum of log-probabilities).
     beam_scores: list[float] | None = None
     # The scheduler's index of each row among the request's rows (the runner does not read it).
@@ -77,10 +93,11 @@ class SequenceOutput:
     # With logprobs: each row's entry (BEAM: each candidate's).
     logprobs: list[TokenLogprob] | None = None
     # BEAM: the `keep` best (beam, token) candidates, best first: the beam (a row of the work) each
-    # continues, its token, and its score (running score + processed log-probability).
-    parents: list[int] = field(default_factory=list)
-    candidates: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    # continues, its token, and its score (running score + processed log-probability). Empty otherwise
+    # (immutable defaults: one output per sequence per step is built, so it must be cheap).
+    parents: list[int] | tuple[()] = ()
+    candidates: list[int] | tuple[()] = ()
+    scores: list[float] | tuple[()] = ()
 
 
 @dataclass
@@ -196,12 +213,10 @@ class StepPlan:
     def chainable(self) -> bool:
         """Whether the next step may be planned and launched before this one's tokens are read back:
         every row here takes one token per step, chosen on the device, which the next step reads from
-        there. Beams (a cache reorder chosen on the host) and processors that read the token history
-        (its tokens are on the host) need this step's tokens on the host first."""
-        return all(
-            w.sampling.mode is not SamplerMode.BEAM and not w.sampling.reads_history
-            for w in (*self.prefills, *self.decodes)
-        )
+        there (its input token and, for the processors that read it, its token history). Beams (a
+        cache reorder chosen on the host) need this step's tokens on the host first."""
+        beam = SamplerMode.BEAM
+        return all(w.sampling.mode is not beam for w in (*self.prefills, *self.decodes))
 
     @property
     def runs_model(self) -> bool:

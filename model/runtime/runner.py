@@ -16,7 +16,7 @@ import torch
 from ..arch.family import GenerationModel, RetrievalModel
 from ..arch.retrieval import run_retrievals
 from ..decoding import sampler
-from .device import device_index, to_device
+from .device import device_index, host_longs, to_device
 from .options import DecodeOptions, bnb_int8, prefills_static
 from .plan import SequenceWork, StepOutput, StepPlan
 from .scoring import run_scorings
@@ -104,14 +104,14 @@ class DecodeInputs:
 
 
 def _decode_inputs(works: list[SequenceWork]) -> DecodeInputs:
-    inputs = DecodeInputs([], [], [], [])
-    for w in works:
-        inputs.positions += w.positions
-        inputs.slots += w.slots
-        if w.tokens[0] is not None:  # a work's rows are all on the host (beams) or all on the device
-            inputs.host_slots += w.slots
-            inputs.host_tokens += w.tokens
-    return inputs
+    # A work's rows are all on the host (beams) or all on the device.
+    host = [w for w in works if w.tokens[0] is not None]
+    return DecodeInputs(
+        [p for w in works for p in w.positions],
+        [s for w in works for s in w.slots],
+        [s for w in host for s in w.slots],
+        [t for w in host for t in w.tokens],
+    )
 
 
 @dataclass
@@ -149,6 +149,10 @@ class ModelRunner:
         # Each slot's last token, on the device: decode steps read their input tokens here, where the
         # token choice writes them, so a step can be launched before the last one's tokens are read.
         self.slot_tokens = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
+        # Each slot's token history (prompt ids, then each chosen token), on the device, for the
+        # processors that read it (repetition penalty, no-repeat n-grams): made at the first prefill
+        # that needs it. A history is at most max_len + 1 long (the last token takes no position).
+        self.history: torch.Tensor | None = None
         int8 = bnb_int8(model)
         graphs = options.cuda_graphs and self.device.type == "cuda" and not int8
         self.static = None
@@ -217,13 +221,14 @@ class ModelRunner:
         sampled = []
         if plan.prefills:
             logits = torch.cat(_halving(lambda ws: self._prefill(ws, fresh), plan.prefills, self._split))
-            sampled.append(sampler.launch(plan.prefills, logits, self.slot_tokens))
+            self._write_prompts(plan.prefills)
+            sampled.append(sampler.launch(plan.prefills, logits, self.slot_tokens, None, self.history))
             marks["prefill"] = self.clock.mark()
         if plan.decodes:
             before = self.clock.mark()
-            logits = self._decode(plan.decodes)
+            logits, row_slots = self._decode(plan.decodes)
             out.decode_rows = logits.shape[0]
-            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens))
+            sampled.append(sampler.launch(plan.decodes, logits, self.slot_tokens, row_slots, self.history))
             marks["decode"], marks["before_decode"] = self.clock.mark(), before
         if plan.retrievals:
             out.retrievals = run_retrievals(self.model, plan.retrievals, fresh)
@@ -239,6 +244,23 @@ class ModelRunner:
             step.out.sequences.update(sampler.read(p))
         self._timings(step.out, step.marks)
         return step.out
+
+    def _write_prompts(self, works: list[SequenceWork]) -> None:
+        """Each prefilled row's token history starts as its request's prompt ids (only requests whose
+        processors read it carry them: `SequenceWork.prompt_ids`)."""
+        works = [w for w in works if w.prompt_ids is not None]
+        if not works:
+            return
+        if self.history is None:
+            shape = (self.num_slots + 1, self.max_len + 1)
+            self.history = torch.zeros(shape, dtype=torch.long, device=self.device)
+        if (longest := max(len(w.prompt_ids) for w in works)) > self.max_len:
+            raise ValueError(f"a prompt history of {longest} tokens exceeds the runner's {self.max_len}")
+        slots = [s for w in works for s in w.slots for _ in w.prompt_ids]
+        at = [i for w in works for _ in w.slots for i in range(len(w.prompt_ids))]
+        ids = [t for w in works for _ in w.slots for t in w.prompt_ids]
+        index = to_device(host_longs(slots + at + ids), self.device).view(3, -1)
+        self.history.index_put_((index[0], index[1]), index[2])
 
     def _timings(self, out: StepOutput, marks: dict) -> None:
         """Stage times, read once the step is over (the token read has synchronised the device)."""
@@ -333,16 +355,20 @@ class ModelRunner:
             return logits
         return torch.cat([logits[i : i + 1].expand(len(w.slots), -1) for i, w in enumerate(works)])
 
-    def _decode(self, works: list[SequenceWork]) -> torch.Tensor:
+    def _decode(self, works: list[SequenceWork]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every fed row, in `works` order: the fixed-shape step, or on out-of-memory (or with
-        it off) rows gathered from their slots, halving the batch as long as it does not fit."""
+        it off) rows gathered from their slots, halving the batch as long as it does not fit. Also the
+        rows' slots on the device, when the step has them (for the sampler's token writes)."""
         if self.static is not None:
             inputs = _decode_inputs(works)
             try:
-                return self.static.run(inputs.positions, inputs.slots, inputs.host_slots, inputs.host_tokens)
+                logits = self.static.run(
+                    inputs.positions, inputs.slots, inputs.host_slots, inputs.host_tokens
+                )
+                return logits, self.static.picked_slots(len(inputs.slots))
             except torch.OutOfMemoryError:
                 self._split()
-        return torch.cat(_halving(self._gathered, works, self._split))
+        return torch.cat(_halving(self._gathered, works, self._split)), None
 
     def _gathered(self, works: list[SequenceWork]) -> torch.Tensor:
         inputs = _decode_inputs(works)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from ..arch.kv_cache import CrossCache, KVCache
-from .device import copy_from_host, to_device
+from .device import copy_from_host, host_longs, to_device
 
 log = logging.getLogger("blipserve.decode")
 
@@ -105,6 +105,7 @@ class StaticDecoder:
         self.tokens = tokens
         # [3, num_slots]: positions, write slots, and (first n entries) the live rows to pick.
         self.inputs = torch.zeros((3, num_slots), dtype=torch.long, device=device)
+        self.every_slot = list(range(num_slots))
         self.graphs_on = graphs
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -140,26 +141,37 @@ class StaticDecoder:
         rows, kv = self.bucket(max(slots), max(positions) + 1)
         graph = self._graph(rows, kv) if self.graphs_on else None
         if host_slots:
-            pairs = to_device(
-                torch.tensor([list(host_slots), list(host_tokens)], dtype=torch.long), self.device
-            )
+            pairs = to_device(host_longs([*host_slots, *host_tokens]), self.device).view(2, -1)
             self.tokens.index_copy_(0, pairs[0], pairs[1])
-        self._load(rows, positions, slots)
+        in_order = self._load(rows, positions, slots)
         if graph is None:
             out = self.step(rows, kv)
         else:
             graph.replay()
             out = self.logits
-        return out[self.inputs[PICK, :n]]
+        # Rows in slot order over every row of the bucket (a full batch): the logits as they are.
+        return out[:n] if in_order else out[self.inputs[PICK, :n]]
 
-    def _load(self, rows: int, positions: list[int], slots: list[int]) -> None:
+    def picked_slots(self, n: int) -> torch.Tensor:
+        """The slots of the last `run`'s `n` rows, in row order, on the device (its `slots`)."""
+        return self.inputs[PICK, :n]
+
+    def _load(self, rows: int, positions: list[int], slots: list[int]) -> bool:
         """Idle rows: position 0, written to the trash slot (whatever token their slot last had); live
-        rows at their slots."""
-        pos, write, pick = [0] * rows, [self.trash] * rows, [0] * rows
-        for p, s in zip(positions, slots, strict=True):
-            pos[s], write[s] = p, s
-        pick[: len(slots)] = slots
-        copy_from_host(self.inputs[:, :rows], torch.tensor([pos, write, pick], dtype=torch.long))
+        rows at their slots. Returns whether `slots` are exactly [0, rows) in order."""
+        n = len(slots)
+        in_order = n == rows and slots == self.every_slot[:n]
+        if in_order:  # a full bucket in slot order: no scatter
+            flat = [*positions, *slots, *slots]
+        else:
+            flat = [0] * (3 * rows)
+            flat[rows : 2 * rows] = [self.trash] * rows
+            for p, s in zip(positions, slots, strict=True):
+                flat[s] = p
+                flat[rows + s] = s
+            flat[2 * rows : 2 * rows + n] = slots
+        copy_from_host(self.inputs[:, :rows], host_longs(flat).view(3, rows))
+        return in_order
 
     def _graph(self, rows: int, kv: int) -> torch.cuda.CUDAGraph | None:
         graph = self.graphs.get((rows, kv))
