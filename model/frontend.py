@@ -155,9 +155,12 @@ class Frontend:
         image_key: str,
         texts: Sequence[str],
         max_tokens: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> RetrievalRequest:
         """A match (image + texts) or embed (image and/or texts) request for a retrieval checkpoint;
-        ValueError naming `texts[i]` for one past `max_tokens` (its own tokens) or the model's positions."""
+        ValueError naming the text (`names[i]`, the request's own field; default `texts[i]`) for one
+        past `max_tokens` (its own tokens) or the model's positions."""
+        names = names if names is not None else [f"texts[{i}]" for i in range(len(texts))]
         if "match" not in self.tasks:
             raise ValueError(f"model {self.model_id} does not match or embed: it serves {self.tasks}")
         if task == "match" and (pixels is None or not texts):
@@ -166,11 +169,11 @@ class Frontend:
         for i, text in enumerate(texts):
             row, count = self.processor.retrieval_ids(text)
             if max_tokens is not None and count > max_tokens:
-                raise ValueError(f"texts[{i}]: longer than {max_tokens} tokens")
+                raise ValueError(f"{names[i]}: longer than {max_tokens} tokens")
             ids.append(row)
         for i, row in enumerate(ids):
             if len(row) > self.max_positions:
-                raise ValueError(f"texts[{i}]: {len(row)} tokens, more than the model's {self.max_positions}")
+                raise ValueError(f"{names[i]}: {len(row)} tokens, more than the model's {self.max_positions}")
         return RetrievalRequest(task, pixels, image_key if pixels is not None else "", ids)
 
     def scoring_request(

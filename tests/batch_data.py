@@ -108,6 +108,44 @@ def openai_file(path: Path, model: str) -> list[dict]:
     return lines
 
 
+def unbatchable_file(path: Path, model: str) -> None:
+    """A caption line between lines asking for a stream (which a batch job refuses, as OpenAI's Batch
+    API does): `/caption` with stream true, chat with stream true, chat with only stream_options."""
+    image = base64.b64encode(png_bytes(9)).decode()
+    chat = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    lines = [
+        {"custom_id": "e", "method": "POST", "url": "/caption", "body": {"image": image, "stream": True}},
+        {
+            "custom_id": "ok",
+            "method": "POST",
+            "url": "/caption",
+            "body": {"image": image, "max_new_tokens": 4},
+        },
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {**chat, "stream": True}},
+        {
+            "custom_id": "o",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {**chat, "stream_options": {"include_usage": True}},
+        },
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def check_unbatchable(out: Path) -> None:
+    """The output of `unbatchable_file`: every streaming line an error line naming its field."""
+    by_id = {r["custom_id"]: r for r in read_rows(out)}
+    assert list(by_id) == ["e", "ok", "c", "o"]
+    assert by_id["ok"]["response"]["status_code"] == 200 and by_id["ok"]["error"] is None
+    for key, field in (("e", "stream"), ("c", "stream"), ("o", "stream_options")):
+        line = by_id[key]
+        assert line["response"] is None, line
+        assert line["error"]["code"] == "invalid_request"
+        assert line["error"]["message"].startswith(f"body.{field}: not supported in a batch job"), line
+    stats = json.loads(out.with_name(out.stem + ".stats.json").read_text())
+    assert (stats["rows"], stats["errors"]) == (4, 3)
+
+
 def expected(engine: Blip2Engine, images: dict[str, bytes], prompts: dict[str, str | None] | None = None,
              max_new_tokens: int = 8) -> dict[str, tuple[str, str]]:  # fmt: skip
     """key -> (text, finish_reason) from `Blip2Engine.generate` of the decodable images, all in one batch."""

@@ -8,14 +8,17 @@ import json
 import tarfile
 from pathlib import Path
 
+import httpx
 import pytest
 from batch_data import (
+    check_unbatchable,
     corrupt_second_row_group,
     expected,
     image_folder,
     openai_file,
     parquet_bytes,
     read_rows,
+    unbatchable_file,
     webdataset,
 )
 from live import free_port, png_bytes, serve_in_thread
@@ -24,6 +27,7 @@ from model.engine import Blip2Engine
 from server.batch import backends
 from server.batch.cli import run_batch
 from server.batch.sources import Columns, Shard, ShardError, find_shards
+from server.batch.store import ShardStore
 from server.settings import Settings
 
 
@@ -265,3 +269,78 @@ def test_another_shard_size_is_another_job(tmp_path, root, capsys) -> None:
     assert run_batch(argv) == 0
     line = usage_error([*argv, "--shard-size", "1"], capsys)
     assert "shard_size: 2 then, 1 now" in line
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "openai"])
+def test_an_internal_error_is_written_in_every_format(tmp_path, root, monkeypatch, fmt) -> None:
+    """A bug answering a row (here forced: the backend raises) is that row's error in the shape of
+    its output format; the output is still written and --retry-errors reruns it."""
+
+    async def broken(self, *args) -> None:
+        raise RuntimeError("forced")
+
+    monkeypatch.setattr(backends.LocalBackend, "answer", broken)
+    monkeypatch.setattr(backends.LocalBackend, "post", broken)
+    if fmt == "openai":
+        openai_file(tmp_path / "in.jsonl", str(root))
+        argv, out = [str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "res.jsonl")], tmp_path / "res.jsonl"
+    else:
+        image_folder(tmp_path / "imgs", 2)
+        argv = [str(tmp_path / "imgs"), "-o", str(tmp_path / "out"), "--format", fmt]
+        out = tmp_path / "out" / f"images-00000.{fmt}"
+    for more in ([], ["--retry-errors"]):
+        assert run_batch(flags(root, *argv, *more)) == 1
+        rows = read_rows(out)
+        if fmt == "openai":
+            assert [r["custom_id"] for r in rows] == ["cap", "vqa", "line-3", "chat", "bad"]
+            broken_rows = [r for r in rows if r["custom_id"] != "line-3"]
+            assert all(r["response"] is None and r["error"]["code"] == "internal_error" for r in broken_rows)
+            assert all("forced" in r["error"]["message"] for r in broken_rows)
+        else:
+            assert len(rows) == 2 and all(
+                r["error"] == "internal_error: RuntimeError('forced')" for r in rows
+            )
+            assert all(r["text"] is None and r["prompt_tokens"] is None for r in rows)
+
+
+def test_a_failed_row_without_an_openai_line_is_still_written(tmp_path) -> None:
+    """A journal holding a failure as a dataset row (as earlier versions wrote an internal error) in an
+    OpenAI batch output: written as OpenAI's error line, counted as an error."""
+    store = ShardStore(tmp_path, "res", "openai")
+    store.append({"index": 0, "key": "a", "text": None, "error": "internal_error: KeyError('x')"})
+    store.append({"index": 1, "key": "b", "output": backends.openai_error("b", "invalid_request", "no")})
+    stats = store.finish(store.load(), 2, {})
+    assert stats["errors"] == 2
+    a, b = read_rows(tmp_path / "res.jsonl")
+    assert (a["custom_id"], a["response"], a["error"]) == (
+        "a",
+        None,
+        {"code": "internal_error", "message": "KeyError('x')"},
+    )
+    assert (b["custom_id"], b["error"]["message"]) == ("b", "no")
+
+
+def test_a_reply_that_is_not_json_is_an_error() -> None:
+    """A route answering a stream of events (or a proxy's HTML page) with 200 is never an answered row."""
+    sse = httpx.Response(200, text="data: {}\n\n", headers={"content-type": "text/event-stream"})
+    status, body = backends.json_reply(sse)
+    assert status == 502 and body["error"]["message"] == "HTTP 200 answered text/event-stream, not JSON"
+    page = httpx.Response(504, text="<html>", headers={"content-type": "text/html; charset=utf-8"})
+    assert backends.json_reply(page) == (
+        504,
+        {"error": {"type": "timeout", "message": "HTTP 504 answered text/html, not JSON"}},
+    )
+    assert backends.json_reply(httpx.Response(400, json={"error": {"type": "x"}})) == (
+        400,
+        {"error": {"type": "x"}},
+    )
+
+
+def test_streaming_lines_are_refused_and_the_job_goes_on(tmp_path, root) -> None:
+    """`stream` (and `stream_options`) in a batch line: that line's error naming the field, as OpenAI's
+    Batch API refuses it; the other lines are answered and the output written, also on a rerun."""
+    unbatchable_file(tmp_path / "oai.jsonl", str(root))
+    out = tmp_path / "oai_out.jsonl"
+    for more in ([], ["--retry-errors"]):
+        assert run_batch(flags(root, str(tmp_path / "oai.jsonl"), "-o", str(out), *more)) == 1
+        check_unbatchable(out)

@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from batch_data import image_folder, openai_file, parquet_paths, read_rows, webdataset
+from batch_data import (
+    check_unbatchable,
+    image_folder,
+    openai_file,
+    parquet_paths,
+    read_rows,
+    unbatchable_file,
+    webdataset,
+)
 from live import b64, png_bytes, serve_in_process, serve_in_thread
 from test_batching import FakeRequest, FakeRunner, drive
 
@@ -172,6 +180,16 @@ def test_url_mode_equals_the_local_job(tmp_path, root) -> None:
     remote = read_rows(tmp_path / "url-oa" / "requests.jsonl")
     assert [essence(x) for x in local] == [essence(x) for x in remote]
     assert json.loads((tmp_path / "url-oa" / "requests.stats.json").read_text())["errors"] == 2
+
+
+def test_url_mode_refuses_streaming_lines(tmp_path, root) -> None:
+    """With --url, a batch line asking for a stream is its error (not a 200 row holding an error)."""
+    unbatchable_file(tmp_path / "oai.jsonl", str(root))
+    out = tmp_path / "oai_out.jsonl"
+    settings = Settings(model=str(root), device="cpu", dtype="float32", max_running_seqs=8, engine="thread")
+    with serve_in_thread(settings) as url:
+        assert run_batch([str(tmp_path / "oai.jsonl"), "-o", str(out), "--url", url, "--quiet"]) == 1
+    check_unbatchable(out)
 
 
 def essence(line: dict) -> tuple:

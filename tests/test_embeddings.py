@@ -167,6 +167,25 @@ def test_bad_requests_get_openai_errors(live):
     assert httpx.post(url + "/v1/embeddings", json={"model": model, "input": "fine"}).status_code == 200
 
 
+def test_an_overlong_text_is_named_as_the_request_names_it(live):
+    """A text past the model's 64 positions (the tiny checkpoints') is named by its place in `input`
+    (`input` for one string; `input[i]` in a list, counting the images before it), not the engine's
+    `texts[j]`."""
+    _, url, model = live
+    long = "cat " * 63  # 63 words + [CLS] + [SEP]: 65 tokens
+    picture = image_url("data:image/png;base64," + b64(png_bytes(1)))
+    for given, name in (
+        (long, "input"),
+        (["a", picture, long], "input[2]"),
+        ([picture, "b", long], "input[2]"),
+    ):
+        r = httpx.post(url + "/v1/embeddings", json={"model": model, "input": given})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input"
+        assert error["message"] == f"{name}: 65 tokens, more than the model's 64", error
+
+
 def test_generative_model_is_unsupported_task(checkpoints):
     root, _ = checkpoints("pre_ln")
     settings = Settings(model=str(root), device="cpu", dtype="float32", engine="thread")

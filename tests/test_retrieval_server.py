@@ -112,6 +112,16 @@ def test_bad_retrieval_requests_get_4xx(server):
     assert httpx.post(url + "/match", json={"image": img, "texts": ["a cat"]}).status_code == 200
 
 
+def test_an_overlong_text_names_its_field(server):
+    """/match and /embed name a text past the model's 64 positions by their own field, `texts[i]`."""
+    _, url, _, _ = server
+    img, long = b64(png_bytes(1)), "cat " * 63  # 65 tokens with [CLS] and [SEP]
+    for path, body in (("/match", {"image": img}), ("/embed", {"images": [img]}), ("/embed", {})):
+        r = httpx.post(url + path, json={**body, "texts": ["a cat", long]})
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["message"] == "texts[1]: 65 tokens, more than the model's 64", path
+
+
 def test_multipart_match(server):
     _, url, _, _ = server
     data = png_bytes(5)

@@ -114,12 +114,30 @@ async def fetch_url(url: str, settings: Settings) -> bytes:
 
 def openai_output(row: Row, status: int | None, body: Any, request_id: str | None) -> dict[str, Any]:
     """One line of OpenAI's batch output for a request line (`status` None: the line was unusable)."""
-    out: dict[str, Any] = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": row.key}
     if status is None:
-        out.update(response=None, error={"code": "invalid_request", "message": row.error})
-    else:
-        out.update(response={"status_code": status, "request_id": request_id, "body": body}, error=None)
+        return openai_error(row.key, "invalid_request", row.error or "the line is unusable")
+    out: dict[str, Any] = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": row.key}
+    out.update(response={"status_code": status, "request_id": request_id, "body": body}, error=None)
     return out
+
+
+def openai_error(custom_id: str, code: str, message: str) -> dict[str, Any]:
+    """An OpenAI batch output line for a request that got no response: `error` {code, message}."""
+    out: dict[str, Any] = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id}
+    out.update(response=None, error={"code": code, "message": message})
+    return out
+
+
+def json_reply(r: httpx.Response) -> tuple[int, Any]:
+    """(status, JSON body) of a route's reply. One that is not JSON (a stream of events, a proxy's
+    error page) is an error body, `bad_gateway` (502) when its status said success: never a 200 row."""
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        status = r.status_code if r.status_code >= 400 else 502
+        kind = r.headers.get("content-type", "no content type").split(";")[0]
+        message = f"HTTP {r.status_code} answered {kind}, not JSON"
+        return status, {"error": {"type": TYPES.get(status, "bad_gateway"), "message": message}}
 
 
 class LocalBackend:
@@ -229,7 +247,7 @@ class LocalBackend:
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any, str | None]:
         """An OpenAI batch line's request through the app's route: (status, JSON body, request id)."""
         r = await self.http.post(url, json=body)
-        return r.status_code, r.json(), r.headers.get("x-request-id")
+        return *json_reply(r), r.headers.get("x-request-id")
 
 
 def check_limits(model: dict[str, Any], spec: JobSpec, where: str) -> None:
@@ -351,8 +369,4 @@ class RemoteBackend:
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any, str | None]:
         r = await self._send("POST", url, json=body)
-        try:
-            reply = r.json()
-        except ValueError:  # not the server's JSON (a proxy's error page)
-            reply = {"error": {"type": TYPES.get(r.status_code, "error"), "message": f"HTTP {r.status_code}"}}
-        return r.status_code, reply, r.headers.get("x-request-id")
+        return *json_reply(r), r.headers.get("x-request-id")

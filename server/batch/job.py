@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .backends import JobSpec, Unreachable, error_row, openai_output
+from .backends import JobSpec, Unreachable, error_row, openai_error, openai_output
 from .progress import Progress
 from .sources import Columns, Row, Shard, ShardError
 from .store import ShardStore, failed, row_schema
@@ -210,11 +210,23 @@ async def answer(backend: Backend, spec: JobSpec, row: Row) -> dict[str, Any]:
         body = {"priority": spec.priority, **row.request["body"]}
         status, reply, request_id = await backend.post(row.request["url"], body)
         return {**out, "output": openai_output(row, status, reply, request_id)}
+    if row.error is not None:
+        return failure(spec, row, "invalid_request", row.error)
     if spec.task == "vqa":
         out["question"] = row.question if row.question is not None else spec.question
-    if row.error is not None:
-        return {**out, **error_row(f"invalid_request: {row.error}")}
     return {**out, **await backend.answer(row)}
+
+
+def failure(spec: JobSpec, row: Row, kind: str, message: str) -> dict[str, Any]:
+    """A failed row in the shape of its shard's output (every format can write it): an OpenAI error
+    line (`output`) for a batch request line, else a dataset row with `error` "KIND: message" (text
+    and token counts null; the question for VQA)."""
+    out: dict[str, Any] = {"index": row.index, "key": row.key}
+    if row.request is not None:
+        return {**out, "output": openai_error(row.key, kind, message)}
+    if spec.task == "vqa":
+        out["question"] = row.question if row.question is not None else spec.question
+    return {**out, **error_row(f"{kind}: {message}")}
 
 
 def _chunks(states: list[ShardState], columns: Columns) -> Iterator[tuple[ShardState, list[Row], str | None]]:
@@ -263,7 +275,7 @@ class _InFlight:
             self.stop.set()
             return
         except Exception as exc:  # a bug must not lose the row: it is an error, redone by --retry-errors
-            result = {"index": row.index, "key": row.key, **error_row(f"internal_error: {exc!r}")}
+            result = failure(self.spec, row, "internal_error", repr(exc))
         self.gate.release()
         state.rows[row.index] = result
         state.store.append(result)

@@ -31,6 +31,7 @@ from server.inputs import is_url
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "image_bytes", "img")
 OPENAI_URLS = ("/v1/chat/completions", "/caption", "/vqa")
+BATCH_REFUSED = ("stream", "stream_options")  # body fields a batch line cannot have (replies are JSON)
 
 
 class InputError(ValueError):
@@ -348,4 +349,15 @@ def _openai_row(index: int, line: bytes) -> Row:
         row.error = f"url: must be one of {', '.join(OPENAI_URLS)}"
     elif not isinstance(obj.get("body"), dict):
         row.error = "body: a JSON object is required"
+    else:
+        row.error = unbatchable(obj["body"])
     return row
+
+
+def unbatchable(body: dict[str, Any]) -> str | None:
+    """Why a request body asks for something a batch job cannot give (each line gets one JSON reply,
+    as OpenAI's Batch API, which refuses streaming too), naming the field; None when it can be answered."""
+    for name in BATCH_REFUSED:
+        if body.get(name) not in (None, False):
+            return f"body.{name}: not supported in a batch job (each line gets one JSON reply, not a stream)"
+    return None

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,28 @@ def row_schema(vqa: bool, choices: bool) -> Any:
 
 def failed(row: dict) -> bool:
     """Did this output row fail? (A dataset row's `error`; an OpenAI line's error or non-200 status.)"""
-    if "output" in row:
+    if isinstance(row.get("output"), dict):
         out = row["output"]
         return out.get("error") is not None or (out.get("response") or {}).get("status_code") != 200
-    return row.get("error") is not None
+    return row.get("error") is not None or "output" in row
+
+
+def openai_line(row: dict) -> dict:
+    """A journaled row as an OpenAI batch output line: its `output`; a row without one (a failure
+    recorded as a dataset row, as journals of earlier versions hold) becomes an error line."""
+    out = row.get("output")
+    if isinstance(out, dict):
+        return out
+    message = row.get("error") or "no answer was recorded for this line"
+    code, _, detail = str(message).partition(": ")
+    named = detail and code.isidentifier()  # "TYPE: message", as error rows write it
+    error = {"code": code, "message": detail} if named else {"code": "internal_error", "message": message}
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": row.get("key"),
+        "response": None,
+        "error": error,
+    }
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -191,4 +210,4 @@ class ShardStore:
             return
         with path.open("w", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(r["output"] if self.fmt == "openai" else r, ensure_ascii=False) + "\n")
+                f.write(json.dumps(openai_line(r) if self.fmt == "openai" else r, ensure_ascii=False) + "\n")

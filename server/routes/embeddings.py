@@ -106,17 +106,20 @@ def encoded(vector: list[float], encoding_format: str) -> list[float] | str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
-def _text_jobs(svc: Service, texts: list[tuple[int, str]]) -> list[RetrievalRequest]:
-    """Engine requests for the texts, `TEXTS_PER_JOB` to a request; 400 naming an overlong one."""
+def _text_jobs(svc: Service, texts: list[tuple[int, str]], listed: bool) -> list[RetrievalRequest]:
+    """Engine requests for the texts ((index in `input`, text)), `TEXTS_PER_JOB` to a request; 400
+    naming an overlong one as the request does (`input[i]`, or `input` when it is one string)."""
     limit = svc.settings.max_prompt_tokens
-    for i, text in texts:
+    names = [f"input[{i}]" if listed else "input" for i, _ in texts]
+    for name, (_, text) in zip(names, texts, strict=True):
         if svc.engine.tokenizer.count(text) > limit:
-            raise ApiError(400, f"input[{i}]: longer than {limit} tokens", param="input")
+            raise ApiError(400, f"{name}: longer than {limit} tokens", param="input")
     jobs = []
     for start in range(0, len(texts), TEXTS_PER_JOB):
         chunk = [t for _, t in texts[start : start + TEXTS_PER_JOB]]
+        where = names[start : start + TEXTS_PER_JOB]
         try:
-            jobs.append(svc.engine.retrieval_request("embed", None, "", chunk))
+            jobs.append(svc.engine.retrieval_request("embed", None, "", chunk, names=where))
         except ValueError as exc:
             raise ApiError(400, str(exc), param="input") from None
     return jobs
@@ -156,7 +159,9 @@ async def embeddings(request: Request) -> dict:
     texts = [(i, v) for i, (kind, v) in enumerate(items) if kind == "text"]
     urls = [(i, v) for i, (kind, v) in enumerate(items) if kind == "image"]
     images = await _images(svc, urls) if urls else []
-    jobs = [svc.rules.retrieval_request("embed", im, []) for im in images] + _text_jobs(svc, texts)
+    jobs = [svc.rules.retrieval_request("embed", im, []) for im in images] + _text_jobs(
+        svc, texts, isinstance(body.input, list)
+    )
     outs: list[RetrievalOutput] = await unless_disconnected(request, svc.retrieve(jobs))
     vectors: list[list[float]] = [[] for _ in items]
     for (i, _), out in zip(urls, outs, strict=False):
