@@ -9,6 +9,7 @@ from conftest import random_pixels
 from model import Blip2Engine, SamplingParams
 from model.arch.opt import OPTForCausalLM
 from model.checkpoint.config import OPTConfig
+from model.decoding.generation import SamplingError
 from model.decoding.sampling import warp_rows
 
 
@@ -71,6 +72,40 @@ def test_warpers_match_transformers():
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+INTEGERS = {
+    "max_new_tokens": 3,
+    "min_new_tokens": 1,
+    "num_beams": 2,
+    "top_k": 5,
+    "n": 2,
+    "seed": 7,
+    "logprobs": 2,
+    "no_repeat_ngram_size": 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTEGERS))
+def test_integer_settings_must_be_integers(name):
+    """A count or seed given as a float (3.5, or 3.0) or a bool is a SamplingError naming it, not a
+    TypeError inside torch later; the same value as an int is taken."""
+    base = {"num_beams": 2} if name == "n" else {}
+    assert getattr(SamplingParams(**base, **{name: INTEGERS[name]}), name) == INTEGERS[name]
+    for wrong in (INTEGERS[name] + 0.5, float(INTEGERS[name]), True):
+        with pytest.raises(SamplingError) as exc:
+            SamplingParams(**base, **{name: wrong})
+        assert exc.value.field == name and str(exc.value) == f"{name}: must be an integer, got {wrong!r}"
+
+
+def test_float_settings_take_integers_but_not_bools():
+    params = SamplingParams(temperature=2, top_p=1, repetition_penalty=1, length_penalty=-1, do_sample=True)
+    assert (params.temperature, params.top_p, params.length_penalty) == (2, 1, -1)
+    for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        with pytest.raises(SamplingError, match=f"^{name}: must be a number, got True$"):
+            SamplingParams(**{name: True})
+        with pytest.raises(SamplingError, match=f"^{name}: must be a number, got '1'$"):
+            SamplingParams(**{name: "1"})
 
 
 def test_prompt_longer_than_model_is_rejected(engine):

@@ -7,6 +7,7 @@ log-probabilities equal the log-softmax of its `output_scores`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -93,6 +94,27 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
 }
 
 
+# The settings that count or index (tokens, beams, outputs, a seed): ints, never bool or float. The
+# others are floats, which may be given as ints.
+INTEGER_SETTINGS = frozenset(
+    (
+        "max_new_tokens",
+        "min_new_tokens",
+        "num_beams",
+        "top_k",
+        "no_repeat_ngram_size",
+        "seed",
+        "n",
+        "logprobs",
+    )
+)
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python's or numpy's), not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Generation settings of one request; defaults are greedy decoding. SamplingError (a ValueError
@@ -121,7 +143,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name, bound in SAMPLING_BOUNDS.items():
             value = getattr(self, name)
-            if value is not None and not bound.holds(value):
+            if value is None:
+                continue
+            if name in INTEGER_SETTINGS and not _is_int(value):  # 3.5 fails in torch; True is no count
+                raise SamplingError(name, f"must be an integer, got {value!r}")
+            if not (_is_int(value) or isinstance(value, numbers.Real) and not isinstance(value, bool)):
+                raise SamplingError(name, f"must be a number, got {value!r}")
+            if not bound.holds(value):
                 raise SamplingError(name, f"must be {bound}, got {value!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError("stop", "each stop string must be a non-empty string")
