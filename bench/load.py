@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,19 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.baseline import (  # noqa: E402
+    children,
+    cmdline,
+    compare_table,
+    median,
+    ratio,
+    reference_tree,
+    spread,
+    tree_cpu,
+    tree_env,
+)
 
 
 def images(n: int, size: int = 224) -> list[bytes]:
@@ -146,30 +161,52 @@ def quantile(before: list, after: list, q: float) -> float:
     return next((le for le, c in counts if c >= q * total), float("inf")) if total else float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (the engine process) so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return total + sum(cpu_seconds(int(c)) for c in children)
-
-
-def start_server(model: str, port: int, engine: str, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, engine: str, extra: list[str], tree: Path = ROOT) -> subprocess.Popen:
+    """`python -m server.cli` of `tree` (this one or a reference checkout) on loopback, once /ready is 200
+    and every engine of --dp serves. Only flags both trees know: --engine only when not the default."""
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--engine", engine, "--log-level", "warning", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                # --dp: /ready is 200 once one engine serves; measure with all of them.
-                info = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
-                if all(e["state"] == "ready" for e in info.get("engines", [])):
-                    return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+           "--log-level", "warning", *(["--engine", engine] if engine != "process" else []), *extra]  # fmt: skip
+    with tempfile.TemporaryFile() as log:  # the server's output, shown if it exits before it serves
+        proc = subprocess.Popen(cmd, cwd=tree, env=tree_env(tree), stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(900):
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"server in {tree} exited {proc.returncode}:\n{log.read()[-3000:].decode()}"
+                )
+            if _ready(port):
+                return proc
+            time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(port: int) -> bool:
+    """/ready is 200 and (--dp) every engine that /v1/models lists is ready."""
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code != 200:
+            return False
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
+    except httpx.HTTPError:
+        return False
+    return all(e["state"] == "ready" for e in info.get("engines", []))
+
+
+def engine_pids(server: int, info: dict, engine: str, dp: int) -> list[int]:
+    """The engine processes of the server whose main process is `server`: the pids /v1/models lists
+    (--dp > 1), else its oldest `dp` children started by multiprocessing (spawn_main; the engines start
+    before any --api-workers process). None with --engine thread."""
+    pids = [e["pid"] for e in info.get("engines", []) if e.get("pid")]
+    if pids or engine == "thread":
+        return pids
+    return [c for c in children(server) if "spawn_main" in cmdline(c)][: max(dp, 1)]
 
 
 def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
@@ -198,6 +235,9 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
     return len(pics) / (time.perf_counter() - start)
 
 
+METRICS = ("rps", "p50", "p99", "engine_cpu", "http_cpu")
+
+
 def side_by_side(table: list[tuple[str, int, dict]]) -> None:
     """req/s and p99 of every server at each concurrency, in one table (e.g. --dp 1 beside --dp 2)."""
     names = list(dict.fromkeys(name for name, _, _ in table))
@@ -209,22 +249,110 @@ def side_by_side(table: list[tuple[str, int, dict]]) -> None:
         print(f"{c:>5} " + " ".join(f"{x:>20}" for x in row))
 
 
+def server_cpu(proc: subprocess.Popen | None, engines: list[int]) -> tuple[float, float]:
+    """CPU seconds so far of the whole server (main process and all below it) and of its engines."""
+    return (tree_cpu([proc.pid]) if proc else float("nan")), tree_cpu(engines)
+
+
+def run_levels(url: str, proc, engines: list[int], raws: list[bytes], args, pool) -> dict[int, dict]:
+    """Each concurrency level against one server: `level`'s figures plus the engine processes' and the
+    HTTP processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99."""
+    print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'engine cpu':>11} {'http cpu':>9} "
+          f"{'client cpu':>11} {'step p50':>9} {'gap p99':>8}  errors   (cpu: ms/req)")  # fmt: skip
+    if args.warmup:
+        level(url, min(16, args.warmup), raws[: args.warmup], args.clients, args.max_seconds, pool)
+    out = {}
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        (total, eng), hist = server_cpu(proc, engines), histograms(url)
+        r = level(url, c, raws, args.clients, args.max_seconds, pool)
+        (total2, eng2), after = server_cpu(proc, engines), histograms(url)
+        ok = max(r["ok"], 1)
+        r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if engines else float("nan")
+        r["http_cpu"] = 1e3 * ((total2 - total) - (eng2 - eng)) / ok
+        step, gap = "blipserve_decode_step_seconds", "blipserve_inter_token_seconds"
+        r["step"] = quantile(hist[step], after[step], 0.5) if step in after else float("nan")
+        r["gap"] = quantile(hist[gap], after[gap], 0.99) if gap in after else float("nan")
+        print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
+              f"{r['engine_cpu']:>11.2f} {r['http_cpu']:>9.2f} {1e3 * r['client_cpu'] / ok:>11.2f} "
+              f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}")  # fmt: skip
+        out[c] = r
+    return out
+
+
+def serve(target: tuple, model: str | None, bodies: list[dict], args, pool) -> dict[int, dict]:
+    """Start the server of `target` (label, engine, url, dp, tree), or reach the given url, and run
+    every level against it; stopped afterwards."""
+    label, engine, given, dp, tree = target
+    port = args.port or free_port()
+    url = given or f"http://127.0.0.1:{port}"
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("load is only sent to loopback addresses")
+    extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
+    proc = None if given else start_server(model, port, engine, extra, tree)
+    try:
+        raws = [http_request(urlparse(url).netloc, b) for b in bodies]
+        info = httpx.get(url + "/v1/models").json()["data"][0]
+        engines = engine_pids(proc.pid, info, engine, dp) if proc else []
+        print(f"\n{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
+              f"on {info['device']} ({info['dtype']}); code from {tree}")  # fmt: skip
+        return run_levels(url, proc, engines, raws, args, pool)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+def medians(runs: list[dict[int, dict]]) -> dict[int, dict]:
+    """Per level, the median of each of METRICS over the rounds."""
+    return {c: {k: median([run[c][k] for run in runs]) for k in METRICS} for c in runs[0]}
+
+
+def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str, ref: str) -> None:
+    """This tree's medians beside the reference's, their ratios, served req/s at the highest level over
+    that at 16 clients (or the lowest), and each round's req/s and engine CPU (the noise)."""
+    a, b = medians(ours), medians(refs)
+    units = {"rps": ("req/s", 1), "p50": ("p50 ms", 1e3), "p99": ("p99 ms", 1e3),
+             "engine_cpu": ("engine CPU ms/req", 1), "http_cpu": ("HTTP CPU ms/req", 1)}  # fmt: skip
+    rows = [
+        (f"{c:>4} clients {units[k][0]}", a[c][k] * units[k][1], b[c][k] * units[k][1])
+        for c in a
+        for k in METRICS
+    ]
+    hi, lo = max(a), (16 if 16 in a else min(a))
+    rows.append(
+        (f"req/s at {hi} / at {lo}", ratio(a[hi]["rps"], a[lo]["rps"]), ratio(b[hi]["rps"], b[lo]["rps"]))
+    )
+    print(f"\n{name}: this tree beside ref {ref}, medians of {len(ours)} rounds (cpu: ms per request served)")
+    print(compare_table(rows, "this tree", f"ref {ref}"))
+    if len(ours) > 1:
+        for c in a:
+            for key in ("rps", "engine_cpu"):
+                print(f"{c:>4} clients {key} by round: this tree {spread([r[c][key] for r in ours])}; "
+                      f"ref {spread([r[c][key] for r in refs])}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
     ap.add_argument("--model", default=None, help="default: a tiny checkpoint written for the run")
-    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--port", type=int, default=0, help="for the started servers (0: a free one)")
     ap.add_argument("--engines", default="process", help="comma list of thread,process (servers started)")
     ap.add_argument("--server-args", default="", help="extra flags for the started servers")
     ap.add_argument("--dp", default="1", help="comma list of --data-parallel-size values (servers started)")
-    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--concurrency", default=None, help="default 1,16,64,256; with --ref 16,64,256")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
     ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=32, help="requests sent to each server before measuring")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=60)
+    ap.add_argument("--ref", default=None, help="a commit: its server beside this tree's, same run")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of every server, alternating with --ref")
     ap.add_argument("--hf", action="store_true", help="also transformers' offline batched generate")
     ap.add_argument("--hf-batch", type=int, default=64)
     args = ap.parse_args()
+    args.concurrency = args.concurrency or ("16,64,256" if args.ref else "1,16,64,256")
+    if args.ref and args.url:
+        raise SystemExit("--ref starts both servers itself; leave out --url")
     tmp = tempfile.TemporaryDirectory(prefix="blipserve-load-")
     model = args.model
     if model is None and not args.url:
@@ -238,51 +366,30 @@ def main() -> None:
     # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
     bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
     dps = [int(d) for d in args.dp.split(",")]
-    targets = (
-        [("given", args.url, 0)]
-        if args.url
-        else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
-    )
-    table: list[tuple[str, int, dict]] = []
-    print(
-        f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client processes"
-    )
-    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-        for engine, given, dp in targets:
-            url = given or f"http://127.0.0.1:{args.port}"
-            if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-                raise SystemExit("load is only sent to loopback addresses")
-            extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
-            proc = None if given else start_server(model, args.port, engine, extra)
-            try:
-                raws = [http_request(urlparse(url).netloc, b) for b in bodies]
-                info = httpx.get(url + "/v1/models").json()["data"][0]
-                print(
-                    f"\nengine: {engine}, --dp {dp or '?'}; model {info['id']} on {info['device']} ({info['dtype']})"
-                )
-                print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15} "
-                      f"{'client cpu ms/req':>18} {'step p50 ms':>12} {'gap p99 ms':>11}  errors")  # fmt: skip
-                for c in [int(x) for x in args.concurrency.split(",")]:
-                    before, hist = (cpu_seconds(proc.pid) if proc else 0.0), histograms(url)
-                    r = level(url, c, raws, args.clients, args.max_seconds, pool)
-                    ok, after = max(r["ok"], 1), histograms(url)
-                    cpu = f"{1e3 * (cpu_seconds(proc.pid) - before) / ok:.2f}" if proc else "-"
-                    step = quantile(
-                        hist["blipserve_decode_step_seconds"], after["blipserve_decode_step_seconds"], 0.5
-                    )
-                    gap = quantile(
-                        hist["blipserve_inter_token_seconds"], after["blipserve_inter_token_seconds"], 0.99
-                    )
-                    print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
-                          f"{cpu:>15} {1e3 * r['client_cpu'] / ok:>18.2f} {step * 1e3:>12.1f} {gap * 1e3:>11.1f}"
-                          f"  {r['errors'] or '-'}")  # fmt: skip
-                    table.append((f"{engine} dp{dp}", c, r))
-            finally:
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(60)
-    if len(targets) > 1:
+    print(f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client "
+          f"processes; {args.requests} requests per level")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(reference_tree(args.ref)) if args.ref else None
+        configs = (
+            [("given", args.url, 0)]
+            if args.url
+            else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
+        )
+        # Each configuration: this tree's server, then the reference's (--ref); the order flips each
+        # round (ABBA), so a drift of the shared machine's load hits both alike.
+        groups = [[(f"{e} dp{d}", e, u, d, ROOT), *([(f"{e} dp{d} @ref", e, None, d, ref)] if ref else [])]
+                  for e, u, d in configs]  # fmt: skip
+        runs: dict[str, list[dict[int, dict]]] = {}
+        with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+            for r in range(args.rounds):
+                for group in groups:
+                    for target in group[:: -1 if r % 2 else 1]:
+                        runs.setdefault(target[0], []).append(serve(target, model, bodies, args, pool))
+    table = [(name, c, row) for name, rs in runs.items() for c, row in medians(rs).items()]
+    if len(runs) > 1:
         side_by_side(table)
+    for group in groups if ref else []:
+        compare(runs[group[0][0]], runs[group[1][0]], group[0][0], args.ref)
     if args.hf:
         rate = hf_offline(Path(model), pics, n, args.hf_batch)
         print(f"\ntransformers generate, offline, batch {args.hf_batch}: {rate:.1f} images/s")
