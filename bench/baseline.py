@@ -1,7 +1,8 @@
 """Side-by-side benchmarks: this tree beside a reference commit, in one run, on one machine.
 
     with reference_tree("58bc13d") as ref:           # a temporary checkout of that commit
-        subprocess.run(tree_command(ref, "bench/offline_probe.py", ...), env=tree_env(ref), cwd=ref)
+        cmd = tree_command(ROOT / "bench/offline_probe.py", "--model", checkpoint)   # this tree's script
+        subprocess.run(cmd, env=tree_env(ref), cwd=ref)                             # the commit's code
 
 The benchmark script is always this tree's; only the code it measures comes from the other tree, run in
 a subprocess whose PYTHONPATH is that tree (and nothing else). So the measurement relies only on surfaces
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -123,6 +125,23 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_pids(server: int, info: dict, engine: str, dp: int) -> list[int]:
+    """The engine processes of the server whose main process is `server`: the pids /v1/models lists
+    (--dp > 1), else its oldest `dp` child processes other than multiprocessing's resource tracker (the
+    engines start before any --api-workers process). None with --engine thread."""
+    pids = [e["pid"] for e in info.get("engines", []) if e.get("pid")]
+    if pids or engine == "thread":
+        return pids
+    return [c for c in children(server) if "resource_tracker" not in cmdline(c)][: max(dp, 1)]
 
 
 def median(values: Sequence[float]) -> float:

@@ -1,11 +1,19 @@
 """Served load: raw HTTP/1.1 keep-alive clients in several processes -> requests/s, p50/p99 latency,
-the server's CPU per request (HTTP and engine processes), the load generator's own CPU.
+the server's CPU per request (engine processes and HTTP processes apart), the load generator's own CPU.
 
     python bench/load.py                                   # starts the servers itself (tiny checkpoint)
     python bench/load.py --engines thread,process          # baseline (engine in the HTTP process) beside
     python bench/load.py --hf                              # + transformers' offline batched generate
     python bench/load.py --dp 1,2                          # one engine process beside two (--dp)
     python bench/load.py --url http://127.0.0.1:8000       # an already running server (loopback only)
+    python bench/load.py --ref 58bc13d --rounds 3 --requests 1024   # this tree beside commit 58bc13d
+    python bench/load.py --ref HEAD --requests 64 --concurrency 16,64 --warmup 16   # smoke check: ~1x
+
+--ref COMMIT: the same load against this tree's server and the commit's (`python -m server.cli` of a
+temporary checkout, bench/baseline.py), one after the other, the order flipping each of --rounds rounds;
+then per level the medians side by side with this / ref: req/s, p50/p99, engine CPU ms per request
+(the engine processes' user + system time over the level / requests served, from /proc) and the HTTP
+processes' (the rest of the server's process tree), and req/s at the top level over that at 16 clients.
 
 The clients send pre-encoded requests over plain asyncio streams (no HTTP library on the hot path), so
 the generator costs far less CPU than the server it measures; `client cpu` says how much it took. Every
@@ -24,7 +32,6 @@ import json
 import multiprocessing
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baseline import (  # noqa: E402
-    children,
-    cmdline,
     compare_table,
+    engine_pids,
+    free_port,
     median,
     ratio,
     reference_tree,
@@ -181,13 +188,6 @@ def start_server(model: str, port: int, engine: str, extra: list[str], tree: Pat
     raise RuntimeError("server did not become ready")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ready(port: int) -> bool:
     """/ready is 200 and (--dp) every engine that /v1/models lists is ready."""
     try:
@@ -197,16 +197,6 @@ def _ready(port: int) -> bool:
     except httpx.HTTPError:
         return False
     return all(e["state"] == "ready" for e in info.get("engines", []))
-
-
-def engine_pids(server: int, info: dict, engine: str, dp: int) -> list[int]:
-    """The engine processes of the server whose main process is `server`: the pids /v1/models lists
-    (--dp > 1), else its oldest `dp` children started by multiprocessing (spawn_main; the engines start
-    before any --api-workers process). None with --engine thread."""
-    pids = [e["pid"] for e in info.get("engines", []) if e.get("pid")]
-    if pids or engine == "thread":
-        return pids
-    return [c for c in children(server) if "spawn_main" in cmdline(c)][: max(dp, 1)]
 
 
 def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
