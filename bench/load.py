@@ -10,8 +10,8 @@ the server's CPU per request (engine processes and HTTP processes apart), the lo
     python bench/load.py --ref HEAD --requests 64 --concurrency 16,64 --warmup 16   # smoke check: ~1x
 
 --ref COMMIT: the same load against this tree's server and the commit's (`python -m server.cli` of a
-temporary checkout, bench/baseline.py), one after the other, the order flipping each of --rounds rounds;
-then per level the medians side by side with this / ref: req/s, p50/p99, engine CPU ms per request
+temporary checkout, bench/baseline.py), both started, measured one at a time level by level, the order
+flipping each level and each of --rounds rounds; then per level the medians side by side with this / ref: req/s, p50/p99, engine CPU ms per request
 (the engine processes' user + system time over the level / requests served, from /proc) and the HTTP
 processes' (the rest of the server's process tree), and req/s at the top level over that at 16 clients.
 
@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,17 +49,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.baseline import (  # noqa: E402
-    compare_table,
-    engine_pids,
-    free_port,
-    median,
-    ratio,
-    reference_tree,
-    spread,
-    tree_cpu,
-    tree_env,
-)
+from bench.baseline import engine_pids, free_port, reference_tree, tree_cpu, tree_env  # noqa: E402
+from bench.load_report import compare, medians, side_by_side  # noqa: E402
 
 
 def images(n: int, size: int = 224) -> list[bytes]:
@@ -225,100 +218,83 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
     return len(pics) / (time.perf_counter() - start)
 
 
-METRICS = ("rps", "p50", "p99", "engine_cpu", "http_cpu")
+@dataclass
+class Server:
+    """A server under load: its label, URL, main process (None: given by --url), engine pids, and the
+    requests, pre-encoded for its address."""
+
+    label: str
+    url: str
+    proc: subprocess.Popen | None
+    engines: list[int]
+    raws: list[bytes]
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the whole server (main process and all below it) and of its engines."""
+        return (tree_cpu([self.proc.pid]) if self.proc else float("nan")), tree_cpu(self.engines)
 
 
-def side_by_side(table: list[tuple[str, int, dict]]) -> None:
-    """req/s and p99 of every server at each concurrency, in one table (e.g. --dp 1 beside --dp 2)."""
-    names = list(dict.fromkeys(name for name, _, _ in table))
-    print("\nside by side: req/s (p99 ms)")
-    print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
-    for c in sorted({c for _, c, _ in table}):
-        cells = {n: r for n, cc, r in table if cc == c}
-        row = [f"{cells[n]['rps']:.1f} ({cells[n]['p99'] * 1e3:.0f})" if n in cells else "-" for n in names]
-        print(f"{c:>5} " + " ".join(f"{x:>20}" for x in row))
+HEADER = (f"{'server':>18} {'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'engine cpu':>11} "
+          f"{'http cpu':>9} {'client cpu':>11} {'step p50':>9} {'gap p99':>8}  errors   (cpu: ms/req)")  # fmt: skip
 
 
-def server_cpu(proc: subprocess.Popen | None, engines: list[int]) -> tuple[float, float]:
-    """CPU seconds so far of the whole server (main process and all below it) and of its engines."""
-    return (tree_cpu([proc.pid]) if proc else float("nan")), tree_cpu(engines)
+def measure(server: Server, c: int, args, pool) -> dict:
+    """One concurrency level against `server`: `level`'s figures plus the engine processes' and the HTTP
+    processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99; printed."""
+    (total, eng), hist = server.cpu(), histograms(server.url)
+    r = level(server.url, c, server.raws, args.clients, args.max_seconds, pool)
+    (total2, eng2), after = server.cpu(), histograms(server.url)
+    ok = max(r["ok"], 1)
+    r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if server.engines else float("nan")
+    r["http_cpu"] = 1e3 * ((total2 - total) - (eng2 - eng)) / ok
+    step, gap = "blipserve_decode_step_seconds", "blipserve_inter_token_seconds"
+    r["step"] = quantile(hist[step], after[step], 0.5) if step in after else float("nan")
+    r["gap"] = quantile(hist[gap], after[gap], 0.99) if gap in after else float("nan")
+    print(f"{server.label:>18} {c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
+          f"{r['engine_cpu']:>11.2f} {r['http_cpu']:>9.2f} {1e3 * r['client_cpu'] / ok:>11.2f} "
+          f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}", flush=True)  # fmt: skip
+    return r
 
 
-def run_levels(url: str, proc, engines: list[int], raws: list[bytes], args, pool) -> dict[int, dict]:
-    """Each concurrency level against one server: `level`'s figures plus the engine processes' and the
-    HTTP processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99."""
-    print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'engine cpu':>11} {'http cpu':>9} "
-          f"{'client cpu':>11} {'step p50':>9} {'gap p99':>8}  errors   (cpu: ms/req)")  # fmt: skip
-    if args.warmup:
-        level(url, min(16, args.warmup), raws[: args.warmup], args.clients, args.max_seconds, pool)
-    out = {}
-    for c in [int(x) for x in args.concurrency.split(",")]:
-        (total, eng), hist = server_cpu(proc, engines), histograms(url)
-        r = level(url, c, raws, args.clients, args.max_seconds, pool)
-        (total2, eng2), after = server_cpu(proc, engines), histograms(url)
-        ok = max(r["ok"], 1)
-        r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if engines else float("nan")
-        r["http_cpu"] = 1e3 * ((total2 - total) - (eng2 - eng)) / ok
-        step, gap = "blipserve_decode_step_seconds", "blipserve_inter_token_seconds"
-        r["step"] = quantile(hist[step], after[step], 0.5) if step in after else float("nan")
-        r["gap"] = quantile(hist[gap], after[gap], 0.99) if gap in after else float("nan")
-        print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
-              f"{r['engine_cpu']:>11.2f} {r['http_cpu']:>9.2f} {1e3 * r['client_cpu'] / ok:>11.2f} "
-              f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}")  # fmt: skip
-        out[c] = r
-    return out
-
-
-def serve(target: tuple, model: str | None, bodies: list[dict], args, pool) -> dict[int, dict]:
-    """Start the server of `target` (label, engine, url, dp, tree), or reach the given url, and run
-    every level against it; stopped afterwards."""
+@contextlib.contextmanager
+def running(target: tuple, model: str | None, bodies: list[dict], args, index: int) -> Iterator[Server]:
+    """The server of `target` (label, engine, url, dp, tree) started on port --port + `index` (or a free
+    one), or the given url; stopped on exit."""
     label, engine, given, dp, tree = target
-    port = args.port or free_port()
+    port = args.port + index if args.port else free_port()
     url = given or f"http://127.0.0.1:{port}"
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("load is only sent to loopback addresses")
     extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
     proc = None if given else start_server(model, port, engine, extra, tree)
     try:
-        raws = [http_request(urlparse(url).netloc, b) for b in bodies]
         info = httpx.get(url + "/v1/models").json()["data"][0]
         engines = engine_pids(proc.pid, info, engine, dp) if proc else []
-        print(f"\n{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
+        print(f"{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
               f"on {info['device']} ({info['dtype']}); code from {tree}")  # fmt: skip
-        return run_levels(url, proc, engines, raws, args, pool)
+        yield Server(label, url, proc, engines, [http_request(urlparse(url).netloc, b) for b in bodies])
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
 
 
-def medians(runs: list[dict[int, dict]]) -> dict[int, dict]:
-    """Per level, the median of each of METRICS over the rounds."""
-    return {c: {k: median([run[c][k] for run in runs]) for k in METRICS} for c in runs[0]}
-
-
-def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str, ref: str) -> None:
-    """This tree's medians beside the reference's, their ratios, served req/s at the highest level over
-    that at 16 clients (or the lowest), and each round's req/s and engine CPU (the noise)."""
-    a, b = medians(ours), medians(refs)
-    units = {"rps": ("req/s", 1), "p50": ("p50 ms", 1e3), "p99": ("p99 ms", 1e3),
-             "engine_cpu": ("engine CPU ms/req", 1), "http_cpu": ("HTTP CPU ms/req", 1)}  # fmt: skip
-    rows = [
-        (f"{c:>4} clients {units[k][0]}", a[c][k] * units[k][1], b[c][k] * units[k][1])
-        for c in a
-        for k in METRICS
-    ]
-    hi, lo = max(a), (16 if 16 in a else min(a))
-    rows.append(
-        (f"req/s at {hi} / at {lo}", ratio(a[hi]["rps"], a[lo]["rps"]), ratio(b[hi]["rps"], b[lo]["rps"]))
-    )
-    print(f"\n{name}: this tree beside ref {ref}, medians of {len(ours)} rounds (cpu: ms per request served)")
-    print(compare_table(rows, "this tree", f"ref {ref}"))
-    if len(ours) > 1:
-        for c in a:
-            for key in ("rps", "engine_cpu"):
-                print(f"{c:>4} clients {key} by round: this tree {spread([r[c][key] for r in ours])}; "
-                      f"ref {spread([r[c][key] for r in refs])}")  # fmt: skip
+def run_group(group: list[tuple], model: str | None, bodies: list[dict], args, pool, runs: dict) -> None:
+    """Start the servers of `group` (this tree's and, with --ref, the reference's) together, warm each
+    up, then measure one at a time, level by level, the order flipping each level and round (ABBA: a
+    drift of the shared machine's load hits both alike); each figure goes to runs[label][round][level]."""
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with contextlib.ExitStack() as up:
+        servers = [up.enter_context(running(t, model, bodies, args, i)) for i, t in enumerate(group)]
+        for s in servers if args.warmup else []:
+            level(s.url, min(16, args.warmup), s.raws[: args.warmup], args.clients, args.max_seconds, pool)
+        print(HEADER)
+        for r in range(args.rounds):
+            for i, c in enumerate(levels):
+                for s in servers[:: -1 if (r + i) % 2 else 1]:
+                    runs.setdefault(s.label, [{} for _ in range(args.rounds)])[r][c] = measure(
+                        s, c, args, pool
+                    )
 
 
 def main() -> None:
@@ -365,16 +341,12 @@ def main() -> None:
             if args.url
             else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
         )
-        # Each configuration: this tree's server, then the reference's (--ref); the order flips each
-        # round (ABBA), so a drift of the shared machine's load hits both alike.
         groups = [[(f"{e} dp{d}", e, u, d, ROOT), *([(f"{e} dp{d} @ref", e, None, d, ref)] if ref else [])]
                   for e, u, d in configs]  # fmt: skip
         runs: dict[str, list[dict[int, dict]]] = {}
         with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-            for r in range(args.rounds):
-                for group in groups:
-                    for target in group[:: -1 if r % 2 else 1]:
-                        runs.setdefault(target[0], []).append(serve(target, model, bodies, args, pool))
+            for group in groups:
+                run_group(group, model, bodies, args, pool, runs)
     table = [(name, c, row) for name, rs in runs.items() for c, row in medians(rs).items()]
     if len(runs) > 1:
         side_by_side(table)
