@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from bench.baseline import compare_table, reference_tree, spread, tree_command, tree_env  # noqa: E402
 from bench.baseline import median as middle  # noqa: E402
@@ -222,9 +223,6 @@ def qformer_table(args, engine, batch: int, name: str) -> None:
     engine.model.set_qformer_precision("auto")
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def probe(tree: Path, model: str, args, dtype: str) -> dict:
     """bench/offline_probe.py's figures for the code of `tree`, in a subprocess (ValueError if it fails)."""
     cmd = tree_command(ROOT / "bench" / "offline_probe.py", "--model", model, "--device", args.device,
@@ -260,7 +258,8 @@ def compare_with_ref(args, dtype: str) -> None:
         tokens = {run["tokens"][batch] for side in (ours, theirs) for run in side}
         if tokens != {float(args.new_tokens)}:
             print(f"warning: batch {batch}: tokens per image {sorted(tokens)}, not {args.new_tokens}")
-        print(f"batch {batch} img/s, each run: this tree {spread(a)}; ref {spread(b)}")
+        pairs = " / ".join(f"{x / y:.2f}" for x, y in zip(a, b, strict=True))  # each round's own ratio
+        print(f"batch {batch} img/s, each round: this tree {spread(a)}; ref {spread(b)}; ratio {pairs}")
         rows.append((f"batch {batch} img/s", middle(a), middle(b)))
         a, b = [[1e3 * run["cpu"][batch] for run in side] for side in (ours, theirs)]
         rows.append((f"batch {batch} CPU ms/img", middle(a), middle(b)))

@@ -25,7 +25,8 @@ def medians(runs: list[dict[int, dict]]) -> dict[int, dict]:
 
 def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str, ref: str) -> None:
     """This tree's medians beside the reference's, their ratios, served req/s at the highest level over
-    that at 16 clients (or the lowest), and each round's req/s and engine CPU (the noise)."""
+    that at 16 clients (or the lowest), and each round's req/s and engine CPU with the round's own ratio
+    (the two servers of a round were measured back to back, so that ratio is steadier than either)."""
     a, b = medians(ours), medians(refs)
     units = {"rps": ("req/s", 1), "p50": ("p50 ms", 1e3), "p99": ("p99 ms", 1e3),
              "engine_cpu": ("engine CPU ms/req", 1), "http_cpu": ("HTTP CPU ms/req", 1)}  # fmt: skip
@@ -43,5 +44,7 @@ def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str,
     if len(ours) > 1:
         for c in a:
             for key in ("rps", "engine_cpu"):
+                pairs = [ratio(x[c][key], y[c][key]) for x, y in zip(ours, refs, strict=True)]
                 print(f"{c:>4} clients {key} by round: this tree {spread([r[c][key] for r in ours])}; "
-                      f"ref {spread([r[c][key] for r in refs])}")  # fmt: skip
+                      f"ref {spread([r[c][key] for r in refs])}; ratio "
+                      + " / ".join(f"{x:.2f}" for x in pairs) + f" (median {median(pairs):.2f}x)")  # fmt: skip
