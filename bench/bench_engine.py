@@ -262,6 +262,7 @@ def compare_with_ref(args, dtype: str) -> None:
         print(f"batch {batch} img/s, each round: this tree {spread(a)}; ref {spread(b)}; ratio {pairs}")
         rows.append((f"batch {batch} img/s", middle(a), middle(b)))
         a, b = [[1e3 * run["cpu"][batch] for run in side] for side in (ours, theirs)]
+        print(f"batch {batch} CPU ms/img, each round: this tree {spread(a)}; ref {spread(b)}")
         rows.append((f"batch {batch} CPU ms/img", middle(a), middle(b)))
     print(compare_table(rows, "this tree", f"ref {args.ref}"))
 
