@@ -167,7 +167,7 @@ def compare_table(
 
 
 def spread(values: Sequence[float]) -> str:
-    """The runs of one figure, e.g. `212.3 / 198.0 / 205.1 (±3.5 %)`: half the range over the median."""
+    """The runs of one figure, e.g. `212.3 / 198 / 205.1 (±3.5 %)`: half the range over the median."""
     mid = median(values)
     half = (max(values) - min(values)) / 2 / mid * 100 if mid == mid and mid else float("nan")
-    return " / ".join(f"{v:.1f}" for v in values) + f" (±{half:.1f} %)"
+    return " / ".join(f"{v:.4g}" for v in values) + f" (±{half:.1f} %)"
