@@ -2,8 +2,8 @@
 
     python bench/bench_engine.py                       # tiny checkpoint on CPU
     python bench/bench_engine.py --size opt-2.7b       # blip2-opt-2.7b shapes, random weights (CUDA)
-    python bench/bench_engine.py --ref 58bc13d         # this tree beside commit 58bc13d (batch 32)
-    python bench/bench_engine.py --ref HEAD --rounds 1 --repeats 1    # smoke check: ratio ~1
+    python bench/bench_engine.py --ref 58bc13d --threads 1     # this tree beside 58bc13d (batch 32)
+    python bench/bench_engine.py --ref HEAD --rounds 1 --repeats 1 --threads 1   # smoke: ~1x
 
 With --ref, transformers is left out: `Blip2Engine.generate` of this tree and of the reference commit
 (a temporary checkout, bench/baseline.py) run the same batch on the same checkpoint (tiny, or --model,
