@@ -2,6 +2,13 @@
 
     python bench/bench_engine.py                       # tiny checkpoint on CPU
     python bench/bench_engine.py --size opt-2.7b       # blip2-opt-2.7b shapes, random weights (CUDA)
+    python bench/bench_engine.py --ref 58bc13d --threads 1     # this tree beside 58bc13d (batch 32)
+    python bench/bench_engine.py --ref HEAD --rounds 1 --repeats 1 --threads 1   # smoke: ~1x
+
+With --ref, transformers is left out: `Blip2Engine.generate` of this tree and of the reference commit
+(a temporary checkout, bench/baseline.py) run the same batch on the same checkpoint (tiny, or --model,
+e.g. one from bench/random_checkpoint.py), each in its own subprocess (bench/offline_probe.py), the
+trees alternating for --rounds rounds; the medians and their ratio are printed.
 
 Both sides decode greedily for exactly `--new-tokens` tokens (no stop token can end a sequence early),
 so they do the same work. Prints images/s for each batch size and our/transformers ratio.
@@ -10,15 +17,21 @@ so they do the same work. Prints images/s for each batch size and our/transforme
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.baseline import compare_table, reference_tree, spread, tree_command, tree_env  # noqa: E402
+from bench.baseline import median as middle  # noqa: E402
 from bench.shapes import SIZES, shrunk  # noqa: E402
 from model import Blip2Engine, SamplingParams  # noqa: E402
 from model.arch.blip2 import QFORMER_PRECISIONS  # noqa: E402
@@ -210,12 +223,56 @@ def qformer_table(args, engine, batch: int, name: str) -> None:
     engine.model.set_qformer_precision("auto")
 
 
+def probe(tree: Path, model: str, args, dtype: str) -> dict:
+    """bench/offline_probe.py's figures for the code of `tree`, in a subprocess (ValueError if it fails)."""
+    cmd = tree_command(ROOT / "bench" / "offline_probe.py", "--model", model, "--device", args.device,
+                       "--dtype", dtype, "--batches", args.batches, "--new-tokens", str(args.new_tokens),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads))  # fmt: skip
+    out = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise ValueError(f"offline probe failed in {tree}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_with_ref(args, dtype: str) -> None:
+    """`Blip2Engine.generate` img/s of this tree beside commit `args.ref`'s, same checkpoint, alternating
+    trees over `args.rounds` rounds; prints each run, the medians and this tree / ref."""
+    with tempfile.TemporaryDirectory() as tmp, reference_tree(args.ref) as ref:
+        model = args.model
+        if model is None:
+            from oracle import make_checkpoint
+
+            make_checkpoint(Path(tmp), "pre_ln", image_size=224)
+            model = tmp
+        trees = {"this tree": ROOT, f"ref {args.ref}": ref}
+        runs: dict[str, list[dict]] = {name: [] for name in trees}
+        for r in range(args.rounds):
+            for name in list(trees)[:: 1 if r % 2 == 0 else -1]:  # ABBA: drift hits both alike
+                runs[name].append(probe(trees[name], model, args, dtype))
+    ours, theirs = runs.values()
+    print(f"model: {args.model or 'tiny'}; device: {args.device} ({ours[0]['threads']} threads); dtype: "
+          f"{dtype}; {args.new_tokens} new tokens; {args.rounds} rounds x {args.repeats} repeats; img/s")  # fmt: skip
+    rows = []
+    for batch in args.batches.split(","):
+        a, b = [[run["rates"][batch] for run in side] for side in (ours, theirs)]
+        tokens = {run["tokens"][batch] for side in (ours, theirs) for run in side}
+        if tokens != {float(args.new_tokens)}:
+            print(f"warning: batch {batch}: tokens per image {sorted(tokens)}, not {args.new_tokens}")
+        pairs = " / ".join(f"{x / y:.2f}" for x, y in zip(a, b, strict=True))  # each round's own ratio
+        print(f"batch {batch} img/s, each round: this tree {spread(a)}; ref {spread(b)}; ratio {pairs}")
+        rows.append((f"batch {batch} img/s", middle(a), middle(b)))
+        a, b = [[1e3 * run["cpu"][batch] for run in side] for side in (ours, theirs)]
+        print(f"batch {batch} CPU ms/img, each round: this tree {spread(a)}; ref {spread(b)}")
+        rows.append((f"batch {batch} CPU ms/img", middle(a), middle(b)))
+    print(compare_table(rows, "this tree", f"ref {args.ref}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", *SIZES, "opt-2.7b-2layers"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8,32; with --ref 32)")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}; the first is ours")
@@ -225,15 +282,20 @@ def main() -> None:
     ap.add_argument(
         "--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (H100 measured: 3.1)"
     )
+    ap.add_argument("--ref", default=None, help="a commit: this tree beside it, no transformers")
+    ap.add_argument("--rounds", type=int, default=3, help="--ref: runs of each tree, alternating")
+    ap.add_argument("--model", default=None, help="--ref: a checkpoint directory (default: tiny)")
+    ap.add_argument("--threads", type=int, default=0, help="--ref: torch threads (0: torch's default)")
     args = ap.parse_args()
+    args.batches = args.batches or ("32" if args.ref else "1,8,32")
+    if args.ref:
+        return compare_with_ref(args, args.dtype or ("float16" if args.device == "cuda" else "float32"))
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         args.dtype or ("float16" if args.device == "cuda" else "float32")
     ]
     variants = (
         args.variants or ("default,no-graphs" if args.device == "cuda" else "default,gathered")
     ).split(",")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         hf, engine = build_pair(args.size, args.device, dtype, Path(tmp))
     engine.eos_ids = (-1,)  # never stop early: both sides generate exactly --new-tokens

@@ -1,11 +1,19 @@
 """Served load: raw HTTP/1.1 keep-alive clients in several processes -> requests/s, p50/p99 latency,
-the server's CPU per request (HTTP and engine processes), the load generator's own CPU.
+the server's CPU per request (engine processes and HTTP processes apart), the load generator's own CPU.
 
     python bench/load.py                                   # starts the servers itself (tiny checkpoint)
     python bench/load.py --engines thread,process          # baseline (engine in the HTTP process) beside
     python bench/load.py --hf                              # + transformers' offline batched generate
     python bench/load.py --dp 1,2                          # one engine process beside two (--dp)
     python bench/load.py --url http://127.0.0.1:8000       # an already running server (loopback only)
+    python bench/load.py --ref 58bc13d --rounds 3 --requests 1024   # this tree beside commit 58bc13d
+    python bench/load.py --ref HEAD --requests 64 --concurrency 16,64 --warmup 16   # smoke check: ~1x
+
+--ref COMMIT: the same load against this tree's server and the commit's (`python -m server.cli` of a
+temporary checkout, bench/baseline.py), both started, measured one at a time level by level, the order
+flipping each level and each of --rounds rounds; then per level the medians side by side with this / ref: req/s, p50/p99, engine CPU ms per request
+(the engine processes' user + system time over the level / requests served, from /proc) and the HTTP
+processes' (the rest of the server's process tree), and req/s at the top level over that at 16 clients.
 
 The clients send pre-encoded requests over plain asyncio streams (no HTTP library on the hot path), so
 the generator costs far less CPU than the server it measures; `client cpu` says how much it took. Every
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import multiprocessing
@@ -28,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +47,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.baseline import engine_pids, free_port, reference_tree, tree_cpu, tree_env  # noqa: E402
+from bench.load_report import compare, medians, side_by_side  # noqa: E402
 
 
 def images(n: int, size: int = 224) -> list[bytes]:
@@ -146,30 +161,35 @@ def quantile(before: list, after: list, q: float) -> float:
     return next((le for le, c in counts if c >= q * total), float("inf")) if total else float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (the engine process) so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return total + sum(cpu_seconds(int(c)) for c in children)
-
-
-def start_server(model: str, port: int, engine: str, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, engine: str, extra: list[str], tree: Path = ROOT) -> subprocess.Popen:
+    """`python -m server.cli` of `tree` (this one or a reference checkout) on loopback, once /ready is 200
+    and every engine of --dp serves. Only flags both trees know: --engine only when not the default."""
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--engine", engine, "--log-level", "warning", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                # --dp: /ready is 200 once one engine serves; measure with all of them.
-                info = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
-                if all(e["state"] == "ready" for e in info.get("engines", [])):
-                    return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+           "--log-level", "warning", *(["--engine", engine] if engine != "process" else []), *extra]  # fmt: skip
+    with tempfile.TemporaryFile() as log:  # the server's output, shown if it exits before it serves
+        proc = subprocess.Popen(cmd, cwd=tree, env=tree_env(tree), stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(900):
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"server in {tree} exited {proc.returncode}:\n{log.read()[-3000:].decode()}"
+                )
+            if _ready(port):
+                return proc
+            time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def _ready(port: int) -> bool:
+    """/ready is 200 and (--dp) every engine that /v1/models lists is ready."""
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code != 200:
+            return False
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
+    except httpx.HTTPError:
+        return False
+    return all(e["state"] == "ready" for e in info.get("engines", []))
 
 
 def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
@@ -198,33 +218,107 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
     return len(pics) / (time.perf_counter() - start)
 
 
-def side_by_side(table: list[tuple[str, int, dict]]) -> None:
-    """req/s and p99 of every server at each concurrency, in one table (e.g. --dp 1 beside --dp 2)."""
-    names = list(dict.fromkeys(name for name, _, _ in table))
-    print("\nside by side: req/s (p99 ms)")
-    print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
-    for c in sorted({c for _, c, _ in table}):
-        cells = {n: r for n, cc, r in table if cc == c}
-        row = [f"{cells[n]['rps']:.1f} ({cells[n]['p99'] * 1e3:.0f})" if n in cells else "-" for n in names]
-        print(f"{c:>5} " + " ".join(f"{x:>20}" for x in row))
+@dataclass
+class Server:
+    """A server under load: its label, URL, main process (None: given by --url), engine pids, and the
+    requests, pre-encoded for its address."""
+
+    label: str
+    url: str
+    proc: subprocess.Popen | None
+    engines: list[int]
+    raws: list[bytes]
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the whole server (main process and all below it) and of its engines."""
+        return (tree_cpu([self.proc.pid]) if self.proc else float("nan")), tree_cpu(self.engines)
+
+
+HEADER = (f"{'server':>18} {'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'engine cpu':>11} "
+          f"{'http cpu':>9} {'client cpu':>11} {'step p50':>9} {'gap p99':>8}  errors   (cpu: ms/req)")  # fmt: skip
+
+
+def measure(server: Server, c: int, args, pool) -> dict:
+    """One concurrency level against `server`: `level`'s figures plus the engine processes' and the HTTP
+    processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99; printed."""
+    (total, eng), hist = server.cpu(), histograms(server.url)
+    r = level(server.url, c, server.raws, args.clients, args.max_seconds, pool)
+    (total2, eng2), after = server.cpu(), histograms(server.url)
+    ok = max(r["ok"], 1)
+    r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if server.engines else float("nan")
+    r["http_cpu"] = 1e3 * ((total2 - total) - (eng2 - eng)) / ok
+    step, gap = "blipserve_decode_step_seconds", "blipserve_inter_token_seconds"
+    r["step"] = quantile(hist[step], after[step], 0.5) if step in after else float("nan")
+    r["gap"] = quantile(hist[gap], after[gap], 0.99) if gap in after else float("nan")
+    print(f"{server.label:>18} {c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
+          f"{r['engine_cpu']:>11.2f} {r['http_cpu']:>9.2f} {1e3 * r['client_cpu'] / ok:>11.2f} "
+          f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}", flush=True)  # fmt: skip
+    return r
+
+
+@contextlib.contextmanager
+def running(target: tuple, model: str | None, bodies: list[dict], args, index: int) -> Iterator[Server]:
+    """The server of `target` (label, engine, url, dp, tree) started on port --port + `index` (or a free
+    one), or the given url; stopped on exit."""
+    label, engine, given, dp, tree = target
+    port = args.port + index if args.port else free_port()
+    url = given or f"http://127.0.0.1:{port}"
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("load is only sent to loopback addresses")
+    extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
+    proc = None if given else start_server(model, port, engine, extra, tree)
+    try:
+        info = httpx.get(url + "/v1/models").json()["data"][0]
+        engines = engine_pids(proc.pid, info, engine, dp) if proc else []
+        print(f"{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
+              f"on {info['device']} ({info['dtype']}); code from {tree}")  # fmt: skip
+        yield Server(label, url, proc, engines, [http_request(urlparse(url).netloc, b) for b in bodies])
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+def run_group(group: list[tuple], model: str | None, bodies: list[dict], args, pool, runs: dict) -> None:
+    """Start the servers of `group` (this tree's and, with --ref, the reference's) together, warm each
+    up, then measure one at a time, level by level, the order flipping each level and round (ABBA: a
+    drift of the shared machine's load hits both alike); each figure goes to runs[label][round][level]."""
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with contextlib.ExitStack() as up:
+        servers = [up.enter_context(running(t, model, bodies, args, i)) for i, t in enumerate(group)]
+        for s in servers if args.warmup else []:
+            level(s.url, min(16, args.warmup), s.raws[: args.warmup], args.clients, args.max_seconds, pool)
+        print(HEADER)
+        for r in range(args.rounds):
+            for i, c in enumerate(levels):
+                for s in servers[:: -1 if (r + i) % 2 else 1]:
+                    runs.setdefault(s.label, [{} for _ in range(args.rounds)])[r][c] = measure(
+                        s, c, args, pool
+                    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
     ap.add_argument("--model", default=None, help="default: a tiny checkpoint written for the run")
-    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--port", type=int, default=0, help="for the started servers (0: a free one)")
     ap.add_argument("--engines", default="process", help="comma list of thread,process (servers started)")
     ap.add_argument("--server-args", default="", help="extra flags for the started servers")
     ap.add_argument("--dp", default="1", help="comma list of --data-parallel-size values (servers started)")
-    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--concurrency", default=None, help="default 1,16,64,256; with --ref 16,64,256")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
     ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=32, help="requests sent to each server before measuring")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=60)
+    ap.add_argument("--ref", default=None, help="a commit: its server beside this tree's, same run")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of every server, alternating with --ref")
     ap.add_argument("--hf", action="store_true", help="also transformers' offline batched generate")
     ap.add_argument("--hf-batch", type=int, default=64)
     args = ap.parse_args()
+    args.concurrency = args.concurrency or ("16,64,256" if args.ref else "1,16,64,256")
+    if args.ref and args.url:
+        raise SystemExit("--ref starts both servers itself; leave out --url")
     tmp = tempfile.TemporaryDirectory(prefix="blipserve-load-")
     model = args.model
     if model is None and not args.url:
@@ -238,51 +332,26 @@ def main() -> None:
     # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
     bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
     dps = [int(d) for d in args.dp.split(",")]
-    targets = (
-        [("given", args.url, 0)]
-        if args.url
-        else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
-    )
-    table: list[tuple[str, int, dict]] = []
-    print(
-        f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client processes"
-    )
-    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-        for engine, given, dp in targets:
-            url = given or f"http://127.0.0.1:{args.port}"
-            if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-                raise SystemExit("load is only sent to loopback addresses")
-            extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
-            proc = None if given else start_server(model, args.port, engine, extra)
-            try:
-                raws = [http_request(urlparse(url).netloc, b) for b in bodies]
-                info = httpx.get(url + "/v1/models").json()["data"][0]
-                print(
-                    f"\nengine: {engine}, --dp {dp or '?'}; model {info['id']} on {info['device']} ({info['dtype']})"
-                )
-                print(f"{'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu ms/req':>15} "
-                      f"{'client cpu ms/req':>18} {'step p50 ms':>12} {'gap p99 ms':>11}  errors")  # fmt: skip
-                for c in [int(x) for x in args.concurrency.split(",")]:
-                    before, hist = (cpu_seconds(proc.pid) if proc else 0.0), histograms(url)
-                    r = level(url, c, raws, args.clients, args.max_seconds, pool)
-                    ok, after = max(r["ok"], 1), histograms(url)
-                    cpu = f"{1e3 * (cpu_seconds(proc.pid) - before) / ok:.2f}" if proc else "-"
-                    step = quantile(
-                        hist["blipserve_decode_step_seconds"], after["blipserve_decode_step_seconds"], 0.5
-                    )
-                    gap = quantile(
-                        hist["blipserve_inter_token_seconds"], after["blipserve_inter_token_seconds"], 0.99
-                    )
-                    print(f"{c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
-                          f"{cpu:>15} {1e3 * r['client_cpu'] / ok:>18.2f} {step * 1e3:>12.1f} {gap * 1e3:>11.1f}"
-                          f"  {r['errors'] or '-'}")  # fmt: skip
-                    table.append((f"{engine} dp{dp}", c, r))
-            finally:
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(60)
-    if len(targets) > 1:
+    print(f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client "
+          f"processes; {args.requests} requests per level")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(reference_tree(args.ref)) if args.ref else None
+        configs = (
+            [("given", args.url, 0)]
+            if args.url
+            else [(e, None, d) for e in args.engines.split(",") for d in (dps if e == "process" else [1])]
+        )
+        groups = [[(f"{e} dp{d}", e, u, d, ROOT), *([(f"{e} dp{d} @ref", e, None, d, ref)] if ref else [])]
+                  for e, u, d in configs]  # fmt: skip
+        runs: dict[str, list[dict[int, dict]]] = {}
+        with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+            for group in groups:
+                run_group(group, model, bodies, args, pool, runs)
+    table = [(name, c, row) for name, rs in runs.items() for c, row in medians(rs).items()]
+    if len(runs) > 1:
         side_by_side(table)
+    for group in groups if ref else []:
+        compare(runs[group[0][0]], runs[group[1][0]], group[0][0], args.ref)
     if args.hf:
         rate = hf_offline(Path(model), pics, n, args.hf_batch)
         print(f"\ntransformers generate, offline, batch {args.hf_batch}: {rate:.1f} images/s")
