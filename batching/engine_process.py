@@ -78,6 +78,7 @@ def build_engine_core(settings: Settings, engine: Blip2Engine, metrics: Metrics)
     )
     overlap = settings.overlap if settings.overlap is not None else on_cuda
     metrics.prompt_length = engine.processor.prompt_tokens
+    metrics.follow(scheduler)
     return EngineCore(runner, scheduler, settings.max_wait_ms, metrics.on_step, overlap)
 
 

@@ -103,8 +103,18 @@ class Metrics:
         self.engines = Gauge("blipserve_engines", ENGINES_HELP, registry=r)
         self.engines.set(1)
 
+    def follow(self, scheduler: Scheduler) -> None:
+        """The state gauges (queue depth, active sequences, free KV slots) read `scheduler` whenever
+        they are collected: every change shows (a step, a cancelled or expired sequence dropped, a
+        failed step, a failed vision batch), not only the last step's. Read without the engine's lock,
+        as the engine's `Load` reports are: each value is one list's length."""
+        self.queue_depth.set_function(lambda: len(scheduler.waiting))
+        self.active.set_function(lambda: len(scheduler.running))
+        self.free_slots.set_function(lambda: len(scheduler.free_slots))
+
     def on_step(self, plan: StepPlan, out: StepOutput, scheduler: Scheduler) -> None:
-        """Called by the engine thread after every step."""
+        """Called by the engine thread after every step: the step's counters and histograms (the state
+        gauges follow the scheduler itself, `follow`)."""
         if out.vision_images:
             self.vision.observe(out.vision_s)
             self.vision_batch.observe(out.vision_images)
@@ -123,9 +133,6 @@ class Metrics:
             self.first_token.observe(wait)
         for wait in scheduler.take_queue_waits():
             self.queue_wait.observe(wait)
-        self.queue_depth.set(len(scheduler.waiting))
-        self.active.set(len(scheduler.running))
-        self.free_slots.set(len(scheduler.free_slots))
 
     def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
         """One HTTP request's outcome (from any HTTP process)."""

@@ -23,7 +23,7 @@ from batching.client import InprocClient
 from model.checkpoint.tiny import train_tokenizer
 from model.data.detokenizer import IncrementalDetokenizer, NewTokens, OutputText, RequestText, unreported
 from model.data.textstream import cut_at_stop
-from model.data.tokenizer import TextTokenizer
+from model.data.tokenizer import CONTEXT_TOKENS, TextTokenizer
 from model.decoding.generation import SamplingParams, TokenLogprob, TokenOutput
 
 
@@ -86,36 +86,80 @@ def test_stop_strings_cut_where_the_engine_cut_and_deltas_add_up(kind, data):
     if full:
         at = data.draw(st.integers(0, len(full) - 1))
         stop = (full[at : at + data.draw(st.integers(1, 3))], "never said")
-    # The reference: the engine's stop check, a full decode after every token.
-    end = next(
-        (k for k in range(1, len(tokens) + 1) if cut_at_stop(tok.decode(tokens[:k], prompt), stop)[1]), None
-    )
+    # The reference: a full decode after every token, its complete characters while the output runs
+    # (the whole text once it ended), first cut where a stop string shows.
+    texts = [_text_so_far(tok, tokens[:k], prompt, final=False) for k in range(1, len(tokens) + 1)]
+    end = next((k for k, text in enumerate(texts, 1) if cut_at_stop(text, stop)[1]), None)
     want_tokens = tokens[: end or len(tokens)]
     want_text, stopped = cut_at_stop(tok.decode(want_tokens, prompt), stop)
 
-    out, sent = OutputText(tok, prompt, stop, cut=True), []
+    out, sent = OutputText(tok, prompt, stop), []
     for chunk in _split(tokens, chunks):
         out.add(TokenOutput(chunk, None, [TokenLogprob(t, -1.0, ()) for t in chunk]))
         delta = out.update(0, final=False).text
         assert "\ufffd" not in delta or "\ufffd" in want_text
         sent.append(delta)
         assert want_text.startswith("".join(sent))
-    if not out.stopped_here:
-        out.finish_reason = "length"
+    out.close("length")
     sent.append(out.update(0, final=True).text)
     assert out.tokens == want_tokens and [lp.token for lp in out.logprobs] == want_tokens
     assert out.text == want_text == "".join(sent)
-    assert out.stopped_here is stopped and out.finish_reason == ("stop" if stopped else "length")
+    assert out.stopped_here is (end is not None)
+    assert out.finish_reason == ("stop" if stopped else "length")
 
 
-def test_beam_hypotheses_keep_their_tokens_and_lose_their_text_after_a_stop_string():
+def _text_so_far(tok: TextTokenizer, tokens: list[int], prompt: list[int], final: bool) -> str:
+    """`TextTokenizer.decode`, less the U+FFFD of an unfinished byte sequence unless `final` (the
+    decode before stripping ends in one: a U+FFFD before whitespace is a character)."""
+    text = tok.decode(tokens, prompt)
+    raw = tok.tokenizer.decode(prompt[-CONTEXT_TOKENS:] + tokens, skip_special_tokens=True)
+    return text if final or not (text and raw.endswith("\ufffd")) else text[:-1].rstrip()
+
+
+def test_a_stop_string_never_matches_half_a_character():
+    """Byte-level BPE: after the first byte of "뚗" the text so far decodes to "now%\x1c\ufffd"; a
+    stop string "\ufffd" must wait for the character (it completes: no stop). It stops at a real
+    U+FFFD (the byte 0xFF, complete once the next token shows it is no character's beginning), and an
+    output that ends inside a character has that U+FFFD in its final text."""
+    tok = TOKENIZERS["opt"]
+    words = tok.tokenizer.encode("now%\x1c뚗\x14ayle", add_special_tokens=False).ids
+    first_byte = tok.tokenizer.token_to_id("ë")  # 0xEB: "뚗" begins with it
+    ff = tok.tokenizer.token_to_id("ÿ")  # the byte 0xFF, never in UTF-8
+    stop = ("red", "s\ufffd", "\ufffd")
+    assert tok.decode(words[:4], [2]) == "now%\x1c\ufffd"
+    cases = [  # tokens, the tokens kept, the text
+        (words, words, "now%\x1c뚗\x14ayle"),
+        (words + [ff, first_byte] + words[:1], words + [ff, first_byte], "now%\x1c뚗\x14ayle"),
+        (words[:4], words[:4], "now%\x1c"),
+    ]
+    for tokens, kept, text in cases:
+        for size in (1, 2, len(tokens)):
+            out, sent = OutputText(tok, [2], stop), []
+            for at in range(0, len(tokens), size):
+                out.add(TokenOutput(tokens[at : at + size], None))
+                sent.append(out.update(0, final=False).text)
+            out.close("length")
+            sent.append(out.update(0, final=True).text)
+            assert (out.tokens, out.text, "".join(sent)) == (kept, text, text)
+            assert out.finish_reason == (
+                "stop" if len(kept) < len(tokens) or "\ufffd" in tok.decode(kept) else "length"
+            )
+
+
+def test_beam_hypotheses_are_cut_at_the_token_of_a_stop_string():
+    """Beams come whole at the end: each is cut at the first token whose text holds a stop string, as
+    a greedy output is (its tokens and log-probabilities with its text)."""
     tok = TOKENIZERS["opt"]
     ids = tok.encode("a cat on a couch")[1:]
     text = RequestText(tok, [2], SamplingParams(num_beams=2, n=2, stop=("on",)))
-    updates = text.finish([TokenOutput(ids, "length"), TokenOutput(ids[:2], "stop")])
+    lps = [TokenLogprob(t, -1.0, ()) for t in ids]
+    updates = text.finish([TokenOutput(ids, "length", lps), TokenOutput(ids[:2], "stop", lps[:2])])
+    on = next(k for k in range(1, len(ids) + 1) if "on" in tok.decode(ids[:k], [2]))
     assert [u.text for u in updates] == ["a cat ", "a cat"]
-    assert [o.tokens for o in text.token_outputs()] == [ids, ids[:2]]
+    assert [o.tokens for o in text.token_outputs()] == [ids[:on], ids[:2]]
+    assert [len(o.logprobs) for o in text.token_outputs()] == [on, 2]
     assert [o.finish_reason for o in text.token_outputs()] == ["stop", "stop"]
+    assert on < len(ids) and tok.decode(ids[: on - 1], [2]).find("on") < 0
 
 
 def test_the_engine_reports_each_token_and_each_end_once():

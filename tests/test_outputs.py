@@ -136,14 +136,16 @@ def test_stop_string_cuts_text_and_ends_early(pair, num_beams):
     free = engine.generate([pixels], [PROMPT], SamplingParams(max_new_tokens=20, num_beams=num_beams))[0]
     assert len(free.text) > 6, "the tiny model must say something to cut"
     stop = free.text[3:6]
-    params = SamplingParams(max_new_tokens=20, num_beams=num_beams, stop=(stop, "never-said-xyz"))
+    params = SamplingParams(max_new_tokens=20, num_beams=num_beams, stop=(stop, "never-said-xyz"), logprobs=1)
     cut = engine.generate([pixels], [PROMPT], params)[0]
     assert cut.text == free.text[: free.text.index(stop)]
     assert cut.finish_reason == "stop"
-    if num_beams == 1:
-        # Greedy stops at the token that completes the stop string: a prefix of the free run.
-        assert cut.token_ids == free.token_ids[: len(cut.token_ids)]
-        assert len(cut.token_ids) < len(free.token_ids)
+    # Greedy and beams alike end at the first token whose text holds the stop string: a prefix of the
+    # free run (the engine knows no stop strings), with its log-probabilities and usage.
+    end = next(k for k in range(1, 21) if stop in engine.tokenizer.decode(free.token_ids[:k]))
+    assert cut.token_ids == free.token_ids[:end] and end < len(free.token_ids)
+    assert [lp.token for lp in cut.outputs[0].logprobs] == cut.token_ids
+    assert cut.completion_tokens == end
 
 
 def test_invalid_output_settings_are_refused():
@@ -165,13 +167,13 @@ def test_stream_deltas_add_up_to_the_final_text(pair, text, stop):
     engine, _ = pair
     tok = engine.tokenizer
     ids = tok.tokenizer.encode(text, add_special_tokens=False).ids
-    out, sent = OutputText(tok, [], tuple(stop), cut=True), []
+    out, sent = OutputText(tok, [], tuple(stop)), []
     for token in ids:
         out.add(TokenOutput([token], None))
         delta = out.update(0, final=False).text
         assert "\ufffd" not in delta
         sent.append(delta)
-    out.finish_reason = out.finish_reason or "length"
+    out.close("length")
     sent.append(out.update(0, final=True).text)
     final, stopped = cut_at_stop(tok.decode(out.tokens), tuple(stop))
     assert "".join(sent) == final == out.text

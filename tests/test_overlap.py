@@ -109,8 +109,10 @@ def stop_string_requests(engine: Blip2Engine, seed: int) -> list:
     text = engine.tokenizer.decode(
         engine.generate([pixels[0]], None, SamplingParams(max_new_tokens=3))[0].token_ids
     )
+    # Its complete characters (a trailing U+FFFD may be half of one: no stop string matches it yet).
+    stop = (text[:-1] if text.endswith("\ufffd") else text)[-2:]
     params = [
-        SamplingParams(max_new_tokens=9 if i == 0 else 3 + i % 4, stop=(text[-2:],) if i == 0 else ())
+        SamplingParams(max_new_tokens=9 if i == 0 else 3 + i % 4, stop=(stop,) if i == 0 else ())
         for i in range(8)
     ]
     return [

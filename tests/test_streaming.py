@@ -145,6 +145,27 @@ def test_stop_strings_over_http(served):
     assert multipart["caption"] == cut["caption"]
 
 
+def test_beams_cut_at_a_stop_string_over_http(served, engine):
+    """A beam search's outputs come whole at the end; a stop string cuts their tokens, log-probabilities
+    and usage where it cuts the text, as the offline API does."""
+    url, data = served["url"], png_bytes(5)
+    body = {"image": b64(data), "max_new_tokens": 20, "num_beams": 3, "logprobs": 1}
+    free = httpx.post(url + "/caption", json=body, timeout=60).json()
+    stop = free["caption"][2:5]
+    cut = httpx.post(url + "/caption", json={**body, "stop": [stop]}, timeout=60).json()
+    ids = [lp["id"] for lp in free["choices"][0]["logprobs"]]
+    end = next(k for k in range(1, 21) if stop in engine.tokenizer.decode(ids[:k]))
+    assert cut["caption"] == free["caption"][: free["caption"].index(stop)] and cut["finish_reason"] == "stop"
+    assert [lp["id"] for lp in cut["choices"][0]["logprobs"]] == ids[:end] and end < len(ids)
+    assert cut["usage"]["completion_tokens"] == end
+    want = engine.generate(
+        [engine.image_processor.preprocess(_image(data))],
+        [None],
+        SamplingParams(max_new_tokens=20, num_beams=3, logprobs=1, stop=(stop,)),
+    )[0]
+    assert want.token_ids == ids[:end] and want.text == cut["caption"]
+
+
 @pytest.mark.parametrize(
     "body, message",
     [

@@ -109,6 +109,12 @@ class IncrementalDetokenizer:
         """The text so far, unstripped (a character not complete yet as U+FFFD)."""
         return self.settled + self.pending
 
+    @property
+    def complete(self) -> int:
+        """How much of `raw` is complete characters: all but the U+FFFD that ends an open window (an
+        unfinished byte sequence is not text yet; what it becomes, the next tokens tell)."""
+        return len(self.settled) + len(self.pending) - (1 if self.pending else 0)
+
     def since(self, at: int) -> str:
         """`raw[at:]` without building `raw`."""
         if at <= len(self.settled):
@@ -131,17 +137,17 @@ class OutputText:
     """One output on the front end: its tokens, their text, its end, and what was streamed of it.
 
     Positions are indices into the detokenizer's `raw` text; the text is `raw[start:]` stripped (as
-    `TextTokenizer.decode`), cut before the earliest stop string. `cut`: a stop string ends the output
-    at the token that completed it (greedy and sampled rows); without, only the text is cut (beams)."""
+    `TextTokenizer.decode`), cut before the earliest stop string. A stop string ends the output at the
+    first token whose text holds it, whether the tokens come a step at a time (greedy and sampled rows)
+    or whole at the end (beams). While the output runs, its text is the complete characters only (a
+    trailing U+FFFD of an unfinished byte sequence is not text yet: never half a character); once it
+    ended (`finish_reason`), the whole text, as `TextTokenizer.decode` gives it."""
 
-    def __init__(
-        self, tokenizer: TextTokenizer | None, prompt_ids: Sequence[int], stop: tuple[str, ...], cut: bool
-    ):
+    def __init__(self, tokenizer: TextTokenizer | None, prompt_ids: Sequence[int], stop: tuple[str, ...]):
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self.stop = stop if tokenizer is not None else ()
         self.longest = max((len(s) for s in self.stop), default=0)
         self.hold = max(self.longest - 1, 0)  # trailing characters that might begin a stop string
-        self.cut = cut
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
@@ -157,7 +163,7 @@ class OutputText:
         if self.stopped_here:
             return
         tokens, lps = out.tokens, out.logprobs
-        if self.detok is not None and self.stop and self.cut:
+        if self.detok is not None and self.stop:
             for k, token in enumerate(tokens):  # the stop string's token is the output's last
                 self.detok.push((token,))
                 if self._find_stop():
@@ -166,7 +172,6 @@ class OutputText:
                     break
         elif self.detok is not None:
             self.detok.push(tokens)
-            self._find_stop()
         self.tokens += tokens
         if lps is not None:
             if self.logprobs is None:
@@ -175,7 +180,20 @@ class OutputText:
         if self.stopped_here:
             self.finish_reason = "stop"
         elif out.finish_reason is not None:
-            self.finish_reason = "stop" if self.stop_at is not None else out.finish_reason
+            self.close(out.finish_reason)
+
+    def close(self, reason: str) -> None:
+        """The output ended (`reason`: the engine's finish reason): its whole text is final, a trailing
+        U+FFFD included, so a stop string is looked for once more (it ends at the last token)."""
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        self.finish_reason = "stop" if self._find_stop() else reason
+
+    def _end(self) -> int:
+        """Where the text that counts ends in `raw`: all of it once the output ended, else its complete
+        characters (`IncrementalDetokenizer.complete`)."""
+        return len(self.detok.raw) if self.finish_reason is not None else self.detok.complete
 
     def _find_stop(self) -> bool:
         """Look for a stop string in the text the last tokens added (and the `longest - 1` characters
@@ -185,7 +203,7 @@ class OutputText:
         if self._begin() is None:
             return False
         at = max(self.start, self.checked - self.longest + 1)
-        region = self.detok.since(at).rstrip()
+        region = self.detok.since(at)[: max(0, self._end() - at)].rstrip()
         hits = [i for s in self.stop if (i := region.find(s)) >= 0]
         if hits:
             self.stop_at = at + min(hits)
@@ -196,7 +214,7 @@ class OutputText:
     def _begin(self) -> int | None:
         """Where the text begins (after the leading whitespace), once a character other than one came."""
         if self.start is None and self.detok is not None:
-            raw = self.detok.raw  # whitespace so far: short
+            raw = self.detok.raw[: self._end()]  # whitespace so far: short
             if raw.strip():
                 self.start = len(raw) - len(raw.lstrip())
                 self.checked = self.sent = self.start
@@ -240,9 +258,8 @@ class RequestText:
         self.tokenizer = tokenizer
         self.prompt_ids = list(prompt_ids)
         self.stop = tuple(params.stop)
-        self.beams = params.num_beams > 1
         # Greedy and sampled requests have n outputs from the start; beams report theirs at the end.
-        self.expected = 0 if self.beams else params.n
+        self.expected = 0 if params.num_beams > 1 else params.n
         self.outputs: list[OutputText] = []
 
     def _take(self, deltas: list[NewTokens]) -> list[int]:
@@ -250,7 +267,7 @@ class RequestText:
         touched = []
         for i, delta in enumerate(deltas):
             while len(self.outputs) <= i:
-                self.outputs.append(OutputText(self.tokenizer, self.prompt_ids, self.stop, not self.beams))
+                self.outputs.append(OutputText(self.tokenizer, self.prompt_ids, self.stop))
             if delta.tokens or delta.finish_reason is not None:
                 self.outputs[i].add(delta)
                 touched.append(i)
@@ -276,7 +293,7 @@ class RequestText:
         """The last report: the rest of every output, each update with its finish reason."""
         self._take(deltas)
         for out in self.outputs:
-            out.finish_reason = out.finish_reason or "length"
+            out.close("length")
         return [out.update(i, final=True) for i, out in enumerate(self.outputs)]
 
     def token_outputs(self) -> list[TokenOutput]:
