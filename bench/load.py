@@ -6,6 +6,7 @@ the server's CPU per request (engine processes and HTTP processes apart), the lo
     python bench/load.py --hf                              # + transformers' offline batched generate
     python bench/load.py --dp 1,2                          # one engine process beside two (--dp)
     python bench/load.py --url http://127.0.0.1:8000       # an already running server (loopback only)
+    python bench/load.py --ref 58bc13d --stop "never-said"  # every request with a stop string, beside a commit
     python bench/load.py --ref 58bc13d --rounds 3 --requests 1024   # this tree beside commit 58bc13d
     python bench/load.py --ref HEAD --requests 64 --concurrency 16,64 --warmup 16   # smoke check: ~1x
 
@@ -310,6 +311,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=32, help="requests sent to each server before measuring")
     ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument(
+        "--stop",
+        default=None,
+        help="a stop string sent with every request (one that never matches: the text is watched every step)",
+    )
     ap.add_argument("--max-seconds", type=float, default=60)
     ap.add_argument("--ref", default=None, help="a commit: its server beside this tree's, same run")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every server, alternating with --ref")
@@ -331,6 +337,8 @@ def main() -> None:
     n = args.max_new_tokens
     # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
     bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
+    if args.stop:  # the engine (before issue 22) or the HTTP side (after) reads the text every step
+        bodies = [{**b, "stop": [args.stop]} for b in bodies]
     dps = [int(d) for d in args.dp.split(",")]
     print(f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client "
           f"processes; {args.requests} requests per level")  # fmt: skip

@@ -138,10 +138,18 @@ class EngineLifecycle:
             request = self.engine.request(pixels, "warmup", "warm up", params)
         await self.client.submit(request)  # through the serving path itself: client, loop, runner, cache
         self.ready = True
+        self._ready_gauge(1)
+
+    def _ready_gauge(self, value: int) -> None:
+        """`blipserve_ready` of an in-process engine (`--engine thread`); an engine process sets its own."""
+        metrics = getattr(self.client, "metrics", None)
+        if not self.remote and metrics is not None:
+            metrics.ready.set(value)
 
     async def shutdown(self) -> None:
         """Finish every accepted request, then stop the engine (thread, or the process we started)."""
         self.ready = False
+        self._ready_gauge(0)
         timeout = self.settings.graceful_timeout_s
         if self.remote:
             await self.client.close()  # first: the engine's exit below is no death to report

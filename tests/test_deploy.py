@@ -94,6 +94,14 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
+def test_the_ready_gauge_is_1_once_the_server_serves(live):
+    """`blipserve_ready` (what dashboards and the BlipserveNotReady alert read) with the in-process engine
+    too: it stayed 0 with `--engine thread` (only an engine process set it)."""
+    assert httpx.get(live + "/ready").status_code == 200
+    samples = [line.split() for line in httpx.get(live + "/metrics").text.splitlines()]
+    assert ["blipserve_ready", "1.0"] in samples
+
+
 @pytest.mark.slow  # a lint tool (promtool)
 @needs_promtool
 def test_promtool_checks_metrics_and_rules(live):
