@@ -23,14 +23,17 @@ from .protocol import (
     Abort,
     Accepted,
     Add,
+    Done,
     Hello,
     HttpObservation,
     Info,
     Load,
     MetricsQuery,
     MetricsText,
+    Progress,
     Rejected,
     Shutdown,
+    StepOutputs,
     decode_to_engine,
     encode,
     pixels_of,
@@ -179,7 +182,9 @@ class EngineIO:
         return sock
 
     def _finished(self, seqs: list[Sequence]) -> None:
-        pipe = self._pipe()
+        """The step's finished requests: one `StepOutputs` per HTTP process (the engine thread)."""
+        by_owner: dict[bytes, list[Done]] = {}
+        load = self.load()
         for seq in seqs:
             with self._lock:
                 owner = self._owners.pop(seq.seq_id, None)
@@ -187,14 +192,21 @@ class EngineIO:
                     self._seqs.pop(owner, None)
             if owner is not None:
                 done = done_of(seq, owner[1])
-                done.load = self.load()
-                pipe.send_multipart([owner[0], encode(done)])
+                done.load = load
+                by_owner.setdefault(owner[0], []).append(done)
+        pipe = self._pipe()
+        for who, dones in by_owner.items():
+            pipe.send_multipart([who, encode(StepOutputs(done=dones))])
 
     def _progress(self, seqs: list[Sequence]) -> None:
-        pipe = self._pipe()
-        for seq in seqs:
-            with self._lock:
-                owner = self._owners.get(seq.seq_id)
+        """The step's new tokens of reporting requests: one `StepOutputs` per HTTP process."""
+        by_owner: dict[bytes, list[Progress]] = {}
+        with self._lock:
+            owners = [self._owners.get(seq.seq_id) for seq in seqs]
+        for seq, owner in zip(seqs, owners, strict=True):
             progress = progress_of(seq, owner[1]) if owner is not None else None
             if progress is not None:
-                pipe.send_multipart([owner[0], encode(progress)])
+                by_owner.setdefault(owner[0], []).append(progress)
+        pipe = self._pipe()
+        for who, items in by_owner.items():
+            pipe.send_multipart([who, encode(StepOutputs(progress=items))])

@@ -34,6 +34,7 @@ from batching.protocol import (
     MetricsText,
     Progress,
     Rejected,
+    StepOutputs,
     add_message,
     decode_from_engine,
     encode,
@@ -157,7 +158,13 @@ class ProcessClient(EngineClient):
             except Exception:
                 log.exception("undecodable message from the engine")
                 continue
-            if isinstance(msg, Progress):
+            if isinstance(msg, StepOutputs):
+                for progress in msg.progress:
+                    self._deliver_progress(progress)
+                for done in msg.done:
+                    self.load = done.load or self.load
+                    self._deliver_done(done)
+            elif isinstance(msg, Progress):
                 self._deliver_progress(msg)
             elif isinstance(msg, Done):
                 self.load = msg.load or self.load

@@ -6,7 +6,8 @@ frame): no pickling and no copy of the image on the way in. Two sockets per HTTP
 
 - requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservation`,
   `Shutdown`; the engine's input thread answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it.
-- results (the engine's ROUTER -> DEALER): `Progress` (streaming) and `Done`, sent by the engine loop.
+- results (the engine's ROUTER -> DEALER): `StepOutputs`, one per HTTP process per engine step, carrying
+  the `Progress` (new tokens) and `Done` of that process's requests.
 
 Results carry token ids only, and of each output only what was not reported before
 (`model.data.detokenizer.unreported`): the HTTP process gathers them and makes the text, stop strings
@@ -154,8 +155,18 @@ class Done(msgspec.Struct, tag=True):
         return self.finish_reason in ("stop", "length")
 
 
+class StepOutputs(msgspec.Struct, tag=True):
+    """What one engine step reports to one HTTP process, in one message (vLLM's `EngineCoreOutputs`):
+    the progress of its requests that gained tokens, or the ends of those that finished. One message per
+    process per step, not one per request: the cost of a message (ZMQ frames, the I/O thread, the HTTP
+    process's event loop) is paid once, however many requests it carries."""
+
+    progress: list[Progress] = []
+    done: list[Done] = []
+
+
 ToEngine = Add | Abort | Hello | MetricsQuery | HttpObservation | Shutdown
-FromEngine = Accepted | Rejected | Info | MetricsText | Progress | Done
+FromEngine = Accepted | Rejected | Info | MetricsText | Progress | Done | StepOutputs
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)

@@ -25,6 +25,7 @@ from batching.protocol import (
     Done,
     Info,
     Progress,
+    StepOutputs,
     add_message,
     decode_from_engine,
     decode_to_engine,
@@ -71,6 +72,7 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
         Done(4, "stop", 0.25, outputs, None),
         Done(5, "stop", 0.0, [], RetrievalOutput([0.5], [0.25], [[1.0, 0.0]], [])),
         Progress(4, outputs, 0.5),
+        StepOutputs([Progress(4, outputs, 0.5), Progress(7, outputs[:1], 0.0)], [Done(5, "length", 0.1)]),
     ):
         assert decode_from_engine(encode(message)) == message
 
