@@ -25,5 +25,19 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(scope="module")
+def root(checkpoints) -> Path:
+    """The default tiny checkpoint's folder (the batch-job tests' model; a module may define its own)."""
+    return checkpoints("pre_ln")[0]
+
+
+@pytest.fixture(scope="module")
+def engine(root: Path):
+    """The offline engine on `root`, float32 on the CPU (a module may define its own)."""
+    from model.engine import Blip2Engine
+
+    return Blip2Engine.load_dir(root, str(root), "cpu", "float32")
+
+
 def random_pixels(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

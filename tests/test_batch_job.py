@@ -20,19 +20,8 @@ from batch_data import (
 )
 from live import png_bytes
 
-from model.engine import Blip2Engine
 from server.batch.cli import run_batch
 from server.batch.sources import expand_braces
-
-
-@pytest.fixture(scope="module")
-def root(checkpoints) -> Path:
-    return checkpoints("pre_ln")[0]
-
-
-@pytest.fixture(scope="module")
-def engine(root) -> Blip2Engine:
-    return Blip2Engine.load_dir(root, str(root), "cpu", "float32")
 
 
 def flags(root: Path, *more: str) -> list[str]:

@@ -23,22 +23,11 @@ from batch_data import (
 )
 from live import free_port, png_bytes, serve_in_thread
 
-from model.engine import Blip2Engine
 from server.batch import backends
 from server.batch.cli import run_batch
 from server.batch.sources import Columns, Shard, ShardError, find_shards
 from server.batch.store import ShardStore
 from server.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def root(checkpoints) -> Path:
-    return checkpoints("pre_ln")[0]
-
-
-@pytest.fixture(scope="module")
-def engine(root) -> Blip2Engine:
-    return Blip2Engine.load_dir(root, str(root), "cpu", "float32")
 
 
 def flags(root: Path | str, *more: str) -> list[str]:

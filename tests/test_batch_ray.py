@@ -19,11 +19,6 @@ from server.batch.ray_job import Captioner, read_task
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def root(checkpoints) -> Path:
-    return checkpoints("pre_ln")[0]
-
-
 def model_flags(root: Path) -> list[str]:
     return ["--model", str(root), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8", "--quiet"]
 

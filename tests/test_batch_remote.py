@@ -32,11 +32,6 @@ from server.service import Service
 from server.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def root(checkpoints) -> Path:
-    return checkpoints("pre_ln")[0]
-
-
 def model_flags(root: Path) -> list[str]:
     return ["--model", str(root), "--device", "cpu", "--dtype", "float32", "--max-running-seqs", "8"]
 

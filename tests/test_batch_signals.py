@@ -21,11 +21,6 @@ pytestmark = pytest.mark.slow  # each starts a Python with torch (10-20 s on a b
 COUNT = 48
 
 
-@pytest.fixture(scope="module")
-def root(checkpoints) -> Path:
-    return checkpoints("pre_ln")[0]
-
-
 def job_args(root: Path, images: Path, out: Path) -> list[str]:
     # Two rows at a time, 30 tokens each: slow enough to be caught in the middle.
     return [
