@@ -55,6 +55,14 @@ _BYTE_OF = _byte_level_alphabet()
 CONTEXT_TOKENS = 8
 
 
+def text_after(before: str, text: str) -> str:
+    """What `text` (the decode of context + new tokens) adds to `before` (the context's decode). Should
+    a decoder rewrite the end of the context's text once more follows (a clean-up of spaces across
+    tokens), the continuation starts after the part the two texts share."""
+    start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
+    return text[start:]
+
+
 class TextTokenizer:
     """The checkpoint's tokenizer: prompt ids, and the text of generated ids."""
 
@@ -135,10 +143,7 @@ class TextTokenizer:
         near = list(context[-CONTEXT_TOKENS:])
         before = self.tokenizer.decode(near, skip_special_tokens=True)
         text = self.tokenizer.decode(near + list(ids), skip_special_tokens=True)
-        # Should a decoder rewrite the end of the context's text once more follows (a clean-up of
-        # spaces across tokens), the continuation starts after the part the two texts share.
-        start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
-        return text[start:].strip()
+        return text_after(before, text).strip()
 
     def continuation(self, context: Sequence[int]) -> Callable[[list[int]], str]:
         """`decode` of generated ids after the decoder's prompt `context` (stop strings, streaming)."""
