@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +144,3 @@ class TextTokenizer:
         before = self.tokenizer.decode(near, skip_special_tokens=True)
         text = self.tokenizer.decode(near + list(ids), skip_special_tokens=True)
         return text_after(before, text).strip()
-
-    def continuation(self, context: Sequence[int]) -> Callable[[list[int]], str]:
-        """`decode` of generated ids after the decoder's prompt `context` (stop strings, streaming)."""
-        context = list(context[-CONTEXT_TOKENS:])
-        return lambda ids: self.decode(ids, context)
