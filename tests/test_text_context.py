@@ -57,7 +57,6 @@ def test_continuations_equal_transformers(tokenizers, kind):
                 new = ids[k:end]
                 got = ours.decode(new, context)
                 assert got == reference(hf, context, new), (kind, context, new)
-                assert ours.continuation(context)(new) == got
                 checked += 1
                 alone_differs += got != ours.decode(new)
     # Long contexts (only their last CONTEXT_TOKENS are read) were checked.

@@ -14,7 +14,6 @@ the engine can be told to stop the request.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ import msgspec
 
 from ..decoding.generation import SamplingParams, TokenLogprob, TokenOutput
 from .textstream import INCOMPLETE
-from .tokenizer import CONTEXT_TOKENS, TextTokenizer
+from .tokenizer import CONTEXT_TOKENS, TextTokenizer, text_after
 
 
 class NewTokens(msgspec.Struct, array_like=True):
@@ -91,11 +90,7 @@ class IncrementalDetokenizer:
             self.read = self.read_closed
         self.ids.extend(tokens)
         text = self._decode(self.ids[self.prefix :])
-        before = self.prefix_text
-        # As `TextTokenizer.decode`: should a decoder rewrite the context's end once more follows, the
-        # window's text starts after the part the two share.
-        start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
-        new = text[start:]
+        new = text_after(self.prefix_text, text)  # as `TextTokenizer.decode`
         if new.endswith(INCOMPLETE):
             self.pending = new
             return

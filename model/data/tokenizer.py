@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,14 @@ _BYTE_OF = _byte_level_alphabet()
 # depends on the tokens just before it (a WordPiece `##` joins a word, a SentencePiece `▁` is dropped
 # only at the start, byte-level tokens may split a character); vLLM's incremental detokenizer reads 5.
 CONTEXT_TOKENS = 8
+
+
+def text_after(before: str, text: str) -> str:
+    """What `text` (the decode of context + new tokens) adds to `before` (the context's decode). Should
+    a decoder rewrite the end of the context's text once more follows (a clean-up of spaces across
+    tokens), the continuation starts after the part the two texts share."""
+    start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
+    return text[start:]
 
 
 class TextTokenizer:
@@ -135,12 +143,4 @@ class TextTokenizer:
         near = list(context[-CONTEXT_TOKENS:])
         before = self.tokenizer.decode(near, skip_special_tokens=True)
         text = self.tokenizer.decode(near + list(ids), skip_special_tokens=True)
-        # Should a decoder rewrite the end of the context's text once more follows (a clean-up of
-        # spaces across tokens), the continuation starts after the part the two texts share.
-        start = len(before) if text.startswith(before) else len(os.path.commonprefix([before, text]))
-        return text[start:].strip()
-
-    def continuation(self, context: Sequence[int]) -> Callable[[list[int]], str]:
-        """`decode` of generated ids after the decoder's prompt `context` (stop strings, streaming)."""
-        context = list(context[-CONTEXT_TOKENS:])
-        return lambda ids: self.decode(ids, context)
+        return text_after(before, text).strip()

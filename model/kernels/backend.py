@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..arch.family import DECODE_ATTENTION
 from ..checkpoint.config import Blip2Config, BlipConfig, OPTConfig, architecture
 from . import add_layer_norm, decode_attention
 
-BACKEND_CHOICES = ("auto", "sdpa", "triton")
+BACKEND_CHOICES = ("auto", *DECODE_ATTENTION)
 
 
 def choose_decode_attention(
