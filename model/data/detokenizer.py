@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from ..decoding.generation import SamplingParams, TokenLogprob, TokenOutput
-from .textstream import INCOMPLETE
+from .textstream import INCOMPLETE, first_stop
 from .tokenizer import CONTEXT_TOKENS, TextTokenizer, text_after
 
 
@@ -199,9 +199,9 @@ class OutputText:
             return False
         at = max(self.start, self.checked - self.longest + 1)
         region = self.detok.since(at)[: max(0, self._end() - at)].rstrip()
-        hits = [i for s in self.stop if (i := region.find(s)) >= 0]
-        if hits:
-            self.stop_at = at + min(hits)
+        hit = first_stop(region, self.stop)
+        if hit is not None:
+            self.stop_at = at + hit
             return True
         self.checked = max(self.checked, min(at + len(region), len(self.detok.settled)))
         return False

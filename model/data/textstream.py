@@ -11,7 +11,13 @@ from __future__ import annotations
 INCOMPLETE = "\ufffd"  # what a dangling UTF-8 byte sequence decodes to
 
 
+def first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the earliest of the stop strings begins in `text` (a character index); None if none does."""
+    cuts = [i for s in stop if (i := text.find(s)) >= 0]
+    return min(cuts) if cuts else None
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the earliest stop string, and whether there was one."""
-    cuts = [i for s in stop if (i := text.find(s)) >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+    at = first_stop(text, stop)
+    return (text, False) if at is None else (text[:at], True)
