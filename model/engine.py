@@ -233,22 +233,21 @@ class Blip2Engine(Frontend):
         overlap = self.device.type == "cuda" if overlap is None else overlap
         # Every request admitted in the first step, its images one vision batch inside it.
         scheduler = Scheduler(rows, len(requests), len(requests), self.eos_ids, background_vision=False)
-        front: list[OfflineFrontEnd] = []  # stop strings, read after each step as the server's client does
+        loop = EngineCore(runner, scheduler, max_wait_ms=0, overlap=overlap, raise_errors=True)
+        seqs = [loop.add(r) for r in requests]
+        # Stop strings, read after each step as the server's engine client does.
+        front = OfflineFrontEnd(self.tokenizer, requests, seqs, loop.cancel)
 
         def after_step(plan: object, out: StepOutput, sched: object) -> None:
             if on_step is not None:
                 on_step(out)
-            front[0].step()
+            front.step()
 
-        loop = EngineCore(
-            runner, scheduler, max_wait_ms=0, on_step=after_step, overlap=overlap, raise_errors=True
-        )
-        seqs = [loop.add(r) for r in requests]
-        front.append(OfflineFrontEnd(self.tokenizer, requests, seqs, loop.cancel))
+        loop.on_step = after_step
         while loop.has_work:
             loop.step()
         return [
-            self.result(r, outs, texts) for r, (outs, texts) in zip(requests, front[0].results(), strict=True)
+            self.result(r, outs, texts) for r, (outs, texts) in zip(requests, front.results(), strict=True)
         ]
 
     def caption(
