@@ -234,6 +234,24 @@ def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
     return removed
 
 
+def new_workdir() -> str:
+    """A fresh working directory for this server (engine sockets, tiny-random's files), after removing
+    those that servers killed outright left behind."""
+    for stale in remove_stale_workdirs():
+        log.info("removed %s, left by a server that is gone", stale)
+    return tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+
+
+def checkpoint_root(settings: Settings, workdir: str, root: Path | None = None) -> Path:
+    """The checkpoint's local directory: tiny-random's written into `workdir`, else `root` when the
+    caller has resolved it, else the hub id fetched (once, here)."""
+    if settings.model == TINY_RANDOM:
+        from model.checkpoint.tiny import write_tiny_checkpoint
+
+        return write_tiny_checkpoint(Path(workdir) / "tiny")
+    return root or resolve_checkpoint(settings.model, settings.revision)
+
+
 class EngineProcess:
     """Start, watch and stop an engine process (the server's main process owns it). One thread reaps
     it (`_reap`); everything else waits on that thread's event, never on the process itself (two
@@ -259,9 +277,7 @@ class EngineProcess:
         self.env = dict(env or {})
         self._own_dir = workdir is None
         if workdir is None:
-            for stale in remove_stale_workdirs():
-                log.info("removed %s, left by a server that is gone", stale)
-            self._dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+            self._dir = new_workdir()
             self.address = f"ipc://{self._dir}/engine.sock"
         else:
             self._dir = workdir
@@ -269,12 +285,8 @@ class EngineProcess:
         self.model_id = settings.model_name
         if root is not None and workdir is not None:
             self.root = root
-        elif settings.model == TINY_RANDOM:
-            from model.checkpoint.tiny import write_tiny_checkpoint
-
-            self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
-        else:  # a hub id is fetched once, here
-            self.root = root or resolve_checkpoint(settings.model, settings.revision)
+        else:
+            self.root = checkpoint_root(settings, self._dir, root)
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.exited = threading.Event()  # set by the reaper once the process is gone
         self.exitcode: int | None = None
