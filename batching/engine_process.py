@@ -41,12 +41,6 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    """--device as torch names it ("auto": cuda where a device is visible, else cpu), checked by
-    `model.placement.resolve_device` (ValueError for a device this host cannot use)."""
-    return str(placement.resolve_device(device))
-
-
 @dataclass(frozen=True)
 class EngineHandle:
     """Where an engine process listens and what it serves: all an HTTP process needs to use it."""
@@ -91,7 +85,7 @@ def engine_guard(engine: Blip2Engine, runner: ModelRunner) -> RequestGuard:
 def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     """The model of `settings` (from `root`, its local directory, when the caller has resolved it),
     served under `settings.model_name`."""
-    device = resolve_device(settings.device)
+    device = placement.resolve_device(settings.device)  # checked before a hub id is fetched
     # bitsandbytes' LLM.int8 layers go in after loading: the decode step stays on PyTorch's ops there.
     attention = "sdpa" if settings.quantize == "llm.int8" else "auto"
     if root is None and settings.model == TINY_RANDOM:
