@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -22,16 +21,9 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint.loader import resolve_checkpoint
-from model.engine import TINY_RANDOM
 from server.settings import Settings
 
-from .engine_process import (
-    WORKDIR_PREFIX,
-    EngineHandle,
-    EngineProcess,
-    remove_stale_workdirs,
-)
+from .engine_process import EngineHandle, EngineProcess, checkpoint_root, new_workdir
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +74,8 @@ class EngineGroup:
         (from a reaper thread) when an engine dies once too often: the server must end."""
         self.settings = settings
         self.on_fatal = on_fatal
-        for stale in remove_stale_workdirs():
-            log.info("removed %s, left by a server that is gone", stale)
-        self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-        if settings.model == TINY_RANDOM:
-            from model.checkpoint.tiny import write_tiny_checkpoint
-
-            root = write_tiny_checkpoint(Path(self.workdir) / "tiny")
-        else:
-            root = root or resolve_checkpoint(settings.model, settings.revision)
+        self.workdir = new_workdir()
+        root = checkpoint_root(settings, self.workdir, root)
         self.engines = []
         for i, device in enumerate(plan_devices(settings)):
             child, env = engine_settings(settings, device)

@@ -23,14 +23,12 @@ from .protocol import (
     Abort,
     Accepted,
     Add,
-    Done,
     Hello,
     HttpObservation,
     Info,
     Load,
     MetricsQuery,
     MetricsText,
-    Progress,
     Rejected,
     Shutdown,
     StepOutputs,
@@ -183,30 +181,33 @@ class EngineIO:
 
     def _finished(self, seqs: list[Sequence]) -> None:
         """The step's finished requests: one `StepOutputs` per HTTP process (the engine thread)."""
-        by_owner: dict[bytes, list[Done]] = {}
+        batches: dict[bytes, StepOutputs] = {}
         load = self.load()
-        for seq in seqs:
-            with self._lock:
-                owner = self._owners.pop(seq.seq_id, None)
+        with self._lock:
+            owners = [self._owners.pop(seq.seq_id, None) for seq in seqs]
+            for owner in owners:
                 if owner is not None:
                     self._seqs.pop(owner, None)
+        for seq, owner in zip(seqs, owners, strict=True):
             if owner is not None:
                 done = done_of(seq, owner[1])
                 done.load = load
-                by_owner.setdefault(owner[0], []).append(done)
-        pipe = self._pipe()
-        for who, dones in by_owner.items():
-            pipe.send_multipart([who, encode(StepOutputs(done=dones))])
+                batches.setdefault(owner[0], StepOutputs()).done.append(done)
+        self._send(batches)
 
     def _progress(self, seqs: list[Sequence]) -> None:
         """The step's new tokens of reporting requests: one `StepOutputs` per HTTP process."""
-        by_owner: dict[bytes, list[Progress]] = {}
+        batches: dict[bytes, StepOutputs] = {}
         with self._lock:
             owners = [self._owners.get(seq.seq_id) for seq in seqs]
         for seq, owner in zip(seqs, owners, strict=True):
             progress = progress_of(seq, owner[1]) if owner is not None else None
             if progress is not None:
-                by_owner.setdefault(owner[0], []).append(progress)
+                batches.setdefault(owner[0], StepOutputs()).progress.append(progress)
+        self._send(batches)
+
+    def _send(self, batches: dict[bytes, StepOutputs]) -> None:
+        """Each HTTP process's message of this step, to the I/O thread through the pipe."""
         pipe = self._pipe()
-        for who, items in by_owner.items():
-            pipe.send_multipart([who, encode(StepOutputs(progress=items))])
+        for who, message in batches.items():
+            pipe.send_multipart([who, encode(message)])

@@ -41,12 +41,6 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    """--device as torch names it ("auto": cuda where a device is visible, else cpu), checked by
-    `model.placement.resolve_device` (ValueError for a device this host cannot use)."""
-    return str(placement.resolve_device(device))
-
-
 @dataclass(frozen=True)
 class EngineHandle:
     """Where an engine process listens and what it serves: all an HTTP process needs to use it."""
@@ -91,7 +85,7 @@ def engine_guard(engine: Blip2Engine, runner: ModelRunner) -> RequestGuard:
 def load_engine(settings: Settings, root: Path | None = None) -> Blip2Engine:
     """The model of `settings` (from `root`, its local directory, when the caller has resolved it),
     served under `settings.model_name`."""
-    device = resolve_device(settings.device)
+    device = placement.resolve_device(settings.device)  # checked before a hub id is fetched
     # bitsandbytes' LLM.int8 layers go in after loading: the decode step stays on PyTorch's ops there.
     attention = "sdpa" if settings.quantize == "llm.int8" else "auto"
     if root is None and settings.model == TINY_RANDOM:
@@ -234,6 +228,24 @@ def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
     return removed
 
 
+def new_workdir() -> str:
+    """A fresh working directory for this server (engine sockets, tiny-random's files), after removing
+    those that servers killed outright left behind."""
+    for stale in remove_stale_workdirs():
+        log.info("removed %s, left by a server that is gone", stale)
+    return tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+
+
+def checkpoint_root(settings: Settings, workdir: str, root: Path | None = None) -> Path:
+    """The checkpoint's local directory: tiny-random's written into `workdir`, else `root` when the
+    caller has resolved it, else the hub id fetched (once, here)."""
+    if settings.model == TINY_RANDOM:
+        from model.checkpoint.tiny import write_tiny_checkpoint
+
+        return write_tiny_checkpoint(Path(workdir) / "tiny")
+    return root or resolve_checkpoint(settings.model, settings.revision)
+
+
 class EngineProcess:
     """Start, watch and stop an engine process (the server's main process owns it). One thread reaps
     it (`_reap`); everything else waits on that thread's event, never on the process itself (two
@@ -259,9 +271,7 @@ class EngineProcess:
         self.env = dict(env or {})
         self._own_dir = workdir is None
         if workdir is None:
-            for stale in remove_stale_workdirs():
-                log.info("removed %s, left by a server that is gone", stale)
-            self._dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+            self._dir = new_workdir()
             self.address = f"ipc://{self._dir}/engine.sock"
         else:
             self._dir = workdir
@@ -269,12 +279,8 @@ class EngineProcess:
         self.model_id = settings.model_name
         if root is not None and workdir is not None:
             self.root = root
-        elif settings.model == TINY_RANDOM:
-            from model.checkpoint.tiny import write_tiny_checkpoint
-
-            self.root = write_tiny_checkpoint(Path(self._dir) / "tiny")
-        else:  # a hub id is fetched once, here
-            self.root = root or resolve_checkpoint(settings.model, settings.revision)
+        else:
+            self.root = checkpoint_root(settings, self._dir, root)
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.exited = threading.Event()  # set by the reaper once the process is gone
         self.exitcode: int | None = None

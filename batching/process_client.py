@@ -2,8 +2,8 @@
 
 Requests go out as `Add` + pixel frame; `add` returns once the engine has accepted (or refused: queue
 full -> QueueFull, shutting down -> EngineStopped, invalid -> ValueError). Results come back as
-`Progress` / `Done` on the same socket. If the engine process dies, every open request fails at once
-(`engine_died`), `healthy` turns False and `on_engine_death` runs. With `rejoin` (one engine of --dp,
+`StepOutputs` (each step's `Progress` / `Done`) on the same socket. If the engine process dies, every
+open request fails at once (`engine_died`), `healthy` turns False and `on_engine_death` runs. With `rejoin` (one engine of --dp,
 which the main process restarts), it then says Hello every half second until the engine answers again.
 Acks and results carry the engine's `Load`, kept in `load` for the data-parallel router.
 """
@@ -25,14 +25,12 @@ from batching.client import EngineClient, Ticket
 from batching.protocol import (
     Abort,
     Accepted,
-    Done,
     Hello,
     HttpObservation,
     Info,
     Load,
     MetricsQuery,
     MetricsText,
-    Progress,
     Rejected,
     StepOutputs,
     add_message,
@@ -164,11 +162,6 @@ class ProcessClient(EngineClient):
                 for done in msg.done:
                     self.load = done.load or self.load
                     self._deliver_done(done)
-            elif isinstance(msg, Progress):
-                self._deliver_progress(msg)
-            elif isinstance(msg, Done):
-                self.load = msg.load or self.load
-                self._deliver_done(msg)
             elif isinstance(msg, Accepted | Rejected):
                 self.load = msg.load or self.load
                 ack = self._acks.pop(msg.req_id, None)
