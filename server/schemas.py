@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from model.decoding.generation import SAMPLING_BOUNDS
+from model.decoding.generation import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_BOUNDS
 
 # Each setting's range, as `SamplingParams` checks it (one source for both).
 _B = {name: bound.kwargs() for name, bound in SAMPLING_BOUNDS.items()}
@@ -42,15 +42,17 @@ class GenerationParams(BaseModel):
         None, **_B["logprobs"], description="per token: its log-probability and this many top alternatives"
     )
     stop: list[str] | None = Field(
-        None, max_length=4, description="up to 4 strings; generation ends at one, cut from the text"
+        None,
+        max_length=MAX_STOP_STRINGS,
+        description=f"up to {MAX_STOP_STRINGS} strings; generation ends at one, cut from the text",
     )
     stream: bool = Field(False, description="Server-Sent Events: text deltas, then a final event")
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not s or len(s) > 100 for s in value):
-            raise ValueError("each stop string must be 1 to 100 characters")
+        if value is not None and any(not s or len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
         return value
 
 

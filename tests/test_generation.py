@@ -108,6 +108,27 @@ def test_float_settings_take_integers_but_not_bools():
             SamplingParams(**{name: "1"})
 
 
+def test_none_do_sample_and_stop_lists_are_checked_as_the_http_schema_does():
+    """None only where it means something (seed, logprobs); do_sample a bool ("no" sampled before);
+    stop a list of at most 4 strings of 1-100 characters, as over HTTP (5 were accepted offline)."""
+    assert SamplingParams(seed=None, logprobs=None).seed is None
+    for name, wrong, problem in (
+        ("n", None, "must be an integer, got None"),
+        ("num_beams", None, "must be an integer, got None"),
+        ("temperature", None, "must be a number, got None"),
+        ("do_sample", "no", "must be True or False, got 'no'"),
+        ("stop", None, "must be a list of up to 4 strings, got None"),
+        ("stop", "man", "must be a list of up to 4 strings, got 'man'"),
+        ("stop", ["a"] * 5, "must be a list of up to 4 strings, got ['a', 'a', 'a', 'a', 'a']"),
+        ("stop", ["x" * 101], "each stop string must be 1 to 100 characters"),
+        ("stop", [""], "each stop string must be 1 to 100 characters"),
+    ):
+        with pytest.raises(SamplingError) as exc:
+            SamplingParams(**{name: wrong})
+        assert exc.value.field == name and str(exc.value) == f"{name}: {problem}"
+    assert SamplingParams(stop=["a", "b", "c", "x" * 100]).stop == ["a", "b", "c", "x" * 100]
+
+
 def test_prompt_longer_than_model_is_rejected(engine):
     with pytest.raises(ValueError, match="positions"):
         engine.generate([random_pixels(1)[0]], ["cat " * 200])

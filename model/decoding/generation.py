@@ -110,6 +110,13 @@ INTEGER_SETTINGS = frozenset(
 )
 
 
+# Stop strings per request and characters per stop string (the HTTP schema takes the same).
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 100
+# The settings whose None means something (no seed: a random one; no logprobs: off).
+OPTIONAL_SETTINGS = frozenset(("seed", "logprobs"))
+
+
 def _is_int(value: object) -> bool:
     """An integer (Python's or numpy's), not a bool (which Python counts as one)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -143,7 +150,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name, bound in SAMPLING_BOUNDS.items():
             value = getattr(self, name)
-            if value is None:
+            if value is None and name in OPTIONAL_SETTINGS:
                 continue
             if name in INTEGER_SETTINGS and not _is_int(value):  # 3.5 fails in torch; True is no count
                 raise SamplingError(name, f"must be an integer, got {value!r}")
@@ -151,8 +158,14 @@ class SamplingParams:
                 raise SamplingError(name, f"must be a number, got {value!r}")
             if not bound.holds(value):
                 raise SamplingError(name, f"must be {bound}, got {value!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise SamplingError("stop", "each stop string must be a non-empty string")
+        if not isinstance(self.do_sample, bool):
+            raise SamplingError("do_sample", f"must be True or False, got {self.do_sample!r}")
+        if not isinstance(self.stop, tuple | list) or len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingError(
+                "stop", f"must be a list of up to {MAX_STOP_STRINGS} strings, got {self.stop!r}"
+            )
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise SamplingError("stop", f"each stop string must be 1 to {MAX_STOP_CHARS} characters")
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingError("min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens})")
         if self.do_sample and self.num_beams > 1:
