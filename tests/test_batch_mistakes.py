@@ -333,3 +333,18 @@ def test_streaming_lines_are_refused_and_the_job_goes_on(tmp_path, root) -> None
     for more in ([], ["--retry-errors"]):
         assert run_batch(flags(root, str(tmp_path / "oai.jsonl"), "-o", str(out), *more)) == 1
         check_unbatchable(out)
+
+
+def test_openai_errors_name_the_files_own_line_numbers(tmp_path, root) -> None:
+    """Blank lines count in the line numbers a user looks for (they were skipped before counting: the
+    bad lines below were called line-2 and line-3)."""
+    path = tmp_path / "requests.jsonl"
+    path.write_text('[1, 2]\n\nnot json\n{"method": "POST"}\n')
+    out = tmp_path / "results.jsonl"
+    assert run_batch(flags(root, str(path), "-o", str(out))) == 1
+    errors = {r["custom_id"]: r["error"]["message"] for r in read_rows(out)}
+    assert errors == {
+        "line-1": "line 1: custom_id (a string) is required",
+        "line-3": "line 3: not valid JSON",
+        "line-4": "line 4: custom_id (a string) is required",
+    }

@@ -324,24 +324,26 @@ def _parquet_image(value: Any, folder: Path) -> tuple[bytes | Path | str | None,
 def _openai_rows(shard: Shard, columns: Columns, done: dict[int, str]) -> Iterator[Row]:
     seen: set[str] = set()
     with shard.path.open("rb") as f:
-        lines = (line for line in f if line.strip())
-        for i, line in enumerate(lines):
-            row = _openai_row(i, line)
+        # Rows count the non-blank lines (the journal's index); errors name the file's own line number.
+        lines = ((number, line) for number, line in enumerate(f, start=1) if line.strip())
+        for i, (number, line) in enumerate(lines):
+            row = _openai_row(i, number, line)
             if row.key in seen and row.error is None:
                 row.error = f"custom_id {row.key!r} is not unique in the file"
             seen.add(row.key)
             yield Row(i, row.key) if i in done else row
 
 
-def _openai_row(index: int, line: bytes) -> Row:
-    """A batch request line; an unusable one becomes a row with `error` (its key: line-N)."""
+def _openai_row(index: int, number: int, line: bytes) -> Row:
+    """Row `index` of the batch file, on its line `number` (1-based, blank lines counted); an unusable
+    one becomes a row with `error` (its key: line-N)."""
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return Row(index, f"line-{index + 1}", request={}, error=f"line {index + 1}: not valid JSON")
+        return Row(index, f"line-{number}", request={}, error=f"line {number}: not valid JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
-        error = f"line {index + 1}: custom_id (a string) is required"
-        return Row(index, f"line-{index + 1}", request={}, error=error)
+        error = f"line {number}: custom_id (a string) is required"
+        return Row(index, f"line-{number}", request={}, error=error)
     row = Row(index, obj["custom_id"], request=obj)
     if str(obj.get("method", "POST")).upper() != "POST":
         row.error = "method: only POST is supported"
