@@ -86,6 +86,14 @@ async def fetch_image(url: str, allowlist: list[str], max_bytes: int, timeout_s:
         raise ApiError(400, f"image URL could not be fetched ({type(exc).__name__})") from None
 
 
+async def fetch_within(url: str, settings: Settings) -> bytes:
+    """`fetch_image` within the settings' bounds: the allowlist, `max_body_mb` and the timeout (whether
+    URLs are fetched at all is the caller's to check)."""
+    max_bytes = int(settings.max_body_mb * (1 << 20))
+    allowlist, timeout_s = settings.image_url_allowlist, settings.image_url_timeout_s
+    return await fetch_image(url.strip(), allowlist, max_bytes, timeout_s)
+
+
 async def fetch_field(url: str, field: str, settings: Settings) -> bytes:
     """The image at `url`, sent in the request's `field`, as the settings allow: a 400 naming the field
     and --allow-image-urls where URLs are off, and every refusal of `fetch_image` named by the field."""
@@ -96,9 +104,7 @@ async def fetch_field(url: str, field: str, settings: Settings) -> bytes:
             "send the image's bytes (base64)",
             param=field,
         )
-    max_bytes = int(settings.max_body_mb * (1 << 20))
-    allowlist, timeout_s = settings.image_url_allowlist, settings.image_url_timeout_s
     try:
-        return await fetch_image(url.strip(), allowlist, max_bytes, timeout_s)
+        return await fetch_within(url, settings)
     except ApiError as exc:
         raise ApiError(exc.status, f"{field}: {exc.message}", exc.headers, field, exc.code) from None

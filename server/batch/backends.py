@@ -27,7 +27,7 @@ from model.decoding.generation import SamplingParams
 from model.engine import GenerationResult
 
 from ..errors import TYPES, ApiError, invalid
-from ..fetch import fetch_image
+from ..fetch import fetch_within
 from ..inputs import Prepared
 from ..replies import choices_json
 from ..schemas import CaptionRequest, VQARequest
@@ -106,10 +106,7 @@ async def fetch_url(url: str, settings: Settings) -> bytes:
     """An image URL through the server's SSRF-safe fetcher; refused unless `allow_image_urls`."""
     if not settings.allow_image_urls:
         raise ApiError(400, "image URLs are not fetched unless --allow-image-urls is given")
-    max_bytes = int(settings.max_body_mb * (1 << 20))
-    return await fetch_image(
-        url.strip(), settings.image_url_allowlist, max_bytes, settings.image_url_timeout_s
-    )
+    return await fetch_within(url, settings)
 
 
 def openai_output(row: Row, status: int | None, body: Any, request_id: str | None) -> dict[str, Any]:

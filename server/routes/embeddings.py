@@ -108,21 +108,21 @@ def encoded(vector: list[float], encoding_format: str) -> list[float] | str:
 
 def _text_jobs(svc: Service, texts: list[tuple[int, str]], listed: bool) -> list[RetrievalRequest]:
     """Engine requests for the texts ((index in `input`, text)), `TEXTS_PER_JOB` to a request; 400
-    naming an overlong one as the request does (`input[i]`, or `input` when it is one string)."""
-    limit = svc.settings.max_prompt_tokens
+    naming an overlong one as the request does (`input[i]`, or `input` when it is one string).
+    Tokenized once, by one engine request over every text (so each text's length is checked before
+    any text's positions, as for one request), then split."""
+    if not texts:
+        return []
     names = [f"input[{i}]" if listed else "input" for i, _ in texts]
-    for name, (_, text) in zip(names, texts, strict=True):
-        if svc.engine.tokenizer.count(text) > limit:
-            raise ApiError(400, f"{name}: longer than {limit} tokens", param="input")
-    jobs = []
-    for start in range(0, len(texts), TEXTS_PER_JOB):
-        chunk = [t for _, t in texts[start : start + TEXTS_PER_JOB]]
-        where = names[start : start + TEXTS_PER_JOB]
-        try:
-            jobs.append(svc.engine.retrieval_request("embed", None, "", chunk, names=where))
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="input") from None
-    return jobs
+    limit = svc.settings.max_prompt_tokens
+    try:
+        whole = svc.engine.retrieval_request("embed", None, "", [t for _, t in texts], limit, names)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="input") from None
+    return [
+        RetrievalRequest("embed", None, "", whole.texts[start : start + TEXTS_PER_JOB])
+        for start in range(0, len(whole.texts), TEXTS_PER_JOB)
+    ]
 
 
 def _check_body(svc: Service, body: EmbeddingRequest) -> None:
