@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -54,8 +55,9 @@ from bench.baseline import engine_pids, free_port, reference_tree, tree_cpu, tre
 from bench.load_report import compare, medians, side_by_side  # noqa: E402
 
 
-def images(n: int, size: int = 224) -> list[bytes]:
-    rng = np.random.default_rng(0)
+def images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
+    """`n` distinct random JPEGs (`seed` picks the set: each pass of the load sends a set of its own)."""
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         buf = io.BytesIO()
@@ -221,14 +223,16 @@ def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> fl
 
 @dataclass
 class Server:
-    """A server under load: its label, URL, main process (None: given by --url), engine pids, and the
-    requests, pre-encoded for its address."""
+    """A server under load: its label, URL, main process (None: given by --url) and engine pids."""
 
     label: str
     url: str
     proc: subprocess.Popen | None
     engines: list[int]
-    raws: list[bytes]
+
+    def raws(self, bodies: list[dict]) -> list[bytes]:
+        """`bodies` as HTTP requests pre-encoded for this server's address."""
+        return [http_request(urlparse(self.url).netloc, b) for b in bodies]
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the whole server (main process and all below it) and of its engines."""
@@ -239,11 +243,11 @@ HEADER = (f"{'server':>18} {'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p9
           f"{'http cpu':>9} {'client cpu':>11} {'step p50':>9} {'gap p99':>8}  errors   (cpu: ms/req)")  # fmt: skip
 
 
-def measure(server: Server, c: int, args, pool) -> dict:
+def measure(server: Server, c: int, raws: list[bytes], args, pool) -> dict:
     """One concurrency level against `server`: `level`'s figures plus the engine processes' and the HTTP
     processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99; printed."""
     (total, eng), hist = server.cpu(), histograms(server.url)
-    r = level(server.url, c, server.raws, args.clients, args.max_seconds, pool)
+    r = level(server.url, c, raws, args.clients, args.max_seconds, pool)
     (total2, eng2), after = server.cpu(), histograms(server.url)
     ok = max(r["ok"], 1)
     r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if server.engines else float("nan")
@@ -258,7 +262,7 @@ def measure(server: Server, c: int, args, pool) -> dict:
 
 
 @contextlib.contextmanager
-def running(target: tuple, model: str | None, bodies: list[dict], args, index: int) -> Iterator[Server]:
+def running(target: tuple, model: str | None, args, index: int) -> Iterator[Server]:
     """The server of `target` (label, engine, url, dp, tree) started on port --port + `index` (or a free
     one), or the given url; stopped on exit."""
     label, engine, given, dp, tree = target
@@ -273,28 +277,33 @@ def running(target: tuple, model: str | None, bodies: list[dict], args, index: i
         engines = engine_pids(proc.pid, info, engine, dp) if proc else []
         print(f"{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
               f"on {info['device']} ({info['dtype']}); code from {tree}")  # fmt: skip
-        yield Server(label, url, proc, engines, [http_request(urlparse(url).netloc, b) for b in bodies])
+        yield Server(label, url, proc, engines)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
 
 
-def run_group(group: list[tuple], model: str | None, bodies: list[dict], args, pool, runs: dict) -> None:
+def run_group(group: list[tuple], model: str | None, bodies: Callable[[int], list[dict]], args, pool,
+              runs: dict) -> None:  # fmt: skip
     """Start the servers of `group` (this tree's and, with --ref, the reference's) together, warm each
     up, then measure one at a time, level by level, the order flipping each level and round (ABBA: a
-    drift of the shared machine's load hits both alike); each figure goes to runs[label][round][level]."""
+    drift of the shared machine's load hits both alike); each figure goes to runs[label][round][level].
+    Every pass (the warm-up, each level of each round) sends images of its own (`bodies(pass)`): a server
+    that has seen an image keeps its embeddings, and a repeat would skip the vision stage."""
     levels = [int(x) for x in args.concurrency.split(",")]
     with contextlib.ExitStack() as up:
-        servers = [up.enter_context(running(t, model, bodies, args, i)) for i, t in enumerate(group)]
+        servers = [up.enter_context(running(t, model, args, i)) for i, t in enumerate(group)]
         for s in servers if args.warmup else []:
-            level(s.url, min(16, args.warmup), s.raws[: args.warmup], args.clients, args.max_seconds, pool)
+            raws = s.raws(bodies(0)[: args.warmup])
+            level(s.url, min(16, args.warmup), raws, args.clients, args.max_seconds, pool)
         print(HEADER)
         for r in range(args.rounds):
             for i, c in enumerate(levels):
+                passed = bodies(1 + r * len(levels) + i)
                 for s in servers[:: -1 if (r + i) % 2 else 1]:
                     runs.setdefault(s.label, [{} for _ in range(args.rounds)])[r][c] = measure(
-                        s, c, args, pool
+                        s, c, s.raws(passed), args, pool
                     )
 
 
@@ -333,12 +342,16 @@ def main() -> None:
 
         make_checkpoint(Path(tmp.name), "pre_ln", image_size=224)
         model = tmp.name
-    pics = images(args.requests)
     n = args.max_new_tokens
-    # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
-    bodies = [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n} for p in pics]
-    if args.stop:  # the engine (before issue 22) or the HTTP side (after) reads the text every step
-        bodies = [{**b, "stop": [args.stop]} for b in bodies]
+    extra = {"stop": [args.stop]} if args.stop else {}  # the text is then read every step
+
+    @functools.cache
+    def bodies(pass_no: int) -> list[dict]:
+        # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
+        pics = images(args.requests, seed=pass_no)
+        return [{"image": base64.b64encode(p).decode(), "max_new_tokens": n, "min_new_tokens": n, **extra}
+                for p in pics]  # fmt: skip
+
     dps = [int(d) for d in args.dp.split(",")]
     print(f"device: {os.uname().nodename}, {os.cpu_count()} CPUs; {n} new tokens; {args.clients} client "
           f"processes; {args.requests} requests per level")  # fmt: skip
@@ -361,7 +374,7 @@ def main() -> None:
     for group in groups if ref else []:
         compare(runs[group[0][0]], runs[group[1][0]], group[0][0], args.ref)
     if args.hf:
-        rate = hf_offline(Path(model), pics, n, args.hf_batch)
+        rate = hf_offline(Path(model), images(args.requests), n, args.hf_batch)
         print(f"\ntransformers generate, offline, batch {args.hf_batch}: {rate:.1f} images/s")
     tmp.cleanup()
 
