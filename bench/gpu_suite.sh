@@ -17,13 +17,17 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 if [ "$part" = quick ]; then
-    # What fits a 15-minute lease (machine start included): the CUDA tests, then ours vs transformers at
-    # blip2-opt-2.7b shapes with and without CUDA graphs. Each step is time-boxed so the call ends in time.
-    python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-    timeout 170 python -m pytest -q -p no:cacheprovider --timeout 100 tests/test_cuda.py tests/test_static_decode.py \
-        tests/test_static_vision.py 2>&1 | tee "$out/test_cuda.txt"
-    timeout 140 python bench/bench_engine.py --size opt-2.7b --batches 1,32,128 --repeats 3 --peak-tflops 989 \
-        --peak-tbps 4.3 --variants default,no-graphs 2>&1 | tee "$out/engine.txt"
+    # What fits a 15-minute lease (machine start and transfers included): each step time-boxed, printed
+    # to stdout as it goes (the run's output_tail comes back even when $OUT does not), and killed with
+    # SIGABRT, on which Python's faulthandler prints where every thread was (a hang shows its place).
+    # Plugins of the device image's other packages are not loaded into pytest.
+    export PYTHONFAULTHANDLER=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+    step() { echo "== $(date +%T) $1"; shift; timeout -s ABRT "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
+    step "imports" 90 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.is_available())"
+    step "test_cuda" 200 python -m pytest -q -p no:cacheprovider -p pytest_timeout --timeout 100 -o addopts="" \
+        tests/test_cuda.py tests/test_static_decode.py tests/test_static_vision.py 2>&1 | tee "$out/test_cuda.txt"
+    step "bench_engine" 150 python bench/bench_engine.py --size opt-2.7b --batches 1,32,128 --repeats 3 \
+        --peak-tflops 989 --peak-tbps 4.3 --variants default,no-graphs 2>&1 | tee "$out/engine.txt"
 fi
 if [ "$part" = offline ] || [ "$part" = all ]; then
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"

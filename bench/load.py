@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_CPU = ROOT / "bench" / "model_cpu"  # its sitecustomize.py times the model inside the servers
 sys.path.insert(0, str(ROOT))
 
 from bench.baseline import engine_pids, free_port, reference_tree, tree_cpu, tree_env  # noqa: E402
@@ -164,13 +166,19 @@ def quantile(before: list, after: list, q: float) -> float:
     return next((le for le, c in counts if c >= q * total), float("inf")) if total else float("nan")
 
 
-def start_server(model: str, port: int, engine: str, extra: list[str], tree: Path = ROOT) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, engine: str, extra: list[str], tree: Path = ROOT, model_cpu: Path | None = None
+) -> subprocess.Popen:
     """`python -m server.cli` of `tree` (this one or a reference checkout) on loopback, once /ready is 200
-    and every engine of --dp serves. Only flags both trees know: --engine only when not the default."""
+    and every engine of --dp serves. Only flags both trees know: --engine only when not the default.
+    `model_cpu`: a folder where its processes write their model CPU time (bench/model_cpu)."""
+    env = tree_env(tree)
+    if model_cpu is not None:  # bench/model_cpu/sitecustomize.py first on the path, before the tree
+        env |= {"PYTHONPATH": f"{MODEL_CPU}:{tree}", "BLIPSERVE_MODEL_CPU_DIR": str(model_cpu)}
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *(["--engine", engine] if engine != "process" else []), *extra]  # fmt: skip
     with tempfile.TemporaryFile() as log:  # the server's output, shown if it exits before it serves
-        proc = subprocess.Popen(cmd, cwd=tree, env=tree_env(tree), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         for _ in range(900):
             if proc.poll() is not None:
                 log.seek(0)
@@ -229,6 +237,14 @@ class Server:
     url: str
     proc: subprocess.Popen | None
     engines: list[int]
+    model_cpu: Path | None = None  # where its engines write their model CPU seconds (--model-cpu)
+
+    def engine_model_cpu(self) -> float:
+        """CPU seconds so far of its engines inside the model (NaN without --model-cpu)."""
+        if self.model_cpu is None:
+            return float("nan")
+        files = [self.model_cpu / str(pid) for pid in self.engines]
+        return sum(float(f.read_text()) for f in files if f.exists())
 
     def raws(self, bodies: list[dict]) -> list[bytes]:
         """`bodies` as HTTP requests pre-encoded for this server's address."""
@@ -246,11 +262,15 @@ HEADER = (f"{'server':>18} {'conc':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p9
 def measure(server: Server, c: int, raws: list[bytes], args, pool) -> dict:
     """One concurrency level against `server`: `level`'s figures plus the engine processes' and the HTTP
     processes' CPU ms per request (NaN where unknown) and the step histograms' p50 / p99; printed."""
-    (total, eng), hist = server.cpu(), histograms(server.url)
+    (total, eng), model, hist = server.cpu(), server.engine_model_cpu(), histograms(server.url)
     r = level(server.url, c, raws, args.clients, args.max_seconds, pool)
-    (total2, eng2), after = server.cpu(), histograms(server.url)
+    if server.model_cpu is not None:
+        time.sleep(0.2)  # the engines write their model CPU every 50 ms
+    (total2, eng2), model2, after = server.cpu(), server.engine_model_cpu(), histograms(server.url)
     ok = max(r["ok"], 1)
     r["engine_cpu"] = 1e3 * (eng2 - eng) / ok if server.engines else float("nan")
+    r["model_cpu"] = 1e3 * (model2 - model) / ok
+    r["host_cpu"] = r["engine_cpu"] - r["model_cpu"]
     r["http_cpu"] = 1e3 * ((total2 - total) - (eng2 - eng)) / ok
     step, gap = "blipserve_decode_step_seconds", "blipserve_inter_token_seconds"
     r["step"] = quantile(hist[step], after[step], 0.5) if step in after else float("nan")
@@ -271,17 +291,22 @@ def running(target: tuple, model: str | None, args, index: int) -> Iterator[Serv
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("load is only sent to loopback addresses")
     extra = [*args.server_args.split(), *(["--dp", str(dp)] if dp > 1 else [])]
-    proc = None if given else start_server(model, port, engine, extra, tree)
+    model_cpu = (
+        Path(tempfile.mkdtemp(prefix="blipserve-model-cpu-")) if args.model_cpu and not given else None
+    )
+    proc = None if given else start_server(model, port, engine, extra, tree, model_cpu)
     try:
         info = httpx.get(url + "/v1/models").json()["data"][0]
         engines = engine_pids(proc.pid, info, engine, dp) if proc else []
         print(f"{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
               f"on {info['device']} ({info['dtype']}); code from {tree}")  # fmt: skip
-        yield Server(label, url, proc, engines)
+        yield Server(label, url, proc, engines, model_cpu)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
+        if model_cpu is not None:
+            shutil.rmtree(model_cpu, ignore_errors=True)
 
 
 def run_group(group: list[tuple], model: str | None, bodies: Callable[[int], list[dict]], args, pool,
@@ -328,6 +353,11 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60)
     ap.add_argument("--ref", default=None, help="a commit: its server beside this tree's, same run")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every server, alternating with --ref")
+    ap.add_argument(
+        "--model-cpu",
+        action="store_true",
+        help="split the engine's CPU into the model's (vision, prefill, decode step) and the rest",
+    )
     ap.add_argument("--hf", action="store_true", help="also transformers' offline batched generate")
     ap.add_argument("--hf-batch", type=int, default=64)
     args = ap.parse_args()

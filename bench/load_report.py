@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from bench.baseline import compare_table, median, ratio, spread
 
-METRICS = ("rps", "p50", "p99", "engine_cpu", "http_cpu")
+METRICS = ("rps", "p50", "p99", "engine_cpu", "model_cpu", "host_cpu", "http_cpu")
 
 
 def side_by_side(table: list[tuple[str, int, dict]]) -> None:
@@ -29,11 +31,13 @@ def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str,
     (the two servers of a round were measured back to back, so that ratio is steadier than either)."""
     a, b = medians(ours), medians(refs)
     units = {"rps": ("req/s", 1), "p50": ("p50 ms", 1e3), "p99": ("p99 ms", 1e3),
-             "engine_cpu": ("engine CPU ms/req", 1), "http_cpu": ("HTTP CPU ms/req", 1)}  # fmt: skip
+             "engine_cpu": ("engine CPU ms/req", 1), "model_cpu": ("  of which model", 1),
+             "host_cpu": ("  of which host", 1), "http_cpu": ("HTTP CPU ms/req", 1)}  # fmt: skip
     rows = [
         (f"{c:>4} clients {units[k][0]}", a[c][k] * units[k][1], b[c][k] * units[k][1])
         for c in a
         for k in METRICS
+        if not (math.isnan(a[c][k]) and math.isnan(b[c][k]))  # model / host: only with --model-cpu
     ]
     hi, lo = max(a), (16 if 16 in a else min(a))
     rows.append(
@@ -43,7 +47,9 @@ def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str,
     print(compare_table(rows, "this tree", f"ref {ref}"))
     if len(ours) > 1:
         for c in a:
-            for key in ("rps", "engine_cpu"):
+            for key in ("rps", "engine_cpu", "host_cpu"):
+                if math.isnan(a[c][key]):
+                    continue
                 pairs = [ratio(x[c][key], y[c][key]) for x, y in zip(ours, refs, strict=True)]
                 print(f"{c:>4} clients {key} by round: this tree {spread([r[c][key] for r in ours])}; "
                       f"ref {spread([r[c][key] for r in refs])}; ratio "

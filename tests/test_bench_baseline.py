@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,46 @@ def test_compare_table_shows_both_values_and_their_ratio():
     assert lines[2].split()[-3:] == ["3.00", "6.00", "0.50x"]
     assert lines[3].split()[-1] == "nanx"  # no reference value: no ratio
     assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+# Run with bench/model_cpu first on the path: `encode_images` timed beside a busy loop outside any model
+# call; prints the thread CPU spent inside the model and what the probe wrote.
+MODEL_CPU = """
+import os, sys, time
+import torch
+from model import Blip2Engine
+engine = Blip2Engine.from_pretrained(sys.argv[1])
+side = engine.image_processor.height
+pixels = torch.randn(4, 3, side, side)
+type(engine.model).encode_images.__wrapped__  # wrapped: the probe is on
+start = time.thread_time()
+with torch.inference_mode():
+    for _ in range(20):
+        engine.model.encode_images(pixels)
+inside = time.thread_time() - start
+outside = time.thread_time()
+while time.thread_time() - outside < 0.3:  # CPU the probe must not count
+    pass
+time.sleep(0.3)  # its writer's next turn
+print(inside, float(open(os.path.join(os.environ["BLIPSERVE_MODEL_CPU_DIR"], str(os.getpid()))).read()))
+"""
+
+
+def test_model_cpu_probe_counts_the_models_thread_time_and_nothing_else(checkpoints, tmp_path):
+    root, _ = checkpoints("pre_ln")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench' / 'model_cpu'}:{ROOT}",
+           "BLIPSERVE_MODEL_CPU_DIR": str(tmp_path)}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", MODEL_CPU, str(root)], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    inside, recorded = map(float, out.stdout.split())
+    assert inside > 0.02
+    assert inside * 0.9 - 0.01 <= recorded <= inside + 0.02  # the busy loop outside is not in it
+
+
+def test_each_load_pass_sends_images_of_its_own():
+    from bench.load import images
+
+    first, again, other = images(8, seed=1), images(8, seed=1), images(8, seed=2)
+    assert first == again and len(set(first)) == 8  # a pass's images are distinct, and reproducible
+    assert not set(first) & set(other)  # no image of one pass in another: no cached embeddings reused
