@@ -18,6 +18,7 @@ from batching.process_client import EngineDied, ProcessClient
 
 from .errors import BodyLimit, install_handlers
 from .logs import configure as configure_logging
+from .memory import keep_freed_memory
 from .middleware import Observe, RootPath, UntilStarted
 from .openapi import add_docs, add_schemas
 from .routes import embeddings, native, openai, retrieval, status
@@ -104,6 +105,7 @@ def worker_app() -> FastAPI:
     settings, handle = read_worker_spec()
     configure_logging(settings.log_level, settings.log_format)
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
+    keep_freed_memory()  # image buffers stay for the next request (server/memory.py)
     engine = [EngineHandle(**h) for h in handle] if isinstance(handle, list) else EngineHandle(**handle)
     return create_app(settings, engine=engine)
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .logs import configure as configure_logging
 from .logs import exit_now
+from .memory import keep_freed_memory
 from .settings import VERSION, WORKER_ENV, ConfigError, Settings, load_settings, worker_spec
 from .startup import StartupError, bind, check, describe_settings_error
 
@@ -152,6 +153,7 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
     from batching.engine_process import EngineProcess
 
     torch.set_num_threads(1)  # this process decodes images; the engine process does the tensor maths
+    keep_freed_memory()  # image buffers stay for the next request (server/memory.py)
     died = threading.Event()
     stopping = threading.Event()
 
