@@ -11,6 +11,11 @@ depended on which blocks some import happened to free at start-up. Fixed thresho
 blocks up to `MMAP_THRESHOLD` come from the arenas, and up to `TRIM_THRESHOLD` free at a heap's top stays
 for the next request (at most that much per worker thread's arena held beyond what is in use).
 Source: glibc `mallopt(3)`: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (setting either turns off the dynamic ones).
+
+Only there: the same thresholds cost page faults elsewhere (2-core CPU, bench/load.py at 64 clients):
+the engine process went from 14-44 to ~195 faults per request, and a server with `--engine thread` at 16
+clients from ~0 to ~100, so both keep glibc's own (the engine process is spawned: it does not inherit
+this process's settings).
 """
 
 from __future__ import annotations
