@@ -63,10 +63,12 @@ def reference_tree(ref: str, repo: Path = ROOT) -> Iterator[Path]:
 
 
 def tree_env(tree: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with PYTHONPATH = `tree` alone (so `import model` / `server` is that
-    tree's, never this one's), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    return {**env, "PYTHONPATH": str(tree), **(extra or {})}
+    """This process's environment with `tree` first on PYTHONPATH and this tree off it (so `import model`
+    / `server` is that tree's, never this one's), other entries kept (packages installed to a folder, as
+    on the device machine), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tree), *kept]), **(extra or {})}
 
 
 def tree_command(script: Path | str, *args: str) -> list[str]:

@@ -4,7 +4,8 @@
 # off in turn, host overhead), `int8` (int8 memory; per linear, per decode step, offline and token
 # agreement against fp16), `served` (load at 1/16/64/256 clients, engine process vs thread; 4 HTTP
 # processes) and `variants` (served without background vision, without overlapped steps, with float32
-# pixels). Logs go to $OUT (or bench/out).
+# pixels); and `quick`, what fits a whole 15-minute lease (the CUDA tests; ours vs transformers at
+# opt-2.7b shapes). Logs go to $OUT (or bench/out).
 #
 # The device machine lacks some of the server's packages: carry their wheels (see the device tool's
 # README) for fastapi, starlette, uvicorn, h11, click, pydantic, pydantic-core, pydantic-settings,
@@ -22,9 +23,9 @@ if [ "$part" = quick ]; then
     # SIGABRT, on which Python's faulthandler prints where every thread was (a hang shows its place).
     # Plugins of the device image's other packages are not loaded into pytest.
     export PYTHONFAULTHANDLER=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-    step() { echo "== $(date +%T) $1"; shift; timeout -s ABRT "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
+    step() { echo "== $(date +%T) $1"; shift; timeout -k 15 -s ABRT "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
     step "imports" 90 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.is_available())"
-    step "test_cuda" 200 python -m pytest -q -p no:cacheprovider -p pytest_timeout --timeout 100 -o addopts="" \
+    step "test_cuda" 200 python -m pytest -q -p no:cacheprovider -p pytest_timeout --timeout 100 -o addopts="-m 'not slow'" \
         tests/test_cuda.py tests/test_static_decode.py tests/test_static_vision.py 2>&1 | tee "$out/test_cuda.txt"
     step "bench_engine" 150 python bench/bench_engine.py --size opt-2.7b --batches 1,32,128 --repeats 3 \
         --peak-tflops 989 --peak-tbps 4.3 --variants default,no-graphs 2>&1 | tee "$out/engine.txt"

@@ -19,7 +19,12 @@ processes' (the rest of the server's process tree), and req/s at the top level o
 The clients send pre-encoded requests over plain asyncio streams (no HTTP library on the hot path), so
 the generator costs far less CPU than the server it measures; `client cpu` says how much it took. Every
 loop is bounded: `--requests` per level and `--max-seconds` per level. Traffic goes only to loopback.
-Distinct images per request, so the image-embedding cache does not flatter the result.
+Distinct images per request, and each pass (warm-up, each level of each round) its own, so the
+image-embedding cache does not flatter the result.
+
+--model-cpu splits each engine's CPU into the model's math (vision stage, prefill, decode step, timed in
+the server processes of both trees by bench/model_cpu/sitecustomize.py) and its host work (the rest); it
+measures a CPU engine running eagerly with one torch thread (see that file).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -54,7 +60,7 @@ MODEL_CPU = ROOT / "bench" / "model_cpu"  # its sitecustomize.py times the model
 sys.path.insert(0, str(ROOT))
 
 from bench.baseline import engine_pids, free_port, reference_tree, tree_cpu, tree_env  # noqa: E402
-from bench.load_report import compare, medians, side_by_side  # noqa: E402
+from bench.load_report import compare, hf_offline, medians, side_by_side  # noqa: E402
 
 
 def images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
@@ -174,7 +180,7 @@ def start_server(
     `model_cpu`: a folder where its processes write their model CPU time (bench/model_cpu)."""
     env = tree_env(tree)
     if model_cpu is not None:  # bench/model_cpu/sitecustomize.py first on the path, before the tree
-        env |= {"PYTHONPATH": f"{MODEL_CPU}:{tree}", "BLIPSERVE_MODEL_CPU_DIR": str(model_cpu)}
+        env |= {"PYTHONPATH": f"{MODEL_CPU}:{env['PYTHONPATH']}", "BLIPSERVE_MODEL_CPU_DIR": str(model_cpu)}
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *(["--engine", engine] if engine != "process" else []), *extra]  # fmt: skip
     with tempfile.TemporaryFile() as log:  # the server's output, shown if it exits before it serves
@@ -203,32 +209,6 @@ def _ready(port: int) -> bool:
     return all(e["state"] == "ready" for e in info.get("engines", []))
 
 
-def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
-    """transformers' batched `generate` of the same images (preprocessing included): images/s."""
-    import torch
-    from transformers import Blip2ForConditionalGeneration
-
-    from model.data.image import ImageProcessor
-
-    hf = Blip2ForConditionalGeneration.from_pretrained(root).eval()
-    proc = ImageProcessor.from_dir(root)
-    bos = torch.tensor([[hf.config.text_config.bos_token_id]])
-    image_ids = torch.full((1, hf.config.num_query_tokens), hf.config.image_token_index)
-    ids = torch.cat([image_ids, bos], 1)
-
-    def run(chunk: list[bytes]) -> None:
-        pixels = torch.stack([proc.preprocess(Image.open(io.BytesIO(b))) for b in chunk])
-        with torch.inference_mode():
-            hf.generate(pixel_values=pixels, input_ids=ids.expand(len(chunk), -1), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, num_beams=1)  # fmt: skip
-
-    run(pics[:batch])  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(pics), batch):
-        run(pics[i : i + batch])
-    return len(pics) / (time.perf_counter() - start)
-
-
 @dataclass
 class Server:
     """A server under load: its label, URL, main process (None: given by --url) and engine pids."""
@@ -241,7 +221,7 @@ class Server:
 
     def engine_model_cpu(self) -> float:
         """CPU seconds so far of its engines inside the model (NaN without --model-cpu)."""
-        if self.model_cpu is None:
+        if self.model_cpu is None or not self.engines:
             return float("nan")
         files = [self.model_cpu / str(pid) for pid in self.engines]
         return sum(float(f.read_text()) for f in files if f.exists())
@@ -277,7 +257,9 @@ def measure(server: Server, c: int, raws: list[bytes], args, pool) -> dict:
     r["gap"] = quantile(hist[gap], after[gap], 0.99) if gap in after else float("nan")
     print(f"{server.label:>18} {c:>5} {r['ok']:>5} {r['rps']:>8.1f} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} "
           f"{r['engine_cpu']:>11.2f} {r['http_cpu']:>9.2f} {1e3 * r['client_cpu'] / ok:>11.2f} "
-          f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}", flush=True)  # fmt: skip
+          f"{r['step'] * 1e3:>9.1f} {r['gap'] * 1e3:>8.1f}  {r['errors'] or '-'}"
+          + ("" if math.isnan(r["model_cpu"]) else f"  (engine: model {r['model_cpu']:.2f}, host {r['host_cpu']:.2f})"),
+          flush=True)  # fmt: skip
     return r
 
 
@@ -294,8 +276,9 @@ def running(target: tuple, model: str | None, args, index: int) -> Iterator[Serv
     model_cpu = (
         Path(tempfile.mkdtemp(prefix="blipserve-model-cpu-")) if args.model_cpu and not given else None
     )
-    proc = None if given else start_server(model, port, engine, extra, tree, model_cpu)
+    proc = None
     try:
+        proc = None if given else start_server(model, port, engine, extra, tree, model_cpu)
         info = httpx.get(url + "/v1/models").json()["data"][0]
         engines = engine_pids(proc.pid, info, engine, dp) if proc else []
         print(f"{label}: engine {engine}, --dp {dp or '?'}, engine pids {engines or '-'}; model {info['id']} "
@@ -307,6 +290,16 @@ def running(target: tuple, model: str | None, args, index: int) -> Iterator[Serv
             proc.wait(60)
         if model_cpu is not None:
             shutil.rmtree(model_cpu, ignore_errors=True)
+
+
+def check_model_cpu(servers: list[Server]) -> None:
+    """--model-cpu: after the warm-up, every started engine has written its model CPU (else the probe
+    did not load there: a model other than BLIP-2, or an interpreter that skips sitecustomize); and the
+    last writes of the warm-up are in before the first level reads them."""
+    time.sleep(0.2)
+    for s in servers:
+        if s.model_cpu is not None and any(not (s.model_cpu / str(pid)).exists() for pid in s.engines):
+            raise SystemExit(f"--model-cpu: {s.label}'s engines wrote no model CPU (bench/model_cpu)")
 
 
 def run_group(group: list[tuple], model: str | None, bodies: Callable[[int], list[dict]], args, pool,
@@ -322,6 +315,8 @@ def run_group(group: list[tuple], model: str | None, bodies: Callable[[int], lis
         for s in servers if args.warmup else []:
             raws = s.raws(bodies(0)[: args.warmup])
             level(s.url, min(16, args.warmup), raws, args.clients, args.max_seconds, pool)
+        if args.model_cpu:
+            check_model_cpu(servers)
         print(HEADER)
         for r in range(args.rounds):
             for i, c in enumerate(levels):
@@ -332,7 +327,7 @@ def run_group(group: list[tuple], model: str | None, bodies: Callable[[int], lis
                     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None)
     ap.add_argument("--model", default=None, help="default: a tiny checkpoint written for the run")
@@ -360,7 +355,11 @@ def main() -> None:
     )
     ap.add_argument("--hf", action="store_true", help="also transformers' offline batched generate")
     ap.add_argument("--hf-batch", type=int, default=64)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.concurrency = args.concurrency or ("16,64,256" if args.ref else "1,16,64,256")
     if args.ref and args.url:
         raise SystemExit("--ref starts both servers itself; leave out --url")
@@ -375,7 +374,7 @@ def main() -> None:
     n = args.max_new_tokens
     extra = {"stop": [args.stop]} if args.stop else {}  # the text is then read every step
 
-    @functools.cache
+    @functools.lru_cache(maxsize=2)  # a pass's bodies for each server of a group; ~60 MB at 1,024
     def bodies(pass_no: int) -> list[dict]:
         # min_new_tokens = max_new_tokens: every request does the same work (no early stop).
         pics = images(args.requests, seed=pass_no)

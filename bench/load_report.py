@@ -1,8 +1,14 @@
-"""bench/load.py's summaries: servers side by side, and this tree beside a reference commit (--ref)."""
+"""bench/load.py's summaries (servers side by side, this tree beside a reference commit with --ref) and its
+transformers baseline (--hf)."""
 
 from __future__ import annotations
 
+import io
 import math
+import time
+from pathlib import Path
+
+from PIL import Image
 
 from bench.baseline import compare_table, median, ratio, spread
 
@@ -54,3 +60,29 @@ def compare(ours: list[dict[int, dict]], refs: list[dict[int, dict]], name: str,
                 print(f"{c:>4} clients {key} by round: this tree {spread([r[c][key] for r in ours])}; "
                       f"ref {spread([r[c][key] for r in refs])}; ratio "
                       + " / ".join(f"{x:.2f}" for x in pairs) + f" (median {median(pairs):.2f}x)")  # fmt: skip
+
+
+def hf_offline(root: Path, pics: list[bytes], new_tokens: int, batch: int) -> float:
+    """transformers' batched `generate` of the same images (preprocessing included): images/s."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from model.data.image import ImageProcessor
+
+    hf = Blip2ForConditionalGeneration.from_pretrained(root).eval()
+    proc = ImageProcessor.from_dir(root)
+    bos = torch.tensor([[hf.config.text_config.bos_token_id]])
+    image_ids = torch.full((1, hf.config.num_query_tokens), hf.config.image_token_index)
+    ids = torch.cat([image_ids, bos], 1)
+
+    def run(chunk: list[bytes]) -> None:
+        pixels = torch.stack([proc.preprocess(Image.open(io.BytesIO(b))) for b in chunk])
+        with torch.inference_mode():
+            hf.generate(pixel_values=pixels, input_ids=ids.expand(len(chunk), -1), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, num_beams=1)  # fmt: skip
+
+    run(pics[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(pics), batch):
+        run(pics[i : i + batch])
+    return len(pics) / (time.perf_counter() - start)

@@ -93,39 +93,52 @@ def test_compare_table_shows_both_values_and_their_ratio():
     assert len({len(line) for line in lines}) == 1  # columns line up
 
 
-# Run with bench/model_cpu first on the path: `encode_images` timed beside a busy loop outside any model
-# call; prints the thread CPU spent inside the model and what the probe wrote.
+# Run with bench/model_cpu first on the path: `encode_images` in two threads at once, beside a busy loop
+# outside any model call; prints the thread CPU spent inside the model and what the probe wrote.
 MODEL_CPU = """
-import os, sys, time
+import os, sys, threading, time
 import torch
+import sitecustomize, chained_marker  # the probe, and the sitecustomize it shadows (which it still ran)
 from model import Blip2Engine
 engine = Blip2Engine.from_pretrained(sys.argv[1])
 side = engine.image_processor.height
 pixels = torch.randn(4, 3, side, side)
 type(engine.model).encode_images.__wrapped__  # wrapped: the probe is on
-start = time.thread_time()
-with torch.inference_mode():
-    for _ in range(20):
-        engine.model.encode_images(pixels)
-inside = time.thread_time() - start
+spent = []
+def encode():
+    start = time.thread_time()
+    with torch.inference_mode():
+        for _ in range(20):
+            engine.model.encode_images(pixels)
+    spent.append(time.thread_time() - start)
+other = threading.Thread(target=encode)
+other.start()
+encode()
+other.join()
 outside = time.thread_time()
 while time.thread_time() - outside < 0.3:  # CPU the probe must not count
     pass
 time.sleep(0.3)  # its writer's next turn
-print(inside, float(open(os.path.join(os.environ["BLIPSERVE_MODEL_CPU_DIR"], str(os.getpid()))).read()))
+print(sum(spent), float(open(os.path.join(os.environ["BLIPSERVE_MODEL_CPU_DIR"], str(os.getpid()))).read()))
 """
 
 
 def test_model_cpu_probe_counts_the_models_thread_time_and_nothing_else(checkpoints, tmp_path):
     root, _ = checkpoints("pre_ln")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench' / 'model_cpu'}:{ROOT}",
+    shadowed = tmp_path / "shadowed"
+    shadowed.mkdir()
+    (shadowed / "sitecustomize.py").write_text(
+        "import sys, types\nsys.modules['chained_marker'] = types.ModuleType('m')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench' / 'model_cpu'}:{ROOT}:{shadowed}",
            "BLIPSERVE_MODEL_CPU_DIR": str(tmp_path)}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", MODEL_CPU, str(root)], env=env, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     inside, recorded = map(float, out.stdout.split())
-    assert inside > 0.02
-    assert inside * 0.9 - 0.01 <= recorded <= inside + 0.02  # the busy loop outside is not in it
+    assert inside > 0.04
+    # Both threads' calls counted (one of them alone would be about half), the busy loop outside not.
+    assert inside * 0.9 - 0.01 <= recorded <= inside + 0.02
 
 
 def test_each_load_pass_sends_images_of_its_own():
@@ -134,3 +147,12 @@ def test_each_load_pass_sends_images_of_its_own():
     first, again, other = images(8, seed=1), images(8, seed=1), images(8, seed=2)
     assert first == again and len(set(first)) == 8  # a pass's images are distinct, and reproducible
     assert not set(first) & set(other)  # no image of one pass in another: no cached embeddings reused
+
+
+def test_tree_env_puts_the_tree_first_and_this_tree_off_the_path(monkeypatch, tmp_path):
+    from bench.baseline import tree_env
+
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:/tmp/site:{ROOT}/")
+    env = tree_env(tmp_path, {"X": "1"})
+    assert env["PYTHONPATH"].split(":") == [str(tmp_path), "/tmp/site"]  # wheels installed there still found
+    assert env["X"] == "1"
