@@ -60,6 +60,10 @@ class EngineIO:
         self.metrics_text = metrics_text
         self.observe_http = observe_http
         self.ctx = zmq.Context()
+        # Every socket of this context closes without waiting for peers that are gone (the router sets
+        # its own): an infinite linger can make the context's term block for good, even when it runs at
+        # garbage collection.
+        self.ctx.setsockopt(zmq.LINGER, 0)
         warnings.filterwarnings("ignore", message=READ_ONLY_WARNING)
         # seq_id -> (HTTP process identity, its request id); (identity, request id) -> sequence.
         self._owners: dict[int, tuple[bytes, int]] = {}
@@ -90,6 +94,8 @@ class EngineIO:
         finally:
             self._stop_io.set()
             io.join(5)
+            if (pipe := getattr(self._pipe_out, "sock", None)) is not None:  # this (the loop's) thread's
+                pipe.close(0)
             router.close()
             pipe_in.close(0)
 

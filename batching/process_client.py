@@ -95,6 +95,7 @@ class ProcessClient(EngineClient):
     async def open(self) -> None:
         """Connect and say Hello; the engine's `Info` settles `self._info` once it has loaded its model."""
         self._ctx = zmq.asyncio.Context()
+        self._ctx.setsockopt(zmq.LINGER, 0)  # no socket of it waits for a peer that is gone at term
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)  # see batching/engine_io.py: nothing may be dropped
