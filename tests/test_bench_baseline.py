@@ -123,6 +123,7 @@ print(sum(spent), float(open(os.path.join(os.environ["BLIPSERVE_MODEL_CPU_DIR"],
 """
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model: ~7 s
 def test_model_cpu_probe_counts_the_models_thread_time_and_nothing_else(checkpoints, tmp_path):
     root, _ = checkpoints("pre_ln")
     shadowed = tmp_path / "shadowed"
