@@ -68,6 +68,7 @@ def test_help_lists_the_commands_and_the_client_options_with_their_defaults():
         assert "Exit status 1 if any image failed" in " ".join(sub.split())
 
 
+@pytest.mark.slow  # a server started and its engine process failing: ~5 s
 def test_a_checkpoint_the_engine_cannot_load_ends_the_server_with_one_error_line(checkpoints, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints("pre_ln")[0], broken)

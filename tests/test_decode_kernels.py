@@ -129,6 +129,7 @@ SELF_CHECKS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the whole self-check under Triton's interpreter: ~9 s
 def test_the_self_checks_pass_under_the_interpreter():
     _interpret(SELF_CHECKS)
 
