@@ -124,22 +124,31 @@ class EngineCore:
             self._cond.notify()
 
     def _wait_for_work(self) -> bool:
-        """Block until there is something to run; gather a vision batch while the engine is idle."""
+        """Block until a step is due (`due_in`); False once stopped and drained."""
         with self._cond:
-            while not self.scheduler.has_work and not self._stop:
-                self._cond.wait()
-            if self._stop and not self.scheduler.has_work:
-                return False
-            if not self.scheduler.running and self.max_wait_s > 0:
-                # Idle engine: give newcomers up to max_wait to form a fuller vision batch.
-                oldest = self.scheduler.waiting[0].arrived if self.scheduler.waiting else time.monotonic()
-                while (
-                    len(self.scheduler.waiting) < self.scheduler.max_batch_images
-                    and (left := oldest + self.max_wait_s - time.monotonic()) > 0
-                    and not self._stop
-                ):
-                    self._cond.wait(timeout=left)
+            while (due := self.due_in()) != 0:
+                if due is None and self._stop:
+                    return False
+                self._cond.wait(timeout=due)
             return True
+
+    def due_in(self) -> float | None:
+        """Seconds until the next step should run: 0 now, None when there is nothing to run. An idle
+        engine gives newcomers up to `max_wait_ms` to form a fuller vision batch (from the oldest
+        one's arrival). The engine thread's wait and the engine process's inline receive
+        (`batching.engine_io`) both follow it."""
+        s = self.scheduler
+        if not s.has_work:
+            return None
+        waiting = len(s.waiting)
+        if s.running or not waiting or waiting >= s.max_batch_images or self.max_wait_s <= 0 or self._stop:
+            return 0.0
+        return max(0.0, s.waiting[0].arrived + self.max_wait_s - time.monotonic())
+
+    @property
+    def drained(self) -> bool:
+        """Stopped (`stop_accepting(drain=True)`) and every accepted request finished."""
+        return self._stop and not self.scheduler.has_work
 
     @property
     def has_work(self) -> bool:

@@ -1,9 +1,18 @@
 """The engine process's I/O shell (`EngineIO`) around its `EngineCore`: one ROUTER socket that every HTTP process's DEALER connects to.
 
-The process's main thread runs the `EngineCore` and does nothing else; the I/O thread owns the socket.
-It decodes requests and queues them into the loop (acknowledging each at once, so a full queue is a 429
-before any response starts), cancels on `Abort`, answers `Hello` and metrics queries, and forwards the
-results the loop encodes on its own thread through an inproc pipe (a zmq socket is used by one thread).
+The shell decodes requests and queues them into the loop (acknowledging each at once, so a full queue is
+a 429 before any response starts), cancels on `Abort`, answers `Hello` and metrics queries, and sends the
+results the loop reports. Where that happens depends on the device:
+
+- **CUDA** (`inline=False`): the process's main thread runs the `EngineCore` and nothing else; an I/O
+  thread owns the socket, and takes requests while the main thread waits on the device. The results the
+  loop encodes on its own thread reach the I/O thread through an inproc pipe (a zmq socket is used by one
+  thread).
+- **CPU** (`inline=True`): the loop's thread computes the model itself, so an I/O thread could only take
+  the same core (and the GIL) from it, and wake the loop for every message. The main thread receives
+  between steps instead, everything that arrived in one go, and sends results directly (SGLang's
+  scheduler does the same: `recv_requests` at the top of its event loop). A request that arrives during a
+  step is acknowledged when the step ends, which is when it could first be scheduled anyway.
 """
 
 from __future__ import annotations
@@ -53,8 +62,11 @@ class EngineIO:
         info: Info,
         metrics_text: Callable[[], bytes],
         observe_http: Callable[[str, int, float], None],
+        inline: bool = False,
     ):
+        """`inline`: receive on the loop's thread between steps (CPU engines), not on an I/O thread."""
         self.loop = loop
+        self.inline = inline
         self.build_request = build_request
         self.info = info
         self.metrics_text = metrics_text
@@ -73,6 +85,7 @@ class EngineIO:
         loop.on_finished = self._finished
         loop.on_progress = self._progress
         self._stop_io = threading.Event()
+        self._router: zmq.Socket | None = None  # inline: results go straight out through it
 
     def serve(self, address: str) -> None:
         """Bind, answer HTTP processes, and step until a `Shutdown` has drained the accepted requests."""
@@ -83,12 +96,19 @@ class EngineIO:
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.RCVHWM, 0)
         router.bind(address)
+        log.info("engine ready on %s", address)
+        if self.inline:
+            self._router = router
+            try:
+                self._serve_inline(router)
+            finally:
+                router.close()
+            return
         pipe_in = self.ctx.socket(zmq.PULL)
         pipe_in.setsockopt(zmq.RCVHWM, 0)
         pipe_in.bind(PIPE)
         io = threading.Thread(target=self._io, args=(router, pipe_in), name="blipserve-io", daemon=True)
         io.start()
-        log.info("engine ready on %s", address)
         try:
             self.loop.run()
         finally:
@@ -98,6 +118,21 @@ class EngineIO:
                 pipe.close(0)
             router.close()
             pipe_in.close(0)
+
+    def _serve_inline(self, router: zmq.Socket) -> None:
+        """The loop's thread: take every message that arrived, then step when a step is due; block on
+        the socket when there is nothing to run (`EngineCore.due_in`; 100 ms at most, to see a stop
+        asked from another thread)."""
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        loop = self.loop
+        while not loop.drained:
+            due = loop.due_in()
+            if poller.poll(100 if due is None else 1000 * due):
+                self._receive(router)
+                due = loop.due_in()
+            if due == 0:
+                loop.step()
 
     # The I/O thread.
     def _io(self, router: zmq.Socket, pipe_in: zmq.Socket) -> None:
@@ -113,20 +148,24 @@ class EngineIO:
                     except zmq.Again:
                         break
             if router in events:
-                for _ in range(1000):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    reply = self._handle(frames[0].bytes, frames[1:])
-                    if reply is not None:
-                        router.send_multipart([frames[0].bytes, encode(reply)])
+                self._receive(router)
         # Whatever the loop reported last still goes out.
         while True:
             try:
                 router.send_multipart(pipe_in.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+
+    def _receive(self, router: zmq.Socket) -> None:
+        """Handle the messages waiting on the socket (up to 1,000), answering those that ask."""
+        for _ in range(1000):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            reply = self._handle(frames[0].bytes, frames[1:])
+            if reply is not None:
+                router.send_multipart([frames[0].bytes, encode(reply)])
 
     def _handle(self, who: bytes, frames: list) -> Any:
         try:
@@ -213,7 +252,12 @@ class EngineIO:
         self._send(batches)
 
     def _send(self, batches: dict[bytes, StepOutputs]) -> None:
-        """Each HTTP process's message of this step, to the I/O thread through the pipe."""
+        """Each HTTP process's message of this step: straight out (inline), or to the I/O thread through
+        the pipe."""
+        if self._router is not None:
+            for who, message in batches.items():
+                self._router.send_multipart([who, encode(message)])
+            return
         pipe = self._pipe()
         for who, message in batches.items():
             pipe.send_multipart([who, encode(message)])

@@ -177,7 +177,8 @@ def run_engine(settings: Settings, root: str, address: str) -> None:
     dtype = str(engine.dtype).removeprefix("torch.")
     info = Info(settings.model_name, str(engine.device), dtype, os.getpid(), weight_bytes(engine.model))
     build = request_from_message(engine_guard(engine, loop.runner))
-    shell = EngineIO(loop, build, info, metrics.render, metrics.observe_http)
+    inline = engine.device.type == "cpu"  # the loop's thread receives between steps (`engine_io`)
+    shell = EngineIO(loop, build, info, metrics.render, metrics.observe_http, inline=inline)
     shell.serve(address)
     log.info("engine process done after %d steps (%d launched ahead)", loop.steps, loop.launched_ahead)
     shell.ctx.destroy(linger=2000)  # the last replies go out (the router's linger) before the process ends

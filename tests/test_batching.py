@@ -262,3 +262,32 @@ def test_backstop_deadline_when_the_engine_stalls():
             el.BACKSTOP_S = saved
 
     asyncio.run(main())
+
+
+def test_due_in_says_when_the_next_step_runs_and_drained_when_the_loop_may_end():
+    """`EngineCore.due_in`: None with nothing to run; an idle engine waits for a fuller vision batch up
+    to max_wait from the oldest arrival, not past a full batch, a running sequence or a stop; `drained`
+    once stopped with nothing left."""
+    sched = Scheduler(num_slots=4, max_queue=8, max_batch_images=3, eos_ids=(EOS,))
+    loop = EngineCore(FakeRunner(), sched, max_wait_ms=500)
+    assert loop.due_in() is None and not loop.drained
+    loop.add(request(1, "a"))
+    assert 0.4 < loop.due_in() <= 0.5
+    sched.waiting[0].arrived -= 0.45  # the oldest came 450 ms ago: 50 ms left
+    assert 0 < loop.due_in() <= 0.05
+    sched.waiting[0].arrived -= 0.1
+    assert loop.due_in() == 0
+    sched.waiting[0].arrived += 0.55
+    loop.add(request(1, "b"))
+    loop.add(request(1, "c"))  # a full vision batch (3)
+    assert loop.due_in() == 0
+    loop.step()  # all three prefill and now run
+    assert sched.running and loop.due_in() == 0
+    loop.add(request(1, "d"))
+    assert loop.due_in() == 0  # no waiting for newcomers while sequences run
+    assert EngineCore(FakeRunner(), sched, max_wait_ms=0).due_in() == 0
+    loop.stop_accepting(drain=True)
+    assert loop.due_in() == 0 and not loop.drained
+    while loop.due_in() is not None:
+        loop.step()
+    assert loop.drained and not sched.has_work

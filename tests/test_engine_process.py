@@ -78,13 +78,24 @@ def test_requests_cross_with_their_pixels_and_results_come_back_whole():
 
 
 class Engine:
-    """An `EngineIO` with a stand-in runner on a thread, listening on a real ipc socket."""
+    """An `EngineIO` with a stand-in runner on a thread, listening on a real ipc socket; `inline`: the
+    loop's thread receives between steps (a CPU engine) instead of an I/O thread (CUDA)."""
 
-    def __init__(self, tmp: Path, num_slots: int = 2, max_queue: int = 4, step_s: float = 0.0):
+    def __init__(
+        self,
+        tmp: Path,
+        num_slots: int = 2,
+        max_queue: int = 4,
+        step_s: float = 0.0,
+        inline: bool = False,
+        max_wait_ms: float = 0,
+    ):
         self.scheduler = Scheduler(num_slots, max_queue, 4, (EOS,))
-        self.loop = EngineCore(FakeRunner(step_s=step_s), self.scheduler, max_wait_ms=0)
+        self.runner = FakeRunner(step_s=step_s)
+        self.loop = EngineCore(self.runner, self.scheduler, max_wait_ms=max_wait_ms)
         info = Info("fake", "cpu", "float32", os.getpid())
-        core = EngineIO(self.loop, lambda msg, px: _fake_request(msg), info, lambda: b"m 1\n", _ignore)
+        build = lambda msg, px: _fake_request(msg)  # noqa: E731
+        core = EngineIO(self.loop, build, info, lambda: b"m 1\n", _ignore, inline=inline)
         self.address = f"ipc://{tmp}/engine.sock"
         self.thread = threading.Thread(target=core.serve, args=(self.address,), daemon=True)
         self.thread.start()
@@ -109,8 +120,9 @@ def _req(tokens: int, key: str = "img"):
     return r
 
 
-def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bound(tmp_path):
-    engine = Engine(tmp_path, num_slots=1, max_queue=2, step_s=0.002)
+@pytest.mark.parametrize("inline", [False, True], ids=["io-thread", "inline"])
+def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bound(tmp_path, inline):
+    engine = Engine(tmp_path, num_slots=1, max_queue=2, step_s=0.002, inline=inline)
 
     async def main():
         alive = engine.thread.is_alive
@@ -157,8 +169,36 @@ def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bou
     assert not engine.thread.is_alive() and len(engine.scheduler.free_slots) == 1
 
 
-def test_a_dead_engine_fails_open_requests_at_once(tmp_path):
-    engine = Engine(tmp_path, num_slots=1, step_s=0.002)
+@pytest.mark.parametrize("inline", [False, True], ids=["io-thread", "inline"])
+def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_path, inline):
+    """Three requests sent together to an idle engine with a 300 ms max wait: one vision batch, not a
+    step for the first alone; and the wait ends as soon as the batch is full (4 images)."""
+    engine = Engine(tmp_path, num_slots=8, max_queue=8, inline=inline, max_wait_ms=300)
+
+    async def main():
+        client = ProcessClient(engine.address, engine.thread.is_alive)
+        await client.connect()
+        start = time.monotonic()
+        await asyncio.gather(*(client.submit(_req(1, f"img{i}")) for i in range(3)))
+        waited = time.monotonic() - start
+        assert sorted(engine.runner.plans[0].encode) == ["img0", "img1", "img2"]
+        assert 0.25 < waited < 2
+        engine.runner.plans.clear()
+        start = time.monotonic()
+        await asyncio.gather(*(client.submit(_req(1, f"full{i}")) for i in range(4)))
+        assert len(engine.runner.plans[0].encode) == 4 and time.monotonic() - start < 0.25
+        await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    assert not engine.thread.is_alive()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["io-thread", "inline"])
+def test_a_dead_engine_fails_open_requests_at_once(tmp_path, inline):
+    engine = Engine(tmp_path, num_slots=1, step_s=0.002, inline=inline)
     alive = {"yes": True}
 
     async def main():
