@@ -33,7 +33,7 @@ from .protocol import (
     Accepted,
     Add,
     Hello,
-    HttpObservation,
+    HttpObservations,
     Info,
     Load,
     MetricsQuery,
@@ -186,8 +186,9 @@ class EngineIO:
             return self.info
         if isinstance(msg, MetricsQuery):
             return MetricsText(self.metrics_text())
-        if isinstance(msg, HttpObservation):
-            self.observe_http(msg.endpoint, msg.status, msg.seconds)
+        if isinstance(msg, HttpObservations):
+            for endpoint, status, seconds in msg.seen:
+                self.observe_http(endpoint, status, seconds)
             return None
         if isinstance(msg, Shutdown):
             log.info("shutdown asked: finishing %d accepted requests", self.loop.pending)

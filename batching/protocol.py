@@ -4,7 +4,7 @@ Messages are msgpack (msgspec structs, one tagged union per direction). A reques
 frame of their own after the message, read by the engine in place (`torch.frombuffer` on the received
 frame): no pickling and no copy of the image on the way in. Two sockets per HTTP process:
 
-- requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservation`,
+- requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservations`,
   `Shutdown`; the engine's input thread answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it.
 - results (the engine's ROUTER -> DEALER): `StepOutputs`, one per HTTP process per engine step, carrying
   the `Progress` (new tokens) and `Done` of that process's requests.
@@ -72,12 +72,12 @@ class MetricsQuery(msgspec.Struct, tag=True):
     pass
 
 
-class HttpObservation(msgspec.Struct, tag=True):
-    """One HTTP request's outcome, counted in the engine's registry so /metrics sums every process."""
+class HttpObservations(msgspec.Struct, tag=True):
+    """HTTP requests' outcomes, counted in the engine's registry so /metrics sums every process. An HTTP
+    process gathers them and sends one message within `HTTP_FLUSH_S`, and before its own metrics query
+    (`batching.process_client`)."""
 
-    endpoint: str
-    status: int
-    seconds: float
+    seen: list[tuple[str, int, float]]  # (route template, status code, seconds) per request
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -165,7 +165,7 @@ class StepOutputs(msgspec.Struct, tag=True):
     done: list[Done] = []
 
 
-ToEngine = Add | Abort | Hello | MetricsQuery | HttpObservation | Shutdown
+ToEngine = Add | Abort | Hello | MetricsQuery | HttpObservations | Shutdown
 FromEngine = Accepted | Rejected | Info | MetricsText | Progress | Done | StepOutputs
 
 _encoder = msgspec.msgpack.Encoder()

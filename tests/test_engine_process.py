@@ -19,7 +19,7 @@ from test_server import metric_values
 
 from batching import EngineCore, EngineStopped, QueueFull, Scheduler, SequenceFailed
 from batching.engine_io import EngineIO
-from batching.process_client import ProcessClient
+from batching.process_client import HTTP_FLUSH_S, ProcessClient
 from batching.protocol import (
     Add,
     Done,
@@ -89,13 +89,14 @@ class Engine:
         step_s: float = 0.0,
         inline: bool = False,
         max_wait_ms: float = 0,
+        observe_http=None,
     ):
         self.scheduler = Scheduler(num_slots, max_queue, 4, (EOS,))
         self.runner = FakeRunner(step_s=step_s)
         self.loop = EngineCore(self.runner, self.scheduler, max_wait_ms=max_wait_ms)
         info = Info("fake", "cpu", "float32", os.getpid())
         build = lambda msg, px: _fake_request(msg)  # noqa: E731
-        core = EngineIO(self.loop, build, info, lambda: b"m 1\n", _ignore, inline=inline)
+        core = EngineIO(self.loop, build, info, lambda: b"m 1\n", observe_http or _ignore, inline=inline)
         self.address = f"ipc://{tmp}/engine.sock"
         self.thread = threading.Thread(target=core.serve, args=(self.address,), daemon=True)
         self.thread.start()
@@ -196,6 +197,31 @@ def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_pa
     assert not engine.thread.is_alive()
 
 
+def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_path):
+    """Each HTTP process sends its requests' outcomes in one message per HTTP_FLUSH_S, not one per request;
+    its own metrics query sends what it holds first, so that query's answer counts them."""
+    seen: list[tuple] = []
+    engine = Engine(tmp_path, inline=True, observe_http=lambda *o: seen.append(o))
+
+    async def main():
+        client = ProcessClient(engine.address, engine.thread.is_alive)
+        await client.connect()
+        for i in range(3):
+            client.record_http("/caption", 200, 0.1 * i)
+        await asyncio.sleep(HTTP_FLUSH_S / 4)
+        assert seen == []  # gathered, not sent yet
+        await asyncio.sleep(HTTP_FLUSH_S * 2)
+        assert seen == [("/caption", 200, 0.0), ("/caption", 200, 0.1), ("/caption", 200, 0.2)]
+        client.record_http("/vqa", 422, 0.5)
+        assert await client.metrics_text() == b"m 1\n" and seen[-1] == ("/vqa", 422, 0.5)
+        await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("inline", [False, True], ids=["io-thread", "inline"])
 def test_a_dead_engine_fails_open_requests_at_once(tmp_path, inline):
     engine = Engine(tmp_path, num_slots=1, step_s=0.002, inline=inline)
@@ -280,7 +306,13 @@ def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
         assert before[ttft] == len(responses) + 2
         for _ in range(3):
             assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
-        # Both workers answered (each has its own warm-up); each counts into the engine's registry.
+        # Both workers answered (each has its own warm-up); each counts into the engine's registry, the
+        # other worker's within its flush interval.
+        caption = ("blipserve_requests_total", (("endpoint", "/caption"), ("status", "200")))
+        deadline = time.monotonic() + 10
+        while metric_values(url).get(caption, 0) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # and nothing more comes
         values = metric_values(url)
         assert values[(("blipserve_requests_total"), (("endpoint", "/caption"), ("status", "200")))] == 12
         chats = (("endpoint", "/v1/chat/completions"), ("status", "200"))
