@@ -220,7 +220,8 @@ class ProcessClient(EngineClient):
                 info = await asyncio.wait_for(asyncio.shield(self._info), REJOIN_HELLO_S)
                 if pid_alive(info.pid):
                     self._joined(info)
-                    log.info("engine on %s is back (pid %d)", info.device, info.pid)
+                    back = "is back" if self.deaths else "joined"  # --dp says Hello this way at start too
+                    log.info("engine on %s %s (pid %d)", info.device, back, info.pid)
                     return
 
     def _died(self) -> None:

@@ -222,6 +222,29 @@ def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_
         engine.stop()
 
 
+def test_a_rejoining_client_logs_a_first_join_as_joined_not_as_back(tmp_path, caplog):
+    """--dp's links say Hello through the rejoin path at start too: no engine has died then."""
+    engine = Engine(tmp_path, inline=True)
+
+    async def main():
+        client = ProcessClient(engine.address, engine.thread.is_alive, rejoin=True, poll_s=0.01)
+        await client.open()
+        for _ in range(200):
+            if client.healthy:
+                break
+            await asyncio.sleep(0.01)
+        assert client.healthy
+        await client.close()
+
+    with caplog.at_level("INFO", logger="batching.process_client"):
+        try:
+            asyncio.run(main())
+        finally:
+            engine.stop()
+    lines = [r.getMessage() for r in caplog.records if "engine on" in r.getMessage()]
+    assert lines == [f"engine on cpu joined (pid {os.getpid()})"]
+
+
 @pytest.mark.parametrize("inline", [False, True], ids=["io-thread", "inline"])
 def test_a_dead_engine_fails_open_requests_at_once(tmp_path, inline):
     engine = Engine(tmp_path, num_slots=1, step_s=0.002, inline=inline)
