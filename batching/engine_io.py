@@ -18,6 +18,7 @@ results the loop reports. Where that happens depends on the device:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -102,6 +103,7 @@ class EngineIO:
             try:
                 self._serve_inline(router)
             finally:
+                self._router = None
                 router.close()
             return
         pipe_in = self.ctx.socket(zmq.PULL)
@@ -128,13 +130,14 @@ class EngineIO:
         loop = self.loop
         while not loop.drained:
             due = loop.due_in()
-            if poller.poll(100 if due is None else 1000 * due):
+            # Whole milliseconds, rounded up: pyzmq truncates, and a wait under 1 ms would spin.
+            if poller.poll(100 if due is None else math.ceil(1000 * due)):
                 self._receive(router)
                 due = loop.due_in()
             if due == 0:
                 loop.step()
 
-    # The I/O thread.
+    # The I/O thread (CUDA).
     def _io(self, router: zmq.Socket, pipe_in: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
@@ -163,7 +166,11 @@ class EngineIO:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            reply = self._handle(frames[0].bytes, frames[1:])
+            try:
+                reply = self._handle(frames[0].bytes, frames[1:])
+            except Exception:  # a bug in handling one message must not end the engine (inline: the loop)
+                log.exception("error handling a message from %r", frames[0].bytes)
+                continue
             if reply is not None:
                 router.send_multipart([frames[0].bytes, encode(reply)])
 
@@ -208,6 +215,9 @@ class EngineIO:
             return Rejected(msg.req_id, "stopped", str(exc), self.load())
         except ValueError as exc:
             return Rejected(msg.req_id, "invalid", str(exc), self.load())
+        except Exception as exc:  # our bug, not the request's: the request fails (500), the engine goes on
+            log.exception("error taking request %d", msg.req_id)
+            return Rejected(msg.req_id, "error", f"{type(exc).__name__}: {exc}", self.load())
         return Accepted(msg.req_id, self.load())
 
     def load(self) -> Load:
@@ -216,7 +226,7 @@ class EngineIO:
         s = self.loop.scheduler
         return Load(len(s.waiting), len(s.running), len(s.free_slots), s.max_queue)
 
-    # The engine thread.
+    # The loop's thread.
     def _pipe(self) -> zmq.Socket:
         sock = getattr(self._pipe_out, "sock", None)
         if sock is None:

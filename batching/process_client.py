@@ -52,6 +52,7 @@ REJOIN_HELLO_S = 0.5
 # HTTP outcomes go to the engine in one message per this many seconds (and before a metrics query): a
 # message per request cost the engine's loop ~1.5 % of its CPU under load, and this process ~3 %.
 HTTP_FLUSH_S = 0.1
+METRICS_TIMEOUT_S = 5.0  # a metrics query unanswered this long raises TimeoutError (/metrics: 503)
 
 
 class ProcessClient(EngineClient):
@@ -81,6 +82,8 @@ class ProcessClient(EngineClient):
         self._acks: dict[int, asyncio.Future] = {}
         self._metrics: deque[asyncio.Future] = deque()
         self._http_seen: list[tuple[str, int, float]] = []  # gathered for the next `HttpObservations`
+        self._http_timer: asyncio.TimerHandle | None = None  # when they go
+        self._closed = False
         self._info: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
         self._ctx: zmq.asyncio.Context | None = None
@@ -131,7 +134,8 @@ class ProcessClient(EngineClient):
             self.unacked -= 1
         if isinstance(reply, Rejected):
             self._tickets.pop(ticket.req_id, None)
-            error = {"queue_full": QueueFull, "stopped": EngineStopped}.get(reply.reason, ValueError)
+            errors = {"queue_full": QueueFull, "stopped": EngineStopped, "error": RuntimeError}
+            error = errors.get(reply.reason, ValueError)  # "invalid": the request's fault (422)
             raise error(reply.message)
         return ticket
 
@@ -142,13 +146,16 @@ class ProcessClient(EngineClient):
         """Gathered: the engine counts it within `HTTP_FLUSH_S`, or at once if this process asks for
         metrics first (another HTTP process's /metrics may show it up to that much later)."""
         self._http_seen.append((endpoint, status, seconds))
-        if len(self._http_seen) == 1:
+        if self._http_timer is None:
             try:
-                asyncio.get_running_loop().call_later(HTTP_FLUSH_S, self._flush_http)
+                self._http_timer = asyncio.get_running_loop().call_later(HTTP_FLUSH_S, self._flush_http)
             except RuntimeError:  # no event loop here: at once
                 self._flush_http()
 
     def _flush_http(self) -> None:
+        if self._http_timer is not None:
+            self._http_timer.cancel()
+            self._http_timer = None
         seen, self._http_seen = self._http_seen, []
         if seen:
             self._post(HttpObservations(seen))
@@ -160,12 +167,16 @@ class ProcessClient(EngineClient):
         future = asyncio.get_running_loop().create_future()
         self._metrics.append(future)
         await self._sock.send(encode(MetricsQuery()))
-        return await asyncio.wait_for(future, 5)
+        return await asyncio.wait_for(future, METRICS_TIMEOUT_S)
 
     def _post(self, message: Any) -> None:
-        if self._sock is not None and not self.dead:
+        """Send without waiting for anything; nothing once closed or while the engine is dead."""
+        if self._sock is not None and not self.dead and not self._closed:
             with contextlib.suppress(zmq.ZMQError):
-                self._sock.send(encode(message), zmq.NOBLOCK)
+                sent = self._sock.send(encode(message), zmq.NOBLOCK)
+                # An asyncio socket reports a failed send in its future: a gone engine, which the
+                # watcher reports; retrieved here so that asyncio does not log it as never retrieved.
+                sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _read(self) -> None:
         while True:
@@ -241,7 +252,8 @@ class ProcessClient(EngineClient):
         self.on_engine_death()
 
     async def close(self) -> None:
-        self._flush_http()
+        self._flush_http()  # what this process answered last still counts (sent before the socket closes)
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -5,7 +5,8 @@ frame of their own after the message, read by the engine in place (`torch.frombu
 frame): no pickling and no copy of the image on the way in. Two sockets per HTTP process:
 
 - requests (DEALER -> the engine's ROUTER): `Add`, `Abort`, `Hello`, `MetricsQuery`, `HttpObservations`,
-  `Shutdown`; the engine's input thread answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it.
+  `Shutdown`; the engine answers `Accepted` / `Rejected` / `Info` / `MetricsText` on it (its I/O thread on
+  CUDA, its loop's thread between steps on CPU: `batching.engine_io`).
 - results (the engine's ROUTER -> DEALER): `StepOutputs`, one per HTTP process per engine step, carrying
   the `Progress` (new tokens) and `Done` of that process's requests.
 
@@ -101,7 +102,7 @@ class Accepted(msgspec.Struct, tag=True):
 
 class Rejected(msgspec.Struct, tag=True):
     req_id: int
-    # "queue_full" (429), "stopped" (503) or "invalid" (422).
+    # "queue_full" (429), "stopped" (503), "invalid" (422) or "error" (500: the engine failed to take it).
     reason: str
     message: str
     load: Load | None = None

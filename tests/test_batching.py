@@ -277,7 +277,12 @@ def test_due_in_says_when_the_next_step_runs_and_drained_when_the_loop_may_end()
     assert 0 < loop.due_in() <= 0.05
     sched.waiting[0].arrived -= 0.1
     assert loop.due_in() == 0
-    sched.waiting[0].arrived += 0.55
+    sched.waiting[0].arrived += 0.1  # 450 ms ago: 50 ms left again
+    urgent = request(1, "u")
+    urgent.priority = 5  # goes ahead of "a" in the queue, and must not restart the wait
+    loop.add(urgent)
+    assert sched.waiting[0].request is urgent and 0 < loop.due_in() <= 0.05
+    sched.waiting.remove(sched.waiting[0])
     loop.add(request(1, "b"))
     loop.add(request(1, "c"))  # a full vision batch (3)
     assert loop.due_in() == 0
@@ -286,6 +291,13 @@ def test_due_in_says_when_the_next_step_runs_and_drained_when_the_loop_may_end()
     loop.add(request(1, "d"))
     assert loop.due_in() == 0  # no waiting for newcomers while sequences run
     assert EngineCore(FakeRunner(), sched, max_wait_ms=0).due_in() == 0
+    idle = EngineCore(FakeRunner(), Scheduler(4, 8, 3, (EOS,)), max_wait_ms=0)
+    idle.add(request(1, "e"))
+    assert idle.due_in() == 0  # no max wait: an idle engine steps at once
+    idle = EngineCore(FakeRunner(), Scheduler(4, 8, 3, (EOS,)), max_wait_ms=500)
+    idle.add(request(1, "f"))
+    idle.stop_accepting(drain=True)
+    assert idle.due_in() == 0  # a stop ends the wait
     loop.stop_accepting(drain=True)
     assert loop.due_in() == 0 and not loop.drained
     while loop.due_in() is not None:

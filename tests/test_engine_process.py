@@ -97,6 +97,7 @@ class Engine:
         info = Info("fake", "cpu", "float32", os.getpid())
         build = lambda msg, px: _fake_request(msg)  # noqa: E731
         core = EngineIO(self.loop, build, info, lambda: b"m 1\n", observe_http or _ignore, inline=inline)
+        self.core = core
         self.address = f"ipc://{tmp}/engine.sock"
         self.thread = threading.Thread(target=core.serve, args=(self.address,), daemon=True)
         self.thread.start()
@@ -130,6 +131,8 @@ def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bou
         client = ProcessClient(engine.address, alive)
         info = await client.connect()
         assert info.model_id == "fake"
+        io_threads = [t for t in threading.enumerate() if t.name == "blipserve-io"]
+        assert len(io_threads) == (0 if inline else 1)  # inline: the loop's thread has the socket
         done = await asyncio.gather(*(client.submit(_req(n + 1)) for n in range(2)))
         # FakeRunner emits 1, 2, ... up to the request's count, then EOS (see test_batching).
         assert [d.outputs[0].tokens for d in done] == [[1, EOS], [1, 2, EOS]]
@@ -178,7 +181,13 @@ def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_pa
 
     async def main():
         client = ProcessClient(engine.address, engine.thread.is_alive)
-        await client.connect()
+        try:
+            await client.connect()
+            await batches(client)
+        finally:
+            await client.close()
+
+    async def batches(client: ProcessClient) -> None:
         start = time.monotonic()
         await asyncio.gather(*(client.submit(_req(1, f"img{i}")) for i in range(3)))
         waited = time.monotonic() - start
@@ -188,7 +197,6 @@ def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_pa
         start = time.monotonic()
         await asyncio.gather(*(client.submit(_req(1, f"full{i}")) for i in range(4)))
         assert len(engine.runner.plans[0].encode) == 4 and time.monotonic() - start < 0.25
-        await client.close()
 
     try:
         asyncio.run(main())
@@ -205,7 +213,13 @@ def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_
 
     async def main():
         client = ProcessClient(engine.address, engine.thread.is_alive)
-        await client.connect()
+        try:
+            await client.connect()
+            await observe(client)
+        finally:
+            await client.close()
+
+    async def observe(client: ProcessClient) -> None:
         for i in range(3):
             client.record_http("/caption", 200, 0.1 * i)
         await asyncio.sleep(HTTP_FLUSH_S / 4)
@@ -214,7 +228,67 @@ def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_
         assert seen == [("/caption", 200, 0.0), ("/caption", 200, 0.1), ("/caption", 200, 0.2)]
         client.record_http("/vqa", 422, 0.5)
         assert await client.metrics_text() == b"m 1\n" and seen[-1] == ("/vqa", 422, 0.5)
-        await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def test_the_inline_loop_sleeps_through_a_gather_wait_and_survives_a_message_it_cannot_handle(tmp_path):
+    """A 30 ms gather wait is a few polls, not a spin through its last millisecond (pyzmq truncates a
+    float timeout); a request whose handling raises (our bug) fails alone, as a RuntimeError (a 500),
+    and the engine goes on serving."""
+    engine = Engine(tmp_path, inline=True, max_wait_ms=30)
+    calls = {"due_in": 0}
+    due_in = engine.loop.due_in
+
+    def counted() -> float | None:
+        calls["due_in"] += 1
+        return due_in()
+
+    engine.loop.due_in = counted
+    build = engine.core.build_request
+    engine.core.build_request = lambda msg, px: 1 / 0 if msg.image_key == "bug" else build(msg, px)
+
+    async def main():
+        client = ProcessClient(engine.address, engine.thread.is_alive)
+        try:
+            await client.connect()
+            await asyncio.sleep(0.3)  # idle: a poll per 100 ms
+            calls["due_in"] = 0
+            assert (await client.submit(_req(1))).finish_reason == "stop"
+            assert calls["due_in"] < 30, calls
+            with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+                await asyncio.wait_for(client.add(_req(1, "bug")), 5)
+            assert (await client.submit(_req(1))).finish_reason == "stop"
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def test_a_metrics_query_during_a_long_inline_step_times_out_and_then_answers(tmp_path, monkeypatch):
+    """On CPU the engine answers between steps: a query that outlives METRICS_TIMEOUT_S raises
+    TimeoutError (/metrics says 503), and the next one, after the step, is answered."""
+    monkeypatch.setattr("batching.process_client.METRICS_TIMEOUT_S", 0.1)
+    engine = Engine(tmp_path, inline=True, step_s=0.6)
+
+    async def main():
+        client = ProcessClient(engine.address, engine.thread.is_alive)
+        try:
+            await client.connect()
+            ticket = await client.add(_req(0))  # one step: prefill, EOS
+            await asyncio.sleep(0.05)
+            with pytest.raises(TimeoutError):
+                await client.metrics_text()
+            await client.wait(ticket)
+            assert await client.metrics_text() == b"m 1\n"
+        finally:
+            await client.close()
 
     try:
         asyncio.run(main())
@@ -228,13 +302,15 @@ def test_a_rejoining_client_logs_a_first_join_as_joined_not_as_back(tmp_path, ca
 
     async def main():
         client = ProcessClient(engine.address, engine.thread.is_alive, rejoin=True, poll_s=0.01)
-        await client.open()
-        for _ in range(200):
-            if client.healthy:
-                break
-            await asyncio.sleep(0.01)
-        assert client.healthy
-        await client.close()
+        try:
+            await client.open()
+            for _ in range(200):
+                if client.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.healthy
+        finally:
+            await client.close()
 
     with caplog.at_level("INFO", logger="batching.process_client"):
         try:

@@ -85,3 +85,26 @@ def test_time_to_first_token_and_prompt_tokens_per_request(live, checkpoints):
     sum_name = "blipserve_time_to_first_token_seconds_sum"
     waited = _count(after, sum_name) - _count(before, sum_name)
     assert 0 < waited < 4 * one["timings"]["total_ms"] / 1000 + 10
+
+
+def test_metrics_is_a_503_when_the_engine_does_not_answer_in_time():
+    """A CPU engine answers metrics between steps: past METRICS_TIMEOUT_S the scrape gets a clear 503
+    with Retry-After, not a 500."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.errors import install_handlers
+    from server.routes import status
+
+    async def unanswered() -> bytes:
+        raise TimeoutError
+
+    app = FastAPI()
+    install_handlers(app)
+    app.include_router(status.router)
+    app.state.service = SimpleNamespace(lifecycle=SimpleNamespace(render_metrics=unanswered))
+    response = TestClient(app).get("/metrics")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert "did not answer within 5 s" in response.json()["error"]["message"]

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from batching.dp_client import DataParallelClient
 from batching.metrics import Metrics
+from batching.process_client import METRICS_TIMEOUT_S
 from model.decoding.generation import MAX_LOGPROBS
 
 from ..errors import ApiError, error_response
@@ -57,7 +58,13 @@ async def model(request: Request, model_id: str) -> dict:
 async def metrics(request: Request) -> Response:
     svc: Service | None = getattr(request.app.state, "service", None)
     # Before the engine is up: the same series, all at zero (blipserve_ready 0).
-    text = await svc.lifecycle.render_metrics() if svc is not None else Metrics().render()
+    try:
+        text = await svc.lifecycle.render_metrics() if svc is not None else Metrics().render()
+    except TimeoutError:  # a CPU engine answers between steps; a full-size model's step can be long
+        message = (
+            f"the engine did not answer within {METRICS_TIMEOUT_S:g} s (a CPU engine answers between steps)"
+        )
+        raise ApiError(503, message, {"Retry-After": "5"}) from None
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
