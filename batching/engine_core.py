@@ -135,16 +135,22 @@ class EngineCore:
     def due_in(self) -> float | None:
         """Seconds until the next step should run: 0 now, None when there is nothing to run. An idle
         engine gives newcomers up to `max_wait_ms` to form a fuller vision batch (from the oldest
-        one's arrival), not past a full batch, a running sequence or a stop. The engine thread's wait and the engine process's inline receive
+        one's arrival), not past a full batch, a running sequence, a stop or half of a waiting request's
+        timeout. The engine thread's wait and the engine process's inline receive
         (`batching.engine_io`) both follow it."""
         s = self.scheduler
         if not s.has_work:
             return None
         if s.running or len(s.waiting) >= s.max_batch_images or self._stop:
             return 0.0
-        # The oldest, not the first: a higher-priority newcomer goes ahead of it and must not restart the wait.
-        oldest = min(seq.arrived for seq in s.waiting)  # fewer than max_batch_images: a short scan
-        return max(0.0, oldest + self.max_wait_s - time.monotonic())
+        # From the oldest, not the first (a higher-priority newcomer goes ahead of it and must not restart
+        # the wait); and never past half of a waiting request's time budget (its timeout), which is for
+        # running it. Fewer than max_batch_images are waiting: a short scan.
+        until = min(seq.arrived + self.max_wait_s for seq in s.waiting)
+        for seq in s.waiting:
+            if seq.deadline is not None:
+                until = min(until, (seq.arrived + seq.deadline) / 2)
+        return max(0.0, until - time.monotonic())
 
     @property
     def drained(self) -> bool:

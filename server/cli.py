@@ -145,6 +145,10 @@ def serve(settings: Settings, root: Path | None = None, listener: socket.socket 
             failed.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
+        # uvicorn re-raises the SIGTERM / SIGINT it handled once its drain (the engine's too: the app's
+        # lifespan) is over; Python's default action would end the process with 128 + the signal.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda sig, frame: None)
         _run(uvicorn.Config(create_app(settings, on_start_failure=on_start_failure), **options), listener)
         return 1 if failed.is_set() else 0
     import torch

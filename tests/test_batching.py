@@ -296,6 +296,8 @@ def test_due_in_says_when_the_next_step_runs_and_drained_when_the_loop_may_end()
     assert idle.due_in() == 0  # no max wait: an idle engine steps at once
     idle = EngineCore(FakeRunner(), Scheduler(4, 8, 3, (EOS,)), max_wait_ms=500)
     idle.add(request(1, "f"))
+    idle.add(request(1, "g"), timeout_s=0.3)  # the wait leaves it half its 300 ms to run
+    assert 0.1 < idle.due_in() <= 0.15
     idle.stop_accepting(drain=True)
     assert idle.due_in() == 0  # a stop ends the wait
     loop.stop_accepting(drain=True)

@@ -377,6 +377,24 @@ def test_killing_the_engine_fails_requests_with_503_and_the_server_exits_nonzero
         assert proc.wait(30) == 1
 
 
+@pytest.mark.slow  # a server process started for it
+def test_sigterm_drains_and_exits_0_with_the_thread_engine_too(checkpoints):
+    """uvicorn re-raises the signal after its drain: the process must still end with status 0."""
+    flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--engine", "thread"]
+    with serve_in_process(*flags) as (url, proc):
+        body = {"image": b64(png_bytes(5)), "max_new_tokens": 30, "min_new_tokens": 30}
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                tasks = [asyncio.ensure_future(client.post("/caption", json=body)) for _ in range(6)]
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        assert {r.status_code for r in asyncio.run(burst())} == {200}
+        assert proc.wait(60) == 0
+
+
 @pytest.mark.slow  # three processes (two HTTP, one engine) started for it
 def test_two_http_processes_share_one_engine_queue_and_metrics(checkpoints):
     flags = ["--model", str(checkpoints("pre_ln")[0]), "--device", "cpu", "--api-workers", "2"]
