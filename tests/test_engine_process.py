@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,23 @@ class Engine:
         self.loop.stop_accepting(drain=True)
         self.thread.join(10)
 
+    def run(self, body: Callable[[ProcessClient], Awaitable[None]]) -> None:
+        """`body(client)` with a connected ProcessClient; the client closed and the engine stopped
+        whatever happens (a zmq context left open would hang pytest's exit)."""
+
+        async def main() -> None:
+            client = ProcessClient(self.address, self.thread.is_alive)
+            try:
+                await client.connect()
+                await body(client)
+            finally:
+                await client.close()
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.stop()
+
 
 def _ignore(*args) -> None:
     pass
@@ -126,11 +144,8 @@ def _req(tokens: int, key: str = "img"):
 def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bound(tmp_path, inline):
     engine = Engine(tmp_path, num_slots=1, max_queue=2, step_s=0.002, inline=inline)
 
-    async def main():
-        alive = engine.thread.is_alive
-        client = ProcessClient(engine.address, alive)
-        info = await client.connect()
-        assert info.model_id == "fake"
+    async def serve(client: ProcessClient) -> None:
+        assert client.info.model_id == "fake"
         io_threads = [t for t in threading.enumerate() if t.name == "blipserve-io"]
         assert len(io_threads) == (0 if inline else 1)  # inline: the loop's thread has the socket
         done = await asyncio.gather(*(client.submit(_req(n + 1)) for n in range(2)))
@@ -164,12 +179,8 @@ def test_engine_core_serves_results_progress_cancellation_and_a_global_queue_bou
         engine.loop.stop_accepting(drain=True)
         with pytest.raises(EngineStopped):
             await client.add(_req(1))
-        await client.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.stop()
+    engine.run(serve)
     assert not engine.thread.is_alive() and len(engine.scheduler.free_slots) == 1
 
 
@@ -178,14 +189,6 @@ def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_pa
     """Three requests sent together to an idle engine with a 300 ms max wait: one vision batch, not a
     step for the first alone; and the wait ends as soon as the batch is full (4 images)."""
     engine = Engine(tmp_path, num_slots=8, max_queue=8, inline=inline, max_wait_ms=300)
-
-    async def main():
-        client = ProcessClient(engine.address, engine.thread.is_alive)
-        try:
-            await client.connect()
-            await batches(client)
-        finally:
-            await client.close()
 
     async def batches(client: ProcessClient) -> None:
         start = time.monotonic()
@@ -198,10 +201,7 @@ def test_an_idle_engine_gathers_a_vision_batch_for_max_wait_in_both_modes(tmp_pa
         await asyncio.gather(*(client.submit(_req(1, f"full{i}")) for i in range(4)))
         assert len(engine.runner.plans[0].encode) == 4 and time.monotonic() - start < 0.25
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.stop()
+    engine.run(batches)
     assert not engine.thread.is_alive()
 
 
@@ -210,14 +210,6 @@ def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_
     its own metrics query sends what it holds first, so that query's answer counts them."""
     seen: list[tuple] = []
     engine = Engine(tmp_path, inline=True, observe_http=lambda *o: seen.append(o))
-
-    async def main():
-        client = ProcessClient(engine.address, engine.thread.is_alive)
-        try:
-            await client.connect()
-            await observe(client)
-        finally:
-            await client.close()
 
     async def observe(client: ProcessClient) -> None:
         for i in range(3):
@@ -229,10 +221,7 @@ def test_http_outcomes_reach_the_engine_gathered_and_before_a_metrics_query(tmp_
         client.record_http("/vqa", 422, 0.5)
         assert await client.metrics_text() == b"m 1\n" and seen[-1] == ("/vqa", 422, 0.5)
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.stop()
+    engine.run(observe)
 
 
 def test_the_inline_loop_sleeps_through_a_gather_wait_and_survives_a_message_it_cannot_handle(tmp_path):
@@ -251,24 +240,16 @@ def test_the_inline_loop_sleeps_through_a_gather_wait_and_survives_a_message_it_
     build = engine.core.build_request
     engine.core.build_request = lambda msg, px: 1 / 0 if msg.image_key == "bug" else build(msg, px)
 
-    async def main():
-        client = ProcessClient(engine.address, engine.thread.is_alive)
-        try:
-            await client.connect()
-            await asyncio.sleep(0.3)  # idle: a poll per 100 ms
-            calls["due_in"] = 0
-            assert (await client.submit(_req(1))).finish_reason == "stop"
-            assert calls["due_in"] < 30, calls
-            with pytest.raises(RuntimeError, match="ZeroDivisionError"):
-                await asyncio.wait_for(client.add(_req(1, "bug")), 5)
-            assert (await client.submit(_req(1))).finish_reason == "stop"
-        finally:
-            await client.close()
+    async def requests(client: ProcessClient) -> None:
+        await asyncio.sleep(0.3)  # idle: a poll per 100 ms
+        calls["due_in"] = 0
+        assert (await client.submit(_req(1))).finish_reason == "stop"
+        assert calls["due_in"] < 30, calls
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            await asyncio.wait_for(client.add(_req(1, "bug")), 5)
+        assert (await client.submit(_req(1))).finish_reason == "stop"
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.stop()
+    engine.run(requests)
 
 
 def test_a_metrics_query_during_a_long_inline_step_times_out_and_then_answers(tmp_path, monkeypatch):
@@ -277,23 +258,15 @@ def test_a_metrics_query_during_a_long_inline_step_times_out_and_then_answers(tm
     monkeypatch.setattr("batching.process_client.METRICS_TIMEOUT_S", 0.1)
     engine = Engine(tmp_path, inline=True, step_s=0.6)
 
-    async def main():
-        client = ProcessClient(engine.address, engine.thread.is_alive)
-        try:
-            await client.connect()
-            ticket = await client.add(_req(0))  # one step: prefill, EOS
-            await asyncio.sleep(0.05)
-            with pytest.raises(TimeoutError):
-                await client.metrics_text()
-            await client.wait(ticket)
-            assert await client.metrics_text() == b"m 1\n"
-        finally:
-            await client.close()
+    async def queries(client: ProcessClient) -> None:
+        ticket = await client.add(_req(0))  # one step: prefill, EOS
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await client.metrics_text()
+        await client.wait(ticket)
+        assert await client.metrics_text() == b"m 1\n"
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.stop()
+    engine.run(queries)
 
 
 def test_a_rejoining_client_logs_a_first_join_as_joined_not_as_back(tmp_path, caplog):
