@@ -265,10 +265,6 @@ class EngineIO:
     def _send(self, batches: dict[bytes, StepOutputs]) -> None:
         """Each HTTP process's message of this step: straight out (inline), or to the I/O thread through
         the pipe."""
-        if self._router is not None:
-            for who, message in batches.items():
-                self._router.send_multipart([who, encode(message)])
-            return
-        pipe = self._pipe()
+        sock = self._router if self._router is not None else self._pipe()
         for who, message in batches.items():
-            pipe.send_multipart([who, encode(message)])
+            sock.send_multipart([who, encode(message)])
