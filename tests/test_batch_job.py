@@ -120,10 +120,13 @@ def test_folder_resumes_from_journal(tmp_path, root, engine, capsys) -> None:
     journal = out / "images-00001.progress.jsonl"
     kept = json.dumps(whole["images-00001"][2]) + "\n"
     journal.write_text(kept + json.dumps(whole["images-00001"][0])[:25])
+    # And shard 0 killed after its stats file was written but before its journal was removed.
+    stale = out / "images-00000.progress.jsonl"
+    stale.write_text(json.dumps(whole["images-00000"][0]) + "\n")
     assert run_batch(args) == 0
     assert answered(capsys) == 3 + 2
     assert {n: read_rows(out / f"{n}.parquet") for n in names} == whole
-    assert not journal.exists()
+    assert not journal.exists() and not stale.exists()
     assert run_batch(args) == 0  # all done: nothing to answer
     assert answered(capsys) == 0
 

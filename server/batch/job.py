@@ -119,6 +119,7 @@ def plan(shards: list[Shard], opts: Options, spec: JobSpec) -> tuple[list[ShardS
     for shard, store in zip(shards, stores_for(shards, opts, spec), strict=True):
         stats = store.stats()
         if stats is not None and not (opts.retry_errors and stats.get("errors")):
+            store.drop_journal()
             summary.rows += stats["rows"]
             summary.errors += stats["errors"]
             summary.shards_done += 1

@@ -10,8 +10,8 @@ For a shard named NAME, in the output folder:
   input order, written once all rows are answered: to a temporary file, fsync'd, then renamed.
 - `NAME.stats.json`, written last (the same way): the shard is done. The journal is removed after it.
 
-A rerun skips shards with a stats file and, inside the others, the rows in the output or the journal
-(with `retry_errors`, not those that failed).
+A rerun skips shards with a stats file (removing a journal a kill left beside one) and, inside the others,
+the rows in the output or the journal (with `retry_errors`, not those that failed).
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ class ShardStore:
             # Output lines in input order; index and key are those of the request line.
             return [{"index": i, "key": o["custom_id"], "output": o} for i, o in enumerate(lines)]
         return lines
+
+    def drop_journal(self) -> None:
+        """A finished shard whose journal is still there (killed between `finish`'s last two steps): the
+        output holds every row, so the journal goes, as `finish` would have removed it."""
+        self.journal_path.unlink(missing_ok=True)
 
     def forget_stats(self) -> None:
         """The shard is being redone (`--retry-errors`): no longer finished until written again."""
